@@ -1,0 +1,1 @@
+"""vae_attacks: adversarial attacks on VAEs and CNN classifiers, in JAX."""

@@ -1,0 +1,1 @@
+"""Adversarial attacks, each a pure function of one (source, target) pair."""
