@@ -1,0 +1,346 @@
+"""Tests of the pairs/eps runner on a linear softmax model, where gradients are exact.
+
+Run as a script (`python tests/test_runner.py --sharded OUT.npz`) it computes the reference
+sweep on a 2-device pairs mesh; the test `test_sharded_equals_unsharded` does that in a
+subprocess with XLA_FLAGS set before jax is imported.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vae_attacks.attacks import base, runner
+
+NUM_CLASSES = 5
+SHAPE = (4, 4, 1)
+EPS_GRID = (0.05, 0.1, 0.3)
+KEY = jax.random.key(0)  # the conftest `key`, for tests sharing one compiled sweep
+
+
+def linear_logits(params, x):
+  """A linear softmax classifier on one example: logits = W^T vec(x) + b."""
+  return jnp.ravel(x) @ params["w"] + params["b"]
+
+
+def linear_model(seed: int = 0):
+  rng = np.random.default_rng(seed)
+  d = int(np.prod(SHAPE))
+  return {
+    "w": jnp.asarray(rng.normal(size=(d, NUM_CLASSES)), jnp.float32),
+    "b": jnp.asarray(rng.normal(size=(NUM_CLASSES,)) * 0.1, jnp.float32),
+  }
+
+
+def tiny_attack(logits_fn, params, x, target, *, eps, step_scale=1.0, targeted=True, key=None):
+  """One signed-gradient step (targeted FGSM), from a random start when `key` is given."""
+
+  def loss(xa):
+    return base.attack_loss(logits_fn(params, xa), target, targeted=targeted)
+
+  start = x
+  if key is not None:
+    start = jnp.clip(x + 0.5 * eps * jax.random.uniform(key, x.shape, minval=-1.0), 0.0, 1.0)
+  x_adv = start - step_scale * eps * jnp.sign(jax.grad(loss)(start))
+  x_adv = jnp.clip(jnp.clip(x_adv, x - eps, x + eps), 0.0, 1.0)
+  return base.finish(
+    logits_fn, params, x, x_adv, target, targeted=targeted, iterations=1,
+    loss_trace=loss(x_adv)[None],
+  )  # fmt: skip
+
+
+def data(n: int = 10, seed: int = 1):
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(size=(n, *SHAPE)).astype(np.float32)
+  target = rng.integers(0, NUM_CLASSES, size=n).astype(np.int32)
+  return x, target
+
+
+def assert_results_close(a, b, **tol):
+  for la, lb in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(la, np.float64), np.asarray(lb, np.float64), **tol)
+
+
+def labelled_split(n: int = 60, seed: int = 2):
+  """Examples with labels = the model's prediction, except every 4th (misclassified)."""
+  params = linear_model()
+  x = np.random.default_rng(seed).uniform(size=(n, *SHAPE)).astype(np.float32)
+  logits = np.asarray(jax.vmap(linear_logits, in_axes=(None, 0))(params, x))
+  y = np.argmax(logits, -1).astype(np.int32)
+  wrong = np.arange(n) % 4 == 0
+  y[wrong] = (y[wrong] + 1) % NUM_CLASSES
+  return params, x, y, logits, wrong
+
+
+# ---------------------------------------------------------------------------------------------
+# make_pairs
+
+
+def test_random_targets_differ_from_label_and_are_deterministic(key):
+  params, x, y, _, _ = labelled_split()
+  a = runner.make_pairs(
+    linear_logits, params, x, y, strategy="random", num_pairs=30, key=key,
+    num_classes=NUM_CLASSES,
+  )  # fmt: skip
+  b = runner.make_pairs(
+    linear_logits, params, x, y, strategy="random", num_pairs=30, key=key,
+    num_classes=NUM_CLASSES,
+  )  # fmt: skip
+  c = runner.make_pairs(
+    linear_logits, params, x, y, strategy="random", num_pairs=30, key=jax.random.key(7),
+    num_classes=NUM_CLASSES,
+  )  # fmt: skip
+  assert len(a.index) == 30 and len(np.unique(a.index)) == 30
+  np.testing.assert_array_equal(a.source_label, y[a.index])
+  assert np.all(a.target != a.source_label)
+  assert np.all((0 <= a.target) & (a.target < NUM_CLASSES))
+  for field_a, field_b in zip(a, b, strict=True):
+    np.testing.assert_array_equal(field_a, field_b)
+  assert not np.array_equal(a.index, c.index)
+  # Every other class is used (30 draws over 4 classes).
+  assert len(np.unique((a.target - a.source_label) % NUM_CLASSES)) == NUM_CLASSES - 1
+
+
+def test_only_correct_filters_misclassified(key):
+  params, x, y, _, wrong = labelled_split()
+  pairs = runner.make_pairs(
+    linear_logits, params, x, y, strategy="next", num_pairs=None, key=key,
+    num_classes=NUM_CLASSES,
+  )  # fmt: skip
+  np.testing.assert_array_equal(np.sort(pairs.index), np.flatnonzero(~wrong))
+  np.testing.assert_array_equal(pairs.target, (y[pairs.index] + 1) % NUM_CLASSES)
+  every = runner.make_pairs(
+    linear_logits, params, x, y, strategy="next", num_pairs=None, key=key,
+    num_classes=NUM_CLASSES, only_correct=False, batch_size=7,
+  )  # fmt: skip
+  np.testing.assert_array_equal(np.sort(every.index), np.arange(len(y)))
+
+
+def test_least_likely_is_argmin_of_logits(key):
+  params, x, y, logits, _ = labelled_split()
+  pairs = runner.make_pairs(
+    linear_logits, params, x, y, strategy="least_likely", num_pairs=20, key=key,
+    num_classes=NUM_CLASSES, batch_size=16,
+  )  # fmt: skip
+  np.testing.assert_array_equal(pairs.target, np.argmin(logits[pairs.index], -1))
+
+
+def test_all_gives_every_other_class_per_source(key):
+  params, x, y, _, _ = labelled_split()
+  k = NUM_CLASSES - 1
+  pairs = runner.make_pairs(
+    linear_logits, params, x, y, strategy="all", num_pairs=5 * k, key=key,
+    num_classes=NUM_CLASSES,
+  )  # fmt: skip
+  assert len(pairs.index) == 5 * k
+  sources = pairs.index.reshape(5, k)
+  assert np.all(sources == sources[:, :1]) and len(np.unique(sources[:, 0])) == 5
+  for src, tgt in zip(sources[:, 0], pairs.target.reshape(5, k), strict=True):
+    assert sorted(tgt.tolist()) == [c for c in range(NUM_CLASSES) if c != y[src]]
+
+
+def test_fixed_targets(key):
+  params, x, y, _, _ = labelled_split()
+  pairs = runner.make_pairs(
+    linear_logits, params, x, y, strategy="fixed", targets=(0, 3), num_pairs=None, key=key,
+    num_classes=NUM_CLASSES,
+  )  # fmt: skip
+  assert set(pairs.target.tolist()) <= {0, 3}
+  assert np.all(pairs.target != pairs.source_label)
+  # Each correct source contributes one pair per listed target other than its label.
+  correct = np.flatnonzero(~np.isin(np.arange(len(y)), np.flatnonzero(np.arange(len(y)) % 4 == 0)))
+  expected = sum(2 - int(y[i] in (0, 3)) for i in correct)
+  assert len(pairs.index) == expected
+
+
+def test_bad_strategy_and_too_few_sources(key):
+  params, x, y, _, wrong = labelled_split()
+  try:
+    runner.make_pairs(
+      linear_logits, params, x, y, strategy="nearest", num_pairs=3, key=key,
+      num_classes=NUM_CLASSES,
+    )  # fmt: skip
+  except ValueError as err:
+    assert "strategy" in str(err) and "least_likely" in str(err)
+  else:
+    raise AssertionError("an unknown strategy was accepted")
+  n_correct = int((~wrong).sum())
+  try:
+    runner.make_pairs(
+      linear_logits, params, x, y, strategy="random", num_pairs=n_correct + 1, key=key,
+      num_classes=NUM_CLASSES,
+    )  # fmt: skip
+  except ValueError as err:
+    assert "not enough eligible sources" in str(err) and str(n_correct) in str(err)
+  else:
+    raise AssertionError("more pairs than correctly classified sources were returned")
+
+
+# ---------------------------------------------------------------------------------------------
+# run_attack
+
+
+def test_grid_equals_loop_over_single_calls(key):
+  params = linear_model()
+  x, target = data(10)
+  result = runner.run_attack(
+    tiny_attack, linear_logits, params, x, target, EPS_GRID, chunk_size=3, progress=False,
+    key=key,
+  )  # fmt: skip
+  assert result.x_adv.shape == (len(EPS_GRID), 10, *SHAPE)
+  assert result.success.shape == (len(EPS_GRID), 10)
+  assert isinstance(result.x_adv, np.ndarray)
+  single = jax.jit(tiny_attack, static_argnums=0)
+  for e, eps in enumerate(EPS_GRID):
+    for p in range(10):
+      one = single(linear_logits, params, x[p], target[p], eps=eps, key=jax.random.fold_in(key, p))
+      got = jax.tree.map(lambda a, e=e, p=p: a[e, p], result)
+      assert_results_close(got, one, rtol=1e-5, atol=1e-6)
+  # The sweep really differs across eps (the grid axis is not broadcast by mistake).
+  np.testing.assert_allclose(result.distortion.linf.max(1), EPS_GRID, rtol=1e-5)
+
+
+def test_results_do_not_depend_on_chunking(key):
+  params = linear_model()
+  x, target = data(10)
+  runs = [
+    runner.run_attack(
+      tiny_attack,
+      linear_logits,
+      params,
+      x,
+      target,
+      EPS_GRID,
+      chunk_size=c,
+      progress=False,
+      key=key,
+    )  # fmt: skip
+    for c in (3, None)
+  ]
+  for other in runs[1:]:
+    assert_results_close(runs[0], other, rtol=0, atol=1e-6)
+  # The memory budget path: a budget too small for 2 pairs gives one pair per chunk.
+  chunks = list(
+    runner.iter_attack_chunks(
+      tiny_attack,
+      linear_logits,
+      params,
+      x,
+      target,
+      EPS_GRID,
+      memory_budget_bytes=1,
+      progress=False,
+      key=key,
+    )  # fmt: skip
+  )
+  assert [s for s, _ in chunks] == [slice(i, i + 1) for i in range(10)]
+  joined = jax.tree.map(lambda *a: np.concatenate(a, 1), *[r for _, r in chunks])
+  assert_results_close(runs[0], joined, rtol=0, atol=1e-6)
+
+
+def test_one_trace_per_sweep_and_none_on_second_call():
+  traces = []
+
+  def counted_attack(logits_fn, params, x, target, *, eps, step_scale=1.0):
+    traces.append(None)  # runs only while tracing
+    return tiny_attack(logits_fn, params, x, target, eps=eps, step_scale=step_scale)
+
+  params = linear_model()
+  x, target = data(10)
+  first = runner.run_attack(
+    counted_attack, linear_logits, params, x, target, EPS_GRID, chunk_size=3, progress=False
+  )
+  assert len(traces) == 1  # 4 chunks, one trace
+  second = runner.run_attack(
+    counted_attack, linear_logits, params, x, target, EPS_GRID, chunk_size=3, progress=False
+  )
+  assert len(traces) == 1
+  assert_results_close(first, second, rtol=0, atol=0)
+  # An array knob is traced: a new value reuses the compiled function.
+  runner.run_attack(
+    counted_attack, linear_logits, params, x, target, EPS_GRID, chunk_size=3, progress=False,
+    step_scale=jnp.asarray(0.5),
+  )  # fmt: skip
+  runner.run_attack(
+    counted_attack, linear_logits, params, x, target, EPS_GRID, chunk_size=3, progress=False,
+    step_scale=jnp.asarray(0.25),
+  )  # fmt: skip
+  assert len(traces) == 2
+
+
+def test_progress_line(capsys):
+  params = linear_model()
+  x, target = data(10)
+  runner.run_attack(
+    tiny_attack, linear_logits, params, x, target, EPS_GRID, chunk_size=3, progress=False, key=KEY
+  )
+  assert capsys.readouterr().err == ""
+  runner.run_attack(
+    tiny_attack, linear_logits, params, x, target, EPS_GRID, chunk_size=3, progress=True, key=KEY
+  )
+  err = capsys.readouterr().err
+  assert "10/10" in err and "pair/s" in err
+
+
+def test_summarise():
+  params = linear_model()
+  x, target = data(10)
+  result = runner.run_attack(
+    tiny_attack, linear_logits, params, x, target, EPS_GRID, chunk_size=3, progress=False, key=KEY
+  )
+  rows = runner.summarise(result, eps_grid=EPS_GRID)
+  assert [r["eps"] for r in rows] == list(np.float64(EPS_GRID))
+  for e, row in enumerate(rows):
+    ok = result.success[e]
+    assert row["n_pairs"] == 10
+    np.testing.assert_allclose(row["success_rate"], ok.mean())
+    np.testing.assert_allclose(row["mean_linf"], result.distortion.linf[e].mean(), rtol=1e-6)
+    np.testing.assert_allclose(row["mean_l2"], result.distortion.l2[e].mean(), rtol=1e-6)
+    if ok.any():
+      np.testing.assert_allclose(row["mean_l2_success"], result.distortion.l2[e][ok].mean())
+    else:
+      assert np.isnan(row["mean_l2_success"])
+  # A larger eps never lowers the target probability of a one-step attack on a linear model.
+  assert rows[-1]["mean_target_prob"] >= rows[0]["mean_target_prob"]
+
+
+def _sharded_sweep(out: str) -> None:
+  """The 2-device reference run, executed in a subprocess (see the module docstring)."""
+  mesh = runner.pairs_mesh()
+  x, target = data(10)
+  result = runner.run_attack(
+    tiny_attack, linear_logits, linear_model(), x, target, EPS_GRID, chunk_size=3, mesh=mesh,
+    progress=False, key=jax.random.key(0),
+  )  # fmt: skip
+  leaves = {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(result))}
+  np.savez(out, n_devices=mesh.devices.size, **leaves)
+
+
+def test_sharded_equals_unsharded(tmp_path, key):
+  out = tmp_path / "sharded.npz"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+  subprocess.run(
+    [sys.executable, __file__, "--sharded", str(out)], env=env, check=True, timeout=120
+  )
+  x, target = data(10)
+  local = runner.run_attack(
+    tiny_attack, linear_logits, linear_model(), x, target, EPS_GRID, chunk_size=3,
+    progress=False, key=key,
+  )  # fmt: skip
+  saved = np.load(out)
+  assert int(saved["n_devices"]) == 2
+  for i, leaf in enumerate(jax.tree.leaves(local)):
+    np.testing.assert_allclose(saved[str(i)], leaf, rtol=0, atol=1e-6)
+
+
+if __name__ == "__main__":
+  if len(sys.argv) == 3 and sys.argv[1] == "--sharded":
+    _sharded_sweep(sys.argv[2])
+  else:
+    sys.exit(f"usage: {sys.argv[0]} --sharded OUT.npz")

@@ -1,0 +1,562 @@
+"""Runs one attack over many (source, target) pairs and an epsilon grid.
+
+Every attack in this package is written for ONE pair and ONE epsilon,
+`attack(logits_fn, params, x[H, W, C], target[], *, eps, <knobs>) -> AttackResult`.
+This module is the one place where batching happens (STYLE.md, "Batching lives in one place"):
+
+- `make_pairs` picks the (source, target) pairs of an experiment from a data split, with the
+  target-selection strategies of the adversarial-examples literature (random other class, next
+  class, least-likely class as in Kurakin et al. 2016 "Adversarial examples in the physical
+  world", every other class, or a fixed list), attacking only correctly classified sources.
+- `run_attack` maps the attack over pairs and over the epsilon grid with two `jax.vmap`s inside
+  ONE jitted function, runs it over equal-sized chunks of pairs (the last one padded) so a
+  whole sweep compiles once, optionally shards each chunk's pairs over the devices of a 1-D
+  mesh, and returns host numpy results with leading axes [E, P]. `iter_attack_chunks` yields the
+  same results chunk by chunk so a caller can write them as they are produced.
+- `summarise` reduces a result to one row of statistics per epsilon.
+
+Keyword knobs of the attack are split by type: hashable Python values (ints, floats, strings,
+bools, tuples, None) are static -- closed over, part of the compilation cache key; jax/numpy
+arrays are traced arguments shared by every pair and epsilon (pass `jnp.asarray(0.01)` to sweep
+a step size without recompiling); a knob named `key` is a PRNG key that is split per pair as
+`fold_in(key, pair_index)`, with the pair's index in `x`, so results do not depend on chunking.
+"""
+
+import functools
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from vae_attacks.attacks.base import AttackResult
+from vae_attacks.types import Array, LogitsFn, Params, PRNGKey
+
+STRATEGIES = ("random", "next", "least_likely", "all", "fixed")
+PAIRS_AXIS = "pairs"
+KEY_KNOB = "key"
+# Used when neither chunk_size nor memory_budget_bytes is given and the device does not report
+# its memory (CPU): small enough to leave room for other processes, large enough that chunks
+# of an MNIST CNN attack hold a few hundred pairs.
+DEFAULT_CPU_BUDGET_BYTES = 1 << 30
+# Fraction of a device's reported memory (bytes_limit) used by default on accelerators.
+DEFAULT_BUDGET_FRACTION = 0.5
+
+Attack = Callable[..., AttackResult]
+
+
+class Pairs(NamedTuple):
+  """The (source, target) pairs of an experiment, as host numpy arrays."""
+
+  index: np.ndarray  # int32[P] index of the source example in the split
+  source_label: np.ndarray  # int32[P] its true label
+  target: np.ndarray  # int32[P] the class the attack aims for (never the label)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pairs.
+
+
+@functools.lru_cache(maxsize=32)
+def _batched_logits_fn(logits_fn: LogitsFn) -> Callable[[Params, Array], Array]:
+  """A jitted logits_fn over a batch; cached so repeated calls do not retrace."""
+  return jax.jit(jax.vmap(logits_fn, in_axes=(None, 0)))
+
+
+def batched_logits(
+  logits_fn: LogitsFn, params: Params, x: Array, *, batch_size: int = 256
+) -> np.ndarray:
+  """Logits of every example, computed in equal-sized batches (the last one padded).
+
+  Args:
+    logits_fn: `(params, x[H, W, C]) -> logits[K]` for one example.
+    params: the model's parameters.
+    x: examples [N, H, W, C] (numpy or jax).
+    batch_size: examples per jitted call; every call has this shape, so one compilation.
+
+  Returns:
+    float32 numpy logits [N, K].
+  """
+  n = len(x)
+  if n == 0:
+    raise ValueError("x holds no examples")
+  batch = min(batch_size, n)
+  fn = _batched_logits_fn(logits_fn)
+  out = []
+  for start in range(0, n, batch):
+    idx = _padded_indices(start, min(start + batch, n), batch)
+    out.append(np.asarray(fn(params, x[idx]))[: min(batch, n - start)])
+  return np.concatenate(out, axis=0)
+
+
+def make_pairs(
+  logits_fn: LogitsFn,
+  params: Params,
+  x: Array,
+  y: Array,
+  *,
+  strategy: str,
+  num_pairs: int | None,
+  key: PRNGKey,
+  num_classes: int,
+  only_correct: bool = True,
+  targets: Sequence[int] | None = None,
+  batch_size: int = 256,
+) -> Pairs:
+  """Chooses (source, target) pairs from a data split for a targeted attack.
+
+  Sources are the first sources of a permutation (drawn from `key`) of the eligible examples:
+  those the model classifies correctly, or all of them when `only_correct=False`. Target
+  strategies:
+
+  - "random": uniform over the classes other than the true label (drawn from `key`);
+  - "next": (label + 1) % num_classes;
+  - "least_likely": the class of smallest logit other than the label (Kurakin et al. 2016);
+  - "all": every class other than the label, in increasing order: num_classes - 1 pairs per
+    source;
+  - "fixed": each class in `targets` that differs from the source's label.
+
+  Args:
+    logits_fn: `(params, x[H, W, C]) -> logits[K]`; used (batched) for predictions.
+    params: the classifier's parameters.
+    x: the split's examples [N, H, W, C].
+    y: their labels int[N].
+    strategy: one of STRATEGIES.
+    num_pairs: number of PAIRS to return (for "all" and "fixed" a source gives several pairs and
+      the last source may be cut short); None takes every eligible source.
+    key: PRNG key for the order of the sources and for "random" targets.
+    num_classes: K.
+    only_correct: attack only sources whose prediction equals their label.
+    targets: the class ids for strategy "fixed" (and only then).
+    batch_size: examples per batch when computing predictions.
+
+  Returns:
+    Pairs(index int32[P], source_label int32[P], target int32[P]) as numpy arrays; the pairs of
+    one source are adjacent.
+
+  Raises:
+    ValueError: an unknown strategy, bad targets or labels, or too few eligible sources.
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(f"strategy={strategy!r} is not supported; allowed: {', '.join(STRATEGIES)}")
+  if num_classes < 2:
+    raise ValueError(f"num_classes={num_classes} must be at least 2")
+  if (strategy == "fixed") != (targets is not None):
+    raise ValueError(
+      f"targets must be given with strategy='fixed' and only then (strategy={strategy!r}, "
+      f"targets={targets!r})"
+    )
+  if targets is not None:
+    targets = np.asarray(targets, np.int32).reshape(-1)
+    if targets.size == 0 or targets.min() < 0 or targets.max() >= num_classes:
+      raise ValueError(f"targets={targets.tolist()} must be class ids in [0, {num_classes})")
+  if num_pairs is not None and num_pairs < 1:
+    raise ValueError(f"num_pairs={num_pairs} must be positive (or None for all sources)")
+  y = np.asarray(y).astype(np.int32).reshape(-1)
+  if len(y) != len(x):
+    raise ValueError(f"x has {len(x)} examples but y has {len(y)} labels")
+  if y.size and (y.min() < 0 or y.max() >= num_classes):
+    raise ValueError(f"labels must lie in [0, {num_classes})")
+
+  logits = None
+  if only_correct:
+    logits = batched_logits(logits_fn, params, x, batch_size=batch_size)
+    eligible = np.flatnonzero(np.argmax(logits, axis=-1) == y)
+  else:
+    eligible = np.arange(len(y))
+  order_key, target_key = jax.random.split(key)
+  sources = eligible[np.asarray(jax.random.permutation(order_key, len(eligible)))]
+
+  # Targets per source, for the sources in permuted order.
+  if strategy in ("all", "fixed"):
+    classes = np.arange(num_classes, dtype=np.int32) if strategy == "all" else targets
+    src = np.repeat(sources, len(classes))
+    tgt = np.tile(classes, len(sources))
+    keep = tgt != y[src]
+    src, tgt = src[keep], tgt[keep]
+  else:
+    src = sources
+    if num_pairs is not None:
+      src = src[:num_pairs]
+    if strategy == "random":
+      # An offset in [1, K-1] from the label is uniform over the other classes.
+      offset = jax.random.randint(target_key, (len(src),), 1, num_classes)
+      tgt = (y[src] + np.asarray(offset)) % num_classes
+    elif strategy == "next":
+      tgt = (y[src] + 1) % num_classes
+    else:  # least_likely
+      ll = (
+        logits[src]
+        if logits is not None
+        else batched_logits(logits_fn, params, x[src], batch_size=batch_size)
+      )
+      ll = np.where(np.arange(num_classes)[None] == y[src][:, None], np.inf, ll)
+      tgt = np.argmin(ll, axis=-1)
+
+  available = len(src) if strategy in ("all", "fixed") else len(sources)
+  if len(src) == 0 or (num_pairs is not None and available < num_pairs):
+    what = (
+      f"{len(eligible)} of {len(y)} examples are correctly classified"
+      if only_correct
+      else f"the split has {len(y)} examples"
+    )
+    raise ValueError(
+      f"not enough eligible sources: num_pairs={num_pairs} requested with strategy="
+      f"{strategy!r}, but only {available} pairs can be made ({what})"
+    )
+  if num_pairs is not None:
+    src, tgt = src[:num_pairs], tgt[:num_pairs]
+  return Pairs(
+    index=src.astype(np.int32),
+    source_label=y[src].astype(np.int32),
+    target=np.asarray(tgt).astype(np.int32),
+  )
+
+
+# ----------------------------------------------------------------------------------------------
+# Running an attack over pairs x eps.
+
+
+def pairs_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh over axis 'pairs' for sharding attack chunks (default: all of jax.devices()).
+
+  On a CPU, `XLA_FLAGS=--xla_force_host_platform_device_count=<cores>` (set before jax is
+  imported) makes one host device per core; sharding pairs over them nearly doubles attack
+  throughput on 2 cores (PERFORMANCE.md). On GPUs the same mesh spreads pairs over the GPUs.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  return Mesh(np.array(devices), (PAIRS_AXIS,))
+
+
+def _padded_indices(start: int, stop: int, size: int) -> np.ndarray:
+  """Indices start..stop-1 padded to `size` by repeating the last one."""
+  idx = np.arange(start, stop)
+  return np.concatenate([idx, np.full(size - len(idx), stop - 1, idx.dtype)])
+
+
+def _signature(tree: Any) -> tuple:
+  """Hashable shapes/dtypes/structure of a pytree of arrays."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple((np.shape(a), getattr(a, "dtype", type(a))) for a in leaves)
+
+
+class _Sweep:
+  """The jitted [E, P] attack for one (attack, logits_fn, static knobs, mesh) and its executables.
+
+  Kept in a bounded memo (`_sweep`) so a second run with the same configuration neither retraces
+  nor recompiles; executables are keyed by the shapes of their arguments.
+  """
+
+  def __init__(self, attack, logits_fn, static_items, dynamic_names, has_key, mesh):
+    static = dict(static_items)
+
+    def one(params, x, target, eps, key, dynamic):
+      kwargs = dict(static, **dict(zip(dynamic_names, dynamic, strict=True)))
+      if has_key:
+        kwargs[KEY_KNOB] = key
+      return attack(logits_fn, params, x, target, eps=eps, **kwargs)
+
+    over_pairs = jax.vmap(one, in_axes=(None, 0, 0, None, 0, None))
+    over_grid = jax.vmap(over_pairs, in_axes=(None, None, None, 0, None, None))
+
+    def chunk(params, x, target, eps_grid, pair_index, key, dynamic):
+      keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, pair_index) if has_key else None
+      return over_grid(params, x, target, eps_grid, keys, dynamic)
+
+    self.mesh = mesh
+    if mesh is None:
+      self.jitted = jax.jit(chunk)
+    else:
+      rep, by_pair = NamedSharding(mesh, P()), NamedSharding(mesh, P(PAIRS_AXIS))
+      self.jitted = jax.jit(
+        chunk,
+        in_shardings=(rep, by_pair, by_pair, rep, by_pair, rep, rep),
+        out_shardings=NamedSharding(mesh, P(None, PAIRS_AXIS)),
+      )
+    self._executables = {}
+
+  def executable(self, args: tuple):
+    sig = _signature(args)
+    if sig not in self._executables:
+      self._executables[sig] = self.jitted.lower(*args).compile()
+    return self._executables[sig]
+
+
+@functools.lru_cache(maxsize=32)
+def _sweep(attack, logits_fn, static_items, dynamic_names, has_key, mesh) -> _Sweep:
+  return _Sweep(attack, logits_fn, static_items, dynamic_names, has_key, mesh)
+
+
+def _split_knobs(attack_kwargs: dict) -> tuple[tuple, tuple, tuple, Any]:
+  """(static items, dynamic names, dynamic values, key or None) from the attack's knobs."""
+  static, dyn_names, dyn_values, key = [], [], [], None
+  for name, value in sorted(attack_kwargs.items()):
+    if name == "eps":
+      raise ValueError("eps is swept by the runner: pass eps_grid, not eps=")
+    if name == KEY_KNOB:
+      key = value
+    elif isinstance(value, (jax.Array, np.ndarray)):
+      dyn_names.append(name)
+      dyn_values.append(jnp.asarray(value))
+    else:
+      try:
+        hash(value)
+      except TypeError:
+        raise TypeError(
+          f"attack knob {name}={value!r} is neither hashable (static) nor an array (traced)"
+        ) from None
+      static.append((name, value))
+  return tuple(static), tuple(dyn_names), tuple(dyn_values), key
+
+
+def _compiled_bytes(executable) -> int | None:
+  """Per-device bytes an executable needs (arguments + outputs + temporaries), if XLA says."""
+  try:
+    ma = executable.memory_analysis()
+  except Exception:  # noqa: BLE001 -- not every backend implements it
+    return None
+  if ma is None:
+    return None
+  return int(
+    ma.argument_size_in_bytes
+    + ma.output_size_in_bytes
+    + ma.temp_size_in_bytes
+    - ma.alias_size_in_bytes
+  )
+
+
+def _default_budget(devices: Sequence[jax.Device]) -> int:
+  try:
+    stats = devices[0].memory_stats()
+  except Exception:  # noqa: BLE001
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return int(DEFAULT_BUDGET_FRACTION * stats["bytes_limit"])
+  return DEFAULT_CPU_BUDGET_BYTES
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def iter_attack_chunks(
+  attack: Attack,
+  logits_fn: LogitsFn,
+  params: Params,
+  x: Array,
+  target: Array,
+  eps_grid: Sequence[float] | Array,
+  *,
+  chunk_size: int | None = None,
+  memory_budget_bytes: int | None = None,
+  mesh: Mesh | None = None,
+  progress: bool = True,
+  **attack_kwargs,
+) -> Iterator[tuple[slice, AttackResult]]:
+  """Runs `attack` over pairs x eps chunk by chunk, yielding results as they are produced.
+
+  The attack (written for one pair and one eps) is vmapped over the pairs of a chunk and over
+  the eps grid inside one jitted function. Every chunk has the same number of pairs (the last
+  is padded by repeating its last pair, and the padding dropped), so a sweep compiles once; the
+  compiled function is memoised, so a second call with the same attack, logits_fn, static knobs,
+  mesh and shapes neither retraces nor recompiles. While the host fetches one chunk's results,
+  the next chunk is already dispatched.
+
+  Chunk size: `chunk_size` if given; otherwise the largest that fits `memory_budget_bytes`
+  (per device; default half of the device's reported memory, or DEFAULT_CPU_BUDGET_BYTES when
+  the device reports none, as on CPU). The need is measured, not guessed: the sweep is compiled
+  for all pairs at once and XLA's `memory_analysis()` (arguments + outputs + temporaries) read;
+  if that exceeds the budget, the per-pair share (total minus the replicated parameters, over
+  the pairs) sets the chunk size and the function is compiled once more at that size.
+  With a mesh, the chunk size is rounded up to a multiple of the device count.
+
+  Args:
+    attack: `attack(logits_fn, params, x[H, W, C], target[], *, eps, **knobs) -> AttackResult`.
+    logits_fn: the model as `(params, x[H, W, C]) -> logits[K]`; build it once (a fresh lambda
+      per call defeats the cache).
+    params: the model's parameters (replicated on every device).
+    x: source examples [P, H, W, C] (numpy on the host is fine: chunks are sent as needed).
+    target: the attack's class per pair int[P] (the true label for untargeted attacks).
+    eps_grid: epsilons [E]; each is passed to the attack as a traced float32 scalar.
+    chunk_size: pairs per compiled call (overrides the memory budget).
+    memory_budget_bytes: per-device memory a chunk may use, when chunk_size is None.
+    mesh: a 1-D mesh over axis 'pairs' (see `pairs_mesh`) to shard each chunk's pairs.
+    progress: show a tqdm line (pairs/s, ETA) on stderr.
+    **attack_kwargs: the attack's knobs: hashable values are static, arrays traced and shared,
+      and `key` is split per pair as fold_in(key, index of the pair in x).
+
+  Yields:
+    (pairs slice into x, AttackResult of host numpy arrays with leading axes [E, pairs]).
+  """
+  n_pairs = len(x)
+  if n_pairs == 0:
+    raise ValueError("no pairs to attack: x is empty")
+  target = np.asarray(target, np.int32).reshape(-1)
+  if len(target) != n_pairs:
+    raise ValueError(f"x has {n_pairs} pairs but target has {len(target)}")
+  eps_grid = jnp.asarray(eps_grid, jnp.float32).reshape(-1)
+  if mesh is not None and mesh.axis_names != (PAIRS_AXIS,):
+    raise ValueError(f"mesh must be 1-D over axis {PAIRS_AXIS!r}, got axes {mesh.axis_names}")
+  if chunk_size is not None and chunk_size < 1:
+    raise ValueError(f"chunk_size={chunk_size} must be positive")
+
+  static, dyn_names, dyn_values, key = _split_knobs(attack_kwargs)
+  has_key = key is not None
+  sweep = _sweep(attack, logits_fn, static, dyn_names, has_key, mesh)
+  devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
+  n_dev = len(devices)
+
+  if mesh is not None:
+    rep, by_pair = NamedSharding(mesh, P()), NamedSharding(mesh, P(PAIRS_AXIS))
+  else:
+    rep = by_pair = devices[0]
+  params = jax.device_put(params, rep)
+  eps_grid = jax.device_put(eps_grid, rep)
+  dyn_values = jax.device_put(dyn_values, rep)
+  key = jax.device_put(key, rep) if has_key else None
+
+  def args_for(idx: np.ndarray) -> tuple:
+    return (
+      params,
+      jax.device_put(x[idx], by_pair),
+      jax.device_put(target[idx], by_pair),
+      eps_grid,
+      jax.device_put(idx.astype(np.int32), by_pair),
+      key,
+      dyn_values,
+    )
+
+  def abstract(size: int) -> tuple:
+    return (
+      params,
+      jax.ShapeDtypeStruct((size, *x.shape[1:]), jax.dtypes.canonicalize_dtype(x.dtype)),
+      jax.ShapeDtypeStruct((size,), np.int32),
+      eps_grid,
+      jax.ShapeDtypeStruct((size,), np.int32),
+      key,
+      dyn_values,
+    )
+
+  if chunk_size is not None:
+    chunk = _round_up(min(chunk_size, n_pairs), n_dev)
+  else:
+    budget = memory_budget_bytes or _default_budget(devices)
+    chunk = _round_up(n_pairs, n_dev)
+    need = _compiled_bytes(sweep.executable(abstract(chunk)))
+    if need is not None and need > budget:
+      fixed = sum(a.nbytes for a in jax.tree.leaves(params))
+      per_pair = max(need - fixed, 1) / (chunk / n_dev)  # per device
+      fit = int((budget - fixed) // per_pair) * n_dev
+      chunk = max(n_dev, min(chunk, fit - fit % n_dev))
+  executable = sweep.executable(abstract(chunk))
+
+  bar = tqdm.tqdm(
+    total=n_pairs,
+    unit="pair",
+    desc=f"{getattr(attack, '__name__', 'attack')} x {eps_grid.shape[0]} eps",
+    disable=not progress,
+    dynamic_ncols=True,
+  )
+
+  def fetch(pending):
+    pairs, out = pending
+    host = jax.device_get(out)
+    valid = pairs.stop - pairs.start
+    bar.update(valid)
+    return pairs, jax.tree.map(lambda a: np.asarray(a)[:, :valid], host)
+
+  try:
+    pending = None
+    for start in range(0, n_pairs, chunk):
+      stop = min(start + chunk, n_pairs)
+      out = executable(*args_for(_padded_indices(start, stop, chunk)))  # dispatched async
+      if pending is not None:
+        yield fetch(pending)
+      pending = (slice(start, stop), out)
+    yield fetch(pending)
+  finally:
+    bar.close()
+
+
+def run_attack(
+  attack: Attack,
+  logits_fn: LogitsFn,
+  params: Params,
+  x: Array,
+  target: Array,
+  eps_grid: Sequence[float] | Array,
+  *,
+  chunk_size: int | None = None,
+  memory_budget_bytes: int | None = None,
+  mesh: Mesh | None = None,
+  progress: bool = True,
+  **attack_kwargs,
+) -> AttackResult:
+  """Runs `attack` on every pair at every eps; see `iter_attack_chunks` for the arguments.
+
+  Returns:
+    AttackResult of host numpy arrays with leading axes [E, P] (eps, pair): e.g. `x_adv` is
+    [E, P, H, W, C] and `success` bool[E, P].
+  """
+  chunks = [
+    result
+    for _, result in iter_attack_chunks(
+      attack,
+      logits_fn,
+      params,
+      x,
+      target,
+      eps_grid,
+      chunk_size=chunk_size,
+      memory_budget_bytes=memory_budget_bytes,
+      mesh=mesh,
+      progress=progress,
+      **attack_kwargs,
+    )
+  ]
+  return jax.tree.map(lambda *parts: np.concatenate(parts, axis=1), *chunks)
+
+
+def summarise(result: AttackResult, *, eps_grid: Sequence[float] | Array) -> list[dict]:
+  """One row of statistics per eps of a [E, P] result.
+
+  Means of distortion and target probability are over ALL pairs, successful or not (the
+  distortion of a failed attack is that of its final iterate); `mean_l2_success` is over the
+  successful pairs only (NaN when none succeeded).
+
+  Args:
+    result: AttackResult with leading axes [E, P], e.g. from `run_attack`.
+    eps_grid: the E epsilons of the sweep.
+
+  Returns:
+    A list of E dicts with keys eps, n_pairs, success_rate, mean_target_prob, mean_l0, mean_l1,
+    mean_l2, mean_linf, mean_l2_success (Python floats/ints).
+  """
+  eps_grid = np.asarray(eps_grid, np.float64).reshape(-1)
+  success = np.asarray(result.success, bool)
+  if success.ndim != 2 or success.shape[0] != len(eps_grid):
+    raise ValueError(f"result.success has shape {success.shape}; expected [E={len(eps_grid)}, P]")
+  d = result.distortion
+  rows = []
+  for e, eps in enumerate(eps_grid):
+    ok = success[e]
+    l2 = np.asarray(d.l2[e], np.float64)
+    rows.append(
+      dict(
+        eps=float(eps),
+        n_pairs=int(ok.size),
+        success_rate=float(ok.mean()),
+        mean_target_prob=float(np.mean(result.target_prob[e])),
+        mean_l0=float(np.mean(d.l0[e])),
+        mean_l1=float(np.mean(d.l1[e])),
+        mean_l2=float(np.mean(l2)),
+        mean_linf=float(np.mean(d.linf[e])),
+        mean_l2_success=float(l2[ok].mean()) if ok.any() else math.nan,
+      )
+    )
+  return rows
