@@ -1,0 +1,166 @@
+"""The common base every config starts from.
+
+A config is a small program (the big_vision habit): `get_config("quick")` shrinks data,
+models, epochs and attack sweeps so that a whole run takes about a minute on a 2-core CPU.
+Sections: data, model, train, attacks, eval, output.
+"""
+
+import ml_collections
+
+ARGS = ("", "quick")
+DATASETS = ("mnist", "lfw")
+MODELS = ("cnn", "mlp_vae", "conv_vae")
+
+
+def parse_arg(arg):
+  """`None` / '' -> full run, 'quick' -> shrunken run; anything else is an error."""
+  arg = arg or ""
+  if arg not in ARGS:
+    raise ValueError(f"config argument {arg!r} is not known; allowed: '' (full run) or 'quick'")
+  return arg == "quick"
+
+
+def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_collections.ConfigDict:
+  """Base config for `dataset` training `models` (a VAE also gets a latent classifier)."""
+  c = ml_collections.ConfigDict()
+  c.name = f"{dataset}_{'vae' if any(m.endswith('vae') for m in models) else 'cnn'}"
+  c.seed = 0
+  c.quick = quick
+  c.models = models
+
+  # --- data ---------------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.name = dataset
+  c.data.source = "auto"  # auto | tfds | local
+  c.data.dir = ""  # local folder of the original files; '' -> $VAE_ATTACKS_DATA_DIR, else TFDS
+  c.data.tfds_data_dir = ""
+  c.data.min_faces_per_person = 70
+  c.data.crop_size = 154
+  c.data.image_size = 154 if dataset == "lfw" else 28
+  c.data.test_fraction = 0.25
+  c.data.split_seed = 0
+  c.data.max_train = 0  # 0 = all
+  c.data.max_test = 0
+
+  # --- models (fields are the Flax modules' attributes) -------------------------------
+  c.model = ml_collections.ConfigDict()
+  if dataset == "mnist":
+    c.model.cnn = dict(
+      features=(32, 64),
+      dense=(128,),
+      stem_stride=1,
+      convs_per_stage=1,
+      global_pool=False,
+      dropout_rate=0.0,
+    )
+    c.model.mlp_vae = dict(latent_dim=32, hidden=(512, 256))
+    c.model.conv_vae = dict(latent_dim=32, features=(32, 64), hidden=())
+  else:
+    c.model.cnn = dict(
+      features=(32, 64, 128, 128),
+      dense=(128,),
+      stem_stride=2,
+      convs_per_stage=1,
+      global_pool=False,
+      dropout_rate=0.3,
+    )
+    c.model.mlp_vae = dict(latent_dim=64, hidden=(1024, 512))
+    c.model.conv_vae = dict(latent_dim=64, features=(32, 64, 128, 128), hidden=())
+  c.model.latent_classifier = dict(hidden=(256, 128), dropout_rate=0.0)
+
+  # --- training (fields are the keyword arguments of vae_attacks.train) ----------------
+  c.train = ml_collections.ConfigDict()
+  mnist = dataset == "mnist"
+  c.train.cnn = dict(
+    epochs=6 if mnist else 40,
+    batch_size=128 if mnist else 32,
+    learning_rate=1e-3,
+    weight_decay=0.0 if mnist else 1e-4,
+    lr_schedule="cosine",
+    augment_flip=not mnist,
+    augment_shift=0 if mnist else 8,
+  )
+  c.train.vae = dict(
+    epochs=20 if mnist else 40,
+    batch_size=128 if mnist else 32,
+    learning_rate=1e-3,
+    lr_schedule="cosine",
+  )
+  c.train.latent_classifier = dict(
+    epochs=20 if mnist else 60,
+    batch_size=128 if mnist else 32,
+    learning_rate=1e-3,
+    weight_decay=0.0,
+    lr_schedule="cosine",
+  )
+
+  # --- attacks (one row of results per model x attack x epsilon) -----------------------
+  # step_size_rel: step size / eps; 2.5 / steps lets a walk reach the ball's edge and move
+  # along it (Madry et al. 2018).
+  c.attacks = ml_collections.ConfigDict()
+  c.attacks.enabled = ("fgsm", "bim", "bim_l1", "pgd_l2", "lbfgs")
+  c.attacks.num_pairs = 500
+  c.attacks.target_strategy = "random"  # random | next | least_likely | all | fixed
+  c.attacks.fixed_targets = ()
+  c.attacks.only_correct = True
+  c.attacks.chunk_size = 0  # 0 = chosen from memory_budget_mb
+  c.attacks.memory_budget_mb = 2048
+  c.attacks.shard = True  # shard pairs over all local devices
+  c.attacks.fgsm = ml_collections.ConfigDict(dict(norm="linf", eps=(0.05, 0.1, 0.2, 0.3)))
+  c.attacks.bim = ml_collections.ConfigDict(
+    dict(
+      norm="linf", eps=(0.05, 0.1, 0.2, 0.3), steps=40, step_size_rel=2.5 / 40, random_start=False
+    )
+  )
+  c.attacks.bim_l1 = ml_collections.ConfigDict(
+    dict(norm="l1", eps=(5.0, 10.0, 20.0), steps=40, step_size_rel=2.5 / 40, sparsity=0.99)
+  )
+  c.attacks.pgd_l2 = ml_collections.ConfigDict(
+    dict(norm="l2", eps=(1.0, 2.0, 3.0), steps=40, step_size_rel=2.5 / 40, random_start=True)
+  )
+  c.attacks.lbfgs = ml_collections.ConfigDict(
+    dict(norm="l2", eps=(0.01, 0.1, 1.0), max_iters=50, c_search=True, search_steps=6)
+  )
+  if dataset == "lfw":  # pixel density: the same per-pixel budget, scaled norm balls
+    scale = (154 * 154 * 3 / (28 * 28)) ** 0.5
+    c.attacks.fgsm.eps = (0.01, 0.02, 0.05, 0.1)
+    c.attacks.bim.eps = (0.01, 0.02, 0.05, 0.1)
+    c.attacks.bim_l1.eps = tuple(round(e * scale * scale, 1) for e in (5.0, 10.0, 20.0))
+    c.attacks.pgd_l2.eps = tuple(round(e * scale, 2) for e in (1.0, 2.0, 3.0))
+
+  # --- evaluation of attacks (the study's confidence / validity / effectiveness) -------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.confidence_min = 0.5
+  c.eval.ssim_min = 0.8
+  c.eval.linf_max = 0.3
+  c.eval.l2_max = 0.0  # 0 = no bound
+
+  c.output = ml_collections.ConfigDict()
+  c.output.figures = True
+  c.output.num_examples = 8
+
+  if quick:
+    c.data.max_train = 2000 if dataset == "mnist" else 400
+    c.data.max_test = 500 if dataset == "mnist" else 200
+    if dataset == "lfw":
+      c.data.image_size = 32
+      c.model.cnn.features = (16, 32)
+      c.model.cnn.stem_stride = 1
+      c.model.cnn.dropout_rate = 0.0
+      c.model.conv_vae.features = (16, 32)
+    c.model.cnn.dense = (64,)
+    c.model.mlp_vae.hidden = (128,)
+    c.model.mlp_vae.latent_dim = 8
+    c.model.conv_vae.latent_dim = 8
+    c.model.latent_classifier.hidden = (32,)
+    for t in c.train.values():
+      t.epochs = 2
+      t.batch_size = 64
+    c.attacks.num_pairs = 16
+    for name in ("bim", "bim_l1", "pgd_l2"):
+      c.attacks[name].steps = 5
+      c.attacks[name].step_size_rel = 2.5 / 5
+    c.attacks.lbfgs.max_iters = 10
+    c.attacks.lbfgs.search_steps = 2
+    c.output.num_examples = 4
+  return c

@@ -1,0 +1,1 @@
+"""Entry points: the only code that reads flags or writes files."""

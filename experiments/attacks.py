@@ -1,0 +1,221 @@
+"""Runs the config's attacks on every trained model and appends one row per
+(model, attack, eps) to results.jsonl as soon as that sweep finishes."""
+
+import functools
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from experiments import run as run_lib
+from vae_attacks import metrics
+from vae_attacks.attacks import bim, fgsm, lbfgs, runner
+
+
+# Attacks as the runner calls them: (logits_fn, params, x, target, *, eps, **knobs). Module-level
+# functions, so their identity is stable and the runner's compile cache hits on a rerun.
+def _fgsm(logits_fn, params, x, target, *, eps, norm):
+  return fgsm.fgsm(logits_fn, params, x, target, eps=eps, norm=norm)
+
+
+def _bim(logits_fn, params, x, target, *, eps, norm, steps, step_size_rel, **knobs):
+  """BIM / PGD / SLIDE with a step size proportional to eps, so one compile serves the grid."""
+  return bim.bim(
+    logits_fn,
+    params,
+    x,
+    target,
+    eps=eps,
+    norm=norm,
+    steps=steps,
+    step_size=step_size_rel * eps,
+    **knobs,
+  )
+
+
+def _lbfgs(logits_fn, params, x, target, *, eps, max_iters):
+  return lbfgs.lbfgs(logits_fn, params, x, target, eps=eps, max_iters=max_iters)
+
+
+def _lbfgs_search(logits_fn, params, x, target, *, eps, max_iters, search_steps):
+  return lbfgs.lbfgs_c_search(
+    logits_fn, params, x, target, c_init=eps, max_iters=max_iters, search_steps=search_steps
+  )
+
+
+def attack_plan(cfg, key) -> list[tuple[str, str, object, tuple, dict]]:
+  """(name, norm, attack fn, eps grid, knobs) for every enabled attack of `cfg.attacks`."""
+  plan = []
+  for name in cfg.enabled:
+    sec = cfg[name]
+    eps = tuple(float(e) for e in sec.eps)
+    if name == "fgsm":
+      plan.append((name, sec.norm, _fgsm, eps, dict(norm=sec.norm)))
+    elif name in ("bim", "bim_l1", "pgd_l2"):
+      knobs = dict(norm=sec.norm, steps=sec.steps, step_size_rel=float(sec.step_size_rel))
+      if sec.get("random_start", False):
+        knobs.update(random_start=True, key=jax.random.fold_in(key, len(plan)))
+      if "sparsity" in sec:
+        knobs["sparsity"] = float(sec.sparsity)
+      plan.append((name, sec.norm, _bim, eps, knobs))
+    elif name == "lbfgs":
+      plan.append((name, "l2", _lbfgs, eps, dict(max_iters=sec.max_iters)))
+      if sec.c_search:
+        knobs = dict(max_iters=sec.max_iters, search_steps=sec.search_steps)
+        plan.append(("lbfgs_c_search", "l2", _lbfgs_search, (max(eps),), knobs))
+  return plan
+
+
+@functools.partial(jax.jit, static_argnames=("ssim_kwargs",))
+def _ssim_grid(x, x_adv, ssim_kwargs=()):
+  """SSIM of x[P, ...] against every x_adv[E, P, ...] -> [E, P]."""
+  one = functools.partial(metrics.ssim, **dict(ssim_kwargs))
+  return jax.vmap(jax.vmap(one))(jnp.broadcast_to(x, x_adv.shape), x_adv)
+
+
+def run_all(config, data, trained, log) -> None:
+  """Attacks every model in `trained` with every attack of the config; resumable via `log`."""
+  acfg, ecfg = config.attacks, config.eval
+  settings = run_lib.config_hash({"attacks": acfg.to_dict(), "eval": ecfg.to_dict()})
+  root = jax.random.fold_in(jax.random.key(config.seed), 1_000_003)
+  mesh = runner.pairs_mesh() if acfg.shard and jax.device_count() > 1 else None
+  chunk = acfg.chunk_size or None
+  budget = int(acfg.memory_budget_mb * 2**20)
+  examples_dir = pathlib.Path(log.path).parent / "examples"
+  num_classes = len(data.class_names)
+
+  for m_index, (model_name, model) in enumerate(trained.items()):
+    key = jax.random.fold_in(root, m_index)
+    plan = attack_plan(acfg, key)
+    base_row = dict(dataset=config.data.name, model=model_name, settings=settings)
+    todo = [
+      p
+      for p in plan
+      if not all(log.has(dict(base_row, attack=p[0], norm=p[1], eps=e)) for e in p[3])
+    ]
+    if not todo:
+      logging.info("%s: all attacks already in %s", model_name, log.path)
+      continue
+    pairs = runner.make_pairs(
+      model.logits_fn,
+      model.params,
+      data.x_test,
+      data.y_test,
+      strategy=acfg.target_strategy,
+      num_pairs=acfg.num_pairs,
+      key=key,
+      num_classes=num_classes,
+      only_correct=acfg.only_correct,
+      targets=tuple(acfg.fixed_targets) or None,
+    )
+    x = data.x_test[pairs.index]
+    for name, norm, fn, eps, knobs in todo:
+      t0 = time.perf_counter()
+      ok, prob, ssim, dist, examples = [], [], [], [], None
+      for sl, res in runner.iter_attack_chunks(
+        fn,
+        model.logits_fn,
+        model.params,
+        x,
+        pairs.target,
+        eps,
+        chunk_size=chunk,
+        memory_budget_bytes=budget,
+        mesh=mesh,
+        **knobs,
+      ):
+        ok.append(res.success)
+        prob.append(res.target_prob)
+        ssim.append(np.asarray(_ssim_grid(x[sl], res.x_adv)))
+        dist.append(res.distortion)
+        if examples is None:
+          examples = res.x_adv[:, : config.output.num_examples]
+      seconds = time.perf_counter() - t0
+      ok, prob, ssim = _cat(ok), _cat(prob), _cat(ssim)
+      dist = jax.tree.map(lambda *p: _cat(p), *dist)
+      _save_examples(examples_dir / f"{model_name}_{name}.npz", x, pairs, examples, eps)
+      for e, eps_value in enumerate(eps):
+        row = dict(base_row, attack=name, norm=norm, eps=eps_value)
+        if log.has(row):
+          continue
+        row.update(_row_stats(ok[e], prob[e], ssim[e], _at(dist, e), ecfg))
+        row.update(seconds=seconds / len(eps), n_sources=int(len(np.unique(pairs.index))))
+        log.append(row)
+        logging.info(
+          "%s %s eps=%g: success %.3f, target prob %.3f, valid %.3f (%d pairs)",
+          model_name,
+          name,
+          eps_value,
+          row["success_rate"],
+          row["mean_target_prob"],
+          row["validity_rate"],
+          row["n_pairs"],
+        )
+
+
+def _cat(parts):
+  return np.concatenate(parts, axis=1)
+
+
+def _at(tree, e):
+  return jax.tree.map(lambda a: a[e], tree)
+
+
+def _row_stats(success, prob, ssim, dist, ecfg) -> dict:
+  """The statistics of one (model, attack, eps) point, with 95% intervals."""
+  valid = ssim >= ecfg.ssim_min
+  if ecfg.linf_max > 0:
+    valid &= dist.linf <= ecfg.linf_max + 1e-6
+  if ecfg.l2_max > 0:
+    valid &= dist.l2 <= ecfg.l2_max + 1e-6
+  confident = prob >= ecfg.confidence_min
+  levels = np.asarray(metrics.effectiveness(valid, confident))
+  rate, rate_lo, rate_hi = metrics.success_rate(success)
+  vrate, vlo, vhi = metrics.success_rate(valid)
+  pmean, plo, phi = metrics.mean_interval(prob)
+  row = dict(
+    n_pairs=int(success.size),
+    success_rate=rate,
+    success_rate_ci=[rate_lo, rate_hi],
+    mean_target_prob=pmean,
+    mean_target_prob_ci=[plo, phi],
+    mean_confidence=pmean,
+    validity_rate=vrate,
+    validity_rate_ci=[vlo, vhi],
+    mean_ssim=float(np.mean(ssim)),
+    effectiveness=dict(metrics.effectiveness_counts(levels), modal=metrics.modal_level(levels)),
+  )
+  for norm in ("l0", "l1", "l2", "linf"):
+    mean, lo, hi = metrics.mean_interval(np.asarray(getattr(dist, norm), np.float64))
+    row[f"mean_{norm}"] = mean
+    row[f"mean_{norm}_ci"] = [lo, hi]
+  return {k: _finite(v) for k, v in row.items()}
+
+
+def _finite(v):
+  """NaN (an interval of one sample) is written as null, never as a fake number."""
+  if isinstance(v, float):
+    return v if np.isfinite(v) else None
+  if isinstance(v, list):
+    return [_finite(a) for a in v]
+  return v
+
+
+def _save_examples(path: pathlib.Path, x, pairs, x_adv, eps) -> None:
+  """A few (source, adversarial) examples per eps for the figures, written atomically."""
+  n = x_adv.shape[1]
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp")
+  with open(tmp, "wb") as f:
+    np.savez_compressed(
+      f,
+      x=x[:n],
+      x_adv=x_adv,
+      source_label=pairs.source_label[:n],
+      target=pairs.target[:n],
+      eps=np.asarray(eps),
+    )
+  tmp.replace(path)

@@ -1,0 +1,91 @@
+"""One experiment run: data -> trained models -> attacks -> results files.
+
+Files in the work directory (all written atomically; a rerun resumes):
+  config.json          the config of the run; a workdir holding another config is refused
+  checkpoints/<model>/ orbax checkpoints, reused on rerun, resumed after a kill
+  train_metrics.json   one entry per trained model
+  results.jsonl        one row per (dataset, model, attack, norm, eps), appended as produced
+"""
+
+import hashlib
+import json
+import pathlib
+
+import ml_collections
+from absl import logging
+
+from experiments import store, validate
+from vae_attacks import data as data_lib
+
+RESULT_KEY = ("dataset", "model", "attack", "norm", "eps", "settings")
+
+
+class UserError(Exception):
+  """A problem the user can fix (settings, data, workdir): reported as one message."""
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the experiment `config` in `workdir`; returns {'train': ..., 'results': [...]}."""
+  try:
+    validate.validate(config)
+  except validate.ConfigError as e:
+    raise UserError(str(e)) from None
+  workdir = pathlib.Path(workdir)
+  _claim_workdir(config, workdir)
+
+  try:
+    data = data_lib.load(config.data)
+  except data_lib.DataError as e:
+    raise UserError(str(e)) from None
+  logging.info(
+    "data %s: train %s, test %s, %d classes",
+    data.name,
+    data.x_train.shape,
+    data.x_test.shape,
+    len(data.class_names),
+  )
+
+  from experiments import models as models_lib  # noqa: PLC0415  (keeps --help fast)
+
+  trained = models_lib.train_all(config, data, workdir)
+  train_metrics = {name: m.metrics for name, m in trained.items()}
+  store.write_json_atomic(workdir / "train_metrics.json", train_metrics)
+
+  from experiments import attacks as attacks_lib  # noqa: PLC0415
+
+  log = store.ResultsLog(workdir / "results.jsonl", RESULT_KEY)
+  attacks_lib.run_all(config, data, trained, log)
+  return {"train": train_metrics, "results": log.rows}
+
+
+def config_hash(section) -> str:
+  """Short stable hash of a config section (part of each result row's key)."""
+  text = json.dumps(_to_dict(section), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _to_dict(c):
+  return json.loads(c.to_json()) if hasattr(c, "to_json") else c
+
+
+def _claim_workdir(config, workdir: pathlib.Path) -> None:
+  """Writes config.json, or checks that the workdir's run trains the same models."""
+  new = _to_dict(config)
+  path = workdir / "config.json"
+  if path.exists():
+    try:
+      old = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise UserError(
+        f"{path} is not valid JSON ({e}); delete it or use another --workdir"
+      ) from None
+    # What decides the trained models must match; attacks/eval/output may change between runs
+    # (result rows carry a hash of those settings in their key).
+    fixed = ("seed", "models", "data", "model", "train")
+    changed = validate.diff({k: old.get(k) for k in fixed}, {k: new.get(k) for k in fixed})
+    if changed:
+      raise UserError(
+        f"workdir {workdir} belongs to a different config (differs in: {', '.join(changed)}); "
+        "use another --workdir or delete that folder"
+      )
+  store.write_json_atomic(path, new)

@@ -1,0 +1,115 @@
+"""Checks every config field before any work starts; one clear line per problem."""
+
+from collections.abc import Mapping
+
+import ml_collections
+
+from configs import base
+
+ATTACK_NORMS = {
+  "fgsm": ("linf", "l2", "l1"),
+  "bim": ("linf", "l2"),
+  "bim_l1": ("l1",),
+  "pgd_l2": ("l2", "linf"),
+  "lbfgs": ("l2",),
+}
+STRATEGIES = ("random", "next", "least_likely", "all", "fixed")
+SOURCES = ("auto", "tfds", "local")
+
+
+class ConfigError(ValueError):
+  """A config field holds a value that is not allowed."""
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first bad field and what is allowed."""
+  _one_of("data.name", c.data.name, base.DATASETS)
+  _one_of("data.source", c.data.source, SOURCES)
+  for m in c.models:
+    _one_of("models[]", m, base.MODELS)
+  if not c.models:
+    raise ConfigError(f"models is empty; allowed: a tuple of {base.MODELS}")
+  _int_at_least("seed", c.seed, 0)
+  _int_at_least("data.image_size", c.data.image_size, 8)
+  if c.data.name == "mnist" and c.data.image_size != 28:
+    raise ConfigError(f"data.image_size={c.data.image_size}: MNIST images are 28x28; allowed: 28")
+  if c.data.name == "lfw":
+    _int_at_least("data.crop_size", c.data.crop_size, 8)
+    if c.data.crop_size > 250 or c.data.image_size > c.data.crop_size:
+      raise ConfigError(
+        f"data.crop_size={c.data.crop_size}, data.image_size={c.data.image_size}: "
+        "allowed: image_size <= crop_size <= 250"
+      )
+    _int_at_least("data.min_faces_per_person", c.data.min_faces_per_person, 1)
+  _open_unit("data.test_fraction", c.data.test_fraction)
+  _int_at_least("data.max_train", c.data.max_train, 0)
+  _int_at_least("data.max_test", c.data.max_test, 0)
+  for name, t in c.train.items():
+    _int_at_least(f"train.{name}.epochs", t.epochs, 1)
+    _int_at_least(f"train.{name}.batch_size", t.batch_size, 1)
+    _positive(f"train.{name}.learning_rate", t.learning_rate)
+  a = c.attacks
+  for name in a.enabled:
+    _one_of("attacks.enabled[]", name, tuple(ATTACK_NORMS))
+    sec = a[name]
+    _one_of(f"attacks.{name}.norm", sec.norm, ATTACK_NORMS[name])
+    eps = tuple(sec.eps) if isinstance(sec.eps, (tuple, list)) else (sec.eps,)
+    if not eps:
+      raise ConfigError(f"attacks.{name}.eps is empty; allowed: a tuple of numbers >= 0")
+    for e in eps:
+      if not isinstance(e, (int, float)) or e < 0:
+        raise ConfigError(f"attacks.{name}.eps contains {e!r}; allowed: numbers >= 0")
+    if "steps" in sec:
+      _int_at_least(f"attacks.{name}.steps", sec.steps, 1)
+    if "max_iters" in sec:
+      _int_at_least(f"attacks.{name}.max_iters", sec.max_iters, 1)
+    if "step_size_rel" in sec:
+      _positive(f"attacks.{name}.step_size_rel", sec.step_size_rel)
+    if "sparsity" in sec:
+      _open_unit(f"attacks.{name}.sparsity", sec.sparsity, closed_low=True)
+  _int_at_least("attacks.num_pairs", a.num_pairs, 1)
+  _one_of("attacks.target_strategy", a.target_strategy, STRATEGIES)
+  if a.target_strategy == "fixed" and not a.fixed_targets:
+    raise ConfigError("attacks.target_strategy='fixed' needs attacks.fixed_targets (class ids)")
+  _int_at_least("attacks.chunk_size", a.chunk_size, 0)
+  _positive("attacks.memory_budget_mb", a.memory_budget_mb)
+  for f in ("confidence_min", "ssim_min"):
+    v = c.eval[f]
+    if not 0.0 <= v <= 1.0:
+      raise ConfigError(f"eval.{f}={v!r}; allowed: a number in [0, 1]")
+  for f in ("linf_max", "l2_max"):
+    if c.eval[f] < 0:
+      raise ConfigError(f"eval.{f}={c.eval[f]!r}; allowed: >= 0 (0 = no bound)")
+
+
+def _one_of(field, value, allowed):
+  if value not in allowed:
+    raise ConfigError(f"{field}={value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
+
+
+def _int_at_least(field, value, low):
+  if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    raise ConfigError(f"{field}={value!r}; allowed: an integer >= {low}")
+
+
+def _positive(field, value):
+  if not isinstance(value, (int, float)) or value <= 0:
+    raise ConfigError(f"{field}={value!r}; allowed: a number > 0")
+
+
+def _open_unit(field, value, closed_low=False):
+  ok = isinstance(value, (int, float)) and (0 <= value if closed_low else 0 < value) and value < 1
+  if not ok:
+    raise ConfigError(f"{field}={value!r}; allowed: a number in {'[' if closed_low else '('}0, 1)")
+
+
+def diff(a: Mapping, b: Mapping, prefix="") -> list[str]:
+  """Dotted names of the fields where two config dicts differ."""
+  out = []
+  for k in sorted(set(a) | set(b)):
+    va, vb = a.get(k), b.get(k)
+    if isinstance(va, Mapping) and isinstance(vb, Mapping):
+      out += diff(va, vb, f"{prefix}{k}.")
+    elif va != vb:
+      out.append(f"{prefix}{k}")
+  return out
