@@ -36,8 +36,12 @@ def linear_model(seed: int = 0):
   }
 
 
-def tiny_attack(logits_fn, params, x, target, *, eps, step_scale=1.0, targeted=True, key=None):
-  """One signed-gradient step (targeted FGSM), from a random start when `key` is given."""
+def tiny_attack(
+  logits_fn, params, x, target, *, eps, step_scale=1.0, step=None, targeted=True, key=None
+):
+  """One signed-gradient step (targeted FGSM) of size step (default step_scale * eps), from a
+  random start when `key` is given."""
+  step = step_scale * eps if step is None else step
 
   def loss(xa):
     return base.attack_loss(logits_fn(params, xa), target, targeted=targeted)
@@ -45,7 +49,7 @@ def tiny_attack(logits_fn, params, x, target, *, eps, step_scale=1.0, targeted=T
   start = x
   if key is not None:
     start = jnp.clip(x + 0.5 * eps * jax.random.uniform(key, x.shape, minval=-1.0), 0.0, 1.0)
-  x_adv = start - step_scale * eps * jnp.sign(jax.grad(loss)(start))
+  x_adv = start - step * jnp.sign(jax.grad(loss)(start))
   x_adv = jnp.clip(jnp.clip(x_adv, x - eps, x + eps), 0.0, 1.0)
   return base.finish(
     logits_fn, params, x, x_adv, target, targeted=targeted, iterations=1,
@@ -270,6 +274,21 @@ def test_one_trace_per_sweep_and_none_on_second_call():
     step_scale=jnp.asarray(0.25),
   )  # fmt: skip
   assert len(traces) == 2
+
+
+def test_eps_scaled_knob_follows_the_grid():
+  params = linear_model()
+  x, target = data(10)
+  kw = dict(chunk_size=3, progress=False)
+  relative = runner.run_attack(
+    tiny_attack, linear_logits, params, x, target, EPS_GRID, step_scale=0.5, **kw
+  )
+  scaled = runner.run_attack(
+    tiny_attack, linear_logits, params, x, target, EPS_GRID, step=runner.EpsScaled(0.5), **kw
+  )
+  assert_results_close(relative, scaled, rtol=1e-6, atol=1e-7)
+  # Without a random start the step is the whole perturbation: L-inf = 0.5 * eps.
+  np.testing.assert_allclose(scaled.distortion.linf.max(1), 0.5 * np.array(EPS_GRID), rtol=1e-5)
 
 
 def test_progress_line(capsys):

@@ -18,7 +18,8 @@ This module is the one place where batching happens (STYLE.md, "Batching lives i
 Keyword knobs of the attack are split by type: hashable Python values (ints, floats, strings,
 bools, tuples, None) are static -- closed over, part of the compilation cache key; jax/numpy
 arrays are traced arguments shared by every pair and epsilon (pass `jnp.asarray(0.01)` to sweep
-a step size without recompiling); a knob named `key` is a PRNG key that is split per pair as
+a step size without recompiling); `EpsScaled(f)` is `f * eps` at each eps of the grid (an
+eps-relative step size); a knob named `key` is a PRNG key that is split per pair as
 `fold_in(key, pair_index)`, with the pair's index in `x`, so results do not depend on chunking.
 """
 
@@ -48,6 +49,15 @@ DEFAULT_CPU_BUDGET_BYTES = 1 << 30
 DEFAULT_BUDGET_FRACTION = 0.5
 
 Attack = Callable[..., AttackResult]
+
+
+class EpsScaled(NamedTuple):
+  """A knob that is `factor * eps` at each eps of the grid, e.g. `step_size=EpsScaled(0.25)`.
+
+  An attack sees the product as a traced scalar; the factor is static (part of the cache key).
+  """
+
+  factor: float
 
 
 class Pairs(NamedTuple):
@@ -253,10 +263,14 @@ class _Sweep:
   """
 
   def __init__(self, attack, logits_fn, static_items, dynamic_names, has_key, mesh):
-    static = dict(static_items)
+    static = {name: value for name, _, value in static_items}
 
     def one(params, x, target, eps, key, dynamic):
-      kwargs = dict(static, **dict(zip(dynamic_names, dynamic, strict=True)))
+      kwargs = {
+        name: value.factor * eps if isinstance(value, EpsScaled) else value
+        for name, value in static.items()
+      }
+      kwargs.update(zip(dynamic_names, dynamic, strict=True))
       if has_key:
         kwargs[KEY_KNOB] = key
       return attack(logits_fn, params, x, target, eps=eps, **kwargs)
@@ -310,7 +324,7 @@ def _split_knobs(attack_kwargs: dict) -> tuple[tuple, tuple, tuple, Any]:
         raise TypeError(
           f"attack knob {name}={value!r} is neither hashable (static) nor an array (traced)"
         ) from None
-      static.append((name, value))
+      static.append((name, type(value), value))  # the type: 1 == 1.0 == True as keys
   return tuple(static), tuple(dyn_names), tuple(dyn_values), key
 
 
@@ -388,7 +402,8 @@ def iter_attack_chunks(
     mesh: a 1-D mesh over axis 'pairs' (see `pairs_mesh`) to shard each chunk's pairs.
     progress: show a tqdm line (pairs/s, ETA) on stderr.
     **attack_kwargs: the attack's knobs: hashable values are static, arrays traced and shared,
-      and `key` is split per pair as fold_in(key, index of the pair in x).
+      `EpsScaled(f)` becomes f * eps, and `key` is split per pair as fold_in(key, index of the
+      pair in x).
 
   Yields:
     (pairs slice into x, AttackResult of host numpy arrays with leading axes [E, pairs]).
