@@ -375,6 +375,21 @@ def test_tfds_offline_fails_fast(tmp_path, monkeypatch, no_env, name):
   assert not any(tmp_path.iterdir())
 
 
+def test_default_config_offline_fails_fast(tmp_path, monkeypatch, no_env):
+  """The real thing, unmocked, where there is no network (as in CI): a quick DataError."""
+  pytest.importorskip("tensorflow_datasets")
+  from tensorflow_datasets.core import constants  # noqa: PLC0415
+
+  if data._reachable(data._DEFAULT_HOSTS["mnist"], timeout=2):
+    pytest.skip("online: TFDS would download MNIST")
+  monkeypatch.setattr(constants, "DATA_DIR", str(tmp_path))  # TFDS's default data_dir ('')
+  start = time.perf_counter()
+  with pytest.raises(data.DataError, match="cannot be reached") as e:
+    data.load(dict(name="mnist", source="auto", dir="", tfds_data_dir=""))
+  assert time.perf_counter() - start < 30
+  assert str(tmp_path) in str(e.value) and data.DATA_ENV in str(e.value)
+
+
 @pytest.fixture
 def tfds_prepared(monkeypatch):
   """tfds.testing.mock_data, with the builders claiming to be prepared."""

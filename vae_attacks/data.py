@@ -130,8 +130,9 @@ def load(cfg: Any) -> Dataset:
       to the class sizes).
 
   Returns:
-    A `Dataset`. MNIST keeps the official order. LFW's train and test sets are each in an order
-    shuffled by `split_seed`, so that their first examples cover the people.
+    A `Dataset`. MNIST from local files keeps the official order (TFDS holds the same examples
+    in its own order). LFW's train and test sets are each in an order shuffled by `split_seed`,
+    so that their first examples cover the people.
 
   Raises:
     DataError: for any setting out of range, missing or corrupt file, or unreachable download.
@@ -411,7 +412,7 @@ def _lfw_local(root: pathlib.Path, origin: str, s: _Settings) -> Dataset:
       if entry.is_dir() and not entry.name.startswith("."):
         images = _person_images(tree / entry.name)
         if images:
-          people[entry.name] = [tree / entry.name / f for f in images]
+          people[entry.name] = [os.path.join(entry.path, f) for f in images]
   return _lfw_dataset(people, f"{tree} (from {origin})", s)
 
 
