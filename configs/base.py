@@ -34,6 +34,7 @@ def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_coll
   c.data.source = "auto"  # auto | tfds | local
   c.data.dir = ""  # local folder of the original files; '' -> $VAE_ATTACKS_DATA_DIR, else TFDS
   c.data.tfds_data_dir = ""
+  c.data.download = True  # TFDS may download when the data are not prepared (fails fast offline)
   c.data.min_faces_per_person = 70
   c.data.crop_size = 154
   c.data.image_size = 154 if dataset == "lfw" else 28

@@ -1,0 +1,135 @@
+"""End to end: `experiments.run` on tiny data in the real file formats, per config."""
+
+import importlib
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from fakedata import make_data_root
+
+from experiments import run as run_lib
+
+CONFIGS = ("mnist_cnn", "mnist_vae", "lfw_cnn", "lfw_vae")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("data")
+  counts = {"Alice_Smith": 14, "Bob_Jones": 12, "Carol_White": 12, "Dan_Brown": 3}
+  return make_data_root(root, n_train=256, n_test=64, counts=counts, size=80)
+
+
+def tiny(name, data_root, *, attacks=("fgsm", "bim")):
+  """The config's :quick variant shrunk further so a whole run takes seconds."""
+  c = importlib.import_module(f"configs.{name}").get_config("quick")
+  c.data.dir = str(data_root)
+  c.data.min_faces_per_person = 10
+  c.data.crop_size = 64
+  c.data.image_size = 16 if c.data.name == "lfw" else 28
+  for t in c.train.values():
+    t.epochs = 1
+    t.batch_size = 32 if c.data.name == "mnist" else 8
+  c.attacks.enabled = attacks
+  c.attacks.num_pairs = 4
+  c.attacks.only_correct = False
+  c.attacks.bim.steps = 2
+  c.attacks.bim.eps = (0.1, 0.3)
+  c.attacks.lbfgs.max_iters = 3
+  c.attacks.lbfgs.search_steps = 2
+  c.attacks.shard = False
+  return c
+
+
+def read_rows(workdir):
+  return [json.loads(x) for x in (workdir / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_quick_run_writes_metrics_and_one_row_per_point(name, data_root, tmp_path):
+  config = tiny(name, data_root)
+  run_lib.run(config, str(tmp_path))
+
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["data"]["name"] == config.data.name
+  metrics = json.loads((tmp_path / "train_metrics.json").read_text())
+  assert set(metrics) == set(config.models)
+  for model, m in metrics.items():
+    assert 0.0 <= m["test_accuracy"] <= 1.0
+    assert m["train_seconds"] >= 0
+    if model.endswith("vae"):
+      assert m["test_neg_elbo_nats"] > 0  # a Bernoulli NLL plus a KL: positive nats
+
+  rows = read_rows(tmp_path)
+  n_eps = len(config.attacks.fgsm.eps) + len(config.attacks.bim.eps)
+  assert len(rows) == len(config.models) * n_eps
+  keys = {(r["model"], r["attack"], r["eps"]) for r in rows}
+  assert len(keys) == len(rows)
+  for r in rows:
+    assert r["dataset"] == config.data.name
+    assert r["n_pairs"] == config.attacks.num_pairs
+    assert 0.0 <= r["success_rate"] <= 1.0
+    lo, hi = r["success_rate_ci"]
+    assert lo <= r["success_rate"] <= hi
+    assert r["mean_linf"] <= r["eps"] + 1e-5  # both attacks are L-inf here
+    assert sum(r["effectiveness"][k] for k in ("high", "moderate", "low", "ineffective")) == 4
+
+
+def test_rerun_reuses_checkpoints_and_rows_and_resumes_identically(data_root, tmp_path):
+  config = tiny("mnist_cnn", data_root)
+  run_lib.run(config, str(tmp_path / "a"))
+  first = (tmp_path / "a" / "results.jsonl").read_text()
+
+  run_lib.run(config, str(tmp_path / "a"))  # nothing to do: same rows, checkpoint reused
+  assert (tmp_path / "a" / "results.jsonl").read_text() == first
+  metrics = json.loads((tmp_path / "a" / "train_metrics.json").read_text())
+  assert metrics["cnn"]["reused_checkpoint"]
+
+  lines = first.splitlines(keepends=True)  # a run killed after 2 rows, half-way into the 3rd
+  (tmp_path / "a" / "results.jsonl").write_text("".join(lines[:2]) + lines[2][:9])
+  run_lib.run(config, str(tmp_path / "a"))
+  strip = lambda text: [{k: v for k, v in json.loads(x).items() if k != "seconds"}
+                        for x in text.splitlines()]  # fmt: skip
+  assert strip((tmp_path / "a" / "results.jsonl").read_text()) == strip(first)
+
+
+def test_workdir_of_another_config_is_refused(data_root, tmp_path):
+  config = tiny("mnist_cnn", data_root)
+  run_lib.run(config, str(tmp_path))
+  config.train.cnn.learning_rate = 0.5
+  with pytest.raises(run_lib.UserError, match="train.cnn.learning_rate"):
+    run_lib.run(config, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("attacks.bim.norm", "l3", "attacks.bim.norm='l3' is not allowed; allowed: linf, l2"),
+    ("attacks.bim.steps", 0, "attacks.bim.steps=0; allowed: an integer >= 1"),
+    ("data.source", "web", "data.source='web' is not allowed"),
+    ("eval.ssim_min", 1.5, "eval.ssim_min=1.5; allowed: a number in [0, 1]"),
+  ],
+)
+def test_bad_values_are_named_before_any_work(field, value, message, data_root, tmp_path):
+  config = tiny("mnist_cnn", data_root)
+  section, attr = field.rsplit(".", 1)
+  target = config
+  for part in section.split("."):
+    target = target[part]
+  target[attr] = value
+  with pytest.raises(run_lib.UserError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    run_lib.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_command_line_reports_missing_data_in_one_line(tmp_path):
+  env = {"PATH": "/usr/bin:/bin", "VAE_ATTACKS_DATA_DIR": str(tmp_path / "nowhere")}
+  proc = subprocess.run(
+    [sys.executable, "-m", "experiments.main", "--config=configs/mnist_cnn.py:quick",
+     f"--workdir={tmp_path / 'w'}", "--config.data.source=local"],
+    capture_output=True, text=True, env=env, timeout=300, cwd=pathlib.Path(__file__).parents[1],
+  )  # fmt: skip
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert "VAE_ATTACKS_DATA_DIR" in proc.stderr
