@@ -242,6 +242,13 @@ def test_results_do_not_depend_on_chunking(key):
     )  # fmt: skip
   )
   assert [s for s, _ in chunks] == [slice(i, i + 1) for i in range(10)]
+  # eps belongs to the grid; the mistake is reported at the call, before any iteration.
+  try:
+    runner.iter_attack_chunks(tiny_attack, linear_logits, params, x, target, EPS_GRID, eps=0.1)
+  except ValueError as err:
+    assert "eps_grid" in str(err)
+  else:
+    raise AssertionError("an eps= knob was accepted")
   joined = jax.tree.map(lambda *a: np.concatenate(a, 1), *[r for _, r in chunks])
   assert_results_close(runs[0], joined, rtol=0, atol=1e-6)
 

@@ -372,7 +372,7 @@ def iter_attack_chunks(
   progress: bool = True,
   **attack_kwargs,
 ) -> Iterator[tuple[slice, AttackResult]]:
-  """Runs `attack` over pairs x eps chunk by chunk, yielding results as they are produced.
+  """Runs `attack` over pairs x eps chunk by chunk, giving results as they are produced.
 
   The attack (written for one pair and one eps) is vmapped over the pairs of a chunk and over
   the eps grid inside one jitted function. Every chunk has the same number of pairs (the last
@@ -405,8 +405,13 @@ def iter_attack_chunks(
       `EpsScaled(f)` becomes f * eps, and `key` is split per pair as fold_in(key, index of the
       pair in x).
 
-  Yields:
-    (pairs slice into x, AttackResult of host numpy arrays with leading axes [E, pairs]).
+  Returns:
+    An iterator of (pairs slice into x, AttackResult of host numpy arrays with leading axes
+    [E, pairs]). Arguments are checked and the sweep compiled when this function is called;
+    the chunks run as the iterator is consumed.
+
+  Raises:
+    ValueError: empty or mismatched inputs, a bad mesh or chunk size, or an `eps=` knob.
   """
   n_pairs = len(x)
   if n_pairs == 0:
@@ -470,13 +475,14 @@ def iter_attack_chunks(
       chunk = max(n_dev, min(chunk, fit - fit % n_dev))
   executable = sweep.executable(abstract(chunk))
 
-  bar = tqdm.tqdm(
-    total=n_pairs,
-    unit="pair",
-    desc=f"{getattr(attack, '__name__', 'attack')} x {eps_grid.shape[0]} eps",
-    disable=not progress,
-    dynamic_ncols=True,
-  )
+  desc = f"{getattr(attack, '__name__', 'attack')} x {eps_grid.shape[0]} eps"
+  # Everything above runs now (errors and compilation at the call); the chunks run on iteration.
+  return _run_chunks(executable, args_for, n_pairs, chunk, desc=desc, progress=progress)
+
+
+def _run_chunks(executable, args_for, n_pairs, chunk, *, desc, progress):
+  """Yields (slice, host result) per chunk, dispatching the next chunk before fetching one."""
+  bar = tqdm.tqdm(total=n_pairs, unit="pair", desc=desc, disable=not progress, dynamic_ncols=True)
 
   def fetch(pending):
     pairs, out = pending
