@@ -19,7 +19,9 @@ from vae_attacks.attacks import base, runner
 NUM_CLASSES = 5
 SHAPE = (4, 4, 1)
 EPS_GRID = (0.05, 0.1, 0.3)
-KEY = jax.random.key(0)  # the conftest `key`, for tests sharing one compiled sweep
+# The attack sweeps share one key (and so one compiled sweep). Threefry, the default: "rbg" keys
+# compile faster but give other random bits under vmap than in a per-pair loop.
+KEY = jax.random.key(0)
 
 
 def linear_logits(params, x):
@@ -188,12 +190,12 @@ def test_bad_strategy_and_too_few_sources(key):
 # run_attack
 
 
-def test_grid_equals_loop_over_single_calls(key):
+def test_grid_equals_loop_over_single_calls():
   params = linear_model()
   x, target = data(10)
   result = runner.run_attack(
     tiny_attack, linear_logits, params, x, target, EPS_GRID, chunk_size=3, progress=False,
-    key=key,
+    key=KEY,
   )  # fmt: skip
   assert result.x_adv.shape == (len(EPS_GRID), 10, *SHAPE)
   assert result.success.shape == (len(EPS_GRID), 10)
@@ -201,14 +203,14 @@ def test_grid_equals_loop_over_single_calls(key):
   single = jax.jit(tiny_attack, static_argnums=0)
   for e, eps in enumerate(EPS_GRID):
     for p in range(10):
-      one = single(linear_logits, params, x[p], target[p], eps=eps, key=jax.random.fold_in(key, p))
+      one = single(linear_logits, params, x[p], target[p], eps=eps, key=jax.random.fold_in(KEY, p))
       got = jax.tree.map(lambda a, e=e, p=p: a[e, p], result)
       assert_results_close(got, one, rtol=1e-5, atol=1e-6)
   # The sweep really differs across eps (the grid axis is not broadcast by mistake).
   np.testing.assert_allclose(result.distortion.linf.max(1), EPS_GRID, rtol=1e-5)
 
 
-def test_results_do_not_depend_on_chunking(key):
+def test_results_do_not_depend_on_chunking():
   params = linear_model()
   x, target = data(10)
   runs = [
@@ -221,7 +223,7 @@ def test_results_do_not_depend_on_chunking(key):
       EPS_GRID,
       chunk_size=c,
       progress=False,
-      key=key,
+      key=KEY,
     )  # fmt: skip
     for c in (3, None)
   ]
@@ -238,7 +240,7 @@ def test_results_do_not_depend_on_chunking(key):
       EPS_GRID,
       memory_budget_bytes=1,
       progress=False,
-      key=key,
+      key=KEY,
     )  # fmt: skip
   )
   assert [s for s, _ in chunks] == [slice(i, i + 1) for i in range(10)]
@@ -340,13 +342,13 @@ def _sharded_sweep(out: str) -> None:
   x, target = data(10)
   result = runner.run_attack(
     tiny_attack, linear_logits, linear_model(), x, target, EPS_GRID, chunk_size=3, mesh=mesh,
-    progress=False, key=jax.random.key(0),
+    progress=False, key=KEY,
   )  # fmt: skip
   leaves = {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(result))}
   np.savez(out, n_devices=mesh.devices.size, **leaves)
 
 
-def test_sharded_equals_unsharded(tmp_path, key):
+def test_sharded_equals_unsharded(tmp_path):
   out = tmp_path / "sharded.npz"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   repo = pathlib.Path(__file__).resolve().parents[1]
@@ -357,7 +359,7 @@ def test_sharded_equals_unsharded(tmp_path, key):
   x, target = data(10)
   local = runner.run_attack(
     tiny_attack, linear_logits, linear_model(), x, target, EPS_GRID, chunk_size=3,
-    progress=False, key=key,
+    progress=False, key=KEY,
   )  # fmt: skip
   saved = np.load(out)
   assert int(saved["n_devices"]) == 2
