@@ -25,7 +25,13 @@ class UserError(Exception):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs the experiment `config` in `workdir`; returns {'train': ..., 'results': [...]}."""
+  """Runs the experiment `config` in `workdir`; returns {'train': ..., 'results': [...]}.
+
+  A study config (one with `runs`) runs each part in workdir/<part> and writes one combined
+  report in workdir.
+  """
+  if "runs" in config:
+    return _run_study(config, pathlib.Path(workdir))
   try:
     validate.validate(config)
   except validate.ConfigError as e:
@@ -55,7 +61,33 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   log = store.ResultsLog(workdir / "results.jsonl", RESULT_KEY)
   attacks_lib.run_all(config, data, trained, log)
+  _report(workdir)
   return {"train": train_metrics, "results": log.rows}
+
+
+def _run_study(config, workdir: pathlib.Path) -> dict:
+  for part in config.runs:
+    if part not in config:
+      raise UserError(f"runs lists {part!r} but the config has no section {part!r}")
+  # Validate every part before any of them starts.
+  for part in config.runs:
+    try:
+      validate.validate(config[part])
+    except validate.ConfigError as e:
+      raise UserError(f"{part}: {e}") from None
+  out = {part: run(config[part], str(workdir / part)) for part in config.runs}
+  _report(workdir, parts=[workdir / part for part in config.runs])
+  return out
+
+
+def _report(workdir: pathlib.Path, parts=None) -> None:
+  """summary.md and figures/ for a run (or, with `parts`, one combined study report)."""
+  from experiments import report  # noqa: PLC0415  (matplotlib only when reporting)
+
+  if parts is None:
+    report.write_report(workdir)
+  else:
+    report.write_combined_report(workdir, parts)
 
 
 def config_hash(section) -> str:
