@@ -107,6 +107,12 @@ def test_random_targets_differ_from_label_and_are_deterministic(key):
   for field_a, field_b in zip(a, b, strict=True):
     np.testing.assert_array_equal(field_a, field_b)
   assert not np.array_equal(a.index, c.index)
+  fewer = runner.make_pairs(
+    linear_logits, params, x, y, strategy="random", num_pairs=10, key=key,
+    num_classes=NUM_CLASSES,
+  )  # fmt: skip
+  for field_a, field_fewer in zip(a, fewer, strict=True):
+    np.testing.assert_array_equal(field_a[:10], field_fewer)
   # Every other class is used (30 draws over 4 classes).
   assert len(np.unique((a.target - a.source_label) % NUM_CLASSES)) == NUM_CLASSES - 1
 

@@ -147,7 +147,7 @@ def make_pairs(
 
   Returns:
     Pairs(index int32[P], source_label int32[P], target int32[P]) as numpy arrays; the pairs of
-    one source are adjacent.
+    one source are adjacent, and the pairs for a smaller num_pairs (same key) are a prefix.
 
   Raises:
     ValueError: an unknown strategy, bad targets or labels, or too few eligible sources.
@@ -190,13 +190,12 @@ def make_pairs(
     keep = tgt != y[src]
     src, tgt = src[keep], tgt[keep]
   else:
-    src = sources
-    if num_pairs is not None:
-      src = src[:num_pairs]
+    src = sources if num_pairs is None else sources[:num_pairs]
     if strategy == "random":
-      # An offset in [1, K-1] from the label is uniform over the other classes.
-      offset = jax.random.randint(target_key, (len(src),), 1, num_classes)
-      tgt = (y[src] + np.asarray(offset)) % num_classes
+      # An offset in [1, K-1] from the label is uniform over the other classes. Drawn for every
+      # eligible source, so a smaller num_pairs gives a prefix of the same pairs.
+      offset = np.asarray(jax.random.randint(target_key, (len(sources),), 1, num_classes))
+      tgt = (y[src] + offset[: len(src)]) % num_classes
     elif strategy == "next":
       tgt = (y[src] + 1) % num_classes
     else:  # least_likely
