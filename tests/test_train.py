@@ -1,0 +1,169 @@
+"""Training: loss goes down on separable toy data, checkpoints resume exactly and are reused."""
+
+import types
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from vae_attacks import models, train
+
+
+def _toy_data(n_train=96, n_test=48, size=8, classes=3, seed=0):
+  """Class k: a bright 3x3 block at corner k on faint noise; trivially separable."""
+  rng = np.random.default_rng(seed)
+  corners = [(0, 0), (0, size - 3), (size - 3, 0), (size - 3, size - 3)][:classes]
+
+  def make(n):
+    y = rng.integers(0, classes, n).astype(np.int32)
+    x = 0.1 * rng.uniform(size=(n, size, size, 1)).astype(np.float32)
+    for i, k in enumerate(y):
+      r, c = corners[k]
+      x[i, r : r + 3, c : c + 3, 0] = 1.0
+    return x, y
+
+  x_train, y_train = make(n_train)
+  x_test, y_test = make(n_test)
+  return types.SimpleNamespace(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+
+
+def _numpy_init(module, *args):
+  """Variables from numpy (module.init compiles threefry per shape: slow on a busy CPU)."""
+  shapes = jax.eval_shape(module.init, jax.random.key(0), *args)
+  rng = np.random.default_rng(0)
+  return jax.tree.map(
+    lambda s: (
+      (rng.standard_normal(s.shape) / np.sqrt(max(s.shape[:-1] or (1,)))).astype(s.dtype)
+      if len(s.shape) > 1
+      else np.zeros(s.shape, s.dtype)
+    ),
+    shapes,
+  )
+
+
+DATA = _toy_data()
+CNN = models.CNN(3, features=(4,), dense=(16,))
+CNN_INIT = _numpy_init(CNN, DATA.x_train[:1])
+VAE = models.MLPVAE((8, 8, 1), 2, hidden=(32,))
+VAE_INIT = _numpy_init(VAE, DATA.x_train[:1], jax.random.key(0))
+
+
+def _fit_cnn(key, epochs, **kwargs):
+  return train.train_classifier(
+    CNN,
+    DATA,
+    key=key,
+    epochs=epochs,
+    batch_size=16,
+    learning_rate=1e-2,
+    init_params=CNN_INIT,
+    **kwargs,
+  )
+
+
+@pytest.fixture(scope="module")
+def cnn_run():
+  """Four epochs straight, shared by the tests below (each training run compiles a step)."""
+  return _fit_cnn(jax.random.key(0), 4)
+
+
+@pytest.fixture(scope="module")
+def vae_run():
+  return train.train_vae(
+    VAE,
+    DATA,
+    key=jax.random.key(0),
+    epochs=4,
+    batch_size=16,
+    learning_rate=1e-2,
+    init_params=VAE_INIT,
+  )
+
+
+def test_classifier_learns_separable_toy_data(cnn_run):
+  params, metrics = cnn_run
+  history = metrics["history"]
+  assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+  assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+  assert metrics["test_accuracy"] == 1.0
+  # the reported accuracy is the per-example logits function's accuracy
+  logits = jax.jit(jax.vmap(models.classifier_fns(CNN), in_axes=(None, 0)))(params, DATA.x_test)
+  assert np.mean(np.argmax(logits, -1) == DATA.y_test) == metrics["test_accuracy"]
+  assert metrics["reused_checkpoint"] is False and metrics["epochs"] == 4
+
+
+def test_vae_beats_the_uniform_decoder_and_improves(vae_run):
+  _, metrics = vae_run
+  history = metrics["history"]
+  assert history[-1]["test_neg_elbo_nats"] < history[0]["test_neg_elbo_nats"]
+  # a decoder that ignores z and outputs 1/2 costs log 2 per pixel, before any KL
+  assert metrics["test_neg_elbo_nats"] < 64 * np.log(2)
+  np.testing.assert_allclose(
+    metrics["test_neg_elbo_nats"], metrics["test_recon_nats"] + metrics["test_kl_nats"], rtol=1e-6
+  )
+
+
+def test_latent_classifier_uses_the_frozen_encoder(key, vae_run):
+  # The classifier sees the images only through the frozen encoder's 2-d mean code.
+  vae_params, _ = vae_run
+  clf = models.LatentClassifier(3, hidden=(16,))
+  params, metrics = train.train_latent_classifier(
+    VAE, vae_params, clf, DATA, key=key, epochs=6, batch_size=16, learning_rate=2e-2
+  )
+  chex.assert_trees_all_equal(params["vae"], vae_params)
+  logits_fn = models.latent_classifier_fn(VAE, clf)
+  logits = jax.jit(jax.vmap(logits_fn, in_axes=(None, 0)))(params, DATA.x_test)
+  accuracy = np.mean(np.argmax(logits, -1) == DATA.y_test)
+  np.testing.assert_allclose(accuracy, metrics["test_accuracy"])
+  assert accuracy > 1 / 3 + 0.3  # far above chance (1/3) on 48 test points
+
+
+def test_resume_from_checkpoint_equals_an_uninterrupted_run(cnn_run, tmp_path):
+  key = jax.random.key(0)
+  straight, _ = cnn_run
+  ckpt = str(tmp_path / "run")
+  _, first = _fit_cnn(key, 2, checkpoint_dir=ckpt)
+  resumed, metrics = _fit_cnn(key, 4, checkpoint_dir=ckpt)
+  assert first["resumed_from_epoch"] == 0 and metrics["resumed_from_epoch"] == 2
+  assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
+  chex.assert_trees_all_equal(resumed, straight)
+
+  # a finished run is reused: no training happens and the same parameters come back
+  again, reused = _fit_cnn(key, 4, checkpoint_dir=ckpt)
+  assert reused["reused_checkpoint"] is True and reused["train_seconds"] == 0.0
+  chex.assert_trees_all_equal(again, straight)
+  assert reused["test_accuracy"] == metrics["test_accuracy"]
+
+  # keeps at most two checkpoints
+  assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.isdigit()) == ["3", "4"]
+
+  # a checkpoint made with other hyper-parameters is not silently resumed
+  with pytest.raises(ValueError, match="checkpoint"):
+    _fit_cnn(key, 4, checkpoint_dir=ckpt, augment_shift=1)
+
+
+def test_cosine_schedule_refuses_a_different_run_length(key, tmp_path):
+  ckpt = str(tmp_path / "cos")
+  _fit_cnn(key, 1, checkpoint_dir=ckpt, lr_schedule="cosine")
+  with pytest.raises(ValueError, match="checkpoint"):
+    _fit_cnn(key, 2, checkpoint_dir=ckpt, lr_schedule="cosine")
+
+
+def test_augment_image_is_a_flip_and_an_edge_padded_translation(key):
+  x = np.arange(5 * 6 * 2, dtype=np.float32).reshape(5, 6, 2)
+  chex.assert_trees_all_equal(train.augment_image(key, x, flip=False, max_shift=0), x)
+  s = 2
+  padded = np.pad(x, ((s, s), (s, s), (0, 0)), mode="edge")
+  windows = [padded[i : i + 5, j : j + 6] for i in range(2 * s + 1) for j in range(2 * s + 1)]
+  windows += [w[:, ::-1] for w in windows]
+  augment = jax.jit(lambda k: train.augment_image(k, x, flip=True, max_shift=s))
+  outs = [np.asarray(augment(jax.random.fold_in(key, i))) for i in range(8)]
+  for out in outs:
+    assert any(np.array_equal(out, w) for w in windows)
+  assert len({o.tobytes() for o in outs}) > 1
+
+
+def test_make_optimizer_rejects_unknown_schedule():
+  with pytest.raises(ValueError, match="lr_schedule"):
+    train.make_optimizer(learning_rate=1e-3, total_steps=10, lr_schedule="linear")

@@ -1,0 +1,535 @@
+"""Training of the study's models: the CNN, the VAEs and the classifier on the VAE's code.
+
+Adam (Kingma & Ba 2015) through optax, one jitted step per minibatch, an evaluation on the test
+split after every epoch, and optional orbax checkpoints. Every run is a pure function of its
+key and hyper-parameters: epoch e's shuffle is `permutation(fold_in(k_shuffle, e))` and step
+i's randomness `fold_in(fold_in(k_step, e), i)`, so a run resumed from a checkpoint after a kill
+ends with exactly the parameters of an uninterrupted run.
+
+The data argument is anything with `x_train [N, H, W, C]`, `y_train [N]`, `x_test`, `y_test`
+(e.g. `vae_attacks.data.Dataset`). The library writes nothing unless given a
+`checkpoint_dir`, and reports progress through `absl.logging` (INFO).
+"""
+
+import os
+import time
+import types
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from vae_attacks import losses
+from vae_attacks.types import Array, Params, PRNGKey
+
+LR_SCHEDULES = ("constant", "cosine")
+
+# (params, x[B, ...], y[B], key) -> (scalar loss, aux metrics)
+BatchLoss = Callable[[Params, Array, Array, PRNGKey], tuple[Array, dict]]
+
+
+def make_optimizer(
+  *,
+  learning_rate: float,
+  total_steps: int,
+  weight_decay: float = 0.0,
+  lr_schedule: str = "constant",
+) -> optax.GradientTransformation:
+  """Adam (AdamW when `weight_decay` > 0) with a constant or cosine-decayed learning rate.
+
+  Args:
+    learning_rate: the (peak) step size.
+    total_steps: number of optimiser steps of the whole run (the cosine's length).
+    weight_decay: decoupled weight decay (Loshchilov & Hutter 2019); 0 gives plain Adam.
+    lr_schedule: "constant" or "cosine" (decays to 0 at `total_steps`).
+
+  Returns:
+    An optax gradient transformation.
+  """
+  if lr_schedule == "constant":
+    lr = learning_rate
+  elif lr_schedule == "cosine":
+    lr = optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
+  else:
+    raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+  if weight_decay:
+    return optax.adamw(lr, weight_decay=weight_decay)
+  return optax.adam(lr)
+
+
+def augment_image(key: PRNGKey, x: Array, *, flip: bool, max_shift: int) -> Array:
+  """Random horizontal flip and random translation of ONE image (edge-padded crop).
+
+  Args:
+    key: randomness for this image.
+    x: [H, W, C] image.
+    flip: mirror left-right with probability 1/2.
+    max_shift: translate by up to this many pixels along each axis.
+
+  Returns:
+    [H, W, C] augmented image.
+  """
+  flip_key, shift_key = jax.random.split(key)
+  if flip:
+    x = jnp.where(jax.random.bernoulli(flip_key), x[:, ::-1, :], x)
+  if max_shift:
+    h, w, c = x.shape
+    padded = jnp.pad(x, ((max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="edge")
+    offset = jax.random.randint(shift_key, (2,), 0, 2 * max_shift + 1)
+    x = jax.lax.dynamic_slice(padded, (offset[0], offset[1], 0), (h, w, c))
+  return x
+
+
+def _chunked(fn: Callable, *arrays: Array, chunk: int) -> list:
+  """fn applied to consecutive chunks of `arrays` (leading axis), results in a list."""
+  n = arrays[0].shape[0]
+  return [fn(*(a[i : i + chunk] for a in arrays)) for i in range(0, n, chunk)]
+
+
+def _format_seconds(s: float) -> str:
+  m, s = divmod(int(round(s)), 60)
+  return f"{m}m{s:02d}s"
+
+
+def _checkpoint_manager(directory: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+    os.path.abspath(directory),
+    item_names=("state", "meta"),
+    options=ocp.CheckpointManagerOptions(
+      max_to_keep=2, create=True, enable_async_checkpointing=False
+    ),
+  )
+
+
+def _fit(
+  *,
+  name: str,
+  init: Callable[[], Params],
+  batch_loss: BatchLoss,
+  evaluate: Callable[[Params], dict],
+  x_train: Array,
+  y_train: Array,
+  key: PRNGKey,
+  epochs: int,
+  batch_size: int,
+  optimizer: optax.GradientTransformation,
+  hparams: dict,
+  checkpoint_dir: str | None,
+  augment: Callable[[PRNGKey, Array], Array] | None = None,
+) -> tuple[Params, dict]:
+  """The shared loop: shuffle, jitted steps, evaluation, checkpoints, progress lines."""
+  n = x_train.shape[0]
+  steps = n // batch_size
+  if steps < 1:
+    raise ValueError(f"batch_size {batch_size} is larger than the training set ({n})")
+  shuffle_key, step_key = jax.random.split(key)
+  x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
+  make_state = lambda params: {"params": params, "opt_state": optimizer.init(params)}
+  state = None
+
+  history: list[dict] = []
+  start_epoch, previous_seconds, reused = 0, 0.0, False
+  manager = _checkpoint_manager(checkpoint_dir) if checkpoint_dir is not None else None
+  if manager is not None and manager.latest_step() is not None:
+    latest = manager.latest_step()
+    # Restore into the structure of fresh state, known from shapes alone (no init runs).
+    abstract = jax.eval_shape(lambda: make_state(init()))
+    restored = manager.restore(
+      latest,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+      ),
+    )
+    meta = restored.meta
+    if meta["hparams"] != hparams:
+      raise ValueError(
+        f"checkpoint in {checkpoint_dir} was made with {meta['hparams']}, not {hparams}"
+      )
+    if meta["epoch"] > epochs:
+      raise ValueError(f"checkpoint in {checkpoint_dir} is at epoch {meta['epoch']} > {epochs}")
+    state, history = restored.state, list(meta["history"])
+    start_epoch, previous_seconds = meta["epoch"], meta["train_seconds"]
+    reused = start_epoch == epochs
+    logging.info("%s: restored epoch %d/%d from %s", name, start_epoch, epochs, checkpoint_dir)
+  if state is None:
+    state = make_state(init())
+
+  # The data are arguments, not closed-over constants: XLA would fold them into the program.
+  def train_step(state, x_all, y_all, perm, epoch_key, i):
+    idx = jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)
+    xb, yb = x_all[idx], y_all[idx]
+    aug_key, loss_key = jax.random.split(jax.random.fold_in(epoch_key, i))
+    if augment is not None:
+      xb = jax.vmap(augment)(jax.random.split(aug_key, batch_size), xb)
+    (loss, _), grads = jax.value_and_grad(batch_loss, has_aux=True)(
+      state["params"], xb, yb, loss_key
+    )
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
+
+  seconds, compile_seconds = 0.0, 0.0
+  if start_epoch < epochs:  # compile ahead, so that epoch times and rates exclude it
+    t0 = time.perf_counter()
+    train_step = (
+      jax.jit(train_step, donate_argnums=0)
+      .lower(
+        state,
+        x_train,
+        y_train,
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+        step_key,
+        jax.ShapeDtypeStruct((), jnp.int32),
+      )
+      .compile()
+    )
+    compile_seconds = time.perf_counter() - t0
+
+  loop_start = time.perf_counter()
+  for epoch in range(start_epoch, epochs):
+    t0 = time.perf_counter()
+    perm = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), n).astype(jnp.int32)
+    epoch_key = jax.random.fold_in(step_key, epoch)
+    step_losses = []
+    for i in range(steps):
+      state, loss = train_step(state, x_train, y_train, perm, epoch_key, np.int32(i))
+      step_losses.append(loss)
+    train_loss = float(jnp.mean(jnp.stack(step_losses)))
+    epoch_seconds = time.perf_counter() - t0
+    seconds += epoch_seconds
+    record = {"epoch": epoch + 1, "train_loss": train_loss, "seconds": epoch_seconds}
+    record.update(evaluate(state["params"]))
+    history.append(record)
+    done = epoch + 1 - start_epoch
+    eta = (time.perf_counter() - loop_start) / done * (epochs - epoch - 1)
+    shown = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "seconds"))
+    logging.info(
+      "%s epoch %d/%d: %s | %.0f ex/s | %.1f s | ETA %s",
+      name,
+      epoch + 1,
+      epochs,
+      shown,
+      steps * batch_size / epoch_seconds,
+      epoch_seconds,
+      _format_seconds(eta),
+    )
+    if manager is not None:
+      meta = {
+        "epoch": epoch + 1,
+        "epochs": epochs,
+        "hparams": hparams,
+        "history": history,
+        "train_seconds": previous_seconds + seconds,
+      }
+      manager.save(
+        epoch + 1,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      )
+  if manager is not None:
+    manager.wait_until_finished()
+    manager.close()
+
+  metrics: dict[str, Any] = evaluate(state["params"]) if reused or not history else {}
+  if history and not reused:
+    metrics.update({k: v for k, v in history[-1].items() if k not in ("epoch", "seconds")})
+  elif history:
+    metrics["train_loss"] = history[-1]["train_loss"]
+  metrics.update(
+    epochs=epochs,
+    train_seconds=seconds,
+    compile_seconds=compile_seconds,
+    total_train_seconds=previous_seconds + seconds,
+    resumed_from_epoch=start_epoch,
+    reused_checkpoint=reused,
+    history=history,
+  )
+  return state["params"], metrics
+
+
+def _initialiser(init_params: Params | None, init_fn: Callable, *args) -> Callable[[], Params]:
+  """A thunk giving the starting variables: `init_params`, or `init_fn(*args)` (run lazily)."""
+  if init_params is not None:
+    return lambda: init_params
+  args = tuple(jnp.asarray(a) if isinstance(a, np.ndarray) else a for a in args)
+  return lambda: jax.jit(init_fn)(*args)
+
+
+def _hparams(**kwargs) -> dict:
+  """Hyper-parameters a checkpoint must match to be resumed (JSON-friendly)."""
+  return {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
+
+
+def _schedule_epochs(lr_schedule: str, epochs: int) -> int | None:
+  """The run length matters to a resumed run only when the schedule depends on it."""
+  return None if lr_schedule == "constant" else epochs
+
+
+def train_classifier(
+  model: nn.Module,
+  data: Any,
+  *,
+  key: PRNGKey,
+  epochs: int,
+  batch_size: int = 128,
+  learning_rate: float = 1e-3,
+  weight_decay: float = 0.0,
+  lr_schedule: str = "constant",
+  augment_flip: bool = False,
+  augment_shift: int = 0,
+  eval_batch_size: int = 1000,
+  checkpoint_dir: str | None = None,
+  init_params: Params | None = None,
+) -> tuple[Params, dict]:
+  """Trains a classifier (e.g. `CNN`) with softmax cross-entropy and Adam.
+
+  Args:
+    model: a module called as `model(x[B, H, W, C], train=...) -> logits[B, K]`.
+    data: has x_train [N, H, W, C] in [0, 1], y_train int [N], x_test, y_test.
+    key: randomness of the whole run (init, shuffles, dropout, augmentation).
+    epochs: passes over the training set (the last partial batch of each is dropped).
+    batch_size: examples per step.
+    learning_rate: Adam's (peak) step size.
+    weight_decay: decoupled weight decay (AdamW) when > 0.
+    lr_schedule: "constant" or "cosine".
+    augment_flip: random horizontal flips (faces, not digits).
+    augment_shift: random translations up to this many pixels.
+    eval_batch_size: chunk size of the test-set evaluation.
+    checkpoint_dir: where to keep the last 2 epoch checkpoints; a finished run there is reused
+      without training, a partial one resumed; None writes nothing.
+    init_params: starting variables; None initialises them from `key`.
+
+  Returns:
+    (variables {"params": ...}, metrics) with metrics test_accuracy, test_loss, train_loss,
+    epochs, train_seconds (this call), total_train_seconds, resumed_from_epoch,
+    reused_checkpoint and the per-epoch history.
+  """
+  init_key, run_key = jax.random.split(key)
+  init = _initialiser(init_params, model.init, init_key, data.x_train[:1])
+  steps = data.x_train.shape[0] // batch_size
+  optimizer = make_optimizer(
+    learning_rate=learning_rate,
+    total_steps=steps * epochs,
+    weight_decay=weight_decay,
+    lr_schedule=lr_schedule,
+  )
+
+  def batch_loss(params, x, y, key):
+    logits = model.apply(params, x, train=True, rngs={"dropout": key})
+    return jnp.mean(losses.batch_cross_entropy(logits, y)), {}
+
+  @jax.jit
+  def eval_chunk(params, x, y):
+    logits = model.apply(params, x)
+    return jnp.sum(jnp.argmax(logits, -1) == y), jnp.sum(losses.batch_cross_entropy(logits, y))
+
+  x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
+
+  def evaluate(params):
+    sums = np.sum(
+      [
+        np.asarray(s)
+        for s in _chunked(
+          lambda x, y: eval_chunk(params, x, y), x_test, y_test, chunk=eval_batch_size
+        )
+      ],
+      axis=0,
+    )
+    n = x_test.shape[0]
+    return {"test_accuracy": float(sums[0]) / n, "test_loss": float(sums[1]) / n}
+
+  augment = None
+  if augment_flip or augment_shift:
+    augment = lambda k, x: augment_image(k, x, flip=augment_flip, max_shift=augment_shift)
+  hparams = _hparams(
+    model=repr(model),
+    n_train=int(data.x_train.shape[0]),
+    batch_size=batch_size,
+    learning_rate=learning_rate,
+    weight_decay=weight_decay,
+    lr_schedule=lr_schedule,
+    schedule_epochs=_schedule_epochs(lr_schedule, epochs),
+    augment_flip=augment_flip,
+    augment_shift=augment_shift,
+  )
+  return _fit(
+    name="classifier",
+    init=init,
+    batch_loss=batch_loss,
+    evaluate=evaluate,
+    x_train=data.x_train,
+    y_train=data.y_train,
+    key=run_key,
+    epochs=epochs,
+    batch_size=batch_size,
+    optimizer=optimizer,
+    hparams=hparams,
+    checkpoint_dir=checkpoint_dir,
+    augment=augment,
+  )
+
+
+def train_vae(
+  vae: nn.Module,
+  data: Any,
+  *,
+  key: PRNGKey,
+  epochs: int,
+  batch_size: int = 128,
+  learning_rate: float = 1e-3,
+  lr_schedule: str = "constant",
+  eval_batch_size: int = 1000,
+  checkpoint_dir: str | None = None,
+  init_params: Params | None = None,
+) -> tuple[Params, dict]:
+  """Trains a VAE (`MLPVAE`, `ConvVAE`) by minimising the negative ELBO (Kingma & Welling 2014).
+
+  One reparameterised sample of z per example and step; the test negative ELBO uses one sample
+  per test image from a fixed key, so it is reproducible.
+
+  Args:
+    vae: a module called as `vae(x[B, H, W, C], key) -> (pixel_logits, mean, logvar)`.
+    data: has x_train [N, H, W, C] in [0, 1] and x_test (labels are ignored).
+    key: randomness of the whole run (init, shuffles, latent samples, evaluation).
+    epochs: passes over the training set.
+    batch_size: examples per step.
+    learning_rate: Adam's (peak) step size.
+    lr_schedule: "constant" or "cosine".
+    eval_batch_size: chunk size of the test-set evaluation.
+    checkpoint_dir: as in `train_classifier`.
+    init_params: starting variables; None initialises them from `key`.
+
+  Returns:
+    (variables {"params": ...}, metrics) with test_neg_elbo_nats, test_recon_nats,
+    test_kl_nats, train_loss (negative ELBO, nats), epochs, train_seconds and the history.
+  """
+  init_key, sample_key, eval_key, run_key = jax.random.split(key, 4)
+  init = _initialiser(init_params, vae.init, init_key, data.x_train[:1], sample_key)
+  steps = data.x_train.shape[0] // batch_size
+  optimizer = make_optimizer(
+    learning_rate=learning_rate, total_steps=steps * epochs, lr_schedule=lr_schedule
+  )
+
+  def batch_loss(params, x, y, key):
+    del y
+    pixel_logits, mean, logvar = vae.apply(params, x, key)
+    return jnp.mean(losses.batch_negative_elbo(pixel_logits, x, mean, logvar)), {}
+
+  @jax.jit
+  def eval_chunk(params, x, key):
+    pixel_logits, mean, logvar = vae.apply(params, x, key)
+    recon = jax.vmap(losses.bernoulli_nll)(pixel_logits, x)
+    kl = jax.vmap(losses.gaussian_kl)(mean, logvar)
+    return jnp.sum(recon), jnp.sum(kl)
+
+  x_test = jnp.asarray(data.x_test)
+
+  def evaluate(params):
+    n = x_test.shape[0]
+    sums = np.zeros(2)
+    for j, i in enumerate(range(0, n, eval_batch_size)):
+      chunk = eval_chunk(params, x_test[i : i + eval_batch_size], jax.random.fold_in(eval_key, j))
+      sums += np.array([float(c) for c in chunk])
+    recon, kl = sums / n
+    return {"test_neg_elbo_nats": recon + kl, "test_recon_nats": recon, "test_kl_nats": kl}
+
+  hparams = _hparams(
+    model=repr(vae),
+    n_train=int(data.x_train.shape[0]),
+    batch_size=batch_size,
+    learning_rate=learning_rate,
+    lr_schedule=lr_schedule,
+    schedule_epochs=_schedule_epochs(lr_schedule, epochs),
+  )
+  return _fit(
+    name="vae",
+    init=init,
+    batch_loss=batch_loss,
+    evaluate=evaluate,
+    x_train=data.x_train,
+    y_train=jnp.zeros(data.x_train.shape[0], jnp.int32),
+    key=run_key,
+    epochs=epochs,
+    batch_size=batch_size,
+    optimizer=optimizer,
+    hparams=hparams,
+    checkpoint_dir=checkpoint_dir,
+  )
+
+
+def latent_means(vae: nn.Module, vae_params: Params, x: Array, *, chunk: int = 1000) -> Array:
+  """The encoder means [N, D] of images x [N, H, W, C], computed in chunks.
+
+  Args:
+    vae: the VAE.
+    vae_params: its variables.
+    x: images [N, H, W, C].
+    chunk: examples per jitted call.
+
+  Returns:
+    [N, D] latent means.
+  """
+  encode = jax.jit(lambda p, xb: vae.apply(p, xb, method="encode")[0])
+  return jnp.concatenate(_chunked(lambda xb: encode(vae_params, xb), jnp.asarray(x), chunk=chunk))
+
+
+def train_latent_classifier(
+  vae: nn.Module,
+  vae_params: Params,
+  clf: nn.Module,
+  data: Any,
+  *,
+  key: PRNGKey,
+  epochs: int,
+  batch_size: int = 128,
+  learning_rate: float = 1e-3,
+  weight_decay: float = 0.0,
+  lr_schedule: str = "constant",
+  eval_batch_size: int = 1000,
+  checkpoint_dir: str | None = None,
+  init_params: Params | None = None,
+) -> tuple[Params, dict]:
+  """Trains a `LatentClassifier` on a frozen VAE's latent means (Gondim-Ribeiro et al. 2018).
+
+  The encoder is frozen, so the means of the training and test images are computed once and
+  the classifier is trained on them.
+
+  Args:
+    vae: the trained VAE.
+    vae_params: its variables (not changed).
+    clf: the `LatentClassifier`.
+    data: has x_train, y_train, x_test, y_test.
+    key: randomness of the run (init, shuffles).
+    epochs, batch_size, learning_rate, weight_decay, lr_schedule, eval_batch_size,
+    checkpoint_dir: as in `train_classifier`.
+    init_params: starting variables of `clf`; None initialises them from `key`.
+
+  Returns:
+    (params {"vae": vae_params, "clf": clf variables}, metrics) -- the params that
+    `models.latent_classifier_fn(vae, clf)` takes -- with test_accuracy, test_loss,
+    train_loss, epochs, train_seconds and the history.
+  """
+  z_train = latent_means(vae, vae_params, data.x_train, chunk=eval_batch_size)
+  z_test = latent_means(vae, vae_params, data.x_test, chunk=eval_batch_size)
+
+  codes = types.SimpleNamespace(
+    x_train=z_train, y_train=data.y_train, x_test=z_test, y_test=data.y_test
+  )
+  clf_params, metrics = train_classifier(
+    clf,
+    codes,
+    key=key,
+    epochs=epochs,
+    batch_size=batch_size,
+    learning_rate=learning_rate,
+    weight_decay=weight_decay,
+    lr_schedule=lr_schedule,
+    eval_batch_size=eval_batch_size,
+    checkpoint_dir=checkpoint_dir,
+    init_params=init_params,
+  )
+  return {"vae": vae_params, "clf": clf_params}, metrics
