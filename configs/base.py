@@ -122,6 +122,16 @@ def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_coll
   c.attacks.lbfgs = ml_collections.ConfigDict(
     dict(norm="l2", eps=(0.01, 0.1, 1.0), max_iters=50, c_search=True, search_steps=6)
   )
+  # VAE attacks (Tabacof et al. 2016; Kos et al. 2017), judged by the CNN on the reconstruction.
+  # For the L2-optimisation variants eps is the penalty C on ||d||^2 (larger C, smaller d); the
+  # latent_l2 grid is log-spaced so that its AUDDC curve spans the trade-off.
+  c.attacks.vae = ml_collections.ConfigDict()
+  c.attacks.vae.enabled = ("latent_l2", "latent_fgsm", "reconstruction_l2", "reconstruction_fgsm")
+  c.attacks.vae.num_pairs = 500
+  c.attacks.vae.latent_l2 = dict(eps=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0), max_iters=50)
+  c.attacks.vae.latent_fgsm = dict(eps=(0.05, 0.1, 0.2, 0.3))
+  c.attacks.vae.reconstruction_l2 = dict(eps=(0.01, 0.1, 1.0), max_iters=50)
+  c.attacks.vae.reconstruction_fgsm = dict(eps=(0.05, 0.1, 0.2, 0.3))
   if dataset == "lfw":  # pixel density: the same per-pixel budget, scaled norm balls
     scale = (154 * 154 * 3 / (28 * 28)) ** 0.5
     c.attacks.fgsm.eps = (0.01, 0.02, 0.05, 0.1)
@@ -158,6 +168,10 @@ def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_coll
       t.epochs = 2
       t.batch_size = 64
     c.attacks.num_pairs = 16
+    c.attacks.vae.num_pairs = 8
+    c.attacks.vae.latent_l2.eps = (0.01, 0.1, 1.0)
+    c.attacks.vae.latent_l2.max_iters = 10
+    c.attacks.vae.reconstruction_l2.max_iters = 10
     for name in ("bim", "bim_l1", "pgd_l2"):
       c.attacks[name].steps = 5
       c.attacks[name].step_size_rel = 2.5 / 5

@@ -4,6 +4,7 @@
 import functools
 import pathlib
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from absl import logging
 from experiments import run as run_lib
 from vae_attacks import metrics
 from vae_attacks.attacks import bim, fgsm, lbfgs, runner
+from vae_attacks.attacks import vae as vae_attacks
 
 
 # Attacks as the runner calls them: (logits_fn, params, x, target, *, eps, **knobs). Module-level
@@ -44,6 +46,21 @@ def _lbfgs_search(logits_fn, params, x, target, *, eps, max_iters, search_steps)
   return lbfgs.lbfgs_c_search(
     logits_fn, params, x, target, c_init=eps, max_iters=max_iters, search_steps=search_steps
   )
+
+
+def _pairwise(attack):
+  """A VAE attack (model, params, x, x_target, target) seen by the runner: the pair's source and
+  target images travel stacked as one input xx[2, H, W, C]."""
+
+  def run_pair(model, params, xx, target, *, eps, **knobs):
+    return attack(model, params, xx[0], xx[1], target, eps=eps, **knobs)
+
+  run_pair.__name__ = attack.__name__
+  return run_pair
+
+
+# Module-level, so each has one identity and the runner's compile cache hits.
+VAE_ATTACKS = {name: _pairwise(fn) for name, fn in vae_attacks.ATTACKS.items()}
 
 
 def attack_plan(cfg, key) -> list[tuple[str, str, object, tuple, dict]]:
@@ -96,6 +113,19 @@ def run_all(config, data, trained, log) -> None:
       for p in plan
       if not all(log.has(dict(base_row, attack=p[0], norm=p[1], eps=e)) for e in p[3])
     ]
+    if model.kind == "vae" and "cnn" in trained and acfg.vae.enabled:
+      run_vae_attacks(
+        config,
+        data,
+        model,
+        trained["cnn"],
+        jax.random.fold_in(key, 7),
+        log,
+        mesh,
+        chunk,
+        budget,
+        pathlib.Path(log.path).parent,
+      )
     if not todo:
       logging.info("%s: all attacks already in %s", model_name, log.path)
       continue
@@ -154,6 +184,174 @@ def run_all(config, data, trained, log) -> None:
           row["validity_rate"],
           row["n_pairs"],
         )
+
+
+def run_vae_attacks(config, data, model, judge, key, log, mesh, chunk, budget, out_dir):
+  """Tabacof et al. (2016) and Kos et al. (2017) attacks on one VAE, judged by the CNN.
+
+  Pairs: a correctly reconstructed-and-judged source and a target image of another class.
+  Rows as for classifier attacks; the latent L2 attack's rows also carry its AUDDC over the
+  C grid (Gondim-Ribeiro et al. 2018), and its per-pair curves go to curves/<model>_<attack>.npz.
+  """
+  vcfg, ecfg = config.attacks.vae, config.eval
+  settings = run_lib.config_hash({"attacks": config.attacks.to_dict(), "eval": ecfg.to_dict()})
+  base_row = dict(dataset=config.data.name, model=model.name, settings=settings)
+  plan = [(name, tuple(float(e) for e in vcfg[name].eps)) for name in vcfg.enabled]
+  todo = [
+    (n, eps)
+    for n, eps in plan
+    if not all(log.has(dict(base_row, attack=n, norm="l2", eps=e)) for e in eps)
+  ]
+  if not todo:
+    return
+  vae_model = vae_attacks.VAEModel(
+    encode=model.vae.encode, reconstruct=model.vae.reconstruct, judge=judge.logits_fn
+  )
+  params = {"vae": model.params["vae"], "judge": judge.params}
+  # Sources the judge classifies correctly from their reconstruction, like the classifier runs.
+  rec_logits_fn = _reconstruct_then(model.vae.reconstruct, judge.logits_fn)
+  pairs = runner.make_pairs(
+    rec_logits_fn,
+    params,
+    data.x_test,
+    data.y_test,
+    strategy=config.attacks.target_strategy,
+    num_pairs=vcfg.num_pairs,
+    key=key,
+    num_classes=len(data.class_names),
+    only_correct=config.attacks.only_correct,
+    targets=tuple(config.attacks.fixed_targets) or None,
+  )
+  x = data.x_test[pairs.index]
+  x_target = data.x_test[_target_images(data.y_test, pairs, key)]
+  xx = np.stack([x, x_target], axis=1)  # [P, 2, H, W, C]
+  for name, eps in todo:
+    knobs = {k: v for k, v in vcfg[name].items() if k != "eps"}
+    t0 = time.perf_counter()
+    ok, prob, ssim, dist, qx, qy, examples = [], [], [], [], [], [], None
+    for sl, res in runner.iter_attack_chunks(
+      VAE_ATTACKS[name],
+      vae_model,
+      params,
+      xx,
+      pairs.target,
+      eps,
+      chunk_size=chunk,
+      memory_budget_bytes=budget,
+      mesh=mesh,
+      **knobs,
+    ):
+      ok.append(res.success)
+      prob.append(res.target_prob)
+      ssim.append(np.asarray(_ssim_grid(x[sl], res.x_adv)))
+      dist.append(res.distortion)
+      a, b = _quality_grid(model.vae.reconstruct, params["vae"], x[sl], x_target[sl], res.x_adv)
+      qx.append(np.asarray(a))
+      qy.append(np.asarray(b))
+      if examples is None:
+        n = config.output.num_examples
+        examples = (
+          res.x_adv[:, :n],
+          np.asarray(_reconstruct_grid(model.vae.reconstruct, params["vae"], res.x_adv[:, :n])),
+        )
+    seconds = time.perf_counter() - t0
+    ok, prob, ssim, qx, qy = _cat(ok), _cat(prob), _cat(ssim), _cat(qx), _cat(qy)
+    dist = jax.tree.map(lambda *p: _cat(p), *dist)
+    extra = {}
+    if name == "latent_l2" and len(eps) > 1:
+      areas = np.asarray(jax.vmap(metrics.auddc, in_axes=(1, 1))(qx, qy))  # per pair
+      mean, std, lo, hi = metrics.auddc_summary(areas)
+      extra = dict(
+        auddc=mean, auddc_std=std, auddc_ci=[lo, hi], n_auddc_pairs=int(np.isfinite(areas).sum())
+      )
+      _save_npz(
+        out_dir / "curves" / f"{model.name}_{name}.npz",
+        c=np.asarray(eps),
+        x=qx.T,
+        y=qy.T,
+        auddc=areas,
+      )
+    n = examples[0].shape[1]
+    _save_npz(
+      out_dir / "examples" / f"{model.name}_{name}.npz",
+      x=x[:n],
+      x_adv=examples[0],
+      rec_adv=examples[1],
+      x_target=x_target[:n],
+      source_label=pairs.source_label[:n],
+      target=pairs.target[:n],
+      eps=np.asarray(eps),
+    )
+    for e, eps_value in enumerate(eps):
+      row = dict(base_row, attack=name, norm="l2", eps=eps_value)
+      if log.has(row):
+        continue
+      row.update(_row_stats(ok[e], prob[e], ssim[e], _at(dist, e), ecfg))
+      row.update(
+        extra,
+        seconds=seconds / len(eps),
+        n_sources=int(len(np.unique(pairs.index))),
+        judge=judge.name,
+      )
+      log.append({k: _finite(v) for k, v in row.items()})
+      logging.info(
+        "%s %s C/eps=%g: success %.3f, judge prob %.3f, valid %.3f (%d pairs)%s",
+        model.name,
+        name,
+        eps_value,
+        row["success_rate"],
+        row["mean_target_prob"],
+        row["validity_rate"],
+        row["n_pairs"],
+        f", AUDDC {extra['auddc']:.3f}" if extra else "",
+      )
+
+
+class _ReconstructThen(NamedTuple):
+  """judge(reconstruct(x)) as one logits_fn over {"vae", "judge"} params (hashable)."""
+
+  reconstruct: object
+  judge: object
+
+  def __call__(self, params, x):
+    return self.judge(params["judge"], self.reconstruct(params["vae"], x))
+
+
+def _reconstruct_then(reconstruct, judge):
+  return _ReconstructThen(reconstruct, judge)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _quality_grid(reconstruct, vae_params, x, x_target, x_adv):
+  """AUDDC curve points [E, P] for sources x[P], targets x_target[P], x_adv[E, P]."""
+  one = functools.partial(vae_attacks.quality_point, reconstruct, vae_params)
+  per_pair = jax.vmap(one)
+  return jax.vmap(per_pair, in_axes=(None, None, 0))(x, x_target, x_adv)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _reconstruct_grid(reconstruct, vae_params, x_adv):
+  return jax.vmap(jax.vmap(lambda x: reconstruct(vae_params, x)))(x_adv)
+
+
+def _target_images(y, pairs, key) -> np.ndarray:
+  """For each pair, the index of a test image of the target class (not the source itself)."""
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+  out = np.empty(len(pairs.target), np.int64)
+  for i, (src, t) in enumerate(zip(pairs.index, pairs.target, strict=True)):
+    candidates = np.flatnonzero((y == t) & (np.arange(len(y)) != src))
+    if candidates.size == 0:
+      raise run_lib.UserError(f"no test image of class {int(t)} to serve as an attack target")
+    out[i] = rng.choice(candidates)
+  return out
+
+
+def _save_npz(path: pathlib.Path, **arrays) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp")
+  with open(tmp, "wb") as f:
+    np.savez_compressed(f, **arrays)
+  tmp.replace(path)
 
 
 def _cat(parts):

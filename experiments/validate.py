@@ -13,6 +13,7 @@ ATTACK_NORMS = {
   "pgd_l2": ("l2", "linf"),
   "lbfgs": ("l2",),
 }
+VAE_ATTACKS = ("latent_l2", "latent_fgsm", "reconstruction_l2", "reconstruction_fgsm")
 STRATEGIES = ("random", "next", "least_likely", "all", "fixed")
 SOURCES = ("auto", "tfds", "local")
 
@@ -53,12 +54,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _one_of("attacks.enabled[]", name, tuple(ATTACK_NORMS))
     sec = a[name]
     _one_of(f"attacks.{name}.norm", sec.norm, ATTACK_NORMS[name])
-    eps = tuple(sec.eps) if isinstance(sec.eps, (tuple, list)) else (sec.eps,)
-    if not eps:
-      raise ConfigError(f"attacks.{name}.eps is empty; allowed: a tuple of numbers >= 0")
-    for e in eps:
-      if not isinstance(e, (int, float)) or e < 0:
-        raise ConfigError(f"attacks.{name}.eps contains {e!r}; allowed: numbers >= 0")
+    _eps_grid(f"attacks.{name}.eps", sec.eps)
     if "steps" in sec:
       _int_at_least(f"attacks.{name}.steps", sec.steps, 1)
     if "max_iters" in sec:
@@ -67,6 +63,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
       _positive(f"attacks.{name}.step_size_rel", sec.step_size_rel)
     if "sparsity" in sec:
       _open_unit(f"attacks.{name}.sparsity", sec.sparsity, closed_low=True)
+  for name in a.vae.enabled:
+    _one_of("attacks.vae.enabled[]", name, VAE_ATTACKS)
+    _eps_grid(f"attacks.vae.{name}.eps", a.vae[name].eps)
+    if "max_iters" in a.vae[name]:
+      _int_at_least(f"attacks.vae.{name}.max_iters", a.vae[name].max_iters, 1)
+  _int_at_least("attacks.vae.num_pairs", a.vae.num_pairs, 1)
   _int_at_least("attacks.num_pairs", a.num_pairs, 1)
   _one_of("attacks.target_strategy", a.target_strategy, STRATEGIES)
   if a.target_strategy == "fixed" and not a.fixed_targets:
@@ -80,6 +82,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for f in ("linf_max", "l2_max"):
     if c.eval[f] < 0:
       raise ConfigError(f"eval.{f}={c.eval[f]!r}; allowed: >= 0 (0 = no bound)")
+
+
+def _eps_grid(field, eps):
+  eps = tuple(eps) if isinstance(eps, (tuple, list)) else (eps,)
+  if not eps:
+    raise ConfigError(f"{field} is empty; allowed: a tuple of numbers >= 0")
+  for e in eps:
+    if isinstance(e, bool) or not isinstance(e, (int, float)) or e < 0:
+      raise ConfigError(f"{field} contains {e!r}; allowed: numbers >= 0")
 
 
 def _one_of(field, value, allowed):

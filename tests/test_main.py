@@ -39,6 +39,11 @@ def tiny(name, data_root, *, attacks=("fgsm", "bim")):
   c.attacks.lbfgs.max_iters = 3
   c.attacks.lbfgs.search_steps = 2
   c.attacks.shard = False
+  c.attacks.vae.enabled = ("latent_fgsm", "latent_l2") if name == "mnist_vae" else ("latent_fgsm",)
+  c.attacks.vae.num_pairs = 4
+  c.attacks.vae.latent_fgsm.eps = (0.1,)
+  c.attacks.vae.latent_l2.eps = (0.01, 1.0)
+  c.attacks.vae.latent_l2.max_iters = 3
   return c
 
 
@@ -63,7 +68,14 @@ def test_quick_run_writes_metrics_and_one_row_per_point(name, data_root, tmp_pat
 
   rows = read_rows(tmp_path)
   n_eps = len(config.attacks.fgsm.eps) + len(config.attacks.bim.eps)
-  assert len(rows) == len(config.models) * n_eps
+  vaes = [m for m in config.models if m.endswith("vae")]
+  n_vae_eps = sum(len(config.attacks.vae[a].eps) for a in config.attacks.vae.enabled)
+  assert len(rows) == len(config.models) * n_eps + len(vaes) * n_vae_eps
+  auddc = [r for r in rows if r["attack"] == "latent_l2"]
+  for r in auddc:  # one area per pair over the C grid; a useless attack scores 1
+    assert 0.0 <= r["auddc"] <= 1.0 and r["n_auddc_pairs"] <= 4
+  assert (tmp_path / "summary.md").exists()
+  rows = [r for r in rows if r["attack"] in ("fgsm", "bim")]
   keys = {(r["model"], r["attack"], r["eps"]) for r in rows}
   assert len(keys) == len(rows)
   for r in rows:

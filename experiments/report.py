@@ -1,0 +1,1237 @@
+"""The study's report: `summary.md` and figures from one or several run work directories.
+
+  write_report(workdir)                      -> workdir/summary.md, workdir/figures/*.png
+  write_combined_report(out_dir, workdirs)   -> out_dir/summary.md, out_dir/figures/*.png
+
+What a run leaves in its work directory (see experiments/run.py, experiments/attacks.py):
+config.json, train_metrics.json, results.jsonl (one row per dataset x model x attack x norm x
+eps), examples/<model>_<attack>.npz and, for the latent attacks on VAEs,
+curves/<model>_<attack>.npz.
+This module only reads those files and writes the report; it never changes them.
+
+The two hypotheses of the study are decided by pure functions over result rows, so that they
+can be tested on rows with known numbers:
+
+- `h0_verdict(rows)`: H0, "VAEs are less vulnerable to adversarial examples than CNN
+  classifiers". In every (dataset, attack, norm, eps) cell where the CNN and a VAE (attacked as
+  a classifier through its latent classifier) both have a row, the VAE is *significantly less
+  vulnerable* when its 95% Wilson interval of the success rate lies entirely below the CNN's,
+  *significantly more* when entirely above, else *not distinguishable*. Likewise for the rate
+  of high-effectiveness examples (valid and confident; Table 1 of the study).
+- `h1_verdict(rows)`: H1, "attacks on high-pixel-density inputs (LFW) are more effective than
+  on low ones (MNIST)": the same comparison between LFW and MNIST rows of the same (model,
+  attack, norm) at comparable budgets (L-inf eps is per pixel and is compared as is; an L2
+  budget is scaled by sqrt(D_lfw / D_mnist) and an L1 / L0 budget by D_lfw / D_mnist, D the
+  pixel count; attacks whose eps is a penalty weight are left out).
+
+Verdict rule (both hypotheses): "supported" when a strict majority of the compared cells
+differs significantly in the hypothesis' direction, "rejected" when a strict majority differs
+significantly against it, "inconclusive" otherwise ("not tested" with no cell).
+"""
+
+import dataclasses
+import html
+import json
+import math
+import os
+import pathlib
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from experiments import store
+from vae_attacks import metrics
+
+BASELINE = "cnn"
+# The classifier attacks of experiments/attacks.py; anything else is a VAE-specific attack.
+CLASSIFIER_ATTACKS = ("fgsm", "bim", "bim_l1", "pgd_l2", "lbfgs", "lbfgs_c_search")
+# Attacks whose `eps` is a penalty weight C on the distortion (smaller C: stronger attack), not
+# a norm budget: L-BFGS (Szegedy et al. 2014) and the VAE attacks of Tabacof et al. (2016) and
+# Kos et al. (2017), which trade distortion against a loss with a weight C / lambda.
+PENALTY_PREFIXES = ("lbfgs", "tabacof", "kos_")
+# Reference eps of the model x attack table: the strongest setting at which the adversarial
+# inputs are still mostly valid for every model.
+MIN_REFERENCE_VALIDITY = 0.5
+# Pixel counts D = H * W * C of the study's datasets, used when a run's examples are missing.
+PIXELS = {"mnist": 28 * 28 * 1, "lfw": 154 * 154 * 3}
+H0_TEXT = "VAEs are less vulnerable to adversarial examples than CNN classifiers"
+H1_TEXT = (
+  "attacks on high-pixel-density inputs (LFW) are more effective than on low-pixel-density "
+  "inputs (MNIST)"
+)
+DASH = "—"
+_EPS_RTOL = 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a work directory.
+
+
+@dataclasses.dataclass
+class RunFiles:
+  """What one work directory holds, as read by `load_run`."""
+
+  workdir: pathlib.Path
+  config: dict
+  train: dict  # {model: metrics}
+  rows: list  # result rows, one per (dataset, model, attack, norm, eps)
+  left_out: int  # rows of other attack settings, or superseded by a later row of the same key
+  dataset: str | None
+
+
+def read_rows(path: os.PathLike) -> list[dict]:
+  """The rows of a results.jsonl; a torn line (a run killed mid-write) is skipped, not fixed."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(row, dict):
+      rows.append(row)
+  return rows
+
+
+def _read_json(path: pathlib.Path) -> dict:
+  try:
+    value = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError):
+    return {}
+  return value if isinstance(value, dict) else {}
+
+
+def _settings_hash(config: dict) -> str | None:
+  """The `settings` hash experiments.attacks writes on rows made under `config`, if computable."""
+  if "attacks" not in config or "eval" not in config:
+    return None
+  from experiments import run as run_lib  # noqa: PLC0415  (run.py imports this module)
+
+  return run_lib.config_hash({"attacks": config["attacks"], "eval": config["eval"]})
+
+
+def row_key(row: Mapping) -> tuple:
+  """(dataset, model, attack, norm, eps): one cell of the study."""
+  eps = row.get("eps")
+  return (
+    row.get("dataset"),
+    row.get("model"),
+    row.get("attack"),
+    row.get("norm"),
+    round(float(eps), 12) if eps is not None else None,
+  )
+
+
+def select_rows(rows: Sequence[Mapping], settings: str | None = None) -> tuple[list, int]:
+  """One row per cell: those made under `settings` when any are, the last one of each key.
+
+  A rerun with changed attack / eval settings appends rows with another `settings` hash; the
+  report shows only the current settings' rows so that every number in it is comparable.
+
+  Returns:
+    (rows, number of rows left out).
+  """
+  rows = list(rows)
+  if settings is not None and any(r.get("settings") == settings for r in rows):
+    chosen = [r for r in rows if r.get("settings") == settings]
+  else:
+    chosen = rows
+  last = {}
+  for r in chosen:
+    last[row_key(r)] = r
+  kept = list(last.values())
+  return kept, len(rows) - len(kept)
+
+
+def load_run(workdir: os.PathLike) -> RunFiles:
+  """Reads config.json, train_metrics.json and results.jsonl of one work directory."""
+  workdir = pathlib.Path(workdir)
+  config = _read_json(workdir / "config.json")
+  train = _read_json(workdir / "train_metrics.json")
+  rows, left_out = select_rows(read_rows(workdir / "results.jsonl"), _settings_hash(config))
+  dataset = (config.get("data") or {}).get("name")
+  if dataset is None:
+    names = sorted({r.get("dataset") for r in rows if r.get("dataset")})
+    dataset = names[0] if len(names) == 1 else None
+  return RunFiles(workdir, config, train, rows, left_out, dataset)
+
+
+@dataclasses.dataclass
+class DatasetView:
+  """Everything the report shows for one dataset, merged over work directories."""
+
+  name: str
+  rows: list = dataclasses.field(default_factory=list)
+  train: dict = dataclasses.field(default_factory=dict)  # {model: metrics}
+  examples: dict = dataclasses.field(default_factory=dict)  # {(model, attack): npz path}
+  curves: dict = dataclasses.field(default_factory=dict)  # {(model, attack): npz path}
+  pixels: int | None = None
+  workdirs: list = dataclasses.field(default_factory=list)
+  left_out: int = 0
+  overridden: int = 0  # rows of a cell that a later work directory also has
+
+
+def _pixels(run: RunFiles, examples: Iterable[pathlib.Path]) -> int | None:
+  for path in examples:
+    try:
+      with np.load(path) as f:
+        return int(np.prod(f["x"].shape[1:]))
+    except (OSError, KeyError, ValueError):
+      continue
+  data = run.config.get("data") or {}
+  if data.get("image_size"):
+    return int(data["image_size"]) ** 2 * (3 if run.dataset == "lfw" else 1)
+  return PIXELS.get(run.dataset or "")
+
+
+def build_views(runs: Sequence[RunFiles]) -> list[DatasetView]:
+  """Groups runs by dataset; a cell present in two work directories is taken from the later."""
+  views: dict[str, DatasetView] = {}
+  for run in runs:
+    by_dataset: dict[str, list] = {}
+    for r in run.rows:
+      by_dataset.setdefault(r.get("dataset") or run.dataset or "unknown", []).append(r)
+    if not by_dataset and run.dataset:
+      by_dataset[run.dataset] = []
+    for name, rows in by_dataset.items():
+      view = views.setdefault(name, DatasetView(name))
+      view.workdirs.append(run.workdir)
+      view.left_out += run.left_out
+      cells = {row_key(r): i for i, r in enumerate(view.rows)}
+      for r in rows:
+        if row_key(r) in cells:
+          view.rows[cells[row_key(r)]] = r
+          view.overridden += 1
+        else:
+          cells[row_key(r)] = len(view.rows)
+          view.rows.append(r)
+      if name == run.dataset or len(by_dataset) == 1:
+        view.train.update(run.train)
+      found = []
+      for model, attack in sorted({(r.get("model"), r.get("attack")) for r in rows}):
+        for kind, store_in in (("examples", view.examples), ("curves", view.curves)):
+          path = run.workdir / kind / f"{model}_{attack}.npz"
+          if path.exists():
+            store_in[(model, attack)] = path
+            if kind == "examples":
+              found.append(path)
+      view.pixels = _pixels(run, found) or view.pixels
+  order = {"mnist": 0, "lfw": 1}
+  return sorted(views.values(), key=lambda v: (order.get(v.name, 2), v.name))
+
+
+# --------------------------------------------------------------------------------------------
+# Null-safe access to row fields.
+
+
+def _num(v) -> float | None:
+  if v is None or isinstance(v, bool):
+    return None
+  try:
+    v = float(v)
+  except (TypeError, ValueError):
+    return None
+  return v if math.isfinite(v) else None
+
+
+def _ci(row: Mapping, field: str) -> tuple[float, float] | None:
+  ci = row.get(f"{field}_ci")
+  if not isinstance(ci, (list, tuple)) or len(ci) != 2:
+    return None
+  lo, hi = _num(ci[0]), _num(ci[1])
+  return None if lo is None or hi is None else (lo, hi)
+
+
+def _n(row: Mapping) -> int:
+  n = _num(row.get("n_pairs"))
+  return int(n) if n else 0
+
+
+def _effectiveness(row: Mapping) -> dict:
+  eff = row.get("effectiveness")
+  return eff if isinstance(eff, dict) else {}
+
+
+def is_penalty_attack(attack: str) -> bool:
+  """True when the attack's `eps` is a penalty weight C (smaller is stronger), not a budget."""
+  return any(str(attack).startswith(p) for p in PENALTY_PREFIXES)
+
+
+def rate_with_ci(row: Mapping, measure: str) -> tuple[float | None, tuple[float, float] | None]:
+  """(rate, 95% Wilson interval) of `measure` on one row: "success" or "effective".
+
+  "effective" is the fraction of pairs of high effectiveness (valid and confident). A missing
+  stored interval is recomputed from the rate and n_pairs; None when n_pairs is unknown.
+  """
+  n = _n(row)
+  if measure == "success":
+    rate = _num(row.get("success_rate"))
+    ci = _ci(row, "success_rate")
+    k = None if rate is None else round(rate * n)
+  elif measure == "effective":
+    k = _num(_effectiveness(row).get("high"))
+    rate = k / n if (k is not None and n) else None
+  else:
+    raise ValueError(f"measure must be 'success' or 'effective'; got {measure!r}")
+  if rate is None or n <= 0 or k is None:
+    return rate, None
+  if measure == "effective" or ci is None:
+    ci = metrics.wilson_interval(min(max(int(k), 0), n), n)
+  return rate, ci
+
+
+# --------------------------------------------------------------------------------------------
+# The hypotheses (pure functions over rows).
+
+
+def compare(a: tuple[float, float] | None, b: tuple[float, float] | None) -> str | None:
+  """'below' when interval a lies entirely below b, 'above' when entirely above, else 'overlap'.
+
+  None when either interval is unknown.
+  """
+  if a is None or b is None:
+    return None
+  if a[1] < b[0]:
+    return "below"
+  if a[0] > b[1]:
+    return "above"
+  return "overlap"
+
+
+def decide(favour: int, against: int, total: int) -> str:
+  """The verdict from counts of cells that differ significantly for / against a hypothesis."""
+  if total <= 0:
+    return "not tested"
+  if 2 * favour > total:
+    return "supported"
+  if 2 * against > total:
+    return "rejected"
+  return "inconclusive"
+
+
+def _tally(cells: Sequence[Mapping], measure: str, favour: str, against: str) -> dict:
+  outcomes = [c[measure] for c in cells if c[measure] is not None]
+  f, a = outcomes.count(favour), outcomes.count(against)
+  return dict(
+    favour=f,
+    against=a,
+    same=outcomes.count("overlap"),
+    total=len(outcomes),
+    skipped=len(cells) - len(outcomes),
+    verdict=decide(f, a, len(outcomes)),
+  )
+
+
+def _side(row: Mapping) -> dict:
+  s_rate, s_ci = rate_with_ci(row, "success")
+  e_rate, e_ci = rate_with_ci(row, "effective")
+  return dict(
+    n=_n(row), success=s_rate, success_ci=s_ci, effective=e_rate, effective_ci=e_ci, eps=row["eps"]
+  )
+
+
+def _pairs_range(cells: Sequence[Mapping], side: str) -> list[int] | None:
+  ns = [c[side]["n"] for c in cells]
+  return [min(ns), max(ns)] if ns else None
+
+
+def _per_attack(cells: Sequence[Mapping], favour: str, against: str) -> dict:
+  out = {}
+  for attack in dict.fromkeys(c["attack"] for c in cells):
+    mine = [c for c in cells if c["attack"] == attack]
+    out[attack] = {m: _tally(mine, m, favour, against) for m in ("success", "effective")}
+  return out
+
+
+def h0_verdict(rows: Sequence[Mapping], *, baseline: str = BASELINE) -> dict:
+  """H0: VAEs are less vulnerable than CNN classifiers, decided from result rows.
+
+  A cell is one (dataset, attack, norm, eps, VAE model) for which both the `baseline` (CNN)
+  and the VAE have a row. Per cell and measure ("success": success rate, "effective": rate of
+  high-effectiveness pairs) the outcome is 'below' (the VAE's 95% Wilson interval lies entirely
+  below the CNN's: significantly less vulnerable), 'above' (significantly more) or 'overlap';
+  None when an interval is unknown (no pairs). Verdict per measure by `decide`.
+
+  Args:
+    rows: result rows (results.jsonl), any datasets.
+    baseline: the model name of the CNN classifier.
+
+  Returns:
+    {"hypothesis", "cells": [...], "success": tally, "effective": tally, "verdict" (the
+    success-rate verdict), "pairs": {"baseline": [min, max], "vae": [min, max]},
+    "per_attack": {attack: {"success": tally, "effective": tally}}}, a tally being
+    {favour: VAE significantly less vulnerable, against, same, total, skipped, verdict}.
+  """
+  base = {row_key(r)[:1] + row_key(r)[2:]: r for r in rows if r.get("model") == baseline}
+  cells = []
+  for r in rows:
+    model = r.get("model")
+    if model == baseline or not str(model).endswith("vae"):
+      continue
+    cnn = base.get(row_key(r)[:1] + row_key(r)[2:])
+    if cnn is None:
+      continue
+    c, v = _side(cnn), _side(r)
+    cells.append(
+      dict(
+        dataset=r.get("dataset"),
+        attack=r.get("attack"),
+        norm=r.get("norm"),
+        eps=r.get("eps"),
+        model=model,
+        baseline=c,
+        vae=v,
+        success=compare(v["success_ci"], c["success_ci"]),
+        effective=compare(v["effective_ci"], c["effective_ci"]),
+      )
+    )
+  success = _tally(cells, "success", "below", "above")
+  return dict(
+    hypothesis=H0_TEXT,
+    cells=cells,
+    success=success,
+    effective=_tally(cells, "effective", "below", "above"),
+    verdict=success["verdict"],
+    pairs=dict(baseline=_pairs_range(cells, "baseline"), vae=_pairs_range(cells, "vae")),
+    per_attack=_per_attack(cells, "below", "above"),
+  )
+
+
+def budget_scale(norm: str, pixel_ratio: float) -> float | None:
+  """Factor that maps a low-density eps budget to the comparable high-density one, by norm.
+
+  L-inf bounds each pixel (factor 1); a perturbation of the same per-pixel size grows as
+  sqrt(D) in L2 and as D in L1 and L0. None for an unknown norm.
+  """
+  return {"linf": 1.0, "l2": math.sqrt(pixel_ratio), "l1": pixel_ratio, "l0": pixel_ratio}.get(norm)
+
+
+def h1_verdict(
+  rows: Sequence[Mapping],
+  *,
+  high: str = "lfw",
+  low: str = "mnist",
+  pixels: Mapping[str, int] | None = None,
+  rtol: float = 0.02,
+) -> dict:
+  """H1: attacks on high-pixel-density inputs (LFW) are more effective than on low (MNIST).
+
+  A cell is one (model, attack, norm, eps) of `low` whose attack has a norm budget and for
+  which `high` has a row of the same model, attack and norm at the comparable budget
+  eps * `budget_scale(norm, D_high / D_low)` (within relative `rtol`). Per cell and measure the
+  outcome is 'above' (the high-density interval lies entirely above the low one: the attack is
+  significantly more effective on LFW), 'below' or 'overlap'. Verdict per measure by `decide`.
+
+  Args:
+    rows: result rows of both datasets.
+    high, low: dataset names.
+    pixels: {dataset: H * W * C}; defaults to PIXELS.
+    rtol: relative tolerance when matching scaled budgets (configs round them).
+
+  Returns:
+    {"hypothesis", "cells", "success", "effective", "verdict", "pairs": {"high", "low"},
+     "per_attack", "norms": norms compared, "excluded": penalty-weight attacks left out,
+     "unmatched": low rows without a comparable high row, "pixel_ratio"}; tallies count
+    'above' as favour.
+  """
+  pixels = {**PIXELS, **(pixels or {})}
+  ratio = pixels[high] / pixels[low]
+  high_rows = [r for r in rows if r.get("dataset") == high]
+  cells, excluded, unmatched = [], set(), 0
+  for r in rows:
+    if r.get("dataset") != low:
+      continue
+    attack, norm, eps = r.get("attack"), r.get("norm"), _num(r.get("eps"))
+    if is_penalty_attack(attack):
+      excluded.add(attack)
+      continue
+    scale = budget_scale(norm, ratio)
+    if scale is None or eps is None:
+      unmatched += 1
+      continue
+    want = eps * scale
+    match = [
+      h
+      for h in high_rows
+      if (h.get("model"), h.get("attack"), h.get("norm")) == (r.get("model"), attack, norm)
+      and _num(h.get("eps")) is not None
+      and math.isclose(_num(h.get("eps")), want, rel_tol=rtol)
+    ]
+    if not match:
+      unmatched += 1
+      continue
+    h = min(match, key=lambda m: abs(_num(m.get("eps")) - want))
+    hs, ls = _side(h), _side(r)
+    cells.append(
+      dict(
+        model=r.get("model"),
+        attack=attack,
+        norm=norm,
+        eps=r.get("eps"),
+        eps_high=h.get("eps"),
+        high=hs,
+        low=ls,
+        success=compare(hs["success_ci"], ls["success_ci"]),
+        effective=compare(hs["effective_ci"], ls["effective_ci"]),
+      )
+    )
+  success = _tally(cells, "success", "above", "below")
+  return dict(
+    hypothesis=H1_TEXT,
+    cells=cells,
+    success=success,
+    effective=_tally(cells, "effective", "above", "below"),
+    verdict=success["verdict"],
+    pairs=dict(high=_pairs_range(cells, "high"), low=_pairs_range(cells, "low")),
+    per_attack=_per_attack(cells, "above", "below"),
+    norms=sorted({c["norm"] for c in cells}),
+    excluded=sorted(excluded),
+    unmatched=unmatched,
+    pixel_ratio=ratio,
+  )
+
+
+# --------------------------------------------------------------------------------------------
+# Reference eps.
+
+
+def _strength(attack: str, eps: float) -> float:
+  return -eps if is_penalty_attack(attack) else eps
+
+
+def reference_eps(rows: Sequence[Mapping], *, min_validity: float = MIN_REFERENCE_VALIDITY):
+  """The eps of the model x attack table for every (dataset, attack, norm).
+
+  The strongest setting (largest budget; smallest penalty C) at which every model with a row
+  there has validity_rate >= `min_validity`; the weakest setting when none qualifies.
+
+  Returns:
+    {(dataset, attack, norm): eps}.
+  """
+  groups: dict[tuple, dict[float, list]] = {}
+  for r in rows:
+    eps = _num(r.get("eps"))
+    if eps is None:
+      continue
+    groups.setdefault((r.get("dataset"), r.get("attack"), r.get("norm")), {}).setdefault(
+      eps, []
+    ).append(r)
+  out = {}
+  for (dataset, attack, norm), by_eps in groups.items():
+    order = sorted(by_eps, key=lambda e: _strength(attack, e))
+    ok = [
+      e
+      for e in order
+      if all((_num(r.get("validity_rate")) or 0.0) >= min_validity for r in by_eps[e])
+    ]
+    out[(dataset, attack, norm)] = ok[-1] if ok else order[0]
+  return out
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown.
+
+
+def fmt_rate(v) -> str:
+  """A rate / probability / SSIM with 3 decimals, or a dash."""
+  v = _num(v)
+  return DASH if v is None else f"{v:.3f}"
+
+
+def fmt_num(v) -> str:
+  """A norm, eps or count-like number with 4 significant digits, or a dash."""
+  v = _num(v)
+  return DASH if v is None else f"{v:.4g}"
+
+
+def fmt_ci(ci, fmt=fmt_rate) -> str:
+  if not isinstance(ci, (list, tuple)) or len(ci) != 2:
+    return f"[{DASH}]"
+  return f"[{fmt(ci[0])}, {fmt(ci[1])}]"
+
+
+def _table(header: Sequence[str], lines: Iterable[Sequence[str]]) -> str:
+  out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  out += ["| " + " | ".join(str(c).replace("|", "/") for c in line) + " |" for line in lines]
+  return "\n".join(out)
+
+
+def _sort_rows(rows: Iterable[Mapping]) -> list:
+  def key(r):
+    model = r.get("model") or ""
+    attack = r.get("attack") or ""
+    a_index = CLASSIFIER_ATTACKS.index(attack) if attack in CLASSIFIER_ATTACKS else 99
+    return (model != BASELINE, model, a_index, attack, r.get("norm") or "", _num(r.get("eps")) or 0)
+
+  return sorted(rows, key=key)
+
+
+REFERENCE_HEADER = (
+  "model",
+  "attack",
+  "norm",
+  "eps",
+  "success rate [95% CI]",
+  "mean confidence",
+  "validity rate",
+  "effectiveness (modal)",
+  "high / moderate / low / ineffective",
+  "mean L2",
+  "mean L∞",
+  "n pairs",
+)
+
+
+def _effect_cells(row: Mapping) -> tuple[str, str]:
+  eff = _effectiveness(row)
+  counts = " / ".join(fmt_num(eff.get(level)) for level in metrics.LEVELS)
+  return str(eff.get("modal") or DASH), counts
+
+
+def _reference_line(r: Mapping) -> list[str]:
+  modal, counts = _effect_cells(r)
+  return [
+    str(r.get("model")),
+    str(r.get("attack")),
+    str(r.get("norm")),
+    fmt_num(r.get("eps")),
+    f"{fmt_rate(r.get('success_rate'))} {fmt_ci(r.get('success_rate_ci'))}",
+    fmt_rate(r.get("mean_confidence")),
+    fmt_rate(r.get("validity_rate")),
+    modal,
+    counts,
+    fmt_num(r.get("mean_l2")),
+    fmt_num(r.get("mean_linf")),
+    fmt_num(r.get("n_pairs")),
+  ]
+
+
+FULL_HEADER = (
+  "model",
+  "attack",
+  "norm",
+  "eps",
+  "success rate [95% CI]",
+  "mean target prob [95% CI]",
+  "validity rate [95% CI]",
+  "mean SSIM",
+  "high eff. rate [95% CI]",
+  "high / moderate / low / ineffective",
+  "mean L0",
+  "mean L1",
+  "mean L2 [95% CI]",
+  "mean L∞",
+  "n pairs",
+  "sources",
+  "seconds",
+)
+
+
+def _full_line(r: Mapping) -> list[str]:
+  _, counts = _effect_cells(r)
+  e_rate, e_ci = rate_with_ci(r, "effective")
+  return [
+    str(r.get("model")),
+    str(r.get("attack")),
+    str(r.get("norm")),
+    fmt_num(r.get("eps")),
+    f"{fmt_rate(r.get('success_rate'))} {fmt_ci(r.get('success_rate_ci'))}",
+    f"{fmt_rate(r.get('mean_target_prob'))} {fmt_ci(r.get('mean_target_prob_ci'))}",
+    f"{fmt_rate(r.get('validity_rate'))} {fmt_ci(r.get('validity_rate_ci'))}",
+    fmt_rate(r.get("mean_ssim")),
+    f"{fmt_rate(e_rate)} {fmt_ci(e_ci)}",
+    counts,
+    fmt_num(r.get("mean_l0")),
+    fmt_num(r.get("mean_l1")),
+    f"{fmt_num(r.get('mean_l2'))} {fmt_ci(r.get('mean_l2_ci'), fmt_num)}",
+    fmt_num(r.get("mean_linf")),
+    fmt_num(r.get("n_pairs")),
+    fmt_num(r.get("n_sources")),
+    fmt_num(r.get("seconds")),
+  ]
+
+
+def _param_count(m: Mapping):
+  if _num(m.get("param_count")) is not None:
+    return m["param_count"]
+  parts = [v.get("param_count") for v in m.values() if isinstance(v, dict)]
+  parts = [p for p in parts if _num(p) is not None]
+  return sum(parts) if parts else None
+
+
+def _train_table(train: Mapping) -> str:
+  lines = []
+  for model, m in train.items():
+    if not isinstance(m, dict):
+      continue
+    lines.append(
+      [
+        model,
+        fmt_rate(m.get("test_accuracy")),
+        fmt_num(m.get("test_neg_elbo_nats")),
+        fmt_num(_param_count(m)),
+        fmt_num(m.get("train_seconds")),
+      ]
+    )
+  header = ("model", "test accuracy", "test −ELBO (nats)", "params", "train seconds")
+  return _table(header, lines)
+
+
+def _auddc_lines(rows: Sequence[Mapping]) -> list[str]:
+  seen, lines = set(), []
+  for r in _sort_rows(rows):
+    if "auddc" not in r:
+      continue
+    value = (r.get("model"), r.get("attack"), r.get("auddc"), r.get("auddc_std"))
+    if value in seen:
+      continue
+    seen.add(value)
+    lines.append(
+      [
+        str(r.get("model")),
+        str(r.get("attack")),
+        fmt_num(r.get("eps")),
+        f"{fmt_rate(r.get('auddc'))} ± {fmt_rate(r.get('auddc_std'))}",
+        fmt_ci(r.get("auddc_ci")),
+        fmt_num(r.get("n_auddc_pairs")),
+      ]
+    )
+  return lines
+
+
+def _pairs_text(rng) -> str:
+  if not rng:
+    return DASH
+  return str(rng[0]) if rng[0] == rng[1] else f"{rng[0]}–{rng[1]}"
+
+
+def _h0_markdown(v: Mapping, where: str) -> str:
+  s, e = v["success"], v["effective"]
+  if s["total"] == 0 and s["skipped"] == 0:
+    return (
+      f"**H0** ({v['hypothesis']}), {where}: **not tested** — no (attack, eps) cell has rows of "
+      "both the CNN and a VAE."
+    )
+  lines = [
+    f"**H0** ({v['hypothesis']}), {where}: by success rate **{s['verdict']}** — in "
+    f"{s['favour']} of {s['total']} (dataset, attack, norm, eps, VAE) cells the VAE's 95% "
+    f"Wilson interval lies entirely below the CNN's (significantly less vulnerable), "
+    f"{s['against']} entirely above (significantly more), {s['same']} not distinguishable"
+    + (f", {s['skipped']} without an interval" if s["skipped"] else "")
+    + f". Pairs per cell: CNN {_pairs_text(v['pairs']['baseline'])}, "
+    f"VAE {_pairs_text(v['pairs']['vae'])}.",
+    "",
+    f"By high-effectiveness rate (valid and confident): **{e['verdict']}** — VAE "
+    f"significantly less {e['favour']}, more {e['against']}, not distinguishable {e['same']} "
+    f"of {e['total']}.",
+  ]
+  lines += ["", _per_attack_table(v["per_attack"], "VAE less", "VAE more")]
+  detail = [
+    [
+      str(c["dataset"]),
+      str(c["model"]),
+      str(c["attack"]),
+      str(c["norm"]),
+      fmt_num(c["eps"]),
+      _side_text(c["baseline"], "success"),
+      _side_text(c["vae"], "success"),
+      str(c["success"] or DASH),
+      _side_text(c["baseline"], "effective"),
+      _side_text(c["vae"], "effective"),
+      str(c["effective"] or DASH),
+    ]
+    for c in v["cells"]
+  ]
+  header = (
+    "dataset",
+    "VAE",
+    "attack",
+    "norm",
+    "eps",
+    "CNN success [CI] (n)",
+    "VAE success [CI] (n)",
+    "VAE vs CNN",
+    "CNN high-eff. [CI]",
+    "VAE high-eff. [CI]",
+    "VAE vs CNN (eff.)",
+  )
+  lines += ["", _details("H0 cells", _table(header, detail))]
+  return "\n".join(lines)
+
+
+def _h1_markdown(v: Mapping) -> str:
+  s, e = v["success"], v["effective"]
+  scope = (
+    f"norms compared: {', '.join(v['norms']) or 'none'} (L-inf eps as is; L2 budgets scaled "
+    f"by sqrt(D_lfw / D_mnist) = {math.sqrt(v['pixel_ratio']):.3g}, L1 by "
+    f"{v['pixel_ratio']:.4g}); "
+    f"{v['unmatched']} MNIST rows had no LFW row at the comparable budget"
+    + (
+      f"; left out (eps is a penalty weight, not a budget): {', '.join(v['excluded'])}"
+      if v["excluded"]
+      else ""
+    )
+  )
+  if s["total"] == 0 and s["skipped"] == 0:
+    return f"**H1** ({v['hypothesis']}): **not tested** — no comparable cells; {scope}."
+  lines = [
+    f"**H1** ({v['hypothesis']}): by success rate **{s['verdict']}** — in {s['favour']} of "
+    f"{s['total']} (model, attack, norm, eps) cells the LFW 95% Wilson interval lies entirely "
+    f"above the MNIST one (attack significantly more effective on LFW), {s['against']} "
+    f"entirely below, {s['same']} not distinguishable"
+    + (f", {s['skipped']} without an interval" if s["skipped"] else "")
+    + f". Pairs per cell: LFW {_pairs_text(v['pairs']['high'])}, "
+    f"MNIST {_pairs_text(v['pairs']['low'])}.",
+    "",
+    f"By high-effectiveness rate: **{e['verdict']}** — LFW significantly higher "
+    f"{e['favour']}, lower {e['against']}, not distinguishable {e['same']} of {e['total']}.",
+    "",
+    f"Scope: {scope}.",
+    "",
+    _per_attack_table(v["per_attack"], "LFW higher", "LFW lower"),
+  ]
+  detail = [
+    [
+      str(c["model"]),
+      str(c["attack"]),
+      str(c["norm"]),
+      fmt_num(c["eps"]),
+      fmt_num(c["eps_high"]),
+      _side_text(c["low"], "success"),
+      _side_text(c["high"], "success"),
+      str(c["success"] or DASH),
+      _side_text(c["low"], "effective"),
+      _side_text(c["high"], "effective"),
+      str(c["effective"] or DASH),
+    ]
+    for c in v["cells"]
+  ]
+  header = (
+    "model",
+    "attack",
+    "norm",
+    "eps MNIST",
+    "eps LFW",
+    "MNIST success [CI] (n)",
+    "LFW success [CI] (n)",
+    "LFW vs MNIST",
+    "MNIST high-eff. [CI]",
+    "LFW high-eff. [CI]",
+    "LFW vs MNIST (eff.)",
+  )
+  lines += ["", _details("H1 cells", _table(header, detail))]
+  return "\n".join(lines)
+
+
+def _side_text(side: Mapping, measure: str) -> str:
+  return f"{fmt_rate(side[measure])} {fmt_ci(side[f'{measure}_ci'])} ({side['n']})"
+
+
+def _per_attack_table(per_attack: Mapping, favour: str, against: str) -> str:
+  lines = []
+  for attack, t in per_attack.items():
+    s, e = t["success"], t["effective"]
+    lines.append(
+      [attack, str(s["total"]), str(s["favour"]), str(s["against"]), str(s["same"])]
+      + [str(e["favour"]), str(e["against"]), str(e["same"])]
+    )
+  header = (
+    "attack",
+    "cells",
+    f"success: {favour}",
+    f"success: {against}",
+    "success: n.s.",
+    f"high-eff.: {favour}",
+    f"high-eff.: {against}",
+    "high-eff.: n.s.",
+  )
+  return _table(header, lines)
+
+
+def _details(summary: str, body: str) -> str:
+  return f"<details><summary>{html.escape(summary)}</summary>\n\n{body}\n\n</details>"
+
+
+HOW_TO_READ = f"""\
+How to read this report:
+- **Reference eps** (model x attack tables): per (dataset, attack, norm), the strongest setting
+  -- the largest budget eps, or for penalty attacks ({", ".join(PENALTY_PREFIXES)}*: eps is the
+  weight C on the distortion) the smallest C -- at which every model with a row there has
+  validity rate >= {MIN_REFERENCE_VALIDITY}; the weakest setting when none does. Every eps is in
+  the full tables.
+- Intervals are 95%: Wilson score for rates, Student t for means; {DASH} where undefined
+  (too few pairs).
+- Effectiveness of one pair: high = valid and confident, moderate = confident not valid,
+  low = valid not confident, ineffective = neither (valid: SSIM and norm bounds of the run's
+  `eval` config; confident: target probability >= its confidence_min). A VAE is attacked as a
+  classifier through its latent classifier; its test accuracy is that classifier's.
+- Verdicts: a cell differs significantly when one 95% interval lies entirely on one side of the
+  other; a hypothesis is *supported* when a strict majority of its cells differs in its
+  direction, *rejected* when a strict majority differs against it, else *inconclusive*.
+"""
+
+
+def render_summary(
+  views: Sequence[DatasetView],
+  *,
+  title: str,
+  out_dir: pathlib.Path,
+  figures: Mapping[str, Mapping[str, list]] | None = None,
+) -> str:
+  """The markdown of summary.md for `views` (figures: {dataset: {model: [png paths]}})."""
+  figures = figures or {}
+  rows = [r for v in views for r in v.rows]
+  parts = [f"# {title}", "", HOW_TO_READ, "## Verdicts", ""]
+  for v in views:
+    parts += [_h0_markdown(h0_verdict(v.rows), v.name.upper()), ""]
+  if len(views) > 1:
+    parts += [_h0_markdown(h0_verdict(rows), "all datasets together"), ""]
+  names = {v.name for v in views}
+  if {"lfw", "mnist"} <= names:
+    pixels = {v.name: v.pixels for v in views if v.pixels}
+    parts += [_h1_markdown(h1_verdict(rows, pixels=pixels)), ""]
+  else:
+    parts += [
+      f"**H1** ({H1_TEXT}): **not tested** — needs results of both MNIST and LFW "
+      f"(this report has: {', '.join(sorted(names)) or 'none'}; see write_combined_report).",
+      "",
+    ]
+
+  for v in views:
+    parts += [f"## {v.name.upper()}", ""]
+    where = ", ".join(_rel(w, out_dir) for w in v.workdirs)
+    notes = [f"Work directories: {where}. {len(v.rows)} result rows"]
+    if v.pixels:
+      notes.append(f"; D = {v.pixels} pixel values per input")
+    if v.left_out:
+      notes.append(f"; {v.left_out} rows of other attack settings or superseded left out")
+    if v.overridden:
+      notes.append(f"; {v.overridden} cells taken from the later of two work directories")
+    parts += ["".join(notes) + ".", ""]
+    parts += ["### Trained models", "", _train_table(v.train) if v.train else "(none yet)", ""]
+    ref = reference_eps(v.rows)
+    chosen = [r for r in v.rows if _num(r.get("eps")) == ref.get(row_key(r)[:1] + row_key(r)[2:4])]
+    parts += [
+      "### Model x attack at the reference eps",
+      "",
+      _table(REFERENCE_HEADER, [_reference_line(r) for r in _sort_rows(chosen)]),
+      "",
+    ]
+    auddc = _auddc_lines(v.rows)
+    if auddc:
+      header = ("model", "attack", "eps", "AUDDC mean ± std", "95% CI", "n pairs")
+      parts += ["### AUDDC (lower: stronger attack)", "", _table(header, auddc), ""]
+    model_figs = figures.get(v.name, {})
+    if model_figs:
+      parts += ["### Figures", ""]
+      for model, paths in model_figs.items():
+        if not paths:
+          continue
+        first, rest = paths[0], paths[1:]
+        parts += [f"**{model}**", "", f"![{model}: {first.stem}]({_rel(first, out_dir)})", ""]
+        if rest:
+          body = "\n\n".join(f"![{p.stem}]({_rel(p, out_dir)})" for p in rest)
+          parts += [_details(f"{model}: examples and curves ({len(rest)} figures)", body), ""]
+    full = _table(FULL_HEADER, [_full_line(r) for r in _sort_rows(v.rows)])
+    parts += [_details(f"{v.name.upper()}: every eps ({len(v.rows)} rows)", full), ""]
+  return "\n".join(parts).rstrip() + "\n"
+
+
+def _rel(path: pathlib.Path, start: pathlib.Path) -> str:
+  return pathlib.Path(os.path.relpath(path, start)).as_posix()
+
+
+# --------------------------------------------------------------------------------------------
+# Figures (matplotlib's object API on an Agg canvas: no pyplot, no global backend state).
+
+
+def _new_figure(width: float, height: float):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+  from matplotlib.figure import Figure  # noqa: PLC0415
+
+  fig = Figure(figsize=(width, height), dpi=100)
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def _save_figure(fig, path: pathlib.Path) -> pathlib.Path:
+  """Saves to a temporary name in the same folder, then renames: never a half-written PNG."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+  os.close(fd)
+  try:
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+  return path
+
+
+def _family(attack: str, norm: str) -> str:
+  return (
+    "penalty C"
+    if is_penalty_attack(attack)
+    else {"linf": "L∞", "l2": "L2", "l1": "L1"}.get(norm, str(norm))
+  )
+
+
+def plot_rates(rows: Sequence[Mapping], path: pathlib.Path, title: str) -> pathlib.Path:
+  """Success rate and mean target confidence against eps, one column per norm family.
+
+  Error bars are the rows' 95% intervals (Wilson for the rate, t for the mean).
+  """
+  families: dict[str, dict[str, list]] = {}
+  for r in rows:
+    if _num(r.get("eps")) is None:
+      continue
+    fam = families.setdefault(_family(r.get("attack"), r.get("norm")), {})
+    fam.setdefault(str(r.get("attack")), []).append(r)
+  cols = max(len(families), 1)
+  fig = _new_figure(4.2 * cols, 6.4)
+  axes = fig.subplots(2, cols, squeeze=False)
+  for j, (fam, by_attack) in enumerate(sorted(families.items())):
+    for attack, rs in sorted(by_attack.items()):
+      rs = sorted(rs, key=lambda r: _num(r["eps"]))
+      eps = np.array([_num(r["eps"]) for r in rs])
+      for i, field in enumerate(("success_rate", "mean_confidence")):
+        ci_field = "success_rate" if field == "success_rate" else "mean_target_prob"
+        y = np.array([_num(r.get(field)) if _num(r.get(field)) is not None else np.nan for r in rs])
+        err = np.zeros((2, len(rs)))
+        for k, r in enumerate(rs):
+          ci = _ci(r, ci_field)
+          if ci is not None and np.isfinite(y[k]):
+            err[:, k] = [max(y[k] - ci[0], 0.0), max(ci[1] - y[k], 0.0)]
+        axes[i, j].errorbar(eps, y, yerr=err, marker="o", ms=4, capsize=3, label=attack)
+    for i, label in enumerate(("success rate", "mean target confidence")):
+      ax = axes[i, j]
+      ax.set_ylim(-0.03, 1.03)
+      ax.set_ylabel(label)
+      ax.set_xlabel("penalty C (log)" if fam == "penalty C" else f"eps ({fam})")
+      if fam == "penalty C":
+        ax.set_xscale("log")
+      ax.grid(alpha=0.3)
+      ax.set_title(fam)
+      ax.legend(fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  return _save_figure(fig, path)
+
+
+def _image(a: np.ndarray) -> tuple[np.ndarray, dict]:
+  a = np.asarray(a, np.float32)
+  if a.ndim == 3 and a.shape[-1] == 1:
+    return a[..., 0], dict(cmap="gray", vmin=0.0, vmax=1.0)
+  return np.clip(a, 0.0, 1.0), {}
+
+
+def amplified(delta: np.ndarray) -> np.ndarray:
+  """A perturbation scaled to fill [0, 1] with 0 at 0.5 (its largest |value| maps to 0 or 1)."""
+  delta = np.asarray(delta, np.float32)
+  top = float(np.max(np.abs(delta))) if delta.size else 0.0
+  return 0.5 + 0.5 * delta / top if top > 0 else np.full_like(delta, 0.5)
+
+
+def plot_examples(
+  npz: pathlib.Path, path: pathlib.Path, title: str, *, attack: str = "", max_rows: int = 8
+) -> pathlib.Path | None:
+  """Source / adversarial / amplified perturbation / reconstruction of the adversarial.
+
+  Rows are examples, at the strongest setting of the file's eps grid (the largest budget, or
+  the smallest penalty C). None when the file cannot be read.
+  """
+  try:
+    with np.load(npz) as f:
+      data = {k: f[k] for k in f.files}
+    x, x_adv, eps = data["x"], data["x_adv"], np.atleast_1d(data["eps"])
+  except (OSError, KeyError, ValueError):
+    return None
+  if x_adv.ndim != x.ndim + 1 or x_adv.shape[0] == 0 or x.shape[0] == 0:
+    return None
+  strengths = [_strength(attack, float(e)) for e in eps]
+  e = int(np.argmax(strengths)) if len(strengths) == x_adv.shape[0] else x_adv.shape[0] - 1
+  n = min(x.shape[0], x_adv.shape[1], max_rows)
+  rec = data.get("rec_adv")
+  cols = ["source", "adversarial", "perturbation (amplified)"]
+  if rec is not None and rec.shape[:2] == x_adv.shape[:2]:
+    cols.append("reconstruction of adv.")
+  else:
+    rec = None
+  fig = _new_figure(1.9 * len(cols), 1.9 * n + 0.6)
+  axes = fig.subplots(n, len(cols), squeeze=False)
+  src_label, target = data.get("source_label"), data.get("target")
+  for i in range(n):
+    delta = x_adv[e, i] - x[i]
+    images = [x[i], x_adv[e, i], amplified(delta)]
+    if rec is not None:
+      images.append(rec[e, i])
+    for j, img in enumerate(images):
+      ax = axes[i, j]
+      arr, kw = _image(img)
+      ax.imshow(arr, interpolation="nearest", **kw)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if i == 0:
+        ax.set_title(cols[j], fontsize=8)
+    label = []
+    if src_label is not None and i < len(src_label):
+      label.append(f"src {int(src_label[i])}")
+    if target is not None and i < len(target):
+      label.append(f"→ {int(target[i])}")
+    linf = float(np.max(np.abs(delta)))
+    axes[i, 0].set_ylabel(" ".join(label), fontsize=8)
+    axes[i, 2].set_xlabel(f"max|δ| {linf:.3g}", fontsize=7)
+  fig.suptitle(f"{title}, eps {float(eps[e]):.4g}", fontsize=9)
+  fig.tight_layout()
+  return _save_figure(fig, path)
+
+
+def plot_curves(
+  npz: pathlib.Path, path: pathlib.Path, title: str, *, auddc_text: str = ""
+) -> pathlib.Path | None:
+  """Distortion-distance curves of a latent attack (Gondim-Ribeiro et al. 2018).
+
+  Each pair's curve (x: distortion ratio, y: adversarial-target distance ratio, both clipped
+  to [0, 1] and closed by (0, 1) as in `vae_attacks.metrics.auddc`) faintly; the mean over
+  pairs at each C bold. None when the file cannot be read.
+  """
+  try:
+    with np.load(npz) as f:
+      xs, ys = np.asarray(f["x"], np.float64), np.asarray(f["y"], np.float64)
+  except (OSError, KeyError, ValueError):
+    return None
+  if xs.ndim != 2 or xs.shape != ys.shape or xs.size == 0:
+    return None
+  xs, ys = np.clip(xs, 0.0, 1.0), np.clip(ys, 0.0, 1.0)
+  fig = _new_figure(5.0, 4.4)
+  ax = fig.subplots()
+  alpha = float(np.clip(3.0 / xs.shape[0], 0.05, 0.5))
+  for px, py in zip(xs, ys, strict=True):
+    ok = np.isfinite(px) & np.isfinite(py)
+    if not ok.any():
+      continue
+    order = np.argsort(px[ok], kind="stable")
+    cx = np.concatenate([[0.0], px[ok][order], [1.0]])
+    cy = np.concatenate([[1.0], py[ok][order], py[ok][order][-1:]])
+    ax.plot(cx, cy, color="tab:blue", alpha=alpha, lw=0.8)
+  with np.errstate(invalid="ignore"):
+    mx, my = np.nanmean(xs, axis=0), np.nanmean(ys, axis=0)
+  ok = np.isfinite(mx) & np.isfinite(my)
+  if ok.any():
+    order = np.argsort(mx[ok], kind="stable")
+    ax.plot(
+      np.concatenate([[0.0], mx[ok][order], [1.0]]),
+      np.concatenate([[1.0], my[ok][order], my[ok][order][-1:]]),
+      color="black",
+      lw=2.2,
+      label="mean over pairs",
+    )
+    ax.legend(fontsize=8)
+  ax.set_xlim(0, 1)
+  ax.set_ylim(-0.02, 1.02)
+  ax.set_xlabel("input distortion / ||x_orig − x_target||")
+  ax.set_ylabel("normalised distance of reconstruction to target")
+  ax.grid(alpha=0.3)
+  ax.set_title(f"{title} ({xs.shape[0]} pairs){auddc_text}", fontsize=9)
+  fig.tight_layout()
+  return _save_figure(fig, path)
+
+
+def write_figures(view: DatasetView, fig_dir: pathlib.Path) -> dict[str, list]:
+  """All figures of one dataset view: {model: [rates png, example grids..., curves...]}."""
+  out: dict[str, list] = {}
+  models = list(dict.fromkeys(r.get("model") for r in _sort_rows(view.rows)))
+  for model in models:
+    mine = [r for r in view.rows if r.get("model") == model]
+    paths = [plot_rates(mine, fig_dir / f"{view.name}_{model}_rates.png", f"{view.name}: {model}")]
+    attacks = list(dict.fromkeys(r.get("attack") for r in _sort_rows(mine)))
+    for attack in attacks:
+      npz = view.examples.get((model, attack))
+      if npz is not None:
+        p = plot_examples(
+          npz,
+          fig_dir / f"{view.name}_{model}_{attack}_examples.png",
+          f"{view.name}: {model}, {attack}",
+          attack=attack,
+        )
+        paths += [p] if p else []
+    for attack in attacks:
+      npz = view.curves.get((model, attack))
+      if npz is None:
+        continue
+      rs = [r for r in mine if r.get("attack") == attack and _num(r.get("auddc")) is not None]
+      text = ""
+      if rs:
+        text = f", AUDDC {fmt_rate(rs[0]['auddc'])} ± {fmt_rate(rs[0].get('auddc_std'))}"
+      p = plot_curves(
+        npz,
+        fig_dir / f"{view.name}_{model}_{attack}_curves.png",
+        f"{view.name}: {model}, {attack}",
+        auddc_text=text,
+      )
+      paths += [p] if p else []
+    out[model] = paths
+  return out
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points.
+
+
+def _write(
+  runs: Sequence[RunFiles], out_dir: pathlib.Path, title: str, figures: bool
+) -> pathlib.Path:
+  views = build_views(runs)
+  figs = {v.name: write_figures(v, out_dir / "figures") for v in views} if figures else {}
+  text = render_summary(views, title=title, out_dir=out_dir, figures=figs)
+  path = out_dir / "summary.md"
+  store.write_text_atomic(path, text)
+  return path
+
+
+def write_report(
+  workdir: os.PathLike, *, title: str | None = None, figures: bool | None = None
+) -> pathlib.Path:
+  """Writes `workdir/summary.md` and `workdir/figures/*.png` for one run's work directory.
+
+  Safe to call at any point of a run (after each model, at the end): it reads what is there.
+
+  Args:
+    workdir: the run's work directory.
+    title: the report's heading; default from the config's name.
+    figures: draw figures; default the config's `output.figures` (True when absent).
+
+  Returns:
+    The path of summary.md.
+  """
+  run = load_run(workdir)
+  if figures is None:
+    figures = bool((run.config.get("output") or {}).get("figures", True))
+  title = title or f"vae_attacks: {run.config.get('name') or run.workdir.name}"
+  return _write([run], run.workdir, title, figures)
+
+
+def write_combined_report(
+  out_dir: os.PathLike,
+  workdirs: Sequence[os.PathLike],
+  *,
+  title: str | None = None,
+  figures: bool = True,
+) -> pathlib.Path:
+  """One summary.md over several work directories (e.g. MNIST and LFW runs), with H1.
+
+  A cell (dataset, model, attack, norm, eps) present in two work directories is taken from
+  the later one in `workdirs`. Figures go to `out_dir/figures`, linked with relative paths.
+
+  Returns:
+    The path of out_dir/summary.md.
+  """
+  out_dir = pathlib.Path(out_dir)
+  runs = [load_run(w) for w in workdirs]
+  title = title or "vae_attacks: " + ", ".join(r.config.get("name") or r.workdir.name for r in runs)
+  return _write(runs, out_dir, title, figures)
