@@ -46,10 +46,14 @@ from vae_attacks import metrics
 BASELINE = "cnn"
 # The classifier attacks of experiments/attacks.py; anything else is a VAE-specific attack.
 CLASSIFIER_ATTACKS = ("fgsm", "bim", "bim_l1", "pgd_l2", "lbfgs", "lbfgs_c_search")
-# Attacks whose `eps` is a penalty weight C on the distortion (smaller C: stronger attack), not
-# a norm budget: L-BFGS (Szegedy et al. 2014) and the VAE attacks of Tabacof et al. (2016) and
-# Kos et al. (2017), which trade distortion against a loss with a weight C / lambda.
-PENALTY_PREFIXES = ("lbfgs", "tabacof", "kos_")
+# The VAE attacks of experiments/attacks.py (Tabacof et al. 2016; Kos et al. 2017), judged by
+# the CNN on the reconstruction of the adversarial input.
+VAE_ATTACKS = ("latent_l2", "latent_fgsm", "reconstruction_l2", "reconstruction_fgsm")
+# Attacks whose `eps` is a penalty weight C on the distortion (larger C: smaller perturbation),
+# not a norm budget: L-BFGS (Szegedy et al. 2014) and the L2-optimisation VAE attacks, which
+# trade distortion against a loss with a weight C; names with these prefixes likewise.
+PENALTY_ATTACKS = ("lbfgs", "lbfgs_c_search", "latent_l2", "reconstruction_l2")
+PENALTY_PREFIXES = ("tabacof", "kos_")
 # Reference eps of the model x attack table: the strongest setting at which the adversarial
 # inputs are still mostly valid for every model.
 MIN_REFERENCE_VALIDITY = 0.5
@@ -259,7 +263,8 @@ def _effectiveness(row: Mapping) -> dict:
 
 def is_penalty_attack(attack: str) -> bool:
   """True when the attack's `eps` is a penalty weight C (smaller is stronger), not a budget."""
-  return any(str(attack).startswith(p) for p in PENALTY_PREFIXES)
+  attack = str(attack)
+  return attack in PENALTY_ATTACKS or attack.startswith(PENALTY_PREFIXES)
 
 
 def rate_with_ci(row: Mapping, measure: str) -> tuple[float | None, tuple[float, float] | None]:
@@ -549,6 +554,12 @@ def fmt_num(v) -> str:
   return DASH if v is None else f"{v:.4g}"
 
 
+def fmt_int(v) -> str:
+  """A count with thousands separators, or a dash."""
+  v = _num(v)
+  return DASH if v is None else f"{round(v):,}"
+
+
 def fmt_ci(ci, fmt=fmt_rate) -> str:
   if not isinstance(ci, (list, tuple)) or len(ci) != 2:
     return f"[{DASH}]"
@@ -565,7 +576,8 @@ def _sort_rows(rows: Iterable[Mapping]) -> list:
   def key(r):
     model = r.get("model") or ""
     attack = r.get("attack") or ""
-    a_index = CLASSIFIER_ATTACKS.index(attack) if attack in CLASSIFIER_ATTACKS else 99
+    known = CLASSIFIER_ATTACKS + VAE_ATTACKS
+    a_index = known.index(attack) if attack in known else len(known)
     return (model != BASELINE, model, a_index, attack, r.get("norm") or "", _num(r.get("eps")) or 0)
 
   return sorted(rows, key=key)
@@ -674,7 +686,7 @@ def _train_table(train: Mapping) -> str:
         model,
         fmt_rate(m.get("test_accuracy")),
         fmt_num(m.get("test_neg_elbo_nats")),
-        fmt_num(_param_count(m)),
+        fmt_int(_param_count(m)),
         fmt_num(m.get("train_seconds")),
       ]
     )
@@ -860,8 +872,9 @@ def _details(summary: str, body: str) -> str:
 HOW_TO_READ = f"""\
 How to read this report:
 - **Reference eps** (model x attack tables): per (dataset, attack, norm), the strongest setting
-  -- the largest budget eps, or for penalty attacks ({", ".join(PENALTY_PREFIXES)}*: eps is the
-  weight C on the distortion) the smallest C -- at which every model with a row there has
+  -- the largest budget eps, or for penalty attacks ({", ".join(PENALTY_ATTACKS)},
+  {", ".join(p + "*" for p in PENALTY_PREFIXES)}: eps is the weight C on the distortion) the
+  smallest C -- at which every model with a row there has
   validity rate >= {MIN_REFERENCE_VALIDITY}; the weakest setting when none does. Every eps is in
   the full tables.
 - Intervals are 95%: Wilson score for rates, Student t for means; {DASH} where undefined
@@ -869,7 +882,9 @@ How to read this report:
 - Effectiveness of one pair: high = valid and confident, moderate = confident not valid,
   low = valid not confident, ineffective = neither (valid: SSIM and norm bounds of the run's
   `eval` config; confident: target probability >= its confidence_min). A VAE is attacked as a
-  classifier through its latent classifier; its test accuracy is that classifier's.
+  classifier through its latent classifier; its test accuracy is that classifier's. VAE
+  attacks ({", ".join(VAE_ATTACKS)}, ...) succeed when the judge (the CNN) classifies the
+  VAE's reconstruction of the adversarial input as the target.
 - Verdicts: a cell differs significantly when one 95% interval lies entirely on one side of the
   other; a hypothesis is *supported* when a strict majority of its cells differs in its
   direction, *rejected* when a strict majority differs against it, else *inconclusive*.
@@ -904,7 +919,9 @@ def render_summary(
 
   for v in views:
     parts += [f"## {v.name.upper()}", ""]
-    where = ", ".join(_rel(w, out_dir) for w in v.workdirs)
+    where = ", ".join(
+      "this folder" if _rel(w, out_dir) == "." else f"`{_rel(w, out_dir)}`" for w in v.workdirs
+    )
     notes = [f"Work directories: {where}. {len(v.rows)} result rows"]
     if v.pixels:
       notes.append(f"; D = {v.pixels} pixel values per input")
@@ -916,12 +933,18 @@ def render_summary(
     parts += ["### Trained models", "", _train_table(v.train) if v.train else "(none yet)", ""]
     ref = reference_eps(v.rows)
     chosen = [r for r in v.rows if _num(r.get("eps")) == ref.get(row_key(r)[:1] + row_key(r)[2:4])]
-    parts += [
-      "### Model x attack at the reference eps",
-      "",
-      _table(REFERENCE_HEADER, [_reference_line(r) for r in _sort_rows(chosen)]),
-      "",
-    ]
+    kinds = (
+      ("classifier attacks", [r for r in chosen if r.get("attack") in CLASSIFIER_ATTACKS]),
+      ("VAE attacks", [r for r in chosen if r.get("attack") not in CLASSIFIER_ATTACKS]),
+    )
+    for kind, these in kinds:
+      if these:
+        parts += [
+          f"### Model x attack at the reference eps: {kind}",
+          "",
+          _table(REFERENCE_HEADER, [_reference_line(r) for r in _sort_rows(these)]),
+          "",
+        ]
     auddc = _auddc_lines(v.rows)
     if auddc:
       header = ("model", "attack", "eps", "AUDDC mean ± std", "95% CI", "n pairs")
@@ -959,6 +982,19 @@ def _new_figure(width: float, height: float):
   return fig
 
 
+def _margins(fig, *, left, right, bottom, top, wspace, hspace):
+  """Fixed margins in inches (tight_layout costs more than the drawing on a small CPU)."""
+  w, h = fig.get_size_inches()
+  fig.subplots_adjust(
+    left=left / w,
+    right=1 - right / w,
+    bottom=bottom / h,
+    top=1 - top / h,
+    wspace=wspace,
+    hspace=hspace,
+  )
+
+
 def _save_figure(fig, path: pathlib.Path) -> pathlib.Path:
   """Saves to a temporary name in the same folder, then renames: never a half-written PNG."""
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -966,6 +1002,7 @@ def _save_figure(fig, path: pathlib.Path) -> pathlib.Path:
   os.close(fd)
   try:
     fig.savefig(tmp, format="png")
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a figure is for everyone to read
     os.replace(tmp, path)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
@@ -1019,7 +1056,7 @@ def plot_rates(rows: Sequence[Mapping], path: pathlib.Path, title: str) -> pathl
       ax.set_title(fam)
       ax.legend(fontsize=8)
   fig.suptitle(title)
-  fig.tight_layout()
+  _margins(fig, left=0.75, right=0.2, bottom=0.6, top=0.65, wspace=0.3, hspace=0.45)
   return _save_figure(fig, path)
 
 
@@ -1040,8 +1077,9 @@ def amplified(delta: np.ndarray) -> np.ndarray:
 def plot_examples(
   npz: pathlib.Path, path: pathlib.Path, title: str, *, attack: str = "", max_rows: int = 8
 ) -> pathlib.Path | None:
-  """Source / adversarial / amplified perturbation / reconstruction of the adversarial.
+  """Source / target image / adversarial / amplified perturbation / reconstruction of the adv.
 
+  The target image and reconstruction columns appear when the file has them (VAE attacks).
   Rows are examples, at the strongest setting of the file's eps grid (the largest budget, or
   the smallest penalty C). None when the file cannot be read.
   """
@@ -1056,38 +1094,38 @@ def plot_examples(
   strengths = [_strength(attack, float(e)) for e in eps]
   e = int(np.argmax(strengths)) if len(strengths) == x_adv.shape[0] else x_adv.shape[0] - 1
   n = min(x.shape[0], x_adv.shape[1], max_rows)
-  rec = data.get("rec_adv")
-  cols = ["source", "adversarial", "perturbation (amplified)"]
+  rec, x_target = data.get("rec_adv"), data.get("x_target")
+  columns = [("source", lambda i: x[i])]
+  if x_target is not None and x_target.shape[0] >= n and x_target.shape[1:] == x.shape[1:]:
+    columns.append(("target image", lambda i: x_target[i]))
+  columns += [
+    ("adversarial", lambda i: x_adv[e, i]),
+    ("perturbation (amplified)", lambda i: amplified(x_adv[e, i] - x[i])),
+  ]
   if rec is not None and rec.shape[:2] == x_adv.shape[:2]:
-    cols.append("reconstruction of adv.")
-  else:
-    rec = None
-  fig = _new_figure(1.9 * len(cols), 1.9 * n + 0.6)
-  axes = fig.subplots(n, len(cols), squeeze=False)
+    columns.append(("reconstruction of adv.", lambda i: rec[e, i]))
+  fig = _new_figure(1.9 * len(columns), 1.9 * n + 0.6)
+  axes = fig.subplots(n, len(columns), squeeze=False)
   src_label, target = data.get("source_label"), data.get("target")
   for i in range(n):
-    delta = x_adv[e, i] - x[i]
-    images = [x[i], x_adv[e, i], amplified(delta)]
-    if rec is not None:
-      images.append(rec[e, i])
-    for j, img in enumerate(images):
+    for j, (name, image) in enumerate(columns):
       ax = axes[i, j]
-      arr, kw = _image(img)
+      arr, kw = _image(image(i))
       ax.imshow(arr, interpolation="nearest", **kw)
       ax.set_xticks([])
       ax.set_yticks([])
       if i == 0:
-        ax.set_title(cols[j], fontsize=8)
+        ax.set_title(name, fontsize=8)
+      if name.startswith("perturbation"):
+        ax.set_xlabel(f"max|δ| {float(np.max(np.abs(x_adv[e, i] - x[i]))):.3g}", fontsize=7)
     label = []
     if src_label is not None and i < len(src_label):
       label.append(f"src {int(src_label[i])}")
     if target is not None and i < len(target):
       label.append(f"→ {int(target[i])}")
-    linf = float(np.max(np.abs(delta)))
     axes[i, 0].set_ylabel(" ".join(label), fontsize=8)
-    axes[i, 2].set_xlabel(f"max|δ| {linf:.3g}", fontsize=7)
   fig.suptitle(f"{title}, eps {float(eps[e]):.4g}", fontsize=9)
-  fig.tight_layout()
+  _margins(fig, left=0.35, right=0.1, bottom=0.25, top=0.6, wspace=0.08, hspace=0.2)
   return _save_figure(fig, path)
 
 
@@ -1138,7 +1176,7 @@ def plot_curves(
   ax.set_ylabel("normalised distance of reconstruction to target")
   ax.grid(alpha=0.3)
   ax.set_title(f"{title} ({xs.shape[0]} pairs){auddc_text}", fontsize=9)
-  fig.tight_layout()
+  _margins(fig, left=0.7, right=0.2, bottom=0.6, top=0.4, wspace=0.0, hspace=0.0)
   return _save_figure(fig, path)
 
 
