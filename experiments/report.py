@@ -2,6 +2,7 @@
 
   write_report(workdir)                      -> workdir/summary.md, workdir/figures/*.png
   write_combined_report(out_dir, workdirs)   -> out_dir/summary.md, out_dir/figures/*.png
+  python -m experiments.report WORKDIR | --out=DIR WORKDIR [WORKDIR ...] [--no-figures]
 
 What a run leaves in its work directory (see experiments/run.py, experiments/attacks.py):
 config.json, train_metrics.json, results.jsonl (one row per dataset x model x attack x norm x
@@ -694,23 +695,24 @@ def _train_table(train: Mapping) -> str:
   return _table(header, lines)
 
 
-def _auddc_lines(rows: Sequence[Mapping]) -> list[str]:
-  seen, lines = set(), []
+def _auddc_lines(rows: Sequence[Mapping]) -> list[list[str]]:
+  """One line per (model, attack, AUDDC value): the area is over the C grid, which every row
+  of that grid repeats; the grid's C values are listed."""
+  groups: dict[tuple, list] = {}
   for r in _sort_rows(rows):
-    if "auddc" not in r:
-      continue
-    value = (r.get("model"), r.get("attack"), r.get("auddc"), r.get("auddc_std"))
-    if value in seen:
-      continue
-    seen.add(value)
+    if "auddc" in r:
+      key = (r.get("model"), r.get("attack"), r.get("auddc"), r.get("auddc_std"))
+      groups.setdefault(key, []).append(r)
+  lines = []
+  for (model, attack, mean, std), rs in groups.items():
     lines.append(
       [
-        str(r.get("model")),
-        str(r.get("attack")),
-        fmt_num(r.get("eps")),
-        f"{fmt_rate(r.get('auddc'))} ± {fmt_rate(r.get('auddc_std'))}",
-        fmt_ci(r.get("auddc_ci")),
-        fmt_num(r.get("n_auddc_pairs")),
+        str(model),
+        str(attack),
+        ", ".join(fmt_num(r.get("eps")) for r in rs),
+        f"{fmt_rate(mean)} ± {fmt_rate(std)}",
+        fmt_ci(rs[0].get("auddc_ci")),
+        fmt_num(rs[0].get("n_auddc_pairs")),
       ]
     )
   return lines
@@ -947,7 +949,7 @@ def render_summary(
         ]
     auddc = _auddc_lines(v.rows)
     if auddc:
-      header = ("model", "attack", "eps", "AUDDC mean ± std", "95% CI", "n pairs")
+      header = ("model", "attack", "C grid", "AUDDC mean ± std", "95% CI", "n pairs")
       parts += ["### AUDDC (lower: stronger attack)", "", _table(header, auddc), ""]
     model_figs = figures.get(v.name, {})
     if model_figs:
@@ -1018,6 +1020,10 @@ def _family(attack: str, norm: str) -> str:
   )
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+_STYLES = ("-", "--", "-.", ":")
+
+
 def plot_rates(rows: Sequence[Mapping], path: pathlib.Path, title: str) -> pathlib.Path:
   """Success rate and mean target confidence against eps, one column per norm family.
 
@@ -1033,7 +1039,7 @@ def plot_rates(rows: Sequence[Mapping], path: pathlib.Path, title: str) -> pathl
   fig = _new_figure(4.2 * cols, 6.4)
   axes = fig.subplots(2, cols, squeeze=False)
   for j, (fam, by_attack) in enumerate(sorted(families.items())):
-    for attack, rs in sorted(by_attack.items()):
+    for a_index, (attack, rs) in enumerate(sorted(by_attack.items())):
       rs = sorted(rs, key=lambda r: _num(r["eps"]))
       eps = np.array([_num(r["eps"]) for r in rs])
       for i, field in enumerate(("success_rate", "mean_confidence")):
@@ -1044,7 +1050,17 @@ def plot_rates(rows: Sequence[Mapping], path: pathlib.Path, title: str) -> pathl
           ci = _ci(r, ci_field)
           if ci is not None and np.isfinite(y[k]):
             err[:, k] = [max(y[k] - ci[0], 0.0), max(ci[1] - y[k], 0.0)]
-        axes[i, j].errorbar(eps, y, yerr=err, marker="o", ms=4, capsize=3, label=attack)
+        axes[i, j].errorbar(
+          eps,
+          y,
+          yerr=err,
+          marker=_MARKERS[a_index % len(_MARKERS)],
+          ls=_STYLES[a_index % len(_STYLES)],
+          ms=5,
+          capsize=3,
+          alpha=0.85,
+          label=attack,
+        )
     for i, label in enumerate(("success rate", "mean target confidence")):
       ax = axes[i, j]
       ax.set_ylim(-0.03, 1.03)
@@ -1273,3 +1289,29 @@ def write_combined_report(
   runs = [load_run(w) for w in workdirs]
   title = title or "vae_attacks: " + ", ".join(r.config.get("name") or r.workdir.name for r in runs)
   return _write(runs, out_dir, title, figures)
+
+
+def main(argv: Sequence[str] | None = None) -> pathlib.Path:
+  """`python -m experiments.report WORKDIR` or `... --out=DIR WORKDIR [WORKDIR ...]`."""
+  import argparse  # noqa: PLC0415
+
+  parser = argparse.ArgumentParser(
+    prog="python -m experiments.report", description="Writes summary.md and figures."
+  )
+  parser.add_argument("workdirs", nargs="+", help="run work directories (MNIST and/or LFW)")
+  parser.add_argument("--out", help="folder of a combined report (default: the one workdir)")
+  parser.add_argument("--title", default=None)
+  parser.add_argument("--no-figures", dest="figures", action="store_false")
+  args = parser.parse_args(argv)
+  if args.out is None and len(args.workdirs) > 1:
+    parser.error("several work directories need --out=DIR for the combined report")
+  if args.out is None:
+    path = write_report(args.workdirs[0], title=args.title, figures=None if args.figures else False)
+  else:
+    path = write_combined_report(args.out, args.workdirs, title=args.title, figures=args.figures)
+  print(path)
+  return path
+
+
+if __name__ == "__main__":
+  main()

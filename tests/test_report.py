@@ -236,9 +236,10 @@ def test_torn_results_line_is_skipped_and_file_untouched(tmp_path):
 
 def test_auddc_line(tmp_path):
   extra = dict(auddc=0.41234, auddc_std=0.1234, auddc_ci=[0.35, 0.47], n_auddc_pairs=17)
-  rows = [make_row("mnist", "mlp_vae", "latent_l2", "l2", 1.0, **extra)]
+  rows = [make_row("mnist", "mlp_vae", "latent_l2", "l2", c, **extra) for c in (0.1, 1.0)]
   text = report.write_report(make_workdir(tmp_path / "r", "mnist", rows), figures=False)
-  (line,) = table_after(text.read_text(), "### AUDDC")
+  (line,) = table_after(text.read_text(), "### AUDDC")  # one line for the C grid
+  assert line["C grid"] == "0.1, 1"
   assert line["AUDDC mean ± std"] == "0.412 ± 0.123"
   assert line["95% CI"] == "[0.350, 0.470]"
   assert line["n pairs"] == "17"
@@ -424,3 +425,15 @@ def test_config_hash_of_config_json_matches_row_settings(tmp_path):
   settings = run_lib.config_hash({"attacks": c.attacks.to_dict(), "eval": c.eval.to_dict()})
   as_saved = json.loads(c.to_json())
   assert report._settings_hash(as_saved) == settings
+
+
+def test_command_line(tmp_path, capsys):
+  mn = make_workdir(tmp_path / "m", "mnist", pair_rows("mnist", "cnn", "mlp_vae", 35, 5))
+  lf = make_workdir(tmp_path / "l", "lfw", pair_rows("lfw", "cnn", "mlp_vae", 35, 5))
+  path = report.main(["--out", str(tmp_path / "s"), "--no-figures", str(mn), str(lf)])
+  assert path == tmp_path / "s" / "summary.md"
+  assert capsys.readouterr().out.strip() == str(path)
+  text = path.read_text()
+  assert text.count("by success rate **supported**") == 3  # MNIST, LFW, both together
+  with pytest.raises(SystemExit):
+    report.main(["--no-figures", str(mn), str(lf)])  # several workdirs need --out
