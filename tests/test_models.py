@@ -230,3 +230,15 @@ def test_builders_are_equal_for_equal_modules_so_jit_does_not_retrace(key):
 
 def test_param_count_sums_leaves():
   assert models.param_count({"a": jnp.zeros((2, 3)), "b": [jnp.zeros(4), jnp.zeros(())]}) == 11
+
+
+def test_cnn_standardize_ignores_brightness_and_contrast():
+  model = models.CNN(3, features=(4,), dense=(8,), standardize=True)
+  x = _uniform(2, 8, 8, 3)
+  params = _params(model, x)
+  apply = jax.jit(model.apply)
+  chex.assert_trees_all_close(apply(params, 0.5 * x + 0.2), apply(params, x), atol=1e-4)
+  plain = models.CNN(3, features=(4,), dense=(8,))
+  assert not np.allclose(
+    jax.jit(plain.apply)(params, 0.5 * x + 0.2), jax.jit(plain.apply)(params, x)
+  )
