@@ -13,9 +13,8 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
-from vae_attacks.attacks import base, runner
+from vae_attacks.attacks import base, bim, fgsm, runner
 
 NUM_CLASSES = 5
 SHAPE = (4, 4, 1)
@@ -260,10 +259,6 @@ def test_results_do_not_depend_on_chunking():
 
 def test_bim_and_fgsm_sweeps_equal_per_pair_calls():
   """Also checks EpsScaled: the swept step_size=EpsScaled(0.25) is 0.25 * eps at each eps."""
-  # TODO(runner): plain imports once bim.py and fgsm.py are committed (written in parallel).
-  bim = pytest.importorskip("vae_attacks.attacks.bim", reason="bim.py not committed yet")
-  fgsm = pytest.importorskip("vae_attacks.attacks.fgsm", reason="fgsm.py not committed yet")
-
   params = linear_model()
   x, target = data(6)
   knobs = dict(steps=3, norm="linf", random_start=True, early_stop=True)
