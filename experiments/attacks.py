@@ -283,7 +283,7 @@ def run_vae_attacks(config, data, model, judge, key, log, mesh, chunk, budget, o
       eps=np.asarray(eps),
     )
     for e, eps_value in enumerate(eps):
-      row = dict(base_row, attack=name, norm="l2", eps=eps_value)
+      row = dict(base_row, attack=name, norm=_vae_norm(name), eps=eps_value)
       if log.has(row):
         continue
       row.update(_row_stats(ok[e], prob[e], ssim[e], _at(dist, e), ecfg))
@@ -305,6 +305,11 @@ def run_vae_attacks(config, data, model, judge, key, log, mesh, chunk, budget, o
         row["n_pairs"],
         f", AUDDC {extra['auddc']:.3f}" if extra else "",
       )
+
+
+def _vae_norm(name: str) -> str:
+  """The FGSM variants take an L-inf step of size eps; the L2 variants penalise ||d||_2^2."""
+  return "linf" if name.endswith("_fgsm") else "l2"
 
 
 class _ReconstructThen(NamedTuple):
