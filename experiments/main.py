@@ -6,6 +6,7 @@
 Everything is in `experiments.run.run`; this file only reads flags (the Flax examples habit).
 """
 
+import importlib.util
 import logging as pylogging
 import os
 import sys
@@ -27,6 +28,45 @@ from experiments import run as run_lib  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config.name>).")
 flags.mark_flags_as_required(["config"])
+
+
+def _load_config_file(spec: str):
+  """get_config(arg) of a `path[:arg]` config spec, as config_flags would load it."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_config_for_errors", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def _explain_override_error(argv, error) -> str:
+  """One line naming the misspelt `--config.` field and listing the valid ones."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  try:
+    config = _load_config_file(spec) if spec else None
+  except Exception:  # noqa: BLE001  (the config file itself is broken: report the original)
+    config = None
+  if config is not None:
+    for a in argv:
+      if not a.startswith("--config."):
+        continue
+      path = a[len("--config.") :].split("=", 1)[0]
+      node, done = config, []
+      for part in path.split("."):
+        if not hasattr(node, "keys") or part not in node:
+          where = ".".join(done) or "the config"
+          valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(none)"
+          return f"unknown config field {path!r}: {where} has no field {part!r}; valid: {valid}"
+        node, done = node[part], [*done, part]
+  return f"bad command line: {error}"
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001  (config_flags raises AttributeError, KeyError, ...)
+    print(f"error: {_explain_override_error(argv, e)}", file=sys.stderr)
+    sys.exit(2)
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -51,4 +91,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

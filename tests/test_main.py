@@ -145,3 +145,22 @@ def test_command_line_reports_missing_data_in_one_line(tmp_path):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert "VAE_ATTACKS_DATA_DIR" in proc.stderr
+
+
+@pytest.mark.parametrize(
+  "override, expected",
+  [
+    ("--config.attacks.bim.epz=0.1", "attacks.bim has no field 'epz'; valid: eps, norm,"),
+    ("--config.atacks.num_pairs=3", "the config has no field 'atacks'; valid: attacks, data,"),
+  ],
+)
+def test_misspelt_override_is_one_line_listing_valid_fields(override, expected, tmp_path):
+  proc = subprocess.run(
+    [sys.executable, "-m", "experiments.main", "--config=configs/mnist_cnn.py:quick",
+     f"--workdir={tmp_path / 'w'}", override],
+    capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).parents[1],
+  )  # fmt: skip
+  assert proc.returncode == 2
+  assert "Traceback" not in proc.stderr
+  assert expected in proc.stderr
+  assert not (tmp_path / "w").exists()
