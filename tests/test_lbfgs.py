@@ -161,7 +161,7 @@ def test_rosenbrock_matches_scipy(rosenbrock_solutions, n):
     f_ref, _ = scipy_min(lambda x: np_rosenbrock(x, n), x0[i], lo, hi)
     assert_in_box(sol.x, lo, hi)
     np.testing.assert_allclose(sol.value, f_ref, rtol=1e-4, atol=1e-5, err_msg=f"box {lo, hi}")
-    assert bool(sol.converged)
+    assert float(sol.grad_norm) < 1e-2  # near KKT: gradients here reach ~1e3, f ~ 10 in float32
 
 
 def test_value_trace_is_monotone_and_padded(rosenbrock_solutions):
@@ -234,14 +234,17 @@ def test_vmap_and_blocks_equal_single_solves():
   assert len(set(np.asarray(stacked.iterations).tolist())) > 1  # they finish at different steps
   chex.assert_trees_all_close(jax.jit(jax.vmap(single))(x0, a, b), stacked, rtol=1e-5, atol=1e-6)
 
-  blocks = lb.minimise_box_batched(batched_objective, x0, None, (a, b), block_steps=2)
-  chex.assert_trees_all_close(blocks, stacked, rtol=1e-5, atol=1e-6)
+  for compact_below in (None, 0.5):  # 0.5: the last two running problems finish in a batch of 2
+    blocks = lb.minimise_box_batched(
+      batched_objective, x0, None, (a, b), block_steps=2, compact_below=compact_below
+    )
+    chex.assert_trees_all_close(blocks, stacked, rtol=1e-5, atol=1e-6)
 
 
 def test_no_retrace_on_second_call():
   for seed in range(2):
     x0, a, b = batch_of_problems(seed)
-    lb.minimise_box_batched(batched_objective, x0, None, (a, b), block_steps=2)
+    lb.minimise_box_batched(batched_objective, x0, None, (a, b), block_steps=2, compact_below=None)
     if seed == 0:
       traced = len(TRACES)
   assert len(TRACES) == traced

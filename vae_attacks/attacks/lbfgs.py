@@ -10,9 +10,10 @@ makes every problem wait for the slowest and evaluates every branch. Here every 
 loop costs the same for every problem:
 
 * `num_trials=1` (default): one `value_and_grad` per step. The trial point is accepted when it
-  satisfies the Armijo condition along the projected path; otherwise the next step tries a
-  shorter step (quadratic interpolation), so a rejected trial costs one step, not a stall of
-  the batch.
+  satisfies the Armijo condition along the projected path, or Hager and Zhang's approximate
+  Wolfe conditions (progress that float32 values cannot resolve); otherwise the next step
+  tries a shorter step (quadratic interpolation), so a rejected trial costs one step, not a
+  stall of the batch.
 * `num_trials=T>1`: the T candidate steps `alpha * 2**-k` are evaluated together (value only,
   `jax.vmap` over candidates), the largest that satisfies Armijo is taken, then one
   `value_and_grad` at that point.
@@ -33,12 +34,14 @@ loop over jitted blocks of unrolled steps, checking convergence between blocks.
 """
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from vae_attacks.attacks import base
@@ -47,6 +50,10 @@ from vae_attacks.types import Array, LogitsFn, Params
 Objective = Callable[[Array], Array]  # x (any shape) -> scalar
 
 _ARMIJO_C1 = 1e-4
+# Hager and Zhang's approximate Wolfe conditions (2005), for steps whose decrease float32
+# cannot resolve: sigma * phi'(0) <= phi'(a) <= (2 delta - 1) * phi'(0) with phi(a) <= phi(0).
+_WOLFE_SIGMA = 0.9
+_WOLFE_DELTA = 0.1
 _CURVATURE_EPS = 1e-6  # a pair is kept only if s.y > eps * |s| |y|
 _ACTIVE_EPS = 1e-3  # Bertsekas' eps-active set: eps_k = min(_ACTIVE_EPS, |projected grad|)
 
@@ -58,7 +65,7 @@ class LbfgsSolution(NamedTuple):
   value: Array  # [] objective at x
   grad_norm: Array  # [] max-norm of the projected gradient x - clip(x - grad) at x
   iterations: Array  # int32[] accepted L-BFGS iterations
-  converged: Array  # bool[] grad_norm <= tol, or relative decrease <= ftol
+  converged: Array  # bool[] grad_norm <= tol, or a relative decrease <= ftol
   value_trace: Array  # [max_iters] objective after each iteration, padded with the final value
 
 
@@ -77,7 +84,8 @@ class LbfgsState(NamedTuple):
   restarted: Array  # bool[] the current direction is steepest descent after a failure
   done: Array  # bool[]
   converged: Array  # bool[]
-  trace: Array  # [max_iters]
+  trace: Array  # [max_iters] f after each accepted iteration (f(x0) where not yet written)
+  start_value: Array  # [] f(x0)
 
 
 class _Config(NamedTuple):
@@ -89,6 +97,7 @@ class _Config(NamedTuple):
   num_trials: int
   tol: float
   ftol: float
+  ftol_iters: int
   max_backtracks: int
 
 
@@ -189,12 +198,14 @@ def lbfgs_init(objective: Objective, x0: Array, cfg: _Config) -> LbfgsState:
     done=converged | ~jnp.isfinite(value) | (cfg.max_iters <= 0),
     converged=converged,
     trace=jnp.full((cfg.max_iters,), value),
+    start_value=value,
   )
 
 
 def _armijo(value: Array, grad: Array, x: Array, f_try: Array, x_try: Array) -> Array:
   slope = _vdot(grad, x_try - x)
-  return jnp.isfinite(f_try) & (slope < 0) & (f_try <= value + _ARMIJO_C1 * slope)
+  # f_try < value as well: in float32 `value + c1 * slope` can round to `value` itself.
+  return (slope < 0) & (f_try <= value + _ARMIJO_C1 * slope) & (f_try < value)
 
 
 def lbfgs_step(objective: Objective, state: LbfgsState, cfg: _Config) -> LbfgsState:
@@ -229,7 +240,16 @@ def lbfgs_step(objective: Objective, state: LbfgsState, cfg: _Config) -> LbfgsSt
     ok = jnp.isfinite(f_try) & (jnp.any(oks) | (f_try < value))
     next_alpha = alpha * 0.5**cfg.num_trials
     tried = cfg.num_trials
-  ok = ok & ~state.done
+  # Or Hager and Zhang's approximate Wolfe conditions, from the gradient at the trial point:
+  # they still make progress where float32 cannot resolve the decrease of f.
+  slope_start, slope_end = _vdot(grad, x_try - x), _vdot(g_try, x_try - x)
+  approx_wolfe = (
+    (slope_start < 0)
+    & (f_try <= value)
+    & (slope_end >= _WOLFE_SIGMA * slope_start)
+    & (slope_end <= (2 * _WOLFE_DELTA - 1) * slope_start)
+  )
+  ok = (ok | approx_wolfe) & ~state.done
 
   # Rejected: backtrack; after max_backtracks restart from steepest descent; stop if that
   # fails too.
@@ -249,7 +269,11 @@ def lbfgs_step(objective: Objective, state: LbfgsState, cfg: _Config) -> LbfgsSt
   memory = _select(steepest, _fresh_memory(tx, x), _select(ok, memory, state.memory))
 
   pg = _projected_grad_norm(x_new, g_new, lo, hi)
-  tiny = (value - f_new) <= cfg.ftol * jnp.maximum(jnp.maximum(jnp.abs(value), jnp.abs(f_new)), 1)
+  # Relative decrease over the last ftol_iters iterations (this one included).
+  back = state.iterations + 1 - cfg.ftol_iters
+  f_back = jnp.where(back > 0, state.trace[jnp.maximum(back - 1, 0)], state.start_value)
+  scale = jnp.maximum(jnp.maximum(jnp.abs(f_back), jnp.abs(f_new)), 1.0)
+  tiny = (f_back - f_new) <= cfg.ftol * scale
   converged = ok & ((pg <= cfg.tol) | tiny)
   iterations = state.iterations + ok.astype(jnp.int32)
   steps = state.steps + 1
@@ -270,6 +294,7 @@ def lbfgs_step(objective: Objective, state: LbfgsState, cfg: _Config) -> LbfgsSt
     | (steps >= cfg.max_steps),
     converged=converged,
     trace=jnp.where(ok, state.trace.at[state.iterations].set(f_try, mode="drop"), state.trace),
+    start_value=state.start_value,
   )
   return _select(state.done, state, new)
 
@@ -297,14 +322,15 @@ def make_config(
   memory: int = 10,
   num_trials: int = 1,
   tol: float = 1e-5,
-  ftol: float = 1e-7,
-  max_backtracks: int = 12,
+  ftol: float = 5e-7,
+  ftol_iters: int = 3,
+  max_backtracks: int = 4,
 ) -> _Config:
   """Checks the knobs of `minimise_box` and bundles them (static, hashable)."""
-  if max_iters < 0 or memory < 1 or num_trials < 1 or max_backtracks < 1:
+  if max_iters < 0 or memory < 1 or num_trials < 1 or max_backtracks < 1 or ftol_iters < 1:
     raise ValueError(
-      f"need max_iters >= 0, memory >= 1, num_trials >= 1, max_backtracks >= 1; got "
-      f"{max_iters=}, {memory=}, {num_trials=}, {max_backtracks=}"
+      f"need max_iters >= 0, memory, num_trials, max_backtracks, ftol_iters >= 1; got "
+      f"{max_iters=}, {memory=}, {num_trials=}, {max_backtracks=}, {ftol_iters=}"
     )
   if max_steps is None:
     max_steps = 2 * max_iters + max_backtracks
@@ -318,6 +344,7 @@ def make_config(
     num_trials=int(num_trials),
     tol=float(tol),
     ftol=float(ftol),
+    ftol_iters=int(ftol_iters),
     max_backtracks=int(max_backtracks),
   )
 
@@ -332,9 +359,10 @@ def minimise_box(
   memory: int = 10,
   num_trials: int = 1,
   tol: float = 1e-5,
-  ftol: float = 1e-7,
+  ftol: float = 5e-7,
+  ftol_iters: int = 3,
   max_steps: int | None = None,
-  max_backtracks: int = 12,
+  max_backtracks: int = 4,
 ) -> LbfgsSolution:
   """Minimises `objective(x)` subject to `lower <= x <= upper` with projected L-BFGS.
 
@@ -351,10 +379,15 @@ def minimise_box(
     upper: upper bound, likewise.
     max_iters: most accepted iterations (the length of `value_trace`).
     memory: number of curvature pairs kept by L-BFGS.
-    num_trials: 1 for one trial per step with interpolating backtracking; T > 1 to evaluate
-      T candidate steps (alpha * 2**-k) together and take the largest satisfying Armijo.
+    num_trials: 1 for one trial per step, accepted on the Armijo condition or on Hager and
+      Zhang's approximate Wolfe conditions (which still make progress where float32 cannot
+      resolve the decrease of f), else the next step backtracks (quadratic interpolation);
+      T > 1 to evaluate T candidate steps (alpha * 2**-k) together (values only) and take the
+      largest satisfying Armijo.
     tol: stop when the max-norm of the projected gradient is <= tol.
-    ftol: stop when an iteration lowers f by <= ftol * max(|f|, 1) (relative).
+    ftol: stop when the last `ftol_iters` iterations together lowered f by at most
+      ftol * max(|f|, 1).
+    ftol_iters: see ftol.
     max_steps: most loop steps (evaluations); default 2 * max_iters + max_backtracks.
     max_backtracks: rejected trials in a row before restarting from steepest descent (and
       stopping if that fails too).
@@ -371,6 +404,7 @@ def minimise_box(
     num_trials=num_trials,
     tol=tol,
     ftol=ftol,
+    ftol_iters=ftol_iters,
     max_backtracks=max_backtracks,
   )
   state = lbfgs_init(objective, x0, cfg)
@@ -397,12 +431,32 @@ def _batched_block(objective, state, shared, per_problem, cfg, block_steps):
     return s
 
   state = jax.vmap(one)(state, per_problem)
-  return state, jnp.all(state.done)
+  return state, jnp.sum(~state.done)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
 def _batched_solution(state, cfg):
   return jax.vmap(lambda s: lbfgs_solution(s, cfg))(state)
+
+
+def _like_batch(tree: Any, reference: Array) -> Any:
+  """Puts a gathered batch on the sharding of `reference` (a 1-D mesh over the batch axis)."""
+  sharding = getattr(reference, "sharding", None)
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return tree
+  batch_axis = sharding.spec[0] if len(sharding.spec) else None
+  put = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(batch_axis))
+  return jax.device_put(tree, put)
+
+
+def _batch_multiple(reference: Array) -> int:
+  """How many devices the batch axis of `reference` is split over."""
+  sharding = getattr(reference, "sharding", None)
+  if not isinstance(sharding, jax.sharding.NamedSharding) or not len(sharding.spec):
+    return 1
+  axes = sharding.spec[0]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(sharding.mesh.shape[a] for a in axes)
 
 
 def minimise_box_batched(
@@ -411,14 +465,18 @@ def minimise_box_batched(
   shared: Any = None,
   per_problem: Any = None,
   *,
-  block_steps: int = 5,
+  block_steps: int = 1,
+  compact_below: float | None = 0.25,
   **knobs,
 ) -> LbfgsSolution:
-  """Solves a batch of box problems with a host loop over jitted blocks of unrolled steps.
+  """Solves a batch of box problems with a host loop over jitted blocks of steps.
 
   The same algorithm and result as `jax.vmap(minimise_box)`, but the steps run as
-  straight-line code in blocks of `block_steps` (convolutions in an XLA loop run ~1.7x slower
-  on CPU), with the "all done?" check on the host between blocks. Not jittable itself.
+  straight-line code in blocks of `block_steps` (convolutions inside an XLA loop run ~1.7x
+  slower on CPU), with the "how many still running?" check on the host between blocks (one
+  block behind, so the host never waits for the device). Once at most `compact_below` of the
+  problems are still running, those are gathered into a smaller batch (a second compiled
+  block), so that the slowest problems no longer pay for the whole batch. Not jittable itself.
   Sharding follows the inputs: put `x0` and `per_problem` on a 1-D mesh over the batch axis
   (and `shared` replicated) to spread the problems over devices.
 
@@ -428,18 +486,43 @@ def minimise_box_batched(
     x0: [B, ...] starting points.
     shared: pytree shared by all problems (e.g. model parameters).
     per_problem: pytree with a leading batch axis B (e.g. images, targets, c).
-    block_steps: loop steps per compiled block.
-    **knobs: the keyword arguments of `minimise_box` (lower, upper, max_iters, ...).
+    block_steps: loop steps per compiled block (unrolled).
+    compact_below: fraction of running problems at which the batch is compacted (None: never).
+    **knobs: the keyword arguments of `minimise_box` (lower, upper, max_iters, ...); the
+      bounds must be Python scalars here.
 
   Returns:
     LbfgsSolution with a leading batch axis.
   """
   cfg = make_config(**knobs)
+  n = x0.shape[0]
   state = _batched_init(objective, x0, shared, per_problem, cfg)
+  full, index, pp = None, None, per_problem
+  running_prev = None
+  compact_size = None
+  if compact_below is not None:
+    multiple = _batch_multiple(x0)
+    compact_size = -(-max(1, math.ceil(compact_below * n)) // multiple) * multiple
   for _ in range(-(-cfg.max_steps // block_steps)):
-    state, all_done = _batched_block(objective, state, shared, per_problem, cfg, block_steps)
-    if bool(all_done):
-      break
+    state, running = _batched_block(objective, state, shared, pp, cfg, block_steps)
+    if running_prev is not None:  # the previous block's count: ready without waiting
+      left = int(running_prev)
+      if left == 0:
+        break
+      if full is None and compact_size is not None and left <= compact_size < n:
+        # Gather the running problems (padded with a finished one, which stays unchanged).
+        done = np.asarray(state.done)
+        index = np.flatnonzero(~done)
+        pad = np.flatnonzero(done)[:1] if done.any() else index[:1]
+        index = np.concatenate([index, np.repeat(pad, compact_size - len(index))])
+        full = state
+        take = lambda a, index=index: a[index]
+        state = _like_batch(jax.tree.map(take, state), x0)
+        pp = _like_batch(jax.tree.map(take, per_problem), x0)
+        running = jnp.sum(~state.done)
+    running_prev = running
+  if full is not None:
+    state = jax.tree.map(lambda a, b: a.at[index].set(b), full, state)
   return _batched_solution(state, cfg)
 
 
@@ -472,7 +555,7 @@ def lbfgs(
   memory: int = 10,
   num_trials: int = 1,
   tol: float = 1e-5,
-  ftol: float = 1e-7,
+  ftol: float = 5e-7,
 ) -> base.AttackResult:
   """The L-BFGS attack of Szegedy et al. (2014) for ONE pair and ONE penalty c = `eps`.
 
@@ -543,7 +626,7 @@ def lbfgs_c_search(
   memory: int = 10,
   num_trials: int = 1,
   tol: float = 1e-5,
-  ftol: float = 1e-7,
+  ftol: float = 5e-7,
 ) -> base.AttackResult:
   """Szegedy et al. (2014): the largest penalty c whose L-BFGS solution still succeeds.
 
