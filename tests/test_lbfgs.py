@@ -161,7 +161,7 @@ def test_rosenbrock_matches_scipy(rosenbrock_solutions, n):
     f_ref, _ = scipy_min(lambda x: np_rosenbrock(x, n), x0[i], lo, hi)
     assert_in_box(sol.x, lo, hi)
     np.testing.assert_allclose(sol.value, f_ref, rtol=1e-4, atol=1e-5, err_msg=f"box {lo, hi}")
-    assert float(sol.grad_norm) < 1e-2  # near KKT: gradients here reach ~1e3, f ~ 10 in float32
+    assert float(sol.grad_norm) < 1e-3  # near KKT (gradients here reach ~1e3; f ~ 10 in float32)
 
 
 def test_value_trace_is_monotone_and_padded(rosenbrock_solutions):
@@ -305,12 +305,19 @@ def attack_over_c(params, x, target, cs):
 
 def test_lbfgs_attack_succeeds_with_small_c_and_not_with_large_c(hyperplane):
   params, x, dist = hyperplane
-  res = attack_over_c(params, jnp.asarray(x), jnp.int32(1), jnp.asarray([0.1, 100.0], jnp.float32))
+  cs = jnp.asarray([0.1, 100.0], jnp.float32)
+  res = attack_over_c(params, jnp.asarray(x), jnp.int32(1), cs)
   np.testing.assert_array_equal(res.success, [True, False])
   assert_in_box(res.x_adv, 0.0, 1.0)
   assert res.loss_trace.shape == (2, 50)
   assert np.all(np.diff(np.asarray(res.loss_trace), axis=1) <= 0)
   assert float(res.distortion.l2[1]) < dist < float(res.distortion.l2[0])
+
+  # The host-loop driver runs the same attack.
+  batch = lb.lbfgs_batch(
+    linear_logits, params, jnp.stack([jnp.asarray(x)] * 2), jnp.ones((2,), jnp.int32), eps=cs
+  )
+  chex.assert_trees_all_close(batch, res, rtol=1e-5, atol=1e-6)
 
 
 def test_untargeted_lbfgs_leaves_the_label(linear_model):

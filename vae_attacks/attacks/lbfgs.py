@@ -141,9 +141,14 @@ def _free_set(x: Array, g: Array, lo: Array, hi: Array) -> _FreeSet:
 
 
 def _fresh_memory(tx: optax.GradientTransformation, x: Array) -> optax.ScaleByLBFGSState:
-  """Empty optax memory; count=1 so that the next pair is stored (optax skips it at 0)."""
+  """Empty memory. `count` - 1 pairs are stored; the next goes to slot (count - 1) % m."""
   memory = tx.init(x)
   return memory._replace(count=jnp.ones_like(memory.count))
+
+
+def _pair_ok(sy: Array, ss: Array, yy: Array) -> Array:
+  """The curvature condition s.y > 0 (relative to |s| |y|), which keeps H positive definite."""
+  return (sy > _CURVATURE_EPS * jnp.sqrt(ss * yy)) & jnp.isfinite(sy)
 
 
 def _lbfgs_direction(
@@ -154,18 +159,43 @@ def _lbfgs_direction(
   s: Array,
   y: Array,
 ) -> tuple[Array, optax.ScaleByLBFGSState]:
-  """Stores the pair (s, y) in the optax memory; the L-BFGS direction on the free set."""
-  sy = _vdot(s, y)
-  good = (sy > _CURVATURE_EPS * jnp.sqrt(_vdot(s, s) * _vdot(y, y))) & jnp.isfinite(sy)
-  # Skipping a pair = storing the previous pair again: a BFGS update with the same pair twice
-  # is the identity, so the approximation (and optax's gamma scaling) stays as it was.
-  last = (memory.count - 2) % memory.weights_memory.shape[0]  # optax stored it at count - 1
-  s = jnp.where(good, s, memory.diff_params_memory[last])
-  y = jnp.where(good, y, memory.diff_updates_memory[last])
-  # optax stores (params - state.params, updates - state.updates): set the state so that the
-  # stored pair is (s, y) while the preconditioned vector is the free gradient.
-  memory = memory._replace(params=x - s, updates=free.grad - y)
-  p, memory = tx.update(free.grad, memory, x)
+  """Stores the pair (s, y) (if s.y > 0) and returns the L-BFGS direction on the free set.
+
+  The memory keeps whole pairs; the direction uses them restricted to the free variables
+  (s_F, y_F), the secant pairs of the reduced Hessian B_FF, as the subspace step of L-BFGS-B
+  does, rather than the restriction of the full inverse. Pairs with s_F.y_F <= 0 are left out
+  (weight 0). The two-loop recursion is optax's (`scale_by_lbfgs`), handed a state whose
+  newest pair is the most recent usable one, so that its gamma scaling comes from it.
+  """
+  m = memory.weights_memory.shape[0]
+  good = _pair_ok(_vdot(s, y), _vdot(s, s), _vdot(y, y))
+  slot = (memory.count - 1) % m
+  store = lambda mem, v: jnp.where(good, mem.at[slot].set(v), mem)
+  pairs_s, pairs_y = store(memory.diff_params_memory, s), store(memory.diff_updates_memory, y)
+  count = memory.count + good.astype(memory.count.dtype)
+  memory = memory._replace(count=count, diff_params_memory=pairs_s, diff_updates_memory=pairs_y)
+
+  keep = (~free.active).astype(x.dtype)
+  free_s, free_y = pairs_s * keep[None], pairs_y * keep[None]
+  dot = lambda a, b: jnp.sum((a * b).reshape(m, -1), axis=1)
+  sy, ss, yy = dot(free_s, free_y), dot(free_s, free_s), dot(free_y, free_y)
+  age = (count - 2 - jnp.arange(m)) % m  # 0 for the newest slot
+  usable = _pair_ok(sy, ss, yy) & (age < count - 1)
+  newest = jnp.argmin(jnp.where(usable, age, m))
+  # optax writes (params - state.params, updates - state.updates) into slot (count - 1) % m
+  # and computes gamma from it: hand it the newest usable pair again, at the newest slot (a
+  # BFGS update repeated is the identity, and the slots after it have weight 0). With no
+  # usable pair, count 0 makes optax take its capped steepest-descent first step.
+  any_usable = jnp.any(usable)
+  state = optax.ScaleByLBFGSState(
+    count=jnp.where(any_usable, count - 1, 0),
+    params=x - free_s[newest],
+    updates=free.grad - free_y[newest],
+    diff_params_memory=free_s,
+    diff_updates_memory=free_y,
+    weights_memory=jnp.where(usable, 1.0 / jnp.where(usable, sy, 1.0), 0.0),
+  )
+  p, _ = tx.update(free.grad, state, x)
   return free.direction(x, -p), memory
 
 
@@ -601,6 +631,76 @@ def lbfgs(
     targeted=targeted,
     iterations=sol.iterations,
     loss_trace=sol.value_trace,
+  )
+
+
+@functools.lru_cache(maxsize=64)
+def _batched_szegedy(logits_fn: LogitsFn, targeted: bool) -> BatchedObjective:
+  """One function object per (model, targeted), so the compiled blocks are reused."""
+
+  def objective(x_adv, params, per_pair):
+    x, target, c = per_pair
+    return szegedy_objective(logits_fn, params, x, target, c, x_adv, targeted=targeted)
+
+  return objective
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("targeted",))
+def _finish_batch(logits_fn, params, x, x_adv, target, iterations, trace, *, targeted):
+  finish = lambda *a: base.finish(
+    logits_fn, params, *a[:3], targeted=targeted, iterations=a[3], loss_trace=a[4]
+  )
+  return jax.vmap(finish)(x, x_adv, target, iterations, trace)
+
+
+def lbfgs_batch(
+  logits_fn: LogitsFn,
+  params: Params,
+  x: Array,
+  target: Array,
+  *,
+  eps: Array,
+  max_iters: int = 50,
+  targeted: bool = True,
+  block_steps: int = 1,
+  compact_below: float | None = 0.25,
+  **knobs,
+) -> base.AttackResult:
+  """`lbfgs` over a batch of pairs with `minimise_box_batched` (not jittable; faster on CPU).
+
+  The same attack and results as `jax.vmap(lbfgs)`, run as a host loop over compiled steps
+  (see `minimise_box_batched`): about 2x faster on a 2-core CPU than the fully compiled while
+  loop, and able to shard the pairs over the devices of a mesh (put `x`, `target`, `eps` on a
+  1-D mesh over the pairs axis).
+
+  Args:
+    logits_fn: (params, x[H, W, C]) -> logits[K]; hashable (build it once).
+    params: model parameters.
+    x: [B, H, W, C] source images in [0, 1].
+    target: [B] int target classes (true labels when `targeted=False`).
+    eps: [B] or [] penalty weights c.
+    max_iters: L-BFGS iterations (the length of `loss_trace`).
+    targeted: see `lbfgs`.
+    block_steps: see `minimise_box_batched`.
+    compact_below: see `minimise_box_batched`.
+    **knobs: further `minimise_box` knobs (memory, num_trials, tol, ftol, ...).
+
+  Returns:
+    AttackResult with a leading batch axis B.
+  """
+  eps = jnp.broadcast_to(jnp.asarray(eps, x.dtype), target.shape)
+  sol = minimise_box_batched(
+    _batched_szegedy(logits_fn, targeted),
+    x,
+    params,
+    (x, target, eps),
+    block_steps=block_steps,
+    compact_below=compact_below,
+    max_iters=max_iters,
+    **knobs,
+  )
+  return _finish_batch(
+    logits_fn, params, x, sol.x, target, sol.iterations, sol.value_trace, targeted=targeted
   )
 
 
