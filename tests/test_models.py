@@ -122,15 +122,17 @@ def test_vae_call_is_the_reparameterised_decode(key):
   chex.assert_trees_all_close(logits, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("upsample, factor", [("subpixel", 4), ("transpose", 1)])
 @pytest.mark.parametrize("shape, grid", [((28, 28, 1), (7, 7)), ((32, 32, 3), (8, 8))])
-def test_conv_vae_shapes_and_param_count(key, shape, grid):
+def test_conv_vae_shapes_and_param_count(key, shape, grid, upsample, factor):
   c = shape[2]
-  vae = models.ConvVAE(shape, 8, features=(32, 64))
+  vae = models.ConvVAE(shape, 8, features=(32, 64), upsample=upsample)
   x = jax.ShapeDtypeStruct((2, *shape), jnp.float32)
   count, params = _count(vae, key, x, key)
   flat = grid[0] * grid[1] * 64
   encoder = _conv(3, c, 32) + _conv(3, 32, 64) + 2 * _dense(flat, 8)
-  decoder = _dense(8, flat) + _conv(3, 64, 32) + _conv(3, 32, c)  # transposed convs
+  # a sub-pixel upsampling to C channels is a 3x3 convolution to 4C channels
+  decoder = _dense(8, flat) + _conv(3, 64, factor * 32) + _conv(3, 32, factor * c)
   assert count == encoder + decoder
   logits, mean, logvar = jax.eval_shape(vae.apply, params, x, key)
   chex.assert_shape(logits, (2, *shape))
@@ -149,7 +151,7 @@ def test_conv_vae_at_lfw_size_by_eval_shape(key):
   )  # fmt: skip
   decoder = (
     _dense(64, 512) + _dense(512, flat)
-    + _conv(3, 256, 128) + _conv(3, 128, 64) + _conv(3, 64, 32) + _conv(3, 32, 3)
+    + _conv(3, 256, 4 * 128) + _conv(3, 128, 4 * 64) + _conv(3, 64, 4 * 32) + _conv(3, 32, 4 * 3)
   )  # fmt: skip
   assert count == encoder + decoder
   logits, mean, _ = jax.eval_shape(vae.apply, params, x, key)
@@ -242,3 +244,14 @@ def test_cnn_standardize_ignores_brightness_and_contrast():
   assert not np.allclose(
     jax.jit(plain.apply)(params, 0.5 * x + 0.2), jax.jit(plain.apply)(params, x)
   )
+
+
+def test_depth_to_space_places_each_channel_group_in_its_subpixel():
+  x = _uniform(2, 3, 4, 4 * 5)
+  out = np.asarray(models.depth_to_space(x))
+  assert out.shape == (2, 6, 8, 5)
+  for u in range(2):
+    for v in range(2):
+      np.testing.assert_array_equal(
+        out[:, u::2, v::2, :], x[..., (2 * u + v) * 5 : (2 * u + v + 1) * 5]
+      )
