@@ -4,6 +4,7 @@ import types
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -145,7 +146,13 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(cnn_run, tmp_path):
 
 def test_cosine_schedule_refuses_a_different_run_length(key, tmp_path):
   ckpt = str(tmp_path / "cos")
-  _fit_cnn(key, 1, checkpoint_dir=ckpt, lr_schedule="cosine")
+  init = jax.tree.map(jnp.asarray, CNN_INIT)
+  train.train_classifier(
+    CNN, DATA, key=key, epochs=1, batch_size=16, checkpoint_dir=ckpt, lr_schedule="cosine",
+    learning_rate=1e-2, init_params=init,
+  )  # fmt: skip
+  # the caller's starting arrays survive (the jitted step donates only its own copy)
+  chex.assert_trees_all_equal(init, CNN_INIT)
   with pytest.raises(ValueError, match="checkpoint"):
     _fit_cnn(key, 2, checkpoint_dir=ckpt, lr_schedule="cosine")
 

@@ -102,7 +102,10 @@ def _checkpoint_manager(directory: str) -> ocp.CheckpointManager:
     os.path.abspath(directory),
     item_names=("state", "meta"),
     options=ocp.CheckpointManagerOptions(
-      max_to_keep=2, create=True, enable_async_checkpointing=False
+      max_to_keep=2,
+      create=True,
+      enable_async_checkpointing=False,
+      cleanup_tmp_directories=True,  # a save torn by a kill leaves a temporary folder
     ),
   )
 
@@ -159,6 +162,8 @@ def _fit(
     logging.info("%s: restored epoch %d/%d from %s", name, start_epoch, epochs, checkpoint_dir)
   if state is None:
     state = make_state(init())
+  # A copy: the jitted step donates its input state, which must not delete the caller's arrays.
+  state = jax.tree.map(jnp.array, state)
 
   # The data are arguments, not closed-over constants: XLA would fold them into the program.
   def train_step(state, x_all, y_all, perm, epoch_key, i):
@@ -243,6 +248,7 @@ def _fit(
     epochs=epochs,
     train_seconds=seconds,
     compile_seconds=compile_seconds,
+    examples_per_second=steps * batch_size * (epochs - start_epoch) / seconds if seconds else 0.0,
     total_train_seconds=previous_seconds + seconds,
     resumed_from_epoch=start_epoch,
     reused_checkpoint=reused,
@@ -305,8 +311,9 @@ def train_classifier(
 
   Returns:
     (variables {"params": ...}, metrics) with metrics test_accuracy, test_loss, train_loss,
-    epochs, train_seconds (this call), total_train_seconds, resumed_from_epoch,
-    reused_checkpoint and the per-epoch history.
+    epochs, train_seconds (this call's epochs, evaluation excluded), compile_seconds,
+    examples_per_second, total_train_seconds (with earlier runs resumed from),
+    resumed_from_epoch, reused_checkpoint and the per-epoch history.
   """
   init_key, run_key = jax.random.split(key)
   init = _initialiser(init_params, model.init, init_key, data.x_train[:1])
