@@ -84,7 +84,7 @@ def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_coll
     )
   else:
     c.train.cnn = dict(
-      epochs=40,
+      epochs=60,
       batch_size=32,
       learning_rate=1e-3,
       weight_decay=1e-4,
