@@ -76,6 +76,9 @@ def train_all(config, data, workdir) -> dict[str, Trained]:
 def _keep(metrics: dict, params, kind: str) -> dict:
   """The JSON-friendly part of train's metrics, plus the parameter count."""
   keep = {k: v for k, v in metrics.items() if k != "history"}
+  # train_seconds: the whole training, also when this run resumed it or reused its checkpoint.
+  keep["train_seconds_this_run"] = keep.get("train_seconds", 0.0)
+  keep["train_seconds"] = keep.get("total_train_seconds", keep["train_seconds_this_run"])
   keep["param_count"] = models.param_count(params)
   keep["kind"] = kind
   if "history" in metrics:
