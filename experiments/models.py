@@ -55,12 +55,14 @@ def train_all(config, data, workdir) -> dict[str, Trained]:
         checkpoint_dir=str(ckpt / "latent_classifier"),
         **config.train.latent_classifier,
       )
+      vae_kept = _keep(vae_metrics, vae_params, "vae")
+      clf_kept = _keep(clf_metrics, params["clf"], "classifier")
       metrics = {
-        "vae": _keep(vae_metrics, vae_params, "vae"),
-        "latent_classifier": _keep(clf_metrics, params["clf"], "classifier"),
+        "vae": vae_kept,
+        "latent_classifier": clf_kept,
         "test_neg_elbo_nats": vae_metrics["test_neg_elbo_nats"],
         "test_accuracy": clf_metrics["test_accuracy"],
-        "train_seconds": vae_metrics["train_seconds"] + clf_metrics["train_seconds"],
+        "train_seconds": vae_kept["train_seconds"] + clf_kept["train_seconds"],
       }
       logging.info(
         "%s: test -ELBO %.2f nats, latent classifier accuracy %.4f",
