@@ -145,7 +145,7 @@ def bench_lbfgs(args, logits_fn, params, x, target, mesh) -> dict:
     xi, ti = x[i], target[i]
 
     def fun(z):
-      v, g = value_and_grad(jnp.asarray(z.reshape(SHAPE), jnp.float32), params, (xi, ti))
+      v, g = value_and_grad(z.reshape(SHAPE).astype(np.float32), params, (xi, ti))
       return float(v), np.asarray(g, np.float64).ravel()
 
     z0 = np.asarray(xi, np.float64).ravel()

@@ -18,19 +18,20 @@ loop costs the same for every problem:
   `jax.vmap` over candidates), the largest that satisfies Armijo is taken, then one
   `value_and_grad` at that point.
 
-The direction is the L-BFGS two-loop recursion of `optax.scale_by_lbfgs`, applied to the
-gradient of the free variables; the box is handled as in projected / two-metric L-BFGS
-(Bertsekas 1982; Kim, Sra and Dhillon 2010): variables within `eps_k` of a bound whose
-gradient pushes outward are moved straight to that bound, the others follow the L-BFGS
-direction, and every trial point is projected onto the box. Curvature pairs with
-`s.y <= 0` are skipped (the last good pair is stored again, which leaves the inverse-Hessian
-approximation unchanged), and a line search that fails `max_backtracks` times in a row restarts
-from steepest descent.
+The direction is the L-BFGS two-loop recursion of `optax.scale_by_lbfgs`; the box is handled
+as in projected / two-metric L-BFGS (Bertsekas 1982; Kim, Sra and Dhillon 2010): variables
+within `eps_k` of a bound whose gradient pushes outward are moved straight to that bound, the
+others (the free variables) follow the L-BFGS direction computed from the curvature pairs
+restricted to them (the secant pairs of the reduced Hessian, as in the subspace step of
+L-BFGS-B, Byrd et al. 1995), and every trial point is projected onto the box. Pairs with
+`s.y <= 0` are not stored, and a line search that fails `max_backtracks` times in a row
+restarts from steepest descent (and the problem stops if that fails too).
 
 Loops: `minimise_box` is fully compiled (`lax.while_loop`; under `vmap` it runs until every
-problem is done, converged problems masked). On CPU, convolutions inside an XLA loop run about
-1.7x slower than straight-line code, so `minimise_box_batched` runs the same steps as a host
-loop over jitted blocks of unrolled steps, checking convergence between blocks.
+problem is done, finished problems masked). On CPU, convolutions inside an XLA loop run about
+1.7x slower than straight-line code, so `minimise_box_batched` (and the attack `lbfgs_batch`)
+run the same steps as a host loop over jitted steps, which also drops finished problems from
+the batch once few are left.
 """
 
 import functools
@@ -77,7 +78,7 @@ class LbfgsState(NamedTuple):
   grad: Array  # grad f(x)
   direction: Array  # search direction from x (moves active variables onto their bound)
   alpha: Array  # [] next trial step along `direction`
-  memory: optax.ScaleByLBFGSState  # L-BFGS curvature pairs (optax)
+  memory: optax.ScaleByLBFGSState  # whole pairs (s, y) in optax's layout; count - 1 stored
   iterations: Array  # int32[] accepted iterations
   steps: Array  # int32[] loop steps taken (each costs the same for every problem)
   failures: Array  # int32[] rejected trials since the last accepted iteration
