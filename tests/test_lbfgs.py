@@ -314,9 +314,8 @@ def test_lbfgs_attack_succeeds_with_small_c_and_not_with_large_c(hyperplane):
   assert float(res.distortion.l2[1]) < dist < float(res.distortion.l2[0])
 
   # The host-loop driver runs the same attack.
-  batch = lb.lbfgs_batch(
-    linear_logits, params, jnp.stack([jnp.asarray(x)] * 2), jnp.ones((2,), jnp.int32), eps=cs
-  )
+  pairs = jnp.stack([jnp.asarray(x)] * 2), jnp.ones((2,), jnp.int32)
+  batch = lb.lbfgs_batch(linear_logits, params, *pairs, eps=cs, compact_below=None)
   chex.assert_trees_all_close(batch, res, rtol=1e-5, atol=1e-6)
 
 
