@@ -208,7 +208,8 @@ def main(argv=None) -> dict:
   mesh = runner.pairs_mesh()
   print(f"jax {jax.__version__}, devices {jax.devices()}, N={n} pairs")
   logits_fn, params, x, target = make_problem(n)
-  results: dict = {"n": n, "devices": len(jax.devices())}
+  results: dict = {"n": n, "devices": len(jax.devices()), "loadavg_start": os.getloadavg()[0]}
+  print(f"1-min load average {results['loadavg_start']:.1f} on {os.cpu_count()} cores")
 
   mm = matmul_gflops()
   results["matmul_gflops"] = mm
@@ -269,6 +270,8 @@ def main(argv=None) -> dict:
       lbfgs_scipy_pairs=m,
     )
 
+  results["loadavg_end"] = os.getloadavg()[0]
+  print(f"\n1-min load average at the end {results['loadavg_end']:.1f}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=2, default=float)
