@@ -7,7 +7,19 @@
 The settings below are the ones measured for the report (see the table each run prints);
 `--config.<dataset>.<model>.<section>.<field>=value` overrides any of them. Data come from
 `vae_attacks.data.load` (the local originals under --data_dir, default $VAE_ATTACKS_DATA_DIR).
-Nothing is written unless --checkpoint_root is given.
+Nothing is written unless --checkpoint_root is given (then a killed run resumes exactly).
+
+Measured with these settings and seed 0 (jax 0.10.2, the 2-core CPU shared with other jobs at
+load average 3-11, so wall times are 2-4x an idle machine's; CPU seconds are the steadier
+number):
+  mnist cnn               99.43 % test accuracy, 8 epochs,  559 CPU-s (1877 s wall at load ~9)
+  mnist mlp_vae           -ELBO 99.91 nats (76.46 recon + 23.46 KL), 20 epochs, 256 CPU-s
+    latent classifier     98.30 % (dropout 0.3; 98.13 % without)
+  mnist conv_vae          -ELBO 104.58 nats (76.30 + 28.28), 10 epochs, ~750 CPU-s
+    latent classifier     98.39 %
+  lfw cnn                 94.10 % (prior 41 %), 60 epochs, 465 CPU-s (1712 s wall at load ~8-11)
+  lfw conv_vae            -ELBO 41440.92 nats (41198.22 + 242.70) per 154x154x3 image, 30 epochs
+    latent classifier     81.68 % (dropout 0.5; 78.88 % without)
 """
 
 import os
@@ -24,6 +36,7 @@ MODELS = ("cnn", "mlp_vae", "conv_vae")
 
 
 def _settings() -> ml_collections.ConfigDict:
+  """The measured settings (results in the module docstring)."""
   c = ml_collections.ConfigDict()
   c.mnist = dict(
     cnn=dict(
@@ -39,13 +52,13 @@ def _settings() -> ml_collections.ConfigDict:
     mlp_vae=dict(
       model=dict(latent_dim=32, hidden=(512, 256)),
       train=dict(epochs=20, batch_size=128, learning_rate=1e-3, lr_schedule="cosine"),
-      clf_model=dict(hidden=(256, 128)),
+      clf_model=dict(hidden=(256, 128), dropout_rate=0.3),
       clf_train=dict(epochs=30, batch_size=128, learning_rate=1e-3, lr_schedule="cosine"),
     ),
     conv_vae=dict(
       model=dict(latent_dim=32, features=(32, 64), hidden=()),
       train=dict(epochs=10, batch_size=128, learning_rate=1e-3, lr_schedule="cosine"),
-      clf_model=dict(hidden=(256, 128)),
+      clf_model=dict(hidden=(256, 128), dropout_rate=0.0),
       clf_train=dict(epochs=30, batch_size=128, learning_rate=1e-3, lr_schedule="cosine"),
     ),
   )
@@ -65,13 +78,13 @@ def _settings() -> ml_collections.ConfigDict:
     mlp_vae=dict(  # not measured: its first layer alone has 154 * 154 * 3 * 1024 = 73M weights
       model=dict(latent_dim=64, hidden=(1024, 512)),
       train=dict(epochs=40, batch_size=32, learning_rate=1e-3, lr_schedule="cosine"),
-      clf_model=dict(hidden=(256, 128)),
+      clf_model=dict(hidden=(256, 128), dropout_rate=0.5),
       clf_train=dict(epochs=60, batch_size=32, learning_rate=1e-3, lr_schedule="cosine"),
     ),
     conv_vae=dict(
-      model=dict(latent_dim=128, features=(16, 32, 64, 128), hidden=()),
+      model=dict(latent_dim=128, features=(8, 16, 32, 64), hidden=()),
       train=dict(epochs=30, batch_size=32, learning_rate=1e-3, lr_schedule="cosine"),
-      clf_model=dict(hidden=(256, 128)),
+      clf_model=dict(hidden=(256, 128), dropout_rate=0.5),
       clf_train=dict(epochs=60, batch_size=32, learning_rate=1e-3, lr_schedule="cosine"),
     ),
   )
@@ -160,14 +173,14 @@ def main(argv):
   print()
   print(f"{FLAGS.dataset} (load average now {os.getloadavg()[0]:.1f})")
   header = (
-    f"{'model':<22}{'params':>10}{'epochs':>8}{'metric':>22}{'value':>10}"
+    f"{'model':<22}{'params':>10}{'epochs':>8}{'metric':>22}{'value':>12}"
     f"{'train s':>10}{'compile s':>11}{'wall s':>9}{'cpu s':>9}{'ex/s':>8}"
   )
   print(header)
   print("-" * len(header))
   for name, count, m, wall, cpu, metric in rows:
     print(
-      f"{name:<22}{count:>10,}{m['epochs']:>8}{metric:>22}{m[metric]:>10.4f}"
+      f"{name:<22}{count:>10,}{m['epochs']:>8}{metric:>22}{m[metric]:>12.4f}"
       f"{m['train_seconds']:>10.1f}{m['compile_seconds']:>11.1f}{wall:>9.1f}{cpu:>9.1f}"
       f"{m['examples_per_second']:>8.0f}"
     )
