@@ -27,6 +27,9 @@ def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_coll
   c.seed = 0
   c.quick = quick
   c.models = models
+  # True: jax.distributed.initialize() (JAX's cluster auto-detection: SLURM, Open MPI, Cloud
+  # TPU, ...) before any device is used, so jax.devices() and the pairs mesh span every host.
+  c.distributed = False
 
   # --- data ---------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()

@@ -76,6 +76,31 @@ class _QuietLibraries(pylogging.Filter):
     return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
 
 
+def _wants_distributed(config) -> bool:
+  """config.distributed, or that of any part of a study config."""
+  parts = [config] + [config[p] for p in config.get("runs", ()) if p in config]
+  return any(part.get("distributed", False) is True for part in parts)
+
+
+def _init_distributed() -> None:
+  """jax.distributed.initialize(), before anything touches a device; a failure is one line."""
+  import jax  # noqa: PLC0415
+
+  try:
+    jax.distributed.initialize()
+  except (ValueError, RuntimeError, TypeError) as e:
+    raise run_lib.UserError(
+      f"distributed=True but jax.distributed.initialize() failed ({e}); run under a cluster "
+      "manager JAX detects (SLURM, Open MPI, Cloud TPU, ...) or set --config.distributed=False"
+    ) from None
+  logging.info(
+    "jax.distributed: process %d of %d, %d devices in all",
+    jax.process_index(),
+    jax.process_count(),
+    jax.device_count(),
+  )
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -83,6 +108,8 @@ def main(argv):
   config = _CONFIG.value
   workdir = _WORKDIR.value or f"runs/{config.name}"
   try:
+    if _wants_distributed(config):
+      _init_distributed()
     run_lib.run(config, workdir)
   except run_lib.UserError as e:  # bad settings or data: one clear message, no traceback
     logging.error("%s", e)

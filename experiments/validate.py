@@ -31,6 +31,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if not c.models:
     raise ConfigError(f"models is empty; allowed: a tuple of {base.MODELS}")
   _int_at_least("seed", c.seed, 0)
+  if not isinstance(c.get("distributed", False), bool):
+    raise ConfigError(f"distributed={c.distributed!r}; allowed: True or False")
   _int_at_least("data.image_size", c.data.image_size, 8)
   if c.data.name == "mnist" and c.data.image_size != 28:
     raise ConfigError(f"data.image_size={c.data.image_size}: MNIST images are 28x28; allowed: 28")

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -163,4 +164,19 @@ def test_misspelt_override_is_one_line_listing_valid_fields(override, expected, 
   assert proc.returncode == 2
   assert "Traceback" not in proc.stderr
   assert expected in proc.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_distributed_initialises_jax_before_any_work(tmp_path):
+  """distributed=True calls jax.distributed.initialize() first; off a cluster that fails in one
+  line (JAX finds no coordinator), before the workdir is touched."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "SLURM_"))}
+  proc = subprocess.run(
+    [sys.executable, "-m", "experiments.main", "--config=configs/mnist_cnn.py:quick",
+     f"--workdir={tmp_path / 'w'}", "--config.distributed=True"],
+    capture_output=True, text=True, env=env, timeout=300, cwd=pathlib.Path(__file__).parents[1],
+  )  # fmt: skip
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert "error: distributed=True but jax.distributed.initialize() failed" in proc.stderr
   assert not (tmp_path / "w").exists()

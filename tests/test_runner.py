@@ -1,8 +1,8 @@
 """Tests of the pairs/eps runner on a linear softmax model, where gradients are exact.
 
 Run as a script (`python tests/test_runner.py --sharded OUT.npz`) it computes the reference
-sweep on a 2-device pairs mesh; the test `test_sharded_equals_unsharded` does that in a
-subprocess with XLA_FLAGS set before jax is imported.
+sweep on a pairs mesh over every device; the test `test_sharded_equals_unsharded` does that in a
+subprocess with XLA_FLAGS (2 and 8 host devices) set before jax is imported.
 """
 
 import os
@@ -13,6 +13,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from vae_attacks.attacks import base, bim, fgsm, runner
 
@@ -352,7 +353,7 @@ def test_summarise():
 
 
 def _sharded_sweep(out: str) -> None:
-  """The 2-device reference run, executed in a subprocess (see the module docstring)."""
+  """The multi-device reference run, executed in a subprocess (see the module docstring)."""
   mesh = runner.pairs_mesh()
   x, target = data(10)
   result = runner.run_attack(
@@ -363,9 +364,19 @@ def _sharded_sweep(out: str) -> None:
   np.savez(out, n_devices=mesh.devices.size, **leaves)
 
 
-def test_sharded_equals_unsharded(tmp_path):
+@pytest.mark.parametrize("n_devices", [2, 8])
+def test_sharded_equals_unsharded(n_devices, tmp_path):
+  """The same sweep on 1 device and on a mesh of n_devices: identical results.
+
+  With 8 devices a chunk of 3 pairs is rounded up to 8 (one per device), so the 10 pairs run as
+  2 chunks, the last one padded with 6 copies of pair 9: padding and per-pair keys are checked.
+  """
   out = tmp_path / "sharded.npz"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env = dict(
+    os.environ,
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
+    JAX_PLATFORMS="cpu",
+  )
   repo = pathlib.Path(__file__).resolve().parents[1]
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
   subprocess.run(
@@ -377,8 +388,10 @@ def test_sharded_equals_unsharded(tmp_path):
     progress=False, key=KEY,
   )  # fmt: skip
   saved = np.load(out)
-  assert int(saved["n_devices"]) == 2
-  for i, leaf in enumerate(jax.tree.leaves(local)):
+  assert int(saved["n_devices"]) == n_devices
+  leaves = jax.tree.leaves(local)
+  assert len(saved.files) == len(leaves) + 1
+  for i, leaf in enumerate(leaves):
     np.testing.assert_allclose(saved[str(i)], leaf, rtol=0, atol=1e-6)
 
 
