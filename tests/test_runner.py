@@ -352,6 +352,14 @@ def test_summarise():
   assert rows[-1]["mean_target_prob"] >= rows[0]["mean_target_prob"]
 
 
+def test_cpu_memory_budget_is_shared_by_the_host_devices():
+  """8 host devices of one CPU share its memory: each gets an eighth of the budget, so sharding
+  does not multiply the memory a sweep may take."""
+  cpu = jax.devices("cpu")[0]
+  assert runner._per_device_budget(800, [cpu]) == 800
+  assert runner._per_device_budget(800, [cpu] * 8) == 100
+
+
 def _sharded_sweep(out: str) -> None:
   """The multi-device reference run, executed in a subprocess (see the module docstring)."""
   mesh = runner.pairs_mesh()

@@ -353,6 +353,13 @@ def _default_budget(devices: Sequence[jax.Device]) -> int:
   return DEFAULT_CPU_BUDGET_BYTES
 
 
+def _per_device_budget(budget: int, devices: Sequence[jax.Device]) -> int:
+  """The budget of one device: CPU devices of a process share the host's memory, so there the
+  budget is for all of them together (8 host devices may not take 8 budgets)."""
+  shared = sum(d.platform == "cpu" and d.process_index == jax.process_index() for d in devices)
+  return budget // max(shared, 1)
+
+
 def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
@@ -382,10 +389,12 @@ def iter_attack_chunks(
 
   Chunk size: `chunk_size` if given; otherwise the largest that fits `memory_budget_bytes`
   (per device; default half of the device's reported memory, or DEFAULT_CPU_BUDGET_BYTES when
-  the device reports none, as on CPU). The need is measured, not guessed: the sweep is compiled
-  for all pairs at once and XLA's `memory_analysis()` (arguments + outputs + temporaries) read;
-  if that exceeds the budget, the per-pair share (total minus the replicated parameters, over
-  the pairs) sets the chunk size and the function is compiled once more at that size.
+  the device reports none, as on CPU). CPU devices share the host's memory, so on CPU the budget
+  is for all of this process's devices together. The need is measured, not guessed: the sweep
+  is compiled for all pairs at once and XLA's `memory_analysis()` (arguments + outputs +
+  temporaries) read; if that exceeds the budget, the per-pair share (total minus the replicated
+  parameters, over the pairs) sets the chunk size and the function is compiled once more at
+  that size.
   With a mesh, the chunk size is rounded up to a multiple of the device count.
 
   Args:
@@ -397,7 +406,8 @@ def iter_attack_chunks(
     target: the attack's class per pair int[P] (the true label for untargeted attacks).
     eps_grid: epsilons [E]; each is passed to the attack as a traced float32 scalar.
     chunk_size: pairs per compiled call (overrides the memory budget).
-    memory_budget_bytes: per-device memory a chunk may use, when chunk_size is None.
+    memory_budget_bytes: memory a chunk may use per device (per host, for CPU devices), when
+      chunk_size is None.
     mesh: a 1-D mesh over axis 'pairs' (see `pairs_mesh`) to shard each chunk's pairs.
     progress: show a tqdm line (pairs/s, ETA) on stderr.
     **attack_kwargs: the attack's knobs: hashable values are static, arrays traced and shared,
@@ -464,7 +474,7 @@ def iter_attack_chunks(
   if chunk_size is not None:
     chunk = _round_up(min(chunk_size, n_pairs), n_dev)
   else:
-    budget = memory_budget_bytes or _default_budget(devices)
+    budget = _per_device_budget(memory_budget_bytes or _default_budget(devices), devices)
     chunk = _round_up(n_pairs, n_dev)
     need = _compiled_bytes(sweep.executable(abstract(chunk)))
     if need is not None and need > budget:
