@@ -32,6 +32,11 @@ LR_SCHEDULES = ("constant", "cosine")
 
 # (params, x[B, ...], y[B], key) -> (scalar loss, aux metrics)
 BatchLoss = Callable[[Params, Array, Array, PRNGKey], tuple[Array, dict]]
+# (params, key, x[B, ...], y[B], step) -> x'[B, ...]: a per-batch input transform applied before
+# the loss, e.g. adversarial examples for adversarial training (vae_attacks.defenses.adversarial).
+# `step` is the int32 global step (epoch * steps_per_epoch + i), for schedules such as an eps
+# ramp. Its repr must describe it (it is part of the checkpoint's hyper-parameters).
+Perturb = Callable[[Params, PRNGKey, Array, Array, Array], Array]
 
 
 def make_optimizer(
@@ -125,6 +130,7 @@ def _fit(
   hparams: dict,
   checkpoint_dir: str | None,
   augment: Callable[[PRNGKey, Array], Array] | None = None,
+  perturb: Perturb | None = None,
 ) -> tuple[Params, dict]:
   """The shared loop: shuffle, jitted steps, evaluation, checkpoints, progress lines."""
   n = x_train.shape[0]
@@ -166,12 +172,17 @@ def _fit(
   state = jax.tree.map(jnp.array, state)
 
   # The data are arguments, not closed-over constants: XLA would fold them into the program.
-  def train_step(state, x_all, y_all, perm, epoch_key, i):
+  def train_step(state, x_all, y_all, perm, epoch_key, i, epoch):
     idx = jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)
     xb, yb = x_all[idx], y_all[idx]
     aug_key, loss_key = jax.random.split(jax.random.fold_in(epoch_key, i))
     if augment is not None:
       xb = jax.vmap(augment)(jax.random.split(aug_key, batch_size), xb)
+    if perturb is not None:  # after augmentation: the attack sees the images trained on
+      step = epoch * steps + i
+      xb = jax.lax.stop_gradient(
+        perturb(state["params"], jax.random.fold_in(aug_key, 1), xb, yb, step)
+      )
     (loss, _), grads = jax.value_and_grad(batch_loss, has_aux=True)(
       state["params"], xb, yb, loss_key
     )
@@ -190,6 +201,7 @@ def _fit(
         jax.ShapeDtypeStruct((n,), jnp.int32),
         step_key,
         jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((), jnp.int32),
       )
       .compile()
     )
@@ -202,7 +214,9 @@ def _fit(
     epoch_key = jax.random.fold_in(step_key, epoch)
     step_losses = []
     for i in range(steps):
-      state, loss = train_step(state, x_train, y_train, perm, epoch_key, np.int32(i))
+      state, loss = train_step(
+        state, x_train, y_train, perm, epoch_key, np.int32(i), np.int32(epoch)
+      )
       step_losses.append(loss)
     train_loss = float(jnp.mean(jnp.stack(step_losses)))
     epoch_seconds = time.perf_counter() - t0
@@ -290,8 +304,13 @@ def train_classifier(
   eval_batch_size: int = 1000,
   checkpoint_dir: str | None = None,
   init_params: Params | None = None,
+  temperature: float = 1.0,
+  perturb: Perturb | None = None,
 ) -> tuple[Params, dict]:
   """Trains a classifier (e.g. `CNN`) with softmax cross-entropy and Adam.
+
+  Labels `data.y_train` are class ids int[N], or probabilities float[N, K] (soft targets, as
+  a distilled student's; Hinton et al. 2015). The test split always has class ids.
 
   Args:
     model: a module called as `model(x[B, H, W, C], train=...) -> logits[B, K]`.
@@ -308,6 +327,10 @@ def train_classifier(
     checkpoint_dir: where to keep the last 2 epoch checkpoints; a finished run there is reused
       without training, a partial one resumed; None writes nothing.
     init_params: starting variables; None initialises them from `key`.
+    temperature: the training loss is the cross-entropy of softmax(logits / temperature)
+      (defensive distillation, Papernot et al. 2016); evaluation uses the logits as they are.
+    perturb: a per-batch input transform `(params, key, x, y, step) -> x'` applied before the
+      loss, with no gradient through it (adversarial training, Madry et al. 2018).
 
   Returns:
     (variables {"params": ...}, metrics) with metrics test_accuracy, test_loss, train_loss,
@@ -326,7 +349,9 @@ def train_classifier(
   )
 
   def batch_loss(params, x, y, key):
-    logits = model.apply(params, x, train=True, rngs={"dropout": key})
+    logits = model.apply(params, x, train=True, rngs={"dropout": key}) / temperature
+    if y.ndim == 2:  # soft targets
+      return jnp.mean(optax.softmax_cross_entropy(logits, y)), {}
     return jnp.mean(losses.batch_cross_entropy(logits, y)), {}
 
   @jax.jit
@@ -363,6 +388,13 @@ def train_classifier(
     augment_flip=augment_flip,
     augment_shift=augment_shift,
   )
+  # Only when set, so that checkpoints made before these options existed still resume.
+  if temperature != 1.0:
+    hparams["temperature"] = temperature
+  if perturb is not None:
+    hparams["perturb"] = repr(perturb)
+  if np.ndim(data.y_train) == 2:
+    hparams["soft_targets"] = True
   return _fit(
     name="classifier",
     init=init,
@@ -377,6 +409,7 @@ def train_classifier(
     hparams=hparams,
     checkpoint_dir=checkpoint_dir,
     augment=augment,
+    perturb=perturb,
   )
 
 
