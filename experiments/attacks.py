@@ -93,8 +93,43 @@ def _ssim_grid(x, x_adv, ssim_kwargs=()):
   return jax.vmap(jax.vmap(one))(jnp.broadcast_to(x, x_adv.shape), x_adv)
 
 
+class NonFiniteError(run_lib.UserError):
+  """An attack produced NaN or inf; its rows were not written (the other rows were)."""
+
+
+def _non_finite(res) -> dict[str, np.ndarray]:
+  """Per quantity, bool[E, P]: the pair's value at that eps is NaN or inf."""
+  flat = lambda a: np.asarray(a, np.float64).reshape(a.shape[0], a.shape[1], -1)
+  bad = lambda a: ~np.isfinite(flat(a)).all(-1)
+  return {
+    "loss": bad(res.loss_trace),
+    "x_adv": bad(res.x_adv),
+    "confidence": bad(res.target_prob),
+    "distortion": np.any([bad(d) for d in res.distortion], axis=0),
+  }
+
+
+def _report_non_finite(flags, where: str, problems: list[str]) -> bool:
+  """Logs and records the quantities that are non-finite in `flags` {name: bool[P]}; True if
+  any is (the point's row must not be written)."""
+  counts = {name: int(f.sum()) for name, f in flags.items() if f.any()}
+  if not counts:
+    return False
+  n = len(next(iter(flags.values())))
+  what = ", ".join(f"{name} in {c}/{n} pairs" for name, c in counts.items())
+  problems.append(f"{where}: non-finite {what}")
+  logging.error("%s: non-finite %s; row not written", where, what)
+  return True
+
+
 def run_all(config, data, trained, log) -> None:
-  """Attacks every model in `trained` with every attack of the config; resumable via `log`."""
+  """Attacks every model in `trained` with every attack of the config; resumable via `log`.
+
+  A point (model, attack, eps) whose loss, adversarial images, confidence or distortion hold
+  NaN or inf is reported and not written; the other points are, and then NonFiniteError lists
+  the bad ones.
+  """
+  problems: list[str] = []
   acfg, ecfg = config.attacks, config.eval
   settings = run_lib.config_hash({"attacks": acfg.to_dict(), "eval": ecfg.to_dict()})
   root = jax.random.fold_in(jax.random.key(config.seed), 1_000_003)
@@ -114,18 +149,21 @@ def run_all(config, data, trained, log) -> None:
       if not all(log.has(dict(base_row, attack=p[0], norm=p[1], eps=e)) for e in p[3])
     ]
     if model.kind == "vae" and "cnn" in trained and acfg.vae.enabled:
-      run_vae_attacks(
-        config,
-        data,
-        model,
-        trained["cnn"],
-        jax.random.fold_in(key, 7),
-        log,
-        mesh,
-        chunk,
-        budget,
-        pathlib.Path(log.path).parent,
-      )
+      try:
+        run_vae_attacks(
+          config,
+          data,
+          model,
+          trained["cnn"],
+          jax.random.fold_in(key, 7),
+          log,
+          mesh,
+          chunk,
+          budget,
+          pathlib.Path(log.path).parent,
+        )
+      except NonFiniteError as e:
+        problems.append(str(e))
     if not todo:
       logging.info("%s: all attacks already in %s", model_name, log.path)
       continue
@@ -144,7 +182,7 @@ def run_all(config, data, trained, log) -> None:
     x = data.x_test[pairs.index]
     for name, norm, fn, eps, knobs in todo:
       t0 = time.perf_counter()
-      ok, prob, ssim, dist, examples = [], [], [], [], None
+      ok, prob, ssim, dist, nonfinite, examples = [], [], [], [], [], None
       for sl, res in runner.iter_attack_chunks(
         fn,
         model.logits_fn,
@@ -161,15 +199,21 @@ def run_all(config, data, trained, log) -> None:
         prob.append(res.target_prob)
         ssim.append(np.asarray(_ssim_grid(x[sl], res.x_adv)))
         dist.append(res.distortion)
+        nonfinite.append(_non_finite(res))
         if examples is None:
           examples = res.x_adv[:, : config.output.num_examples]
       seconds = time.perf_counter() - t0
       ok, prob, ssim = _cat(ok), _cat(prob), _cat(ssim)
       dist = jax.tree.map(lambda *p: _cat(p), *dist)
+      nonfinite = jax.tree.map(lambda *p: _cat(p), *nonfinite)
       _save_examples(examples_dir / f"{model_name}_{name}.npz", x, pairs, examples, eps)
       for e, eps_value in enumerate(eps):
         row = dict(base_row, attack=name, norm=norm, eps=eps_value)
         if log.has(row):
+          continue
+        flags = {k: v[e] for k, v in nonfinite.items()}
+        if _report_non_finite(flags, f"model {model_name}, attack {name}, eps={eps_value:g}",
+                              problems):  # fmt: skip
           continue
         row.update(_row_stats(ok[e], prob[e], ssim[e], _at(dist, e), ecfg))
         row.update(seconds=seconds / len(eps), n_sources=int(len(np.unique(pairs.index))))
@@ -184,6 +228,8 @@ def run_all(config, data, trained, log) -> None:
           row["validity_rate"],
           row["n_pairs"],
         )
+  if problems:
+    raise NonFiniteError("; ".join(problems))
 
 
 def run_vae_attacks(config, data, model, judge, key, log, mesh, chunk, budget, out_dir):
@@ -204,6 +250,7 @@ def run_vae_attacks(config, data, model, judge, key, log, mesh, chunk, budget, o
   ]
   if not todo:
     return
+  problems: list[str] = []
   vae_model = vae_attacks.VAEModel(
     encode=model.vae.encode, reconstruct=model.vae.reconstruct, judge=judge.logits_fn
   )
@@ -228,7 +275,7 @@ def run_vae_attacks(config, data, model, judge, key, log, mesh, chunk, budget, o
   for name, eps in todo:
     knobs = {k: v for k, v in vcfg[name].items() if k != "eps"}
     t0 = time.perf_counter()
-    ok, prob, ssim, dist, qx, qy, examples = [], [], [], [], [], [], None
+    ok, prob, ssim, dist, qx, qy, nonfinite, examples = [], [], [], [], [], [], [], None
     for sl, res in runner.iter_attack_chunks(
       VAE_ATTACKS[name],
       vae_model,
@@ -245,6 +292,7 @@ def run_vae_attacks(config, data, model, judge, key, log, mesh, chunk, budget, o
       prob.append(res.target_prob)
       ssim.append(np.asarray(_ssim_grid(x[sl], res.x_adv)))
       dist.append(res.distortion)
+      nonfinite.append(_non_finite(res))
       a, b = _quality_grid(model.vae.reconstruct, params["vae"], x[sl], x_target[sl], res.x_adv)
       qx.append(np.asarray(a))
       qy.append(np.asarray(b))
@@ -257,6 +305,7 @@ def run_vae_attacks(config, data, model, judge, key, log, mesh, chunk, budget, o
     seconds = time.perf_counter() - t0
     ok, prob, ssim, qx, qy = _cat(ok), _cat(prob), _cat(ssim), _cat(qx), _cat(qy)
     dist = jax.tree.map(lambda *p: _cat(p), *dist)
+    nonfinite = jax.tree.map(lambda *p: _cat(p), *nonfinite)
     extra = {}
     if name == "latent_l2" and len(eps) > 1:
       areas = np.asarray(jax.vmap(metrics.auddc, in_axes=(1, 1))(qx, qy))  # per pair
@@ -286,6 +335,10 @@ def run_vae_attacks(config, data, model, judge, key, log, mesh, chunk, budget, o
       row = dict(base_row, attack=name, norm=_vae_norm(name), eps=eps_value)
       if log.has(row):
         continue
+      flags = {k: v[e] for k, v in nonfinite.items()}
+      if _report_non_finite(flags, f"model {model.name}, attack {name}, eps={eps_value:g}",
+                            problems):  # fmt: skip
+        continue
       row.update(_row_stats(ok[e], prob[e], ssim[e], _at(dist, e), ecfg))
       row.update(
         extra,
@@ -305,6 +358,8 @@ def run_vae_attacks(config, data, model, judge, key, log, mesh, chunk, budget, o
         row["n_pairs"],
         f", AUDDC {extra['auddc']:.3f}" if extra else "",
       )
+  if problems:
+    raise NonFiniteError("; ".join(problems))
 
 
 def _vae_norm(name: str) -> str:
