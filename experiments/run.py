@@ -36,6 +36,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate.validate(config)
   except validate.ConfigError as e:
     raise UserError(str(e)) from None
+  if config.get("experiment") == "defenses":
+    from experiments import defenses  # noqa: PLC0415  (configs/mnist_defenses.py)
+
+    return defenses.run(config, workdir)
   workdir = pathlib.Path(workdir)
   _claim_workdir(config, workdir)
 
@@ -52,8 +56,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
 
   from experiments import models as models_lib  # noqa: PLC0415  (keeps --help fast)
+  from vae_attacks import train as train_lib  # noqa: PLC0415
 
-  trained = models_lib.train_all(config, data, workdir)
+  try:
+    trained = models_lib.train_all(config, data, workdir)
+  except (train_lib.CheckpointError, train_lib.NonFiniteError) as e:  # names model and folder
+    raise UserError(str(e)) from None
   train_metrics = {name: m.metrics for name, m in trained.items()}
   store.write_json_atomic(workdir / "train_metrics.json", train_metrics)
 

@@ -174,3 +174,39 @@ def test_augment_image_is_a_flip_and_an_edge_padded_translation(key):
 def test_make_optimizer_rejects_unknown_schedule():
   with pytest.raises(ValueError, match="lr_schedule"):
     train.make_optimizer(learning_rate=1e-3, total_steps=10, lr_schedule="linear")
+
+
+def test_non_finite_epoch_is_an_error_and_never_checkpointed(key, tmp_path):
+  ckpt = str(tmp_path / "nan")
+  _fit_cnn(key, 1, checkpoint_dir=ckpt)
+  x_train = DATA.x_train.copy()
+  x_train[5, 0, 0, 0] = np.nan  # one bad pixel: every parameter is NaN after its step
+  poisoned = types.SimpleNamespace(**{**vars(DATA), "x_train": x_train})
+  with pytest.raises(train.NonFiniteError) as err:
+    train.train_classifier(
+      CNN, poisoned, key=key, epochs=2, batch_size=16, learning_rate=1e-2, init_params=CNN_INIT,
+      checkpoint_dir=ckpt,
+    )  # fmt: skip
+  # The parameters are NaN while the losses may look finite: XLA's CPU max (ReLU) drops NaN.
+  message = str(err.value)
+  assert f"classifier ({ckpt}): non-finite" in message
+  assert "parameters at epoch 2/2" in message
+  assert "keeps epoch 1" in message
+  # epoch 2 was not saved: a rerun on good data resumes from the finite epoch 1
+  assert sorted(p.name for p in (tmp_path / "nan").iterdir() if p.name.isdigit()) == ["1"]
+  _, metrics = _fit_cnn(key, 2, checkpoint_dir=ckpt)
+  assert metrics["resumed_from_epoch"] == 1 and np.isfinite(metrics["test_loss"])
+
+
+def test_checkpoint_of_another_model_or_corrupt_is_named_not_a_traceback(key, tmp_path):
+  ckpt = tmp_path / "other"
+  _fit_cnn(key, 1, checkpoint_dir=str(ckpt))
+  wider = models.CNN(3, features=(8,), dense=(16,))  # other parameter shapes
+  with pytest.raises(train.CheckpointError, match=f"checkpoint {ckpt} was made for another model"):
+    train.train_classifier(wider, DATA, key=key, epochs=1, batch_size=16, checkpoint_dir=str(ckpt))
+  # Same hyper-parameters but unreadable parameter files (a copied or damaged folder).
+  for f in (ckpt / "1" / "state").rglob("*"):
+    if f.is_file() and f.name != "_METADATA":
+      f.write_bytes(b"not a tensorstore chunk")
+  with pytest.raises(train.CheckpointError, match=f"saved in {ckpt} .step 1. do not fit"):
+    _fit_cnn(key, 1, checkpoint_dir=str(ckpt))

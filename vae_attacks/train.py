@@ -91,6 +91,78 @@ def augment_image(key: PRNGKey, x: Array, *, flip: bool, max_shift: int) -> Arra
   return x
 
 
+class CheckpointError(ValueError):
+  """A checkpoint directory this run cannot resume: another model's, or unreadable."""
+
+
+def _restore_meta(manager, step, name, checkpoint_dir) -> dict:
+  """The JSON metadata of checkpoint `step`, or CheckpointError naming the directory."""
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  except Exception as e:  # noqa: BLE001  (orbax raises many types for a foreign folder)
+    raise CheckpointError(
+      f"{name}: checkpoint {checkpoint_dir} (step {step}) cannot be read "
+      f"({type(e).__name__}); delete it or use another --workdir"
+    ) from None
+  if not isinstance(meta, dict) or not {"hparams", "epoch", "history"} <= set(meta):
+    raise CheckpointError(
+      f"{name}: checkpoint {checkpoint_dir} (step {step}) was not written by vae_attacks "
+      "training; delete it or use another --workdir"
+    )
+  return meta
+
+
+def _restore_state(manager, step, abstract, name, checkpoint_dir):
+  """The training state of checkpoint `step`, checked against the structure and shapes of
+  `abstract`, or CheckpointError naming the directory."""
+  try:
+    state = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    ).state
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(
+      f"{name}: the parameters saved in {checkpoint_dir} (step {step}) do not fit this model "
+      f"({type(e).__name__}); delete it or use another --workdir"
+    ) from None
+  got, want = _signature(state), _signature(abstract)
+  if got != want:
+    raise CheckpointError(
+      f"{name}: the parameters saved in {checkpoint_dir} (step {step}) have other shapes than "
+      "this model's; delete it or use another --workdir"
+    )
+  return state
+
+
+def _signature(tree) -> tuple:
+  leaves, treedef = jax.tree.flatten(tree)
+  return str(treedef), tuple((tuple(np.shape(a)), str(a.dtype)) for a in leaves)
+
+
+class NonFiniteError(FloatingPointError):
+  """Training produced NaN or inf; the epoch was not checkpointed."""
+
+
+def _check_finite(name, epoch, epochs, record, params, checkpoint_dir, manager) -> None:
+  """Raises NonFiniteError naming the model, epoch and quantity when the epoch's losses,
+  metrics or parameters hold NaN or inf (before the state could be checkpointed)."""
+  bad = [k for k, v in record.items() if isinstance(v, float) and not np.isfinite(v)]
+  if not all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params)):
+    bad.append("parameters")
+  if not bad:
+    return
+  last = manager.latest_step() if manager is not None else None
+  kept = (
+    f"; the checkpoint keeps epoch {last}, the last finite one"
+    if last is not None
+    else "; nothing was checkpointed"
+  )
+  where = f"{name} ({checkpoint_dir})" if checkpoint_dir else name
+  raise NonFiniteError(
+    f"{where}: non-finite {', '.join(bad)} at epoch {epoch}/{epochs}{kept} (a learning rate too "
+    "high, or NaN in the data?)"
+  )
+
+
 def _chunked(fn: Callable, *arrays: Array, chunk: int) -> list:
   """fn applied to consecutive chunks of `arrays` (leading axis), results in a list."""
   n = arrays[0].shape[0]
@@ -147,22 +219,22 @@ def _fit(
   manager = _checkpoint_manager(checkpoint_dir) if checkpoint_dir is not None else None
   if manager is not None and manager.latest_step() is not None:
     latest = manager.latest_step()
-    # Restore into the structure of fresh state, known from shapes alone (no init runs).
-    abstract = jax.eval_shape(lambda: make_state(init()))
-    restored = manager.restore(
-      latest,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-      ),
-    )
-    meta = restored.meta
-    if meta["hparams"] != hparams:
-      raise ValueError(
-        f"checkpoint in {checkpoint_dir} was made with {meta['hparams']}, not {hparams}"
+    meta = _restore_meta(manager, latest, name, checkpoint_dir)
+    if meta.get("hparams") != hparams:
+      old = meta.get("hparams") or {}
+      differ = sorted(k for k in set(old) | set(hparams) if old.get(k) != hparams.get(k))
+      raise CheckpointError(
+        f"{name}: checkpoint {checkpoint_dir} was made for another model or training "
+        f"(differs in: {', '.join(differ)}); delete it or use another --workdir"
       )
     if meta["epoch"] > epochs:
-      raise ValueError(f"checkpoint in {checkpoint_dir} is at epoch {meta['epoch']} > {epochs}")
-    state, history = restored.state, list(meta["history"])
+      raise CheckpointError(
+        f"{name}: checkpoint {checkpoint_dir} is at epoch {meta['epoch']} > {epochs}"
+      )
+    # Restore into the structure of fresh state, known from shapes alone (no init runs).
+    abstract = jax.eval_shape(lambda: make_state(init()))
+    restored = _restore_state(manager, latest, abstract, name, checkpoint_dir)
+    state, history = restored, list(meta["history"])
     start_epoch, previous_seconds = meta["epoch"], meta["train_seconds"]
     reused = start_epoch == epochs
     logging.info("%s: restored epoch %d/%d from %s", name, start_epoch, epochs, checkpoint_dir)
@@ -223,6 +295,7 @@ def _fit(
     seconds += epoch_seconds
     record = {"epoch": epoch + 1, "train_loss": train_loss, "seconds": epoch_seconds}
     record.update(evaluate(state["params"]))
+    _check_finite(name, epoch + 1, epochs, record, state["params"], checkpoint_dir, manager)
     history.append(record)
     done = epoch + 1 - start_epoch
     eta = (time.perf_counter() - loop_start) / done * (epochs - epoch - 1)
