@@ -4,6 +4,7 @@ import importlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -122,6 +123,10 @@ def test_workdir_of_another_config_is_refused(data_root, tmp_path):
     ("attacks.bim.steps", 0, "attacks.bim.steps=0; allowed: an integer >= 1"),
     ("data.source", "web", "data.source='web' is not allowed"),
     ("eval.ssim_min", 1.5, "eval.ssim_min=1.5; allowed: a number in [0, 1]"),
+    ("eval.confidence_min", -0.1, "eval.confidence_min=-0.1; allowed: a number in [0, 1]"),
+    ("attacks.bim.eps", (0.1, -0.1), "attacks.bim.eps contains -0.1; allowed: numbers >= 0"),
+    ("attacks.enabled", ("fgsm", "bimm"), "attacks.enabled[]='bimm' is not allowed; allowed: fgsm"),
+    ("data.image_size", 32, "data.image_size=32: MNIST images are 28x28; allowed: 28"),
   ],
 )
 def test_bad_values_are_named_before_any_work(field, value, message, data_root, tmp_path):
@@ -180,3 +185,50 @@ def test_distributed_initialises_jax_before_any_work(tmp_path):
   assert "Traceback" not in proc.stderr
   assert "error: distributed=True but jax.distributed.initialize() failed" in proc.stderr
   assert not (tmp_path / "w").exists()
+
+
+def test_corrupt_data_file_is_one_line_naming_it(tmp_path):
+  root = make_data_root(tmp_path / "data", n_train=20, n_test=10, size=32)
+  bad = root / "mnist" / "t10k-images-idx3-ubyte.gz"
+  bad.write_bytes(b"\x1f\x8b this is not a gzip stream")
+  proc = subprocess.run(
+    [sys.executable, "-m", "experiments.main", "--config=configs/mnist_cnn.py:quick",
+     f"--workdir={tmp_path / 'w'}", "--config.data.source=local", f"--config.data.dir={root}"],
+    capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).parents[1],
+  )  # fmt: skip
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  error = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+  assert len(error) == 1 and str(bad) in error[0]
+
+
+def test_corrupt_config_json_in_workdir_is_refused(data_root, tmp_path):
+  (tmp_path / "config.json").write_text('{"seed": 0, "data": {"na')
+  with pytest.raises(run_lib.UserError, match="config.json is not valid JSON"):
+    run_lib.run(tiny("mnist_cnn", data_root), str(tmp_path))
+
+
+def test_checkpoint_of_another_model_is_refused_naming_it(data_root, tmp_path):
+  """A workdir without config.json (so the workdir check cannot help) holding checkpoints of a
+  CNN of another shape: one message naming the checkpoint folder, not an orbax traceback."""
+  run_lib.run(tiny("mnist_cnn", data_root), str(tmp_path / "a"))
+  (tmp_path / "b").mkdir()
+  shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints")
+  other = tiny("mnist_cnn", data_root)
+  other.model.cnn.dense = (32,)
+  ckpt = (tmp_path / "b" / "checkpoints" / "cnn").resolve()
+  with pytest.raises(run_lib.UserError, match=f"checkpoint {ckpt} was made for another model"):
+    run_lib.run(other, str(tmp_path / "b"))
+  assert not (tmp_path / "b" / "results.jsonl").exists()
+
+
+def test_training_that_blows_up_names_model_epoch_and_quantity(data_root, tmp_path):
+  config = tiny("mnist_cnn", data_root)
+  config.train.cnn.learning_rate = 1e30
+  with pytest.raises(run_lib.UserError) as err:
+    run_lib.run(config, str(tmp_path))
+  message = str(err.value)
+  assert f"({(tmp_path / 'checkpoints' / 'cnn').resolve()}): non-finite" in message
+  assert "at epoch 1/1; nothing was checkpointed" in message
+  assert not list((tmp_path / "checkpoints" / "cnn").glob("[0-9]*"))
+  assert not (tmp_path / "results.jsonl").exists()
