@@ -1,0 +1,203 @@
+"""GMVAE with rejection (Ghosh et al. 2018): loss, closest-component classification, the
+false-rejection rate of the thresholds, and the adaptive attack on a constructed model."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from vae_attacks import losses, models
+from vae_attacks.attacks import bim
+from vae_attacks.defenses import gmvae
+
+SIZE = 8
+
+
+def _toy(n, seed, classes=3, noise=0.1):
+  """Class k: a bright 3x3 block at corner k on noise (as tests/test_train.py)."""
+  rng = np.random.default_rng(seed)
+  corners = [(0, 0), (0, SIZE - 3), (SIZE - 3, 0)][:classes]
+  y = rng.integers(0, classes, n).astype(np.int32)
+  x = np.clip(0.2 + noise * rng.normal(size=(n, SIZE, SIZE, 1)), 0, 1).astype(np.float32)
+  for i, k in enumerate(y):
+    r, c = corners[k]
+    x[i, r : r + 3, c : c + 3, 0] = 0.9
+  return x, y
+
+
+def test_loss_is_elbo_with_class_prior():
+  rng = np.random.default_rng(0)
+  logits, x = rng.normal(size=(4, 4, 1)), rng.uniform(size=(4, 4, 1))
+  mean, logvar, mu = rng.normal(size=3), 0.3 * rng.normal(size=3), rng.normal(size=3)
+  var = np.exp(logvar)
+  # KL(N(mean, var) || N(mu, 1)) = 1/2 sum(var + (mean - mu)^2 - 1 - log var)
+  kl = 0.5 * np.sum(var + (mean - mu) ** 2 - 1 - logvar)
+  expected = float(losses.bernoulli_nll(jnp.asarray(logits), jnp.asarray(x))) + kl
+  got = gmvae.gmvae_loss(*(jnp.asarray(a, jnp.float32) for a in (logits, x, mean, logvar, mu)))
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained():
+  x_train, y_train = _toy(192, 0)
+  x_test, y_test = _toy(64, 1)
+  data = types.SimpleNamespace(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+  model = gmvae.GMVAE(models.MLPVAE((SIZE, SIZE, 1), 3, hidden=(32,)), num_classes=3)
+  params, metrics = gmvae.train_gmvae(
+    model, data, key=jax.random.key(0), epochs=4, batch_size=32, learning_rate=3e-3
+  )
+  return model, params, metrics
+
+
+def test_training_separates_classes(trained):
+  model, params, metrics = trained
+  first, last = metrics["history"][0], metrics["history"][-1]
+  assert last["train_loss"] < first["train_loss"]
+  assert metrics["test_accuracy"] > 0.9  # chance is 1/3
+  means = model.apply(params, method="class_means")
+  np.testing.assert_allclose(means, 3.0 * np.eye(3), atol=0)  # fixed means: not trained
+
+
+def test_closest_component_is_argmax_and_softmax_is_posterior(trained):
+  model, params, _ = trained
+  x, _ = _toy(32, 2)
+  s = gmvae.batch_scores(model, params, x)
+  fn_logits = jax.vmap(gmvae.logits_fn(model), in_axes=(None, 0))(params, jnp.asarray(x))
+  np.testing.assert_allclose(s.logits, fn_logits, rtol=1e-6)
+  z = np.asarray(jax.vmap(lambda xi: model.apply(params, xi[None], method="encode")[0][0])(x))
+  mu = np.asarray(model.apply(params, method="class_means"))
+  dist = np.linalg.norm(z[:, None, :] - mu[None], axis=-1)  # [N, K]
+  np.testing.assert_array_equal(s.pred, np.argmin(dist, axis=1))
+  np.testing.assert_array_equal(s.pred, np.argmax(fn_logits, axis=1))
+  np.testing.assert_allclose(s.latent_distance, dist.min(axis=1), rtol=1e-5)
+  # Equal weights, unit variances: p(k | z) = N(z; mu_k, I) / sum_j N(z; mu_j, I).
+  dens = np.stack([stats.multivariate_normal(m, np.eye(3)).pdf(z) for m in mu], axis=1)
+  np.testing.assert_allclose(
+    jax.nn.softmax(fn_logits), dens / dens.sum(1, keepdims=True), rtol=1e-4, atol=1e-7
+  )
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.2])
+def test_thresholds_give_false_rejection_rate_on_held_out_data(trained, rate):
+  model, params, _ = trained
+  n = 600
+  calib = gmvae.batch_scores(model, params, _toy(n, 3)[0])
+  held_out = gmvae.batch_scores(model, params, _toy(n, 4)[0])
+  t = gmvae.fit_thresholds(
+    calib.latent_distance, calib.reconstruction_error, false_rejection_rate=rate
+  )
+  calib_rate = np.mean(np.asarray(gmvae.rejected(calib, t)))
+  assert calib_rate <= rate and calib_rate > rate - 0.02  # at most the rate, and close
+  # Both criteria do reject: neither threshold is the maximum of its score.
+  assert float(jnp.mean(calib.latent_distance > t.latent)) > 0
+  assert float(jnp.mean(calib.reconstruction_error > t.reconstruction)) > 0
+  # Held out: binomial sd of the held-out rate plus that of the calibration quantile.
+  sd = np.sqrt(rate * (1 - rate) * (2 / n))
+  held_rate = np.mean(np.asarray(gmvae.rejected(held_out, t)))
+  assert abs(held_rate - rate) < 3 * sd, (held_rate, rate, 3 * sd)
+  # detect agrees with the scores.
+  pred, rej = jax.vmap(gmvae.detect, in_axes=(None, None, None, 0))(
+    model, params, t, jnp.asarray(_toy(n, 4)[0][:50])
+  )
+  np.testing.assert_array_equal(pred, held_out.pred[:50])
+  np.testing.assert_array_equal(rej, gmvae.rejected(held_out, t)[:50])
+
+
+# A constructed linear GMVAE on 4x4 images where the rejection provably bites: codes
+# z1 = 6 (mean(left) - mean(right)), z2 = 6 (mean(top) - mean(bottom)); class means (+-3, 0);
+# class 0 is left 0.75 / right 0.25, class 1 the mirror; the decoder inverts z1 exactly at
+# the class means. A minimal attack (the plain BIM with early stop) stops at the decision
+# boundary z1 ~ 0, 3 away from both means, far beyond the clean latent distances (~0.3).
+
+LEFT = np.zeros((4, 4, 1), np.float32)
+LEFT[:, :2] = 1.0
+TOP = np.zeros((4, 4, 1), np.float32)
+TOP[:2] = 1.0
+
+
+def _linear_gmvae():
+  model = gmvae.GMVAE(models.MLPVAE((4, 4, 1), 2, hidden=()), num_classes=2)
+  left, top = LEFT.ravel(), TOP.ravel()
+  enc = np.stack([6 * (2 * left - 1) / 8, 6 * (2 * top - 1) / 8], axis=1)  # [16, 2]
+  a = np.log(3.0) / 3.0  # sigmoid(3a) = 0.75
+  dec = np.stack([a * (2 * left - 1), np.zeros(16)], axis=0)  # [2, 16]
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  params = {
+    "params": {
+      "vae": {
+        "mean_head": {"kernel": f32(enc), "bias": f32(np.zeros(2))},
+        "logvar_head": {"kernel": f32(np.zeros((16, 2))), "bias": f32(np.zeros(2))},
+        "pixel_head": {"kernel": f32(dec), "bias": f32(np.zeros(16))},
+      },
+      "means": f32([[3.0, 0.0], [-3.0, 0.0]]),
+    }
+  }
+  # The hand-made variables have the module's structure.
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4, 4, 1)), jax.random.key(0))
+  assert jax.tree.structure(shapes) == jax.tree.structure(params)
+  return model, params
+
+
+def _linear_data(n, seed):
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, 2, n)
+  proto = np.where(y[:, None, None, None] == 0, 0.25 + 0.5 * LEFT, 0.75 - 0.5 * LEFT)
+  x = np.clip(proto + 0.1 * rng.normal(size=(n, 4, 4, 1)), 0, 1).astype(np.float32)
+  return jnp.asarray(x), jnp.asarray(y, jnp.int32)
+
+
+def test_adaptive_attack_evades_rejection_where_plain_attack_is_rejected():
+  model, params = _linear_gmvae()
+  x_cal, y_cal = _linear_data(400, 0)
+  calib = gmvae.batch_scores(model, params, x_cal)
+  assert float(jnp.mean(calib.pred == y_cal)) == 1.0
+  t = gmvae.fit_thresholds(
+    calib.latent_distance, calib.reconstruction_error, false_rejection_rate=0.05
+  )
+  x, y = _linear_data(16, 1)
+  target = 1 - y
+  knobs = dict(eps=1.0, step_size=0.02, steps=50, norm="linf", early_stop=True, unroll=1)
+
+  plain_fn = gmvae.logits_fn(model)
+  plain = jax.jit(jax.vmap(lambda xi, ti: bim.bim(plain_fn, params, xi, ti, **knobs)))(x, target)
+  pred, rej = jax.vmap(gmvae.detect, in_axes=(None, None, None, 0))(model, params, t, plain.x_adv)
+  assert bool(jnp.all(pred == target))  # the plain attack fools the classifier ...
+  assert float(jnp.mean(rej)) == 1.0  # ... and is always rejected
+
+  adaptive_fn = gmvae.adaptive_logits_fn(model, penalty=10.0, margin=0.1)
+  both = {"gmvae": params, "thresholds": t}
+  adaptive = jax.jit(
+    jax.vmap(lambda xi, ti: gmvae.adaptive_bim(adaptive_fn, both, xi, ti, **knobs))
+  )(x, target)
+  pred, rej = jax.vmap(gmvae.detect, in_axes=(None, None, None, 0))(
+    model, params, t, adaptive.x_adv
+  )
+  np.testing.assert_array_equal(adaptive.success, (pred == target) & ~rej)
+  assert float(jnp.mean(adaptive.success)) >= 0.9  # classified as the target AND accepted
+  assert float(jnp.mean(rej)) <= 0.1
+  # In the ball and the box.
+  assert float(jnp.max(jnp.abs(adaptive.x_adv - x))) <= 1.0 + 1e-6
+  assert float(jnp.min(adaptive.x_adv)) >= 0.0 and float(jnp.max(adaptive.x_adv)) <= 1.0
+
+
+def test_adaptive_logits_add_exactly_each_class_penalty():
+  model, params = _linear_gmvae()
+  x, _ = _linear_data(8, 2)
+  x = x.at[:4].set(0.5)  # on the decision boundary: far from both components
+  t = gmvae.Thresholds(latent=jnp.float32(0.5), reconstruction=jnp.float32(0.02))
+  fn = gmvae.adaptive_logits_fn(model, penalty=10.0, margin=0.1)
+  aug = jax.vmap(fn, in_axes=(None, 0))({"gmvae": params, "thresholds": t}, x)
+  assert aug.shape == (8, 3)
+  s = gmvae.batch_scores(model, params, x)
+  z = np.asarray(model.apply(params, x, method="encode")[0])
+  mu = np.asarray(model.apply(params, method="class_means"))
+  dist = np.linalg.norm(z[:, None] - mu[None], axis=-1)  # [N, K]
+  err = np.asarray(s.reconstruction_error)[:, None]
+  p = 10.0 * (np.maximum(dist / 0.5 - 0.9, 0) + np.maximum(err / 0.02 - 0.9, 0))
+  assert np.any(p > 1) and np.any(p == 0)
+  ce = lambda logits, k: -jax.nn.log_softmax(logits)[..., k]
+  for k in range(2):
+    np.testing.assert_allclose(ce(aug, k), ce(s.logits, k) + p[:, k], rtol=1e-4, atol=1e-5)
