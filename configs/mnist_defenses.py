@@ -1,0 +1,92 @@
+"""MNIST defences: distillation, adversarial training, projection; adaptive attacks; transfer.
+
+Run (2-core CPU; see README "Defences" for measured times):
+  python -m experiments.main --config=configs/mnist_defenses.py --workdir=runs/mnist_defenses
+Only the adversarially trained CNN (the robust-accuracy measurement):
+  ... --config.defenses.enabled="('adversarial',)" --config.defenses.transfer.enabled=False
+Quick (about a minute): --config=configs/mnist_defenses.py:quick
+GPU-sized adversarial training (Madry et al. 2018: PGD-40, 100,000 steps of 50 examples):
+  --config=configs/mnist_defenses.py:gpu
+
+`experiment = "defenses"` makes experiments.run hand the config to experiments/defenses.py.
+The model / train sections hold every trained network: `cnn` (the undefended baseline, also
+the classifier behind the projection and the distillation architecture), `substitute` (the
+black-box attacker's own network), `adversarial` (the adversarially trained CNN), and
+`mlp_vae` / `vae` (the projection's generator).
+"""
+
+import ml_collections
+
+from configs import base
+
+ARGS = ("", "quick", "gpu")
+
+
+def get_config(arg=None):
+  arg = arg or ""
+  if arg not in ARGS:
+    raise ValueError(f"config argument {arg!r} is not known; allowed: '', 'quick' or 'gpu'")
+  quick = arg == "quick"
+  c = base.get_config(dataset="mnist", models=("cnn",), quick=quick)
+  c.name = "mnist_defenses"
+  c.experiment = "defenses"
+
+  cnn = dict(c.model.cnn)
+  c.model.substitute = dict(cnn, features=(16, 32), dense=(64,))
+  # Wider than the baseline (adversarial training needs capacity, Madry et al. 2018), with
+  # Madry's fc1024 head.
+  c.model.adversarial = dict(cnn, features=(32, 64), dense=(1024,))
+  c.train.substitute = dict(c.train.cnn, epochs=3)
+  c.train.distillation = dict(c.train.cnn, epochs=4, augment_shift=0)
+  # FGSM with a random start (Wong et al. 2020) after an eps ramp: ~2x the cost of clean
+  # training per example; 8 epochs fit ~25 minutes of this 2-core CPU.
+  c.train.adversarial = dict(c.train.cnn, epochs=8, batch_size=100, augment_shift=0)
+
+  d = c.defenses = ml_collections.ConfigDict()
+  d.enabled = ("none", "substitute", "distillation", "adversarial", "projection")
+  d.num_examples = 1000  # the first N test images, shared by every defence and attack
+  d.distillation = ml_collections.ConfigDict(dict(temperature=100.0))
+  d.adversarial = ml_collections.ConfigDict(
+    dict(eps=0.3, steps=1, step_size_rel=1.25, random_start=True, ramp_epochs=2.0)
+  )
+  d.attacks = ml_collections.ConfigDict(
+    dict(eps=(0.1, 0.3), fgsm=True, pgd_steps=40, pgd_step_size_rel=2.5 / 40, restarts=5)
+  )
+  d.projection = ml_collections.ConfigDict(
+    dict(
+      steps=50,
+      restarts=4,
+      learning_rate=0.05,
+      attack_steps=10,  # BPDA runs a whole projection per attack step
+      false_rejection_rate=0.05,
+      threshold_examples=500,  # held-out clean test images (the last ones) for the threshold
+      num_examples=200,
+    )
+  )
+  d.transfer = ml_collections.ConfigDict(
+    dict(
+      enabled=True, eps=0.3, sources=("substitute", "none", "distillation", "adversarial"),
+      restarts=1,
+    )
+  )  # fmt: skip
+
+  if arg == "gpu":
+    c.train.adversarial = dict(
+      c.train.adversarial, epochs=84, batch_size=50, learning_rate=1e-4, lr_schedule="constant"
+    )  # 84 x 1200 = 100,800 steps
+    d.adversarial.update(steps=40, step_size_rel=0.01 / 0.3, ramp_epochs=0.0)
+    d.attacks.restarts = 10
+    d.num_examples = 10000
+    d.projection.num_examples = 1000
+  if quick:
+    c.model.substitute = dict(c.model.substitute, features=(8,), dense=(32,))
+    c.model.adversarial = dict(c.model.adversarial, features=(16,), dense=(64,))
+    for name in ("substitute", "distillation", "adversarial"):
+      c.train[name] = dict(c.train[name], epochs=2, batch_size=64)
+    c.train.vae.epochs = 2
+    d.num_examples = 64
+    d.adversarial.ramp_epochs = 1.0
+    d.attacks.update(pgd_steps=5, pgd_step_size_rel=2.5 / 5, restarts=2)
+    d.projection.update(steps=5, restarts=2, attack_steps=3, threshold_examples=100)
+    d.projection.num_examples = 16
+  return c

@@ -1,0 +1,498 @@
+"""The defences run: train defended models, attack each with attacks that know the defence.
+
+  python -m experiments.main --config=configs/mnist_defenses.py[:quick|:gpu] [--workdir=DIR]
+
+`experiments.run.run` hands a config with `experiment == "defenses"` to `run` here. Each entry
+of `config.defenses.enabled` names a builder in `DEFENSES` (a plain dict, name -> builder),
+which trains (or reuses the checkpoints of) what the defence needs and returns a `Defended`:
+the deployed classifier, an optional rejection rule, and the attacks to run on it, each
+marked adaptive or not. Every (defence, attack, eps) point is one row of `defenses.jsonl`
+(`store.ResultsLog`: appended atomically as it finishes, skipped on a rerun), as is every
+(source, target) entry of the black-box transfer matrix. `summary.md` gets the defence table
+(experiments/report.py).
+
+Measures (all over the same first `defenses.num_examples` test images, with 95% Wilson
+intervals): clean accuracy (correct and, for a rejecting defence, accepted); robust accuracy
+(the adversarial input is classified correctly and accepted; an example counts as broken when
+any of the attack's random restarts breaks it); for a rejecting defence also the detection
+rate (rejected among the adversarial inputs the classifier gets wrong), the false-rejection
+rate (rejected among clean inputs) and the defended rate (correct or rejected).
+"""
+
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from absl import logging
+
+from experiments import models as models_lib
+from experiments import run as run_lib
+from experiments import store
+from vae_attacks import metrics, models, train
+from vae_attacks.attacks import fgsm, runner
+from vae_attacks.defenses import adversarial, distillation, transfer
+from vae_attacks.types import LogitsFn, Params
+
+RESULT_KEY = ("kind", "dataset", "defense", "attack", "eps", "source", "target", "settings")
+RESULTS_FILE = "defenses.jsonl"
+# Stable per-model key indices: "none" is the CNN of configs/mnist_cnn.py (index 0 there).
+KEY_INDEX = {
+  "none": 0,
+  "substitute": 11,
+  "distillation": 12,
+  "adversarial": 13,
+  "vae": 14,
+  "projection": 15,
+  "gmvae": 16,
+}
+
+
+def _fgsm(logits_fn, params, x, label, *, eps, key):
+  """Untargeted FGSM in the runner's form (`key` unused: it has no random start)."""
+  del key
+  return fgsm.fgsm(logits_fn, params, x, label, eps=eps, norm="linf", targeted=False)
+
+
+class AttackSpec(NamedTuple):
+  """One attack on a defence: what it differentiates and how."""
+
+  name: str  # e.g. "pgd", "pgd_adaptive"
+  adaptive: bool  # the attack targets the defence's mechanism (or the defence is only weights)
+  logits_fn: LogitsFn  # the model the attack differentiates
+  params: Params
+  fn: Callable  # runner attack (logits_fn, params, x, label, *, eps, key, **knobs)
+  knobs: dict
+  restarts: int
+  note: str  # one line for the report
+
+
+class Defended(NamedTuple):
+  """A defence as the evaluation sees it."""
+
+  name: str
+  logits_fn: LogitsFn  # the deployed classifier
+  params: Params
+  reject: Callable[[np.ndarray], np.ndarray] | None  # host: x [N, ...] -> bool[N] rejected
+  attacks: list  # [AttackSpec]
+  metrics: dict  # training metrics, for train_metrics.json
+  transfer_spec: AttackSpec | None = None  # how to craft transfer examples on this model
+  max_examples: int | None = None  # evaluate on fewer examples (a costly defence)
+
+
+class Context:
+  """What builders share: config, data, workdir, and the models trained so far (by name)."""
+
+  def __init__(self, config, data, workdir: pathlib.Path):
+    self.config, self.data, self.workdir = config, data, workdir
+    self.root = jax.random.key(config.seed)
+    self.num_classes = len(data.class_names)
+    self.trained: dict[str, Any] = {}
+
+  def key(self, name: str):
+    return jax.random.fold_in(self.root, KEY_INDEX[name])
+
+  def checkpoint(self, name: str) -> str:
+    return str((self.workdir / "checkpoints" / name).resolve())
+
+  def classifier(self, name: str, model_cfg: dict, train_cfg: dict, **extra):
+    """A CNN trained with `train_cfg` (cached per name): (module, params, kept metrics)."""
+    if name not in self.trained:
+      cnn = models.CNN(num_classes=self.num_classes, **model_cfg)
+      params, m = train.train_classifier(
+        cnn, self.data, key=self.key(name), checkpoint_dir=self.checkpoint(name), **train_cfg
+      )
+      self.trained[name] = (cnn, params, models_lib._keep(m, params, "classifier"))
+      logging.info("%s: test accuracy %.4f", name, m["test_accuracy"])
+    return self.trained[name]
+
+  def baseline(self):
+    c = self.config
+    return self.classifier("none", c.model.cnn, c.train.cnn)
+
+  def vae(self):
+    """The MLP VAE of the study (configs' model.mlp_vae, train.vae): (module, params, metrics)."""
+    if "vae" not in self.trained:
+      image_shape = tuple(self.data.x_train.shape[1:])
+      vae = models.MLPVAE(image_shape=image_shape, **self.config.model.mlp_vae)
+      params, m = train.train_vae(
+        vae,
+        self.data,
+        key=self.key("vae"),
+        checkpoint_dir=self.checkpoint("mlp_vae/vae"),
+        **self.config.train.vae,
+      )
+      self.trained["vae"] = (vae, params, models_lib._keep(m, params, "vae"))
+    return self.trained["vae"]
+
+
+def _pgd_specs(config, logits_fn, params, *, name="pgd", adaptive=True, note=""):
+  a = config.defenses.attacks
+  knobs = dict(steps=a.pgd_steps, step_size_rel=float(a.pgd_step_size_rel))
+  return AttackSpec(
+    name, adaptive, logits_fn, params, adversarial.pgd_linf, knobs, a.restarts, note
+  )
+
+
+def _fgsm_spec(logits_fn, params, *, name="fgsm", adaptive=True, note=""):
+  return AttackSpec(name, adaptive, logits_fn, params, _fgsm, {}, 1, note)
+
+
+def _white_box(config, logits_fn, params, what: str) -> list:
+  """FGSM and PGD with restarts on a defence that is nothing but its weights."""
+  note = f"white-box on {what}: the attack knows every weight"
+  specs = [_pgd_specs(config, logits_fn, params, note=note)]
+  if config.defenses.attacks.fgsm:
+    specs.insert(0, _fgsm_spec(logits_fn, params, note=note))
+  return specs
+
+
+def build_none(ctx: Context) -> Defended:
+  """No defence: the study's CNN, the baseline every defence is compared with."""
+  cnn, params, m = ctx.baseline()
+  fn = models.classifier_fns(cnn)
+  specs = _white_box(ctx.config, fn, params, "the undefended CNN")
+  return Defended("none", fn, params, None, specs, m, specs[-1])
+
+
+def build_substitute(ctx: Context) -> Defended:
+  """Another architecture trained on the same data: the black-box attacker's own model."""
+  c = ctx.config
+  cnn, params, m = ctx.classifier("substitute", c.model.substitute, c.train.substitute)
+  fn = models.classifier_fns(cnn)
+  specs = _white_box(c, fn, params, "the substitute")
+  return Defended("substitute", fn, params, None, specs, m, specs[-1])
+
+
+def build_distillation(ctx: Context) -> Defended:
+  """Defensive distillation at T; attacked naively (softmax at T = 1) and on logits / T."""
+  c = ctx.config
+  t = float(c.defenses.distillation.temperature)
+  if "distillation" not in ctx.trained:
+    teacher = models.CNN(num_classes=ctx.num_classes, **c.model.cnn)
+    _, params, m = distillation.train_distilled(
+      teacher,
+      teacher,
+      ctx.data,
+      key=ctx.key("distillation"),
+      temperature=t,
+      checkpoint_dir=ctx.checkpoint("distillation"),
+      **c.train.distillation,
+    )
+    kept = {k: models_lib._keep(v, params, "classifier") for k, v in m.items()}
+    kept["test_accuracy"] = kept["student"]["test_accuracy"]
+    kept["train_seconds"] = kept["teacher"]["train_seconds"] + kept["student"]["train_seconds"]
+    ctx.trained["distillation"] = (teacher, params, kept)
+  cnn, params, kept = ctx.trained["distillation"]
+  fn = models.classifier_fns(cnn)
+  scaled = distillation.TemperatureScaled(fn, t)
+  naive = "cross-entropy of the deployed softmax (T = 1), which saturates"
+  adaptive = f"cross-entropy of softmax(logits / {t:g}) (Carlini & Wagner 2016)"
+  specs = [
+    _pgd_specs(c, fn, params, name="pgd", adaptive=False, note=naive),
+    _pgd_specs(c, scaled, params, name="pgd_adaptive", adaptive=True, note=adaptive),
+  ]
+  if c.defenses.attacks.fgsm:
+    specs.insert(0, _fgsm_spec(fn, params, adaptive=False, note=naive))
+    specs.insert(2, _fgsm_spec(scaled, params, name="fgsm_adaptive", note=adaptive))
+  return Defended("distillation", fn, params, None, specs, kept, specs[-1])
+
+
+def build_adversarial(ctx: Context) -> Defended:
+  """Adversarial training (Madry et al. 2018) with the config's PGD; attacked white-box."""
+  c = ctx.config
+  if "adversarial" not in ctx.trained:
+    a = c.defenses.adversarial
+    cnn = models.CNN(num_classes=ctx.num_classes, **c.model.adversarial)
+    params, m = adversarial.train_adversarial(
+      cnn,
+      ctx.data,
+      key=ctx.key("adversarial"),
+      eps=float(a.eps),
+      steps=int(a.steps),
+      step_size_rel=float(a.step_size_rel),
+      random_start=bool(a.random_start),
+      ramp_epochs=float(a.ramp_epochs),
+      checkpoint_dir=ctx.checkpoint("adversarial"),
+      **c.train.adversarial,
+    )
+    ctx.trained["adversarial"] = (cnn, params, models_lib._keep(m, params, "classifier"))
+    logging.info("adversarial: clean test accuracy %.4f", m["test_accuracy"])
+  cnn, params, kept = ctx.trained["adversarial"]
+  fn = models.classifier_fns(cnn)
+  specs = _white_box(c, fn, params, "the adversarially trained CNN")
+  return Defended("adversarial", fn, params, None, specs, kept, specs[-1])
+
+
+def build_projection(ctx: Context) -> Defended:
+  """Defense-GAN projection onto the MLP VAE's range before the baseline CNN; BPDA attack."""
+  from vae_attacks.defenses import projection  # noqa: PLC0415
+
+  c, p = ctx.config, ctx.config.defenses.projection
+  cnn, cnn_params, cnn_m = ctx.baseline()
+  vae, vae_params, vae_m = ctx.vae()
+  classify = models.classifier_fns(cnn)
+  deployed = projection.ProjectedClassifier(
+    decode=models.vae_fns(vae).decode,
+    classify=classify,
+    latent_dim=int(c.model.mlp_vae.latent_dim),
+    steps=int(p.steps),
+    restarts=int(p.restarts),
+    learning_rate=float(p.learning_rate),
+    seed=int(c.seed),
+    gradient="bpda",
+  )
+  params = {"decoder": vae_params, "clf": cnn_params}
+  reject = None
+  m = {"vae": vae_m, "classifier": cnn_m, "test_accuracy": cnn_m["test_accuracy"]}
+  if p.false_rejection_rate > 0:
+    held_out = ctx.data.x_test[-int(p.threshold_examples) :]
+    errors = _projection_errors(deployed, params, held_out)
+    threshold = float(
+      projection.fit_threshold(errors, false_rejection_rate=float(p.false_rejection_rate))
+    )
+    m["error_threshold"] = threshold
+
+    def reject(x):
+      return _projection_errors(deployed, params, x) > threshold
+
+  a = c.defenses.attacks
+  steps = int(p.attack_steps)
+  knobs = dict(steps=steps, step_size_rel=2.5 / steps)
+  specs = [
+    AttackSpec(
+      "pgd",
+      False,
+      classify,
+      cnn_params,
+      adversarial.pgd_linf,
+      knobs,
+      a.restarts,
+      "PGD on the bare CNN, blind to the projection",
+    ),
+    AttackSpec(
+      "pgd_bpda",
+      True,
+      deployed,
+      params,
+      adversarial.pgd_linf,
+      knobs,
+      a.restarts,
+      "PGD through the projection with BPDA (Athalye et al. 2018)",
+    ),
+  ]
+  return Defended("projection", deployed, params, reject, specs, m, None, int(p.num_examples))
+
+
+class _ProjectionError(NamedTuple):
+  clf: Any
+
+  def __call__(self, params, x):
+    return self.clf.project(params, x).error[None]
+
+
+def _projection_errors(deployed, params, x) -> np.ndarray:
+  """Projection errors [N] (batched like logits: a [1] output per example)."""
+  return runner.batched_logits(_ProjectionError(deployed), params, x, batch_size=64)[:, 0]
+
+
+DEFENSES: dict[str, Callable[[Context], Defended]] = {
+  "none": build_none,
+  "substitute": build_substitute,
+  "distillation": build_distillation,
+  "adversarial": build_adversarial,
+  "projection": build_projection,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+class _Judge:
+  """The deployed defence's verdict on inputs: predictions and rejections (host numpy)."""
+
+  def __init__(self, defended: Defended, labels: np.ndarray):
+    self.d, self.labels = defended, labels
+
+  def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pred = np.argmax(runner.batched_logits(self.d.logits_fn, self.d.params, x), axis=-1)
+    rejected = np.zeros(len(x), bool) if self.d.reject is None else np.asarray(self.d.reject(x))
+    return pred, rejected
+
+  def broken(self, x: np.ndarray) -> np.ndarray:
+    pred, rejected = self(x)
+    return (pred != self.labels) & ~rejected
+
+
+def _rate(name: str, mask: np.ndarray) -> dict:
+  rate, lo, hi = metrics.success_rate(mask)
+  return {
+    name: _finite(rate),
+    f"{name}_ci": [_finite(lo), _finite(hi)],
+    f"n_{name}": int(mask.size),
+  }
+
+
+def _finite(v):
+  return v if v is None or np.isfinite(v) else None
+
+
+def evaluate(
+  defended: Defended, spec: AttackSpec, eps: float, x, y, *, key, clean, runner_kwargs
+) -> tuple[dict, np.ndarray]:
+  """(row, x_adv [N, ...]): the defence under `spec` at `eps` on examples x [N], labels y."""
+  judge = _Judge(defended, y)
+  t0 = time.perf_counter()
+  res = adversarial.attack_with_restarts(
+    spec.fn,
+    spec.logits_fn,
+    spec.params,
+    x,
+    y,
+    eps=eps,
+    restarts=spec.restarts,
+    key=key,
+    is_broken=judge.broken,
+    **runner_kwargs,
+    **spec.knobs,
+  )
+  pred, rejected = judge(res.x_adv)
+  seconds = time.perf_counter() - t0
+  clean_pred, clean_rejected = clean
+  row = dict(
+    adaptive=spec.adaptive,
+    note=spec.note,
+    restarts=spec.restarts,
+    steps=spec.knobs.get("steps", 1),
+    n=int(len(y)),
+    seconds=seconds,
+    max_linf=float(np.max(np.abs(res.x_adv - x))),
+  )
+  row.update(_rate("clean_accuracy", (clean_pred == y) & ~clean_rejected))
+  row.update(_rate("robust_accuracy", (pred == y) & ~rejected))
+  if defended.reject is not None:
+    row.update(_rate("false_rejection_rate", clean_rejected))
+    row.update(_rate("detection_rate", rejected[pred != y]))
+    row.update(_rate("defended_rate", (pred == y) | rejected))
+  return row, res.x_adv
+
+
+def run(config, workdir: str) -> dict:
+  """Trains every enabled defence, attacks it, and writes defenses.jsonl and summary.md."""
+  from vae_attacks import data as data_lib  # noqa: PLC0415
+
+  workdir = pathlib.Path(workdir)
+  run_lib._claim_workdir(config, workdir)
+  try:
+    data = data_lib.load(config.data)
+  except data_lib.DataError as e:
+    raise run_lib.UserError(str(e)) from None
+  d = config.defenses
+  n = min(int(d.num_examples), len(data.y_test))
+  x, y = np.asarray(data.x_test[:n]), np.asarray(data.y_test[:n], np.int32)
+  ctx = Context(config, data, workdir)
+  settings = run_lib.config_hash({"defenses": d.to_dict(), "attacks": config.attacks.to_dict()})
+  log = store.ResultsLog(workdir / RESULTS_FILE, RESULT_KEY)
+  mesh = runner.pairs_mesh() if config.attacks.shard and jax.device_count() > 1 else None
+  runner_kwargs = dict(
+    chunk_size=config.attacks.chunk_size or None,
+    memory_budget_bytes=int(config.attacks.memory_budget_mb * 2**20),
+    mesh=mesh,
+  )
+  attack_root = jax.random.fold_in(ctx.root, 2_000_003)
+
+  built: dict[str, Defended] = {}
+  for name in d.enabled:
+    try:
+      defended = DEFENSES[name](ctx)
+    except ValueError as e:  # e.g. a checkpoint made with other training settings
+      raise run_lib.UserError(f"defence {name}: {e}") from None
+    built[name] = defended
+    store.write_json_atomic(
+      workdir / "train_metrics.json", {k: v.metrics for k, v in built.items()}
+    )
+    clean = None
+    n_def = min(n, defended.max_examples or n)
+    xd, yd = x[:n_def], y[:n_def]
+    for a_index, spec in enumerate(defended.attacks):
+      for eps in (float(e) for e in d.attacks.eps):
+        base = dict(
+          kind="defense",
+          dataset=config.data.name,
+          defense=name,
+          attack=spec.name,
+          eps=eps,
+          source=None,
+          target=None,
+          settings=settings,
+        )
+        if log.has(base):
+          continue
+        if clean is None:
+          clean = _Judge(defended, yd)(xd)
+        key = jax.random.fold_in(jax.random.fold_in(attack_root, KEY_INDEX[name]), a_index)
+        row, _ = evaluate(
+          defended, spec, eps, xd, yd, key=key, clean=clean, runner_kwargs=runner_kwargs
+        )
+        log.append(dict(base, **row))
+        logging.info(
+          "%s %s eps=%g: clean %.4f robust %.4f (n=%d, %d restarts, %.0f s)",
+          name,
+          spec.name,
+          eps,
+          row["clean_accuracy"],
+          row["robust_accuracy"],
+          row["n"],
+          spec.restarts,
+          row["seconds"],
+        )
+  if d.transfer.enabled:
+    _run_transfer(config, ctx, built, x, y, log, settings, attack_root, runner_kwargs)
+  from experiments import report  # noqa: PLC0415
+
+  report.write_report(workdir)
+  return {"train": {k: v.metrics for k, v in built.items()}, "results": log.rows}
+
+
+def _run_transfer(config, ctx, built, x, y, log, settings, attack_root, runner_kwargs) -> None:
+  """The black-box transfer matrix: rows (source, target) at `defenses.transfer.eps`."""
+  t = config.defenses.transfer
+  eps = float(t.eps)
+  for name in t.sources:
+    if name not in built:
+      built[name] = DEFENSES[name](ctx)
+  targets = {k: transfer.Classifier(v.logits_fn, v.params) for k, v in built.items()}
+  base = dict(kind="transfer", dataset=config.data.name, attack="pgd", eps=eps, settings=settings)
+  row_of = lambda s, tg: dict(base, defense=tg, source=s, target=tg)  # noqa: E731
+  todo = [s for s in t.sources if not all(log.has(row_of(s, tg)) for tg in targets)]
+  if not todo:
+    return
+  x_adv = {}
+  for s in todo:
+    spec = built[s].transfer_spec
+    res = adversarial.attack_with_restarts(
+      spec.fn,
+      spec.logits_fn,
+      spec.params,
+      x,
+      y,
+      eps=eps,
+      restarts=int(t.restarts),
+      key=jax.random.fold_in(jax.random.fold_in(attack_root, 99), KEY_INDEX[s]),
+      **runner_kwargs,
+      **spec.knobs,
+    )
+    x_adv[s] = res.x_adv
+  matrix = transfer.transfer_matrix(targets, x_adv, y)
+  for i, s in enumerate(matrix.sources):
+    for j, tg in enumerate(matrix.targets):
+      row = row_of(s, tg)
+      if log.has(row):
+        continue
+      row.update(_rate("robust_accuracy", matrix.correct[i, j]), n=int(len(y)))
+      row.update(white_box=s == tg, crafted_with=built[s].transfer_spec.name)
+      log.append(row)
+      logging.info("transfer %s -> %s: accuracy %.4f", s, tg, row["robust_accuracy"])
