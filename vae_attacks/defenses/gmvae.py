@@ -59,6 +59,7 @@ Public API (all per example and jit / vmap friendly unless said otherwise):
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -193,11 +194,15 @@ def scores(model: GMVAE, params: Params, x: Array) -> Scores:
   )
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _scores_chunk(model: GMVAE, params: Params, x: Array) -> Scores:
+  return jax.vmap(lambda xi: scores(model, params, xi))(x)
+
+
 def batch_scores(model: GMVAE, params: Params, x: Array, *, chunk: int = 1000) -> Scores:
   """`scores` of every image of x [N, H, W, C], in jitted chunks; fields [N, ...]."""
-  fn = jax.jit(jax.vmap(lambda p, xi: scores(model, p, xi), in_axes=(None, 0)))
   x = jnp.asarray(x)
-  parts = [fn(params, x[i : i + chunk]) for i in range(0, x.shape[0], chunk)]
+  parts = [_scores_chunk(model, params, x[i : i + chunk]) for i in range(0, x.shape[0], chunk)]
   return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
 
 
