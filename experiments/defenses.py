@@ -408,7 +408,7 @@ def run(config, workdir: str) -> dict:
   for name in d.enabled:
     try:
       defended = DEFENSES[name](ctx)
-    except ValueError as e:  # e.g. a checkpoint made with other training settings
+    except (ValueError, FloatingPointError) as e:  # another config's checkpoint; NaN training
       raise run_lib.UserError(f"defence {name}: {e}") from None
     built[name] = defended
     store.write_json_atomic(

@@ -66,6 +66,7 @@ H1_TEXT = (
   "inputs (MNIST)"
 )
 DASH = "—"
+DEFENSES_FILE = "defenses.jsonl"  # experiments/defenses.py
 _EPS_RTOL = 1e-6
 
 
@@ -83,6 +84,7 @@ class RunFiles:
   rows: list  # result rows, one per (dataset, model, attack, norm, eps)
   left_out: int  # rows of other attack settings, or superseded by a later row of the same key
   dataset: str | None
+  defense_rows: list = dataclasses.field(default_factory=list)  # defenses.jsonl (current settings)
 
 
 def read_rows(path: os.PathLike) -> list[dict]:
@@ -163,7 +165,25 @@ def load_run(workdir: os.PathLike) -> RunFiles:
   if dataset is None:
     names = sorted({r.get("dataset") for r in rows if r.get("dataset")})
     dataset = names[0] if len(names) == 1 else None
-  return RunFiles(workdir, config, train, rows, left_out, dataset)
+  defense_rows = select_defense_rows(read_rows(workdir / DEFENSES_FILE), config)
+  return RunFiles(workdir, config, train, rows, left_out, dataset, defense_rows)
+
+
+def select_defense_rows(rows: Sequence[Mapping], config: Mapping) -> list:
+  """The rows of defenses.jsonl made under the config's settings (all when none match), one
+  per (kind, dataset, defence, attack, eps, source, target): the last."""
+  settings = None
+  if "defenses" in config and "attacks" in config:
+    from experiments import run as run_lib  # noqa: PLC0415
+
+    settings = run_lib.config_hash({"defenses": config["defenses"], "attacks": config["attacks"]})
+  if settings is not None and any(r.get("settings") == settings for r in rows):
+    rows = [r for r in rows if r.get("settings") == settings]
+  last = {}
+  for r in rows:
+    k = tuple(r.get(f) for f in ("kind", "dataset", "defense", "attack", "source", "target"))
+    last[(*k, _num(r.get("eps")))] = r
+  return list(last.values())
 
 
 @dataclasses.dataclass
@@ -179,6 +199,7 @@ class DatasetView:
   workdirs: list = dataclasses.field(default_factory=list)
   left_out: int = 0
   overridden: int = 0  # rows of a cell that a later work directory also has
+  defense_rows: list = dataclasses.field(default_factory=list)  # defenses.jsonl rows
 
 
 def _pixels(run: RunFiles, examples: Iterable[pathlib.Path]) -> int | None:
@@ -203,6 +224,10 @@ def build_views(runs: Sequence[RunFiles]) -> list[DatasetView]:
       by_dataset.setdefault(r.get("dataset") or run.dataset or "unknown", []).append(r)
     if not by_dataset and run.dataset:
       by_dataset[run.dataset] = []
+    for r in run.defense_rows:
+      name = r.get("dataset") or run.dataset or "unknown"
+      by_dataset.setdefault(name, [])
+      views.setdefault(name, DatasetView(name)).defense_rows.append(r)
     for name, rows in by_dataset.items():
       view = views.setdefault(name, DatasetView(name))
       view.workdirs.append(run.workdir)
@@ -962,9 +987,113 @@ def render_summary(
         if rest:
           body = "\n\n".join(f"![{p.stem}]({_rel(p, out_dir)})" for p in rest)
           parts += [_details(f"{model}: examples and curves ({len(rest)} figures)", body), ""]
-    full = _table(FULL_HEADER, [_full_line(r) for r in _sort_rows(v.rows)])
-    parts += [_details(f"{v.name.upper()}: every eps ({len(v.rows)} rows)", full), ""]
+    if v.defense_rows:
+      parts += [defense_markdown(v.defense_rows), ""]
+    if v.rows:
+      full = _table(FULL_HEADER, [_full_line(r) for r in _sort_rows(v.rows)])
+      parts += [_details(f"{v.name.upper()}: every eps ({len(v.rows)} rows)", full), ""]
   return "\n".join(parts).rstrip() + "\n"
+
+
+def _rate_ci(row: Mapping, field: str) -> str:
+  """'0.912 [0.893, 0.928]' for a rate field with its `_ci`, or a dash."""
+  if _num(row.get(field)) is None:
+    return DASH
+  return f"{fmt_rate(row.get(field))} {fmt_ci(row.get(f'{field}_ci'))}"
+
+
+def defense_markdown(rows: Sequence[Mapping]) -> str:
+  """The defence tables of one dataset: worst case over adaptive attacks, every attack, and
+  the black-box transfer matrix (rows of experiments/defenses.py)."""
+  attacked = [r for r in rows if r.get("kind") == "defense"]
+  order = {n: i for i, n in enumerate(dict.fromkeys(r.get("defense") for r in attacked))}
+  attacked.sort(key=lambda r: (order[r.get("defense")], _num(r.get("eps")) or 0.0))
+  parts = ["### Defences", ""]
+  if attacked:
+    parts += [
+      "Robust accuracy: the adversarial input is classified correctly (and accepted, for a "
+      "defence that rejects); an example counts as broken when any restart breaks it. "
+      "*Worst case* is the lowest robust accuracy over the attacks that know the defence "
+      "(white-box on the weights, or adaptive to the defence's mechanism); a defence with no "
+      "such attack gets no robustness figure. Intervals: 95% Wilson.",
+      "",
+    ]
+    worst = {}
+    for r in attacked:
+      if r.get("adaptive"):
+        k = (r.get("defense"), _num(r.get("eps")))
+        if k not in worst or (_num(r.get("robust_accuracy")) or 0.0) < (
+          _num(worst[k].get("robust_accuracy")) or 0.0
+        ):
+          worst[k] = r
+    keys = list(dict.fromkeys((r.get("defense"), _num(r.get("eps"))) for r in attacked))
+    lines = []
+    for k in keys:
+      w = worst.get(k)
+      any_row = next(r for r in attacked if (r.get("defense"), _num(r.get("eps"))) == k)
+      lines.append(
+        [
+          k[0],
+          fmt_num(k[1]),
+          _rate_ci(any_row, "clean_accuracy"),
+          _rate_ci(w, "robust_accuracy") if w else f"{DASH} (no adaptive attack)",
+          w.get("attack", DASH) if w else DASH,
+          fmt_int((w or any_row).get("n")),
+        ]
+      )
+    header = ("defence", "eps (L-inf)", "clean accuracy", "worst-case robust accuracy",
+              "by attack", "n")  # fmt: skip
+    parts += ["**Worst case over the attacks that know the defence**", "", _table(header, lines)]
+    rejecting = any(_num(r.get("false_rejection_rate")) is not None for r in attacked)
+    header = ["defence", "attack", "knows the defence", "eps", "n", "restarts x steps",
+              "clean accuracy", "robust accuracy"]  # fmt: skip
+    if rejecting:
+      header += ["detection rate", "false-rejection rate", "defended (correct or rejected)"]
+    lines = []
+    for r in attacked:
+      line = [
+        r.get("defense"),
+        r.get("attack"),
+        "yes" if r.get("adaptive") else "no",
+        fmt_num(r.get("eps")),
+        fmt_int(r.get("n")),
+        f"{fmt_int(r.get('restarts'))} x {fmt_int(r.get('steps'))}",
+        _rate_ci(r, "clean_accuracy"),
+        _rate_ci(r, "robust_accuracy"),
+      ]
+      if rejecting:
+        line += [_rate_ci(r, f) for f in ("detection_rate", "false_rejection_rate",
+                                          "defended_rate")]  # fmt: skip
+      lines.append(line)
+    parts += ["", "**Every attack**", "", _table(header, lines)]
+    notes = list(dict.fromkeys(f"`{r.get('defense')}` / `{r.get('attack')}`: {r.get('note')}"
+                               for r in attacked if r.get("note")))  # fmt: skip
+    if notes:
+      parts += ["", "Attacks: " + "; ".join(notes) + "."]
+  moved = [r for r in rows if r.get("kind") == "transfer"]
+  if moved:
+    sources = list(dict.fromkeys(r.get("source") for r in moved))
+    targets = list(dict.fromkeys(r.get("target") for r in moved))
+    cell = {(r.get("source"), r.get("target")): r for r in moved}
+    lines = []
+    for s in sources:
+      line = [f"{s} ({cell[next((s, t) for t in targets if (s, t) in cell)].get('crafted_with')})"]
+      for t in targets:
+        r = cell.get((s, t))
+        text = _rate_ci(r, "robust_accuracy") if r else DASH
+        line.append(f"**{text}**" if s == t else text)
+      lines.append(line)
+    eps = fmt_num(moved[0].get("eps"))
+    n = fmt_int(moved[0].get("n"))
+    parts += [
+      "",
+      f"**Black-box transfer** (L-inf eps {eps}, n = {n}): accuracy of each target (column) "
+      "on the adversarial examples crafted on each source (row); the diagonal (bold) is the "
+      "white-box result, the rest what an attacker without the target's gradients achieves.",
+      "",
+      _table(["source \\ target", *targets], lines),
+    ]
+  return "\n".join(parts)
 
 
 def _rel(path: pathlib.Path, start: pathlib.Path) -> str:
