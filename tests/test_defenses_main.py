@@ -113,3 +113,34 @@ def test_config_variants():
   assert full.defenses.num_examples >= 1000 and full.defenses.attacks.pgd_steps == 40
   with pytest.raises(ValueError, match="allowed"):
     mnist_defenses.get_config("slow")
+
+
+def _row(defense, attack, adaptive, robust, **extra):
+  return dict(kind="defense", dataset="mnist", defense=defense, attack=attack, eps=0.3,
+              adaptive=adaptive, n=100, clean_accuracy=0.99, clean_accuracy_ci=[0.95, 1.0],
+              robust_accuracy=robust, robust_accuracy_ci=[robust - 0.05, robust + 0.05],
+              restarts=5, steps=40, **extra)  # fmt: skip
+
+
+def test_defence_table_takes_the_worst_adaptive_attack_and_withholds_the_rest():
+  from experiments import report  # noqa: PLC0415
+
+  rows = [
+    _row("distillation", "pgd", False, 0.90),  # the naive attack, fooled by saturation
+    _row("distillation", "pgd_adaptive", True, 0.02),
+    _row("adversarial", "fgsm", True, 0.95),
+    _row("adversarial", "pgd", True, 0.89),
+    _row("obscure", "pgd", False, 0.80),  # no attack that knows it: no robustness figure
+    _row(
+      "gate", "pgd", True, 0.5, false_rejection_rate=0.05, detection_rate=0.7, defended_rate=0.85
+    ),  # fmt: skip
+  ]
+  text = report.defense_markdown(rows)
+  worst = text.split("**Every attack**")[0]
+  assert (
+    "| distillation | 0.3 | 0.990 [0.950, 1.000] | 0.020 [-0.030, 0.070] | pgd_adaptive" in worst
+  )
+  assert "| adversarial | 0.3 | 0.990 [0.950, 1.000] | 0.890 [0.840, 0.940] | pgd |" in worst
+  assert "| obscure | 0.3 | 0.990 [0.950, 1.000] | — (no adaptive attack) |" in worst
+  every = text.split("**Every attack**")[1]
+  assert "detection rate" in every and "| gate | pgd | yes | 0.3 | 100 | 5 x 40 |" in every
