@@ -201,3 +201,24 @@ def test_adaptive_logits_add_exactly_each_class_penalty():
   ce = lambda logits, k: -jax.nn.log_softmax(logits)[..., k]
   for k in range(2):
     np.testing.assert_allclose(ce(aug, k), ce(s.logits, k) + p[:, k], rtol=1e-4, atol=1e-5)
+
+
+def test_model_functions_are_hashable_values_and_vae_params_fit():
+  build = lambda: gmvae.GMVAE(models.MLPVAE((4, 4, 1), 4, hidden=(8,)), num_classes=3)
+  assert gmvae.logits_fn(build()) == gmvae.logits_fn(build())
+  assert hash(gmvae.adaptive_logits_fn(build())) == hash(gmvae.adaptive_logits_fn(build()))
+  assert gmvae.adaptive_logits_fn(build(), margin=0.2) != gmvae.adaptive_logits_fn(build())
+  # A trained VAE's variables start a GMVAE: same structure as the GMVAE's own init.
+  model, x, k = build(), jnp.zeros((1, 4, 4, 1)), jax.random.key(0)
+  vae_vars = jax.eval_shape(model.vae.init, k, x, k)
+  vae_vars = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), vae_vars)
+  started = gmvae.with_vae_params(model, vae_vars, k)
+  assert jax.tree.structure(started) == jax.tree.structure(jax.eval_shape(model.init, k, x, k))
+  np.testing.assert_allclose(started["params"]["means"], 3.0 * np.eye(3, 4))  # K <= D: 3 e_k
+  # K > D: K means on the circle of radius mean_scale, spread to nearly even angles (the
+  # best possible minimum gap is 2 pi / K).
+  means = np.asarray(gmvae.class_means_init(3.0)(k, (10, 2)))
+  np.testing.assert_allclose(np.linalg.norm(means, axis=1), 3.0, rtol=1e-5)
+  angles = np.sort(np.arctan2(means[:, 1], means[:, 0]))
+  gaps = np.diff(np.concatenate([angles, angles[:1] + 2 * np.pi]))
+  assert gaps.min() > 0.8 * 2 * np.pi / 10, gaps

@@ -190,3 +190,12 @@ def test_threshold_gives_false_rejection_rate():
   # Held-out rate: binomial sd of the held-out sample plus that of the calibration quantile.
   sd = np.sqrt(rate * (1 - rate) * (1 / calib.size + 1 / held_out.size))
   assert abs(np.mean(projection.reject(jnp.asarray(held_out), t)) - rate) < 3 * sd
+
+
+def test_defended_classifier_is_a_hashable_value():
+  """Equal builds compare and hash equal, so the runner's compile cache hits across builds."""
+  assert _defended("bpda") == _defended("bpda")
+  assert hash(_defended("bpda")) == hash(_defended("bpda"))
+  assert _defended("bpda") != _defended("unrolled")
+  with pytest.raises(ValueError, match="gradient"):
+    _defended("straight-through")

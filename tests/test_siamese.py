@@ -157,3 +157,14 @@ def test_impersonation_stays_in_ball_and_box_and_reaches_target(trained, norm, e
   before = jnp.linalg.norm(e_x - centres[target], axis=1)
   after = jnp.linalg.norm(e_adv - centres[target], axis=1)
   assert bool(jnp.all(after < before))
+
+
+def test_identification_logits_fn_is_a_hashable_value():
+  build = lambda: siamese.EmbeddingNet(embedding_dim=8, features=(4,), dense=(16,))
+  assert siamese.identification_logits_fn(build()) == siamese.identification_logits_fn(build())
+  assert hash(siamese.identification_logits_fn(build())) == hash(
+    siamese.identification_logits_fn(build())
+  )
+  assert siamese.identification_logits_fn(build(), temperature=1.0) != (
+    siamese.identification_logits_fn(build())
+  )

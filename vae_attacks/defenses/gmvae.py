@@ -28,6 +28,8 @@ Public API (all per example and jit / vmap friendly unless said otherwise):
   `encode(x[B, H, W, C]) -> (mean[B, D], logvar[B, D])`, `decode(z[B, D]) -> pixel
   logits[B, H, W, C]`, `class_means() -> [K, D]`, `__call__(x, key) -> (pixel_logits, mean,
   logvar)`. Variables {"params": {"vae": <the VAE's params>, "means": [K, D]}}.
+* `class_means_init(scale, repulsion_steps=200) -> init(key, (K, D)) -> [K, D]`: the fixed
+  means: scale * e_k when K <= D, else K points spread over the sphere of radius `scale`.
 * `with_vae_params(model, vae_params, key) -> variables`: a GMVAE's variables from a trained
   VAE's variables and fresh class means.
 * `gmvae_loss(pixel_logits[H, W, C], x[H, W, C], mean[D], logvar[D], class_mean[D]) -> []`:
@@ -77,16 +79,32 @@ from vae_attacks.types import Array, LogitsFn, Params, PRNGKey
 _PENALTY_FLOOR = 1e-6
 
 
-def class_means_init(scale: float):
-  """Initialiser of well-separated class means [K, D]: scale * e_k when K <= D (pairwise
-  distance scale * sqrt(2)), else K random directions on the sphere of radius `scale`."""
+def class_means_init(scale: float, repulsion_steps: int = 200):
+  """Initialiser of well-separated class means [K, D].
+
+  K <= D: scale * e_k (pairwise distance scale * sqrt(2)). K > D: K points on the sphere of
+  radius `scale`, random directions spread apart by `repulsion_steps` steps of Coulomb
+  repulsion (the Thomson problem; on a circle this approaches evenly spaced angles).
+  """
 
   def init(key: PRNGKey, shape: tuple[int, int]) -> Array:
     k, d = shape
     if k <= d:
       return scale * jnp.eye(k, d)
     u = jax.random.normal(key, shape)
-    return scale * u / jnp.linalg.norm(u, axis=-1, keepdims=True)
+    u = u / jnp.linalg.norm(u, axis=-1, keepdims=True)
+
+    def repel(t, u):
+      diff = u[:, None, :] - u[None, :, :]  # [K, K, D]
+      dist2 = jnp.sum(jnp.square(diff), axis=-1) + jnp.eye(k)  # no self-force
+      force = jnp.sum(diff / dist2[..., None] ** 1.5, axis=1)
+      force = force - jnp.sum(force * u, axis=-1, keepdims=True) * u  # along the sphere
+      # Unit-length moves of a decaying size: no jumps when two points start close.
+      size = 0.1 * (1.0 - t / repulsion_steps) + 1e-3
+      u = u + size * force / (jnp.linalg.norm(force, axis=-1, keepdims=True) + 1e-12)
+      return u / jnp.linalg.norm(u, axis=-1, keepdims=True)
+
+    return scale * jax.lax.fori_loop(0, repulsion_steps, repel, u)
 
   return init
 
@@ -97,7 +115,8 @@ class GMVAE(nn.Module):
   Attributes:
     vae: the encoder / decoder, an `MLPVAE` or `ConvVAE` (its `latent_dim` is D).
     num_classes: K components.
-    mean_scale: the class means' initial scale (see `class_means_init`).
+    mean_scale: the class means' initial scale (see `class_means_init`); with unit-variance
+      components, pick it so that neighbouring means are several units apart.
     learn_means: train the means (True) or keep them at their initial values (False).
   """
 
