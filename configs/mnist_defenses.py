@@ -43,7 +43,7 @@ def get_config(arg=None):
   c.train.adversarial = dict(c.train.cnn, epochs=8, batch_size=100, augment_shift=0)
 
   d = c.defenses = ml_collections.ConfigDict()
-  d.enabled = ("none", "substitute", "distillation", "adversarial", "projection")
+  d.enabled = ("none", "substitute", "distillation", "adversarial", "projection", "gmvae")
   d.num_examples = 1000  # the first N test images, shared by every defence and attack
   d.distillation = ml_collections.ConfigDict(dict(temperature=100.0))
   d.adversarial = ml_collections.ConfigDict(
@@ -61,6 +61,16 @@ def get_config(arg=None):
       false_rejection_rate=0.05,
       threshold_examples=500,  # held-out clean test images (the last ones) for the threshold
       num_examples=200,
+    )
+  )
+  c.train.gmvae = dict(c.train.vae)
+  d.gmvae = ml_collections.ConfigDict(
+    dict(
+      mean_scale=3.0,
+      false_rejection_rate=0.05,
+      threshold_examples=500,  # held-out clean test images (the last ones) for the thresholds
+      penalty=10.0,  # the adaptive attack's hinge weight and margin (gmvae.adaptive_logits_fn)
+      margin=0.1,
     )
   )
   d.transfer = ml_collections.ConfigDict(
@@ -84,6 +94,8 @@ def get_config(arg=None):
     for name in ("substitute", "distillation", "adversarial"):
       c.train[name] = dict(c.train[name], epochs=2, batch_size=64)
     c.train.vae.epochs = 2
+    c.train.gmvae = dict(c.train.gmvae, epochs=2, batch_size=64)
+    d.gmvae.threshold_examples = 100
     d.num_examples = 64
     d.adversarial.ramp_epochs = 1.0
     d.attacks.update(pgd_steps=5, pgd_step_size_rel=2.5 / 5, restarts=2)

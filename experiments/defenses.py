@@ -298,12 +298,73 @@ def _projection_errors(deployed, params, x) -> np.ndarray:
   return runner.batched_logits(_ProjectionError(deployed), params, x, batch_size=64)[:, 0]
 
 
+def _gmvae_adaptive(logits_fn, params, x, label, *, eps, key, steps, step_size_rel):
+  """Untargeted adaptive attack on the GMVAE: `gmvae.adaptive_bim` (a loss that also keeps the
+  input inside both rejection thresholds) towards the closest other class component."""
+  from vae_attacks.defenses import gmvae  # noqa: PLC0415
+
+  logits = logits_fn(params, x)[:-1]  # the K penalised class logits; the last one is "reject"
+  others = jax.numpy.where(jax.numpy.arange(logits.shape[0]) == label, -jax.numpy.inf, logits)
+  return gmvae.adaptive_bim(
+    logits_fn,
+    params,
+    x,
+    jax.numpy.argmax(others),
+    eps=eps,
+    step_size=step_size_rel * eps,
+    steps=steps,
+    norm="linf",
+    random_start=True,
+    key=key,
+  )
+
+
+def build_gmvae(ctx: Context) -> Defended:
+  """Gaussian-mixture VAE (Ghosh et al. 2018) rejecting far or badly reconstructed inputs."""
+  from vae_attacks.defenses import gmvae  # noqa: PLC0415
+
+  c, g = ctx.config, ctx.config.defenses.gmvae
+  vae = models.MLPVAE(image_shape=tuple(ctx.data.x_train.shape[1:]), **c.model.mlp_vae)
+  model = gmvae.GMVAE(vae=vae, num_classes=ctx.num_classes, mean_scale=float(g.mean_scale))
+  if "gmvae" not in ctx.trained:
+    params, m = gmvae.train_gmvae(
+      model, ctx.data, key=ctx.key("gmvae"), checkpoint_dir=ctx.checkpoint("gmvae"), **c.train.gmvae
+    )
+    ctx.trained["gmvae"] = (model, params, models_lib._keep(m, params, "gmvae"))
+    logging.info("gmvae: closest-component test accuracy %.4f", m["test_accuracy"])
+  _, params, kept = ctx.trained["gmvae"]
+  held_out = ctx.data.x_test[-int(g.threshold_examples) :]
+  s = gmvae.batch_scores(model, params, held_out)
+  thresholds = gmvae.fit_thresholds(
+    s.latent_distance, s.reconstruction_error, false_rejection_rate=float(g.false_rejection_rate)
+  )
+  kept = dict(kept, thresholds=[float(thresholds.latent), float(thresholds.reconstruction)])
+
+  def reject(x):
+    return np.asarray(gmvae.rejected(gmvae.batch_scores(model, params, x), thresholds))
+
+  fn = gmvae.logits_fn(model)
+  a = c.defenses.attacks
+  knobs = dict(steps=a.pgd_steps, step_size_rel=float(a.pgd_step_size_rel))
+  adaptive_fn = gmvae.adaptive_logits_fn(model, penalty=float(g.penalty), margin=float(g.margin))
+  specs = [
+    AttackSpec("pgd", False, fn, params, adversarial.pgd_linf, knobs, a.restarts,
+               "PGD on the closest-component logits, blind to the rejection"),
+    AttackSpec("pgd_adaptive", True, adaptive_fn, {"gmvae": params, "thresholds": thresholds},
+               _gmvae_adaptive, knobs, a.restarts,
+               "targeted PGD to the closest other class with a penalty keeping the input "
+               "inside both rejection thresholds (gmvae.adaptive_bim)"),
+  ]  # fmt: skip
+  return Defended("gmvae", fn, params, reject, specs, kept, None)
+
+
 DEFENSES: dict[str, Callable[[Context], Defended]] = {
   "none": build_none,
   "substitute": build_substitute,
   "distillation": build_distillation,
   "adversarial": build_adversarial,
   "projection": build_projection,
+  "gmvae": build_gmvae,
 }
 
 

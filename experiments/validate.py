@@ -102,7 +102,7 @@ def _defenses(c) -> None:
     _one_of("defenses.enabled[]", name, DEFENSES)
     # The sections each defence trains from (distillation: the cnn architecture).
     needs = {"none": ("cnn", "cnn"), "distillation": ("cnn", "distillation")}.get(name)
-    needs = needs or {"projection": ("mlp_vae", "vae"), "gmvae": (None, None)}.get(name)
+    needs = needs or {"projection": ("mlp_vae", "vae"), "gmvae": ("mlp_vae", "gmvae")}.get(name)
     for section, key in zip(("model", "train"), needs or (name, name), strict=True):
       if key is not None and key not in c[section]:
         raise ConfigError(f"defence {name!r} needs {section}.{key}; the config has none")
@@ -127,6 +127,13 @@ def _defenses(c) -> None:
     _int_at_least(f"defenses.projection.{f}", p[f], 1)
   _positive("defenses.projection.learning_rate", p.learning_rate)
   _open_unit("defenses.projection.false_rejection_rate", p.false_rejection_rate, closed_low=True)
+  if "gmvae" in d.enabled:
+    g = d.gmvae
+    _positive("defenses.gmvae.mean_scale", g.mean_scale)
+    _open_unit("defenses.gmvae.false_rejection_rate", g.false_rejection_rate, closed_low=True)
+    _int_at_least("defenses.gmvae.threshold_examples", g.threshold_examples, 1)
+    _positive("defenses.gmvae.penalty", g.penalty)
+    _open_unit("defenses.gmvae.margin", g.margin, closed_low=True)
   t = d.transfer
   _bool("defenses.transfer.enabled", t.enabled)
   if t.enabled:
