@@ -28,16 +28,21 @@ def _toy(n, seed, classes=3, noise=0.1):
   return x, y
 
 
-def test_loss_is_elbo_with_class_prior():
+@pytest.mark.parametrize("class_var", [1.0, 2.5])
+def test_loss_is_elbo_with_class_prior(class_var):
   rng = np.random.default_rng(0)
   logits, x = rng.normal(size=(4, 4, 1)), rng.uniform(size=(4, 4, 1))
   mean, logvar, mu = rng.normal(size=3), 0.3 * rng.normal(size=3), rng.normal(size=3)
   var = np.exp(logvar)
-  # KL(N(mean, var) || N(mu, 1)) = 1/2 sum(var + (mean - mu)^2 - 1 - log var)
-  kl = 0.5 * np.sum(var + (mean - mu) ** 2 - 1 - logvar)
+  # KL(N(mean, var) || N(mu, s2)) = 1/2 sum(var / s2 + (mean - mu)^2 / s2 - 1 - log var + log s2)
+  kl = 0.5 * np.sum(var / class_var + (mean - mu) ** 2 / class_var - 1 - logvar + np.log(class_var))
   expected = float(losses.bernoulli_nll(jnp.asarray(logits), jnp.asarray(x))) + kl
-  got = gmvae.gmvae_loss(*(jnp.asarray(a, jnp.float32) for a in (logits, x, mean, logvar, mu)))
+  args = (jnp.asarray(a, jnp.float32) for a in (logits, x, mean, logvar, mu))
+  got = gmvae.gmvae_loss(*args, class_log_var=jnp.log(jnp.float32(class_var)))
   np.testing.assert_allclose(got, expected, rtol=1e-5)
+  if class_var == 1.0:  # the default is the unit-variance prior
+    args = (jnp.asarray(a, jnp.float32) for a in (logits, x, mean, logvar, mu))
+    np.testing.assert_allclose(gmvae.gmvae_loss(*args), expected, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +66,12 @@ def test_training_separates_classes(trained):
   np.testing.assert_allclose(means, 3.0 * np.eye(3), atol=0)  # fixed means: not trained
 
 
-def test_closest_component_is_argmax_and_softmax_is_posterior(trained):
+@pytest.mark.parametrize("log_vars", [(0.0, 0.0, 0.0), (0.5, -0.3, 0.1)])
+def test_closest_component_is_argmax_and_softmax_is_posterior(trained, log_vars):
   model, params, _ = trained
+  params = jax.tree.map(lambda a: a, params)  # a copy whose log-variances we may set
+  params["params"]["log_vars"] = jnp.asarray(log_vars, jnp.float32)
+  var = np.exp(np.asarray(log_vars))
   x, _ = _toy(32, 2)
   s = gmvae.batch_scores(model, params, x)
   fn_logits = jax.vmap(gmvae.logits_fn(model), in_axes=(None, 0))(params, jnp.asarray(x))
@@ -70,11 +79,18 @@ def test_closest_component_is_argmax_and_softmax_is_posterior(trained):
   z = np.asarray(jax.vmap(lambda xi: model.apply(params, xi[None], method="encode")[0][0])(x))
   mu = np.asarray(model.apply(params, method="class_means"))
   dist = np.linalg.norm(z[:, None, :] - mu[None], axis=-1)  # [N, K]
-  np.testing.assert_array_equal(s.pred, np.argmin(dist, axis=1))
   np.testing.assert_array_equal(s.pred, np.argmax(fn_logits, axis=1))
-  np.testing.assert_allclose(s.latent_distance, dist.min(axis=1), rtol=1e-5)
-  # Equal weights, unit variances: p(k | z) = N(z; mu_k, I) / sum_j N(z; mu_j, I).
-  dens = np.stack([stats.multivariate_normal(m, np.eye(3)).pdf(z) for m in mu], axis=1)
+  if np.all(var == 1.0):  # unit variances: the most probable component is the closest
+    np.testing.assert_array_equal(s.pred, np.argmin(dist, axis=1))
+  pred = np.asarray(s.pred)
+  np.testing.assert_allclose(
+    s.latent_distance, dist[np.arange(32), pred] / np.sqrt(var[pred]), rtol=1e-5
+  )
+  # Equal weights: p(k | z) = N(z; mu_k, s_k^2 I) / sum_j N(z; mu_j, s_j^2 I).
+  dens = np.stack(
+    [stats.multivariate_normal(m, v * np.eye(3)).pdf(z) for m, v in zip(mu, var, strict=True)],
+    axis=1,
+  )
   np.testing.assert_allclose(
     jax.nn.softmax(fn_logits), dens / dens.sum(1, keepdims=True), rtol=1e-4, atol=1e-7
   )
@@ -133,6 +149,7 @@ def _linear_gmvae():
         "pixel_head": {"kernel": f32(dec), "bias": f32(np.zeros(16))},
       },
       "means": f32([[3.0, 0.0], [-3.0, 0.0]]),
+      "log_vars": f32([0.0, 0.0]),
     }
   }
   # The hand-made variables have the module's structure.
@@ -222,3 +239,21 @@ def test_model_functions_are_hashable_values_and_vae_params_fit():
   angles = np.sort(np.arctan2(means[:, 1], means[:, 0]))
   gaps = np.diff(np.concatenate([angles, angles[:1] + 2 * np.pi]))
   assert gaps.min() > 0.8 * 2 * np.pi / 10, gaps
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_means_and_variances_train_only_when_asked(learn):
+  model, params = _linear_gmvae()
+  model = model.clone(learn_means=learn, learn_variance=learn)
+  x, y = _linear_data(8, 3)
+
+  def loss(p):
+    pixel_logits, mean, logvar = model.apply(p, x, jax.random.key(0))
+    mu = model.apply(p, method="class_means")[y]
+    log_var = model.apply(p, method="class_log_vars")[y]
+    return jnp.mean(jax.vmap(gmvae.gmvae_loss)(pixel_logits, x, mean, logvar, mu, log_var))
+
+  g = jax.grad(loss)(params)["params"]
+  for name in ("means", "log_vars"):
+    assert bool(jnp.any(g[name] != 0)) == learn, name
+  assert bool(jnp.any(g["vae"]["mean_head"]["kernel"] != 0))  # the VAE always trains

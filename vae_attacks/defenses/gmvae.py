@@ -2,41 +2,45 @@
 
 Ghosh, Losalka and Black, "Resisting Adversarial Attacks Using Gaussian Mixture Variational
 Autoencoders" (AAAI 2019; arXiv 2018): the latent prior is a mixture of one Gaussian per class,
-p(z) = sum_k pi_k N(z; mu_k, I). Training on labelled data minimises the negative ELBO with
-the labelled class's component as the prior,
-  -log p(x | z) + KL(q(z | x) || N(mu_y, I)),
+p(z) = sum_k pi_k N(z; mu_k, sigma_k^2 I) (sigma_k = 1 unless learned). Training on labelled
+data minimises the negative ELBO with the labelled class's component as the prior,
+  -log p(x | z) + KL(q(z | x) || N(mu_y, sigma_y^2 I)),
 so each class's codes gather around its mean. A test input is classified by the component
-closest to its latent mean (with equal weights pi_k and unit variances the posterior
-p(k | z) is softmax_k(-||z - mu_k||^2 / 2), so these are the logits), and rejected when its
-latent mean is too far from the chosen component or its reconstruction error is too high;
-both thresholds are set on clean data for a chosen false-rejection rate.
+closest to its latent mean (with equal weights pi_k the posterior is
+p(k | z) = softmax_k(-||z - mu_k||^2 / (2 sigma_k^2) - D log sigma_k), which with unit
+variances is the closest mean; these are the logits), and rejected when its latent mean is
+too far from the chosen component (distance in units of sigma_k) or its reconstruction error
+is too high; both thresholds are set on clean data for a chosen false-rejection rate.
 
 The model reuses the project's VAEs: `GMVAE(vae=MLPVAE(...) or ConvVAE(...), num_classes=K)`
 wraps the VAE's encoder and decoder (its variables live under "vae", so a trained VAE's
-variables can start it) and adds the class means [K, D] (fixed, well separated, or learned).
+variables can start it) and adds the class means [K, D] (fixed, well separated, or learned)
+and log-variances [K] (0, or learned).
 
 The adaptive attack (Athalye, Carlini and Wagner 2018: attack the defence, not only the
 classifier) is BIM on `adaptive_logits_fn`: the GMVAE's K logits plus a (K+1)-th "reject"
 logit built so that the cross-entropy to any class k equals the cross-entropy of the plain
-logits plus a hinge penalty P >= 0 that is zero while the latent distance and the
-reconstruction error stay below (1 - margin) times their thresholds (the reject class has
-probability 1 - exp(-P)). `bim.bim` minimises that cross-entropy unchanged, and so does
-`runner.run_attack`.
+logits plus a hinge penalty P_k >= 0 that is zero while the distance to class k's component
+and the reconstruction error stay below (1 - margin) times their thresholds. `bim.bim`
+minimises that cross-entropy unchanged, and so does `runner.run_attack`.
 
 Public API (all per example and jit / vmap friendly unless said otherwise):
-* `GMVAE(vae, num_classes, mean_scale=3.0, learn_means=False)`: Flax module; methods
-  `encode(x[B, H, W, C]) -> (mean[B, D], logvar[B, D])`, `decode(z[B, D]) -> pixel
-  logits[B, H, W, C]`, `class_means() -> [K, D]`, `__call__(x, key) -> (pixel_logits, mean,
-  logvar)`. Variables {"params": {"vae": <the VAE's params>, "means": [K, D]}}.
+* `GMVAE(vae, num_classes, mean_scale=3.0, learn_means=False, learn_variance=False)`: Flax
+  module; methods `encode(x[B, H, W, C]) -> (mean[B, D], logvar[B, D])`, `decode(z[B, D]) ->
+  pixel logits[B, H, W, C]`, `class_means() -> [K, D]`, `class_log_vars() -> [K]` (log
+  sigma_k^2), `__call__(x, key) -> (pixel_logits, mean, logvar)`. Variables
+  {"params": {"vae": <the VAE's params>, "means": [K, D], "log_vars": [K]}}.
 * `class_means_init(scale, repulsion_steps=200) -> init(key, (K, D)) -> [K, D]`: the fixed
   means: scale * e_k when K <= D, else K points spread over the sphere of radius `scale`.
 * `with_vae_params(model, vae_params, key) -> variables`: a GMVAE's variables from a trained
   VAE's variables and fresh class means.
-* `gmvae_loss(pixel_logits[H, W, C], x[H, W, C], mean[D], logvar[D], class_mean[D]) -> []`:
-  Bernoulli reconstruction NLL + KL(N(mean, exp(logvar)) || N(class_mean, I)), nats.
-* `logits_fn(model) -> LogitsFn`: (params, x[H, W, C]) -> logits[K] = -||mean(x) - mu_k||^2 / 2.
+* `gmvae_loss(pixel_logits[H, W, C], x[H, W, C], mean[D], logvar[D], class_mean[D],
+  class_log_var=0.0) -> []`: Bernoulli reconstruction NLL + KL(N(mean, exp(logvar)) ||
+  N(class_mean, exp(class_log_var) I)), nats.
+* `logits_fn(model) -> LogitsFn`: (params, x[H, W, C]) -> logits[K], the log-posterior up to a
+  constant; -||mean(x) - mu_k||^2 / 2 with unit variances.
 * `scores(model, params, x[H, W, C]) -> Scores(logits[K], pred[], latent_distance[],
-  reconstruction_error[])`: latent_distance = ||mean(x) - mu_pred||_2 (Euclidean),
+  reconstruction_error[])`: latent_distance = ||mean(x) - mu_pred||_2 / sigma_pred,
   reconstruction_error = mean over pixels of (sigmoid(decode(mean(x))) - x)^2.
 * `batch_scores(model, params, x[N, H, W, C], *, chunk=1000) -> Scores` with [N] leading axes
   (host-side chunking around a jitted vmap).
@@ -118,17 +122,20 @@ class GMVAE(nn.Module):
     mean_scale: the class means' initial scale (see `class_means_init`); with unit-variance
       components, pick it so that neighbouring means are several units apart.
     learn_means: train the means (True) or keep them at their initial values (False).
+    learn_variance: train one log-variance per class (True) or keep unit variances (False).
   """
 
   vae: nn.Module
   num_classes: int
   mean_scale: float = 3.0
   learn_means: bool = False
+  learn_variance: bool = False
 
   def setup(self):
     self.means = self.param(
       "means", class_means_init(self.mean_scale), (self.num_classes, self.vae.latent_dim)
     )
+    self.log_vars = self.param("log_vars", nn.initializers.zeros, (self.num_classes,))
 
   def encode(self, x: Array) -> tuple[Array, Array]:
     """(mean [B, D], logvar [B, D]) of q(z | x) for images x [B, H, W, C]."""
@@ -142,27 +149,37 @@ class GMVAE(nn.Module):
     """[K, D] the components' means (gradient-free unless `learn_means`)."""
     return self.means if self.learn_means else jax.lax.stop_gradient(self.means)
 
+  def class_log_vars(self) -> Array:
+    """[K] the components' log-variances log sigma_k^2 (gradient-free unless learned)."""
+    return self.log_vars if self.learn_variance else jax.lax.stop_gradient(self.log_vars)
+
   def __call__(self, x: Array, key: PRNGKey) -> tuple[Array, Array, Array]:
     """(pixel logits [B, H, W, C], mean [B, D], logvar [B, D]); z sampled from q(z | x)."""
     pixel_logits, mean, logvar = self.vae(x, key)
-    self.class_means()  # creates the means at init
+    self.class_means(), self.class_log_vars()  # creates them at init
     return pixel_logits, mean, logvar
 
 
 def with_vae_params(model: GMVAE, vae_params: Params, key: PRNGKey) -> Params:
   """GMVAE variables from a trained VAE's variables {"params": ...} and fresh class means."""
   means = class_means_init(model.mean_scale)(key, (model.num_classes, model.vae.latent_dim))
-  return {"params": {"vae": vae_params["params"], "means": means}}
+  log_vars = jnp.zeros((model.num_classes,), means.dtype)
+  return {"params": {"vae": vae_params["params"], "means": means, "log_vars": log_vars}}
 
 
 def gmvae_loss(
-  pixel_logits: Array, x: Array, mean: Array, logvar: Array, class_mean: Array
+  pixel_logits: Array,
+  x: Array,
+  mean: Array,
+  logvar: Array,
+  class_mean: Array,
+  class_log_var: Array | float = 0.0,
 ) -> Array:
   """Negative ELBO of one labelled example under its class's component, in nats.
 
-  -log p(x | z) (Bernoulli, one sample) + KL(N(mean, diag(exp(logvar))) || N(class_mean, I)),
-  the KL being `losses.gaussian_kl` of the shifted mean (a unit-variance prior is shift
-  invariant).
+  -log p(x | z) (Bernoulli, one sample) + KL(N(mean, diag(exp(logvar))) || N(mu, s^2 I)) with
+  KL = 1/2 sum_d (exp(logvar_d) / s^2 + (mean_d - mu_d)^2 / s^2 - 1 - logvar_d + log s^2);
+  for s = 1 this is `losses.gaussian_kl` of the shifted mean.
 
   Args:
     pixel_logits: [H, W, C] decoder logits for z ~ q(z | x).
@@ -170,46 +187,75 @@ def gmvae_loss(
     mean: [D] encoder mean.
     logvar: [D] encoder log-variance.
     class_mean: [D] mu_y of the example's class.
+    class_log_var: [] log s^2 of the class's component (0: unit variance).
 
   Returns:
     [] the loss.
   """
-  return losses.bernoulli_nll(pixel_logits, x) + losses.gaussian_kl(mean - class_mean, logvar)
+  return losses.bernoulli_nll(pixel_logits, x) + _class_kl(mean, logvar, class_mean, class_log_var)
 
 
-def _logits_from_code(z: Array, means: Array) -> Array:
-  """-||z - mu_k||^2 / 2 for each k: the log-posterior up to a constant (equal weights)."""
-  return -0.5 * jnp.sum(jnp.square(z[None, :] - means), axis=-1)
+def _class_kl(mean: Array, logvar: Array, class_mean: Array, class_log_var: Array) -> Array:
+  """KL(N(mean, diag(exp(logvar))) || N(class_mean, exp(class_log_var) I)) in nats."""
+  inv = jnp.exp(-class_log_var)
+  return 0.5 * jnp.sum(
+    jnp.exp(logvar) * inv + jnp.square(mean - class_mean) * inv - 1.0 - logvar + class_log_var
+  )
+
+
+def _components(model: GMVAE, params: Params) -> tuple[Array, Array]:
+  """(means [K, D], log-variances [K]) of the mixture."""
+  return (
+    model.apply(params, method="class_means"),
+    model.apply(params, method="class_log_vars"),
+  )
+
+
+def _scaled_distances(z: Array, means: Array, log_vars: Array) -> Array:
+  """[K] ||z - mu_k||_2 / sigma_k."""
+  return jnp.sqrt(jnp.sum(jnp.square(z[None, :] - means), axis=-1) * jnp.exp(-log_vars))
+
+
+def _logits_from_code(z: Array, means: Array, log_vars: Array) -> Array:
+  """[K] log N(z; mu_k, sigma_k^2 I) up to a shared constant: the log-posterior (equal pi)."""
+  sq = jnp.sum(jnp.square(z[None, :] - means), axis=-1)
+  return -0.5 * (sq * jnp.exp(-log_vars) + z.shape[-1] * log_vars)
 
 
 class Thresholds(NamedTuple):
   """Rejection thresholds, set on clean data by `fit_thresholds`."""
 
-  latent: Array  # [] on ||mean(x) - mu_pred||_2
+  latent: Array  # [] on ||mean(x) - mu_pred||_2 / sigma_pred
   reconstruction: Array  # [] on the mean squared reconstruction error per pixel
 
 
 class Scores(NamedTuple):
   """What the defence computes for one input (leading axes when batched)."""
 
-  logits: Array  # [K] -||mean(x) - mu_k||^2 / 2
-  pred: Array  # int[] the closest component
-  latent_distance: Array  # [] ||mean(x) - mu_pred||_2
+  logits: Array  # [K] log-posterior up to a constant; -||mean(x) - mu_k||^2 / 2 (unit var.)
+  pred: Array  # int[] the most probable component (the closest, with equal variances)
+  latent_distance: Array  # [] ||mean(x) - mu_pred||_2 / sigma_pred
   reconstruction_error: Array  # [] mean over pixels of (sigmoid(decode(mean(x))) - x)^2
+
+
+def _latent_code(model: GMVAE, params: Params, x: Array) -> tuple[Array, Array, Array, Array]:
+  """(mean(x) [D], class means [K, D], log-variances [K], reconstruction error []) of x."""
+  mean, _ = model.apply(params, x[None], method="encode")
+  rec = jax.nn.sigmoid(model.apply(params, mean, method="decode")[0])
+  means, log_vars = _components(model, params)
+  return mean[0], means, log_vars, jnp.mean(jnp.square(rec - x))
 
 
 def scores(model: GMVAE, params: Params, x: Array) -> Scores:
   """The defence's view of one input x [H, W, C]: logits, class, and both rejection scores."""
-  mean, _ = model.apply(params, x[None], method="encode")
-  means = model.apply(params, method="class_means")
-  logits = _logits_from_code(mean[0], means)
+  z, means, log_vars, error = _latent_code(model, params, x)
+  logits = _logits_from_code(z, means, log_vars)
   pred = jnp.argmax(logits)
-  rec = jax.nn.sigmoid(model.apply(params, mean, method="decode")[0])
   return Scores(
     logits=logits,
     pred=pred,
-    latent_distance=jnp.sqrt(jnp.sum(jnp.square(mean[0] - means[pred]))),
-    reconstruction_error=jnp.mean(jnp.square(rec - x)),
+    latent_distance=_scaled_distances(z, means, log_vars)[pred],
+    reconstruction_error=error,
   )
 
 
@@ -236,8 +282,9 @@ class _Logits:
 def logits_fn(model: GMVAE) -> LogitsFn:
   """The GMVAE classifier as `logits_fn(params, x[H, W, C]) -> logits[K]` (hashable).
 
-  logits_k = -||mean(x) - mu_k||^2 / 2, so argmax is the closest component and softmax the
-  posterior p(k | mean(x)) under equal mixture weights.
+  logits_k = -||mean(x) - mu_k||^2 / (2 sigma_k^2) - D log sigma_k, so softmax is the
+  posterior p(k | mean(x)) under equal mixture weights, and with unit variances (the
+  default) argmax is the closest component.
   """
   return _Logits(model)
 
@@ -290,13 +337,6 @@ def detect(model: GMVAE, params: Params, thresholds: Thresholds, x: Array) -> tu
   return s.pred, rejected(s, thresholds)
 
 
-def _latent_code(model: GMVAE, params: Params, x: Array) -> tuple[Array, Array, Array]:
-  """(mean(x) [D], class means [K, D], reconstruction error []) of one input."""
-  mean, _ = model.apply(params, x[None], method="encode")
-  rec = jax.nn.sigmoid(model.apply(params, mean, method="decode")[0])
-  return mean[0], model.apply(params, method="class_means"), jnp.mean(jnp.square(rec - x))
-
-
 @dataclasses.dataclass(frozen=True)
 class _AdaptiveLogits:
   model: GMVAE
@@ -304,15 +344,15 @@ class _AdaptiveLogits:
   margin: float
 
   def __call__(self, params: Params, x: Array) -> Array:
-    z, means, error = _latent_code(self.model, params["gmvae"], x)
+    z, means, log_vars, error = _latent_code(self.model, params["gmvae"], x)
     t = params["thresholds"]
     slack = 1.0 - self.margin
-    distance = jnp.sqrt(jnp.sum(jnp.square(z[None, :] - means), axis=-1))  # [K]
+    distance = _scaled_distances(z, means, log_vars)  # [K]
     p = self.penalty * (
       jax.nn.relu(distance / t.latent - slack) + jax.nn.relu(error / t.reconstruction - slack)
     )
     p = p + _PENALTY_FLOOR  # [K]
-    logits = _logits_from_code(z, means)
+    logits = _logits_from_code(z, means, log_vars)
     # Class k's logit drops by P_k; the reject logit takes the mass removed, so the log-sum-exp
     # is unchanged and CE to each k grows by exactly P_k: r = LSE_k(l_k + log(1 - exp(-P_k))).
     reject = jax.nn.logsumexp(logits + jnp.log(-jnp.expm1(-p)))
@@ -324,7 +364,7 @@ def adaptive_logits_fn(model: GMVAE, *, penalty: float = 10.0, margin: float = 0
 
   CE(adaptive logits, k) = CE(GMVAE logits, k) + P_k for every class k, with the hinge
     P_k = penalty * (relu(d_k / t_latent - (1 - margin)) + relu(e / t_rec - (1 - margin))),
-  d_k = ||mean(x) - mu_k||_2 the distance to class k's component and e the reconstruction
+  d_k = ||mean(x) - mu_k||_2 / sigma_k the distance to class k's component, e the reconstruction
   error. So minimising the targeted cross-entropy (`bim.bim`, `lbfgs`) pulls the code to the
   TARGET's component and keeps x inside both thresholds with a safety margin. (A penalty on
   the distance to the closest component instead would wall the attack in: between two
@@ -416,12 +456,10 @@ def train_gmvae(
 
   def terms(params, x, y, key):
     pixel_logits, mean, logvar = model.apply(params, x, key)
-    class_mean = model.apply(params, method="class_means")[y]
+    means, log_vars = _components(model, params)
     recon = jax.vmap(losses.bernoulli_nll)(pixel_logits, x)
-    kl = jax.vmap(losses.gaussian_kl)(mean - class_mean, logvar)
-    logits = jax.vmap(_logits_from_code, in_axes=(0, None))(
-      mean, model.apply(params, method="class_means")
-    )
+    kl = jax.vmap(_class_kl)(mean, logvar, means[y], log_vars[y])
+    logits = jax.vmap(_logits_from_code, in_axes=(0, None, None))(mean, means, log_vars)
     return recon, kl, jnp.argmax(logits, -1) == y
 
   def batch_loss(params, x, y, key):
