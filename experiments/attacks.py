@@ -122,6 +122,25 @@ def _report_non_finite(flags, where: str, problems: list[str]) -> bool:
   return True
 
 
+# Pairs per call of the per-pair metrics (SSIM, AUDDC points): one fixed shape whatever the
+# attack's chunk size, so XLA runs the same program and the values are bit-identical across
+# chunk sizes (a batch of another size may be vectorised, and so rounded, differently).
+METRIC_BLOCK = 32
+
+
+def _by_blocks(fn, pair_args: tuple, x_adv):
+  """fn(*pair_args[B], x_adv[:, B]) -> [E, B] outputs over blocks of METRIC_BLOCK pairs (the
+  last padded by repeating its last pair), as host arrays [E, P]."""
+  n, outs = len(pair_args[0]), []
+  for start in range(0, n, METRIC_BLOCK):
+    idx = np.minimum(np.arange(start, start + METRIC_BLOCK), n - 1)
+    out = fn(*(a[idx] for a in pair_args), x_adv[:, idx])
+    keep = min(METRIC_BLOCK, n - start)
+    outs.append([np.asarray(o)[:, :keep] for o in (out if isinstance(out, tuple) else (out,))])
+  joined = tuple(np.concatenate(parts, axis=1) for parts in zip(*outs, strict=True))
+  return joined if len(joined) > 1 else joined[0]
+
+
 def run_all(config, data, trained, log) -> None:
   """Attacks every model in `trained` with every attack of the config; resumable via `log`.
 
@@ -197,7 +216,7 @@ def run_all(config, data, trained, log) -> None:
       ):
         ok.append(res.success)
         prob.append(res.target_prob)
-        ssim.append(np.asarray(_ssim_grid(x[sl], res.x_adv)))
+        ssim.append(_by_blocks(_ssim_grid, (x[sl],), res.x_adv))
         dist.append(res.distortion)
         nonfinite.append(_non_finite(res))
         if examples is None:
@@ -290,12 +309,13 @@ def run_vae_attacks(config, data, model, judge, key, log, mesh, chunk, budget, o
     ):
       ok.append(res.success)
       prob.append(res.target_prob)
-      ssim.append(np.asarray(_ssim_grid(x[sl], res.x_adv)))
+      ssim.append(_by_blocks(_ssim_grid, (x[sl],), res.x_adv))
       dist.append(res.distortion)
       nonfinite.append(_non_finite(res))
-      a, b = _quality_grid(model.vae.reconstruct, params["vae"], x[sl], x_target[sl], res.x_adv)
-      qx.append(np.asarray(a))
-      qy.append(np.asarray(b))
+      quality = functools.partial(_quality_grid, model.vae.reconstruct, params["vae"])
+      a, b = _by_blocks(quality, (x[sl], x_target[sl]), res.x_adv)
+      qx.append(a)
+      qy.append(b)
       if examples is None:
         n = config.output.num_examples
         examples = (
