@@ -141,6 +141,16 @@ def _by_blocks(fn, pair_args: tuple, x_adv):
   return joined if len(joined) > 1 else joined[0]
 
 
+def _make_pairs(setting: str, *args, **kwargs) -> runner.Pairs:
+  """runner.make_pairs, with a pairs request the data cannot meet reported as a UserError."""
+  try:
+    return runner.make_pairs(*args, **kwargs)
+  except ValueError as e:
+    raise run_lib.UserError(
+      f"{setting}: {e}; lower it or choose another attacks.target_strategy"
+    ) from None
+
+
 def run_all(config, data, trained, log) -> None:
   """Attacks every model in `trained` with every attack of the config; resumable via `log`.
 
@@ -186,7 +196,8 @@ def run_all(config, data, trained, log) -> None:
     if not todo:
       logging.info("%s: all attacks already in %s", model_name, log.path)
       continue
-    pairs = runner.make_pairs(
+    pairs = _make_pairs(
+      f"{model_name}: attacks.num_pairs",
       model.logits_fn,
       model.params,
       data.x_test,
@@ -276,7 +287,8 @@ def run_vae_attacks(config, data, model, judge, key, log, mesh, chunk, budget, o
   params = {"vae": model.params["vae"], "judge": judge.params}
   # Sources the judge classifies correctly from their reconstruction, like the classifier runs.
   rec_logits_fn = _reconstruct_then(model.vae.reconstruct, judge.logits_fn)
-  pairs = runner.make_pairs(
+  pairs = _make_pairs(
+    f"{model.name}: attacks.vae.num_pairs",
     rec_logits_fn,
     params,
     data.x_test,

@@ -178,15 +178,39 @@ def test_bad_strategy_and_too_few_sources(key):
   else:
     raise AssertionError("an unknown strategy was accepted")
   n_correct = int((~wrong).sum())
-  try:
-    runner.make_pairs(
-      linear_logits, params, x, y, strategy="random", num_pairs=n_correct + 1, key=key,
-      num_classes=NUM_CLASSES,
-    )  # fmt: skip
-  except ValueError as err:
-    assert "not enough eligible sources" in str(err) and str(n_correct) in str(err)
-  else:
-    raise AssertionError("more pairs than correctly classified sources were returned")
+  for strategy, too_many in (
+    ("next", n_correct + 1),
+    ("random", n_correct * (NUM_CLASSES - 1) + 1),
+  ):
+    try:
+      runner.make_pairs(
+        linear_logits, params, x, y, strategy=strategy, num_pairs=too_many, key=key,
+        num_classes=NUM_CLASSES,
+      )  # fmt: skip
+    except ValueError as err:
+      assert "not enough eligible sources" in str(err) and str(n_correct) in str(err)
+    else:
+      raise AssertionError(f"{strategy}: more pairs than can be made were returned")
+
+
+def test_random_targets_in_rounds_when_pairs_exceed_sources(key):
+  params, x, y, _, wrong = labelled_split()
+  n_correct = int((~wrong).sum())
+  kw = dict(strategy="random", key=key, num_classes=NUM_CLASSES)
+  one_round = runner.make_pairs(linear_logits, params, x, y, num_pairs=n_correct, **kw)
+  many = n_correct * (NUM_CLASSES - 1) - 1
+  pairs = runner.make_pairs(linear_logits, params, x, y, num_pairs=many, **kw)
+  assert len(pairs.index) == many
+  # The first round is the one-target-per-source draw; later rounds reuse its sources.
+  np.testing.assert_array_equal(pairs.index[:n_correct], one_round.index)
+  np.testing.assert_array_equal(pairs.target[:n_correct], one_round.target)
+  assert set(pairs.index.tolist()) == set(one_round.index.tolist())
+  # Every pair is a distinct (source, other class) and no source has a target twice.
+  assert np.all(pairs.target != pairs.source_label)
+  assert len(set(zip(pairs.index.tolist(), pairs.target.tolist(), strict=True))) == many
+  # A smaller request is a prefix.
+  fewer = runner.make_pairs(linear_logits, params, x, y, num_pairs=n_correct + 3, **kw)
+  np.testing.assert_array_equal(fewer.target, pairs.target[: n_correct + 3])
 
 
 # ---------------------------------------------------------------------------------------------

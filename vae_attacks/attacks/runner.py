@@ -124,7 +124,10 @@ def make_pairs(
   those the model classifies correctly, or all of them when `only_correct=False`. Target
   strategies:
 
-  - "random": uniform over the classes other than the true label (drawn from `key`);
+  - "random": uniform over the classes other than the true label (drawn from `key`); when
+    num_pairs exceeds the eligible sources, further rounds over the same sources give each a
+    new target it has not had (up to K - 1 rounds), so a small test split still yields many
+    distinct pairs;
   - "next": (label + 1) % num_classes;
   - "least_likely": the class of smallest logit other than the label (Kurakin et al. 2016);
   - "all": every class other than the label, in increasing order: num_classes - 1 pairs per
@@ -146,8 +149,9 @@ def make_pairs(
     batch_size: examples per batch when computing predictions.
 
   Returns:
-    Pairs(index int32[P], source_label int32[P], target int32[P]) as numpy arrays; the pairs of
-    one source are adjacent, and the pairs for a smaller num_pairs (same key) are a prefix.
+    Pairs(index int32[P], source_label int32[P], target int32[P]) as numpy arrays; for "all" and
+    "fixed" the pairs of one source are adjacent, for "random" they come in rounds over the
+    sources; the pairs for a smaller num_pairs (same key) are a prefix.
 
   Raises:
     ValueError: an unknown strategy, bad targets or labels, or too few eligible sources.
@@ -196,6 +200,13 @@ def make_pairs(
       # eligible source, so a smaller num_pairs gives a prefix of the same pairs.
       offset = np.asarray(jax.random.randint(target_key, (len(sources),), 1, num_classes))
       tgt = (y[src] + offset[: len(src)]) % num_classes
+      if num_pairs is not None and num_pairs > len(sources) and len(sources):
+        # More pairs than sources: further rounds over the same sources, each source taking a
+        # new target it has not had, in a random order (round 0 is the pairs above).
+        rounds = min(-(-num_pairs // len(sources)), num_classes - 1)
+        rest = _other_offsets(jax.random.fold_in(target_key, 1), offset, num_classes)
+        src = np.concatenate([sources] * rounds)
+        tgt = (y[src] + np.concatenate([offset, *rest.T[: rounds - 1]])) % num_classes
     elif strategy == "next":
       tgt = (y[src] + 1) % num_classes
     else:  # least_likely
@@ -207,7 +218,7 @@ def make_pairs(
       ll = np.where(np.arange(num_classes)[None] == y[src][:, None], np.inf, ll)
       tgt = np.argmin(ll, axis=-1)
 
-  available = len(src) if strategy in ("all", "fixed") else len(sources)
+  available = len(src) if strategy in ("all", "fixed", "random") else len(sources)
   if len(src) == 0 or (num_pairs is not None and available < num_pairs):
     what = (
       f"{len(eligible)} of {len(y)} examples are correctly classified"
@@ -225,6 +236,15 @@ def make_pairs(
     source_label=y[src].astype(np.int32),
     target=np.asarray(tgt).astype(np.int32),
   )
+
+
+def _other_offsets(key: PRNGKey, first: np.ndarray, num_classes: int) -> np.ndarray:
+  """Per source, the offsets in [1, K-1] other than `first`, in a random order: int[S, K-2]."""
+  offsets = np.arange(1, num_classes)
+  keys = jax.random.split(key, len(first))
+  perms = np.asarray(jax.vmap(lambda k: jax.random.permutation(k, offsets))(keys))
+  keep = perms != first[:, None]
+  return perms[keep].reshape(len(first), num_classes - 2)
 
 
 # ----------------------------------------------------------------------------------------------
