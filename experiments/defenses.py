@@ -1,6 +1,7 @@
 """The defences run: train defended models, attack each with attacks that know the defence.
 
   python -m experiments.main --config=configs/mnist_defenses.py[:quick|:gpu] [--workdir=DIR]
+  python -m experiments.main --config=configs/lfw_defenses.py[:quick] [--workdir=DIR]
 
 `experiments.run.run` hands a config with `experiment == "defenses"` to `run` here. Each entry
 of `config.defenses.enabled` names a builder in `DEFENSES` (a plain dict, name -> builder),
@@ -9,7 +10,9 @@ the deployed classifier, an optional rejection rule, and the attacks to run on i
 marked adaptive or not. Every (defence, attack, eps) point is one row of `defenses.jsonl`
 (`store.ResultsLog`: appended atomically as it finishes, skipped on a rerun), as is every
 (source, target) entry of the black-box transfer matrix. `summary.md` gets the defence table
-(experiments/report.py).
+(experiments/report.py), and a defence with a `figure_data` function writes the arrays of its
+figure to `defense_examples/<defence>.npz` (the projection: clean, adversarial and projected
+images; the GMVAE: latent codes of clean and adversarial inputs), which the report draws.
 
 Measures (all over the same first `defenses.num_examples` test images, with 95% Wilson
 intervals): clean accuracy (correct and, for a rejecting defence, accepted); robust accuracy
@@ -32,12 +35,14 @@ from experiments import models as models_lib
 from experiments import run as run_lib
 from experiments import store
 from vae_attacks import metrics, models, train
-from vae_attacks.attacks import fgsm, runner
+from vae_attacks.attacks import bim, fgsm, runner
 from vae_attacks.defenses import adversarial, distillation, transfer
 from vae_attacks.types import LogitsFn, Params
 
 RESULT_KEY = ("kind", "dataset", "defense", "attack", "eps", "source", "target", "settings")
 RESULTS_FILE = "defenses.jsonl"
+EXAMPLES_DIR = "defense_examples"
+FIGURE_EXAMPLES = 8  # rows of the projection figure
 # Stable per-model key indices: "none" is the CNN of configs/mnist_cnn.py (index 0 there).
 KEY_INDEX = {
   "none": 0,
@@ -47,6 +52,7 @@ KEY_INDEX = {
   "vae": 14,
   "projection": 15,
   "gmvae": 16,
+  "siamese": 17,
 }
 
 
@@ -80,6 +86,8 @@ class Defended(NamedTuple):
   metrics: dict  # training metrics, for train_metrics.json
   transfer_spec: AttackSpec | None = None  # how to craft transfer examples on this model
   max_examples: int | None = None  # evaluate on fewer examples (a costly defence)
+  # (x [N, ...], y [N], {(attack, eps): x_adv [N, ...]}) -> arrays of the defence's figure
+  figure_data: Callable[[np.ndarray, np.ndarray, dict], dict] | None = None
 
 
 class Context:
@@ -140,12 +148,40 @@ def _fgsm_spec(logits_fn, params, *, name="fgsm", adaptive=True, note=""):
   return AttackSpec(name, adaptive, logits_fn, params, _fgsm, {}, 1, note)
 
 
+def _impersonation(logits_fn, params, x, label, *, eps, key, steps, step_size_rel):
+  """Impersonation (Sharif et al. 2016) in the runner's untargeted form: targeted L-inf BIM
+  with a random start towards the most similar other person (the highest other logit; for
+  the siamese identifier the nearest other class centre), fixed across restarts."""
+  logits = logits_fn(params, x)
+  others = jax.numpy.where(jax.numpy.arange(logits.shape[0]) == label, -jax.numpy.inf, logits)
+  return bim.bim(
+    logits_fn,
+    params,
+    x,
+    jax.numpy.argmax(others),
+    eps=eps,
+    step_size=step_size_rel * eps,
+    steps=steps,
+    norm="linf",
+    targeted=True,
+    random_start=True,
+    key=key,
+  )
+
+
 def _white_box(config, logits_fn, params, what: str) -> list:
-  """FGSM and PGD with restarts on a defence that is nothing but its weights."""
+  """FGSM, PGD with restarts and (when configured) impersonation on a defence that is nothing
+  but its weights; the last is the one that crafts transfer examples."""
   note = f"white-box on {what}: the attack knows every weight"
+  a = config.defenses.attacks
   specs = [_pgd_specs(config, logits_fn, params, note=note)]
-  if config.defenses.attacks.fgsm:
+  if a.fgsm:
     specs.insert(0, _fgsm_spec(logits_fn, params, note=note))
+  if a.get("impersonation", False):
+    knobs = dict(steps=a.pgd_steps, step_size_rel=float(a.pgd_step_size_rel))
+    imp = f"targeted BIM (L-inf) to the most similar other person, white-box on {what}"
+    specs.insert(-1, AttackSpec("impersonation", True, logits_fn, params, _impersonation, knobs,
+                                a.restarts, imp))  # fmt: skip
   return specs
 
 
@@ -247,6 +283,14 @@ def build_projection(ctx: Context) -> Defended:
   params = {"decoder": vae_params, "clf": cnn_params}
   reject = None
   m = {"vae": vae_m, "classifier": cnn_m, "test_accuracy": cnn_m["test_accuracy"]}
+  # The CNN never saw decoder outputs: near chance here means the VAE is too weak for the
+  # defence to mean anything (its clean accuracy will be near chance too).
+  held = slice(-int(p.threshold_examples), None)
+  recon = runner.batched_logits(models.vae_fns(vae).reconstruct, vae_params, ctx.data.x_test[held])
+  recon_pred = np.argmax(runner.batched_logits(classify, cnn_params, recon), axis=-1)
+  m["classifier_on_reconstructions"] = float(np.mean(recon_pred == ctx.data.y_test[held]))
+  logging.info("projection: CNN accuracy on VAE reconstructions %.4f",
+               m["classifier_on_reconstructions"])  # fmt: skip
   if p.false_rejection_rate > 0:
     held_out = ctx.data.x_test[-int(p.threshold_examples) :]
     errors = _projection_errors(deployed, params, held_out)
@@ -283,7 +327,25 @@ def build_projection(ctx: Context) -> Defended:
       "PGD through the projection with BPDA (Athalye et al. 2018)",
     ),
   ]
-  return Defended("projection", deployed, params, reject, specs, m, None, int(p.num_examples))
+
+  def figure_data(x, y, adv):
+    """Clean inputs, the BPDA attack's inputs at the largest eps, and their projections."""
+    eps = max(e for a, e in adv if a == "pgd_bpda")
+    n = min(FIGURE_EXAMPLES, len(y))
+    x_adv = adv[("pgd_bpda", eps)][:n]
+    x_proj = runner.batched_logits(projection._ProjectX(deployed), params, x_adv)
+    return dict(
+      x=x[:n],
+      x_adv=x_adv,
+      x_proj=x_proj,
+      label=y[:n],
+      pred_adv=np.argmax(runner.batched_logits(classify, cnn_params, x_proj), axis=-1),
+      eps=np.float64(eps),
+    )
+
+  return Defended(
+    "projection", deployed, params, reject, specs, m, None, int(p.num_examples), figure_data
+  )
 
 
 class _ProjectionError(NamedTuple):
@@ -324,7 +386,7 @@ def build_gmvae(ctx: Context) -> Defended:
   from vae_attacks.defenses import gmvae  # noqa: PLC0415
 
   c, g = ctx.config, ctx.config.defenses.gmvae
-  vae = models.MLPVAE(image_shape=tuple(ctx.data.x_train.shape[1:]), **c.model.mlp_vae)
+  vae = models.MLPVAE(image_shape=tuple(ctx.data.x_train.shape[1:]), **c.model.gmvae)
   model = gmvae.GMVAE(vae=vae, num_classes=ctx.num_classes, mean_scale=float(g.mean_scale))
   if "gmvae" not in ctx.trained:
     params, m = gmvae.train_gmvae(
@@ -355,7 +417,43 @@ def build_gmvae(ctx: Context) -> Defended:
                "targeted PGD to the closest other class with a penalty keeping the input "
                "inside both rejection thresholds (gmvae.adaptive_bim)"),
   ]  # fmt: skip
-  return Defended("gmvae", fn, params, reject, specs, kept, None)
+
+  def figure_data(x, y, adv):
+    """Latent means of clean inputs and of both attacks' inputs at the largest eps."""
+    eps = max(e for a, e in adv if a == "pgd")
+    code = lambda v: np.asarray(model.apply(params, v, method="encode")[0])  # noqa: E731
+    out = dict(z=code(x), label=y, means=np.asarray(gmvae._components(model, params)[0]))
+    for attack in ("pgd", "pgd_adaptive"):
+      if (attack, eps) in adv:
+        out[f"z_{attack}"] = code(adv[(attack, eps)])
+        out[f"rejected_{attack}"] = reject(adv[(attack, eps)])
+    return dict(out, eps=np.float64(eps))
+
+  return Defended("gmvae", fn, params, reject, specs, kept, None, None, figure_data)
+
+
+def build_siamese(ctx: Context) -> Defended:
+  """A siamese embedding network (triplet loss, FaceNet) identifying by the nearest class
+  centre, as a classifier (`siamese.identification_logits_fn`); attacked white-box."""
+  from vae_attacks.defenses import siamese  # noqa: PLC0415
+
+  c = ctx.config
+  net = siamese.EmbeddingNet(**c.model.siamese)
+  if "siamese" not in ctx.trained:
+    variables, m = siamese.train_siamese(
+      net, ctx.data, key=ctx.key("siamese"), checkpoint_dir=ctx.checkpoint("siamese"),
+      **c.train.siamese,
+    )  # fmt: skip
+    train_embeddings = siamese.embed(net, variables, ctx.data.x_train)
+    labels = jax.numpy.asarray(ctx.data.y_train, jax.numpy.int32)
+    centres = siamese.class_centres(train_embeddings, labels, ctx.num_classes)
+    params = {"net": variables, "centres": centres}
+    ctx.trained["siamese"] = (net, params, models_lib._keep(m, variables, "classifier"))
+    logging.info("siamese: nearest-centre test accuracy %.4f", m["test_accuracy"])
+  _, params, kept = ctx.trained["siamese"]
+  fn = siamese.identification_logits_fn(net, temperature=float(c.defenses.siamese.temperature))
+  specs = _white_box(c, fn, params, "the siamese identifier (its weights and class centres)")
+  return Defended("siamese", fn, params, None, specs, kept, specs[-1])
 
 
 DEFENSES: dict[str, Callable[[Context], Defended]] = {
@@ -365,6 +463,7 @@ DEFENSES: dict[str, Callable[[Context], Defended]] = {
   "adversarial": build_adversarial,
   "projection": build_projection,
   "gmvae": build_gmvae,
+  "siamese": build_siamese,
 }
 
 
@@ -475,7 +574,7 @@ def run(config, workdir: str) -> dict:
     store.write_json_atomic(
       workdir / "train_metrics.json", {k: v.metrics for k, v in built.items()}
     )
-    clean = None
+    clean, adv = None, {}
     n_def = min(n, defended.max_examples or n)
     xd, yd = x[:n_def], y[:n_def]
     for a_index, spec in enumerate(defended.attacks):
@@ -495,7 +594,7 @@ def run(config, workdir: str) -> dict:
         if clean is None:
           clean = _Judge(defended, yd)(xd)
         key = jax.random.fold_in(jax.random.fold_in(attack_root, KEY_INDEX[name]), a_index)
-        row, _ = evaluate(
+        row, adv[(spec.name, eps)] = evaluate(
           defended, spec, eps, xd, yd, key=key, clean=clean, runner_kwargs=runner_kwargs
         )
         log.append(dict(base, **row))
@@ -510,12 +609,24 @@ def run(config, workdir: str) -> dict:
           spec.restarts,
           row["seconds"],
         )
+    # Only when this run attacked it at every point (a resumed run keeps the old file).
+    if defended.figure_data is not None and len(adv) == len(defended.attacks) * len(d.attacks.eps):
+      _save_npz(workdir / EXAMPLES_DIR / f"{name}.npz", **defended.figure_data(xd, yd, adv))
   if d.transfer.enabled:
     _run_transfer(config, ctx, built, x, y, log, settings, attack_root, runner_kwargs)
   from experiments import report  # noqa: PLC0415
 
   report.write_report(workdir)
   return {"train": {k: v.metrics for k, v in built.items()}, "results": log.rows}
+
+
+def _save_npz(path: pathlib.Path, **arrays) -> None:
+  """np.savez to a temporary name, then renamed: readers never see half a file."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp")
+  with open(tmp, "wb") as f:
+    np.savez_compressed(f, **arrays)
+  tmp.replace(path)
 
 
 def _run_transfer(config, ctx, built, x, y, log, settings, attack_root, runner_kwargs) -> None:

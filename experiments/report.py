@@ -200,6 +200,7 @@ class DatasetView:
   left_out: int = 0
   overridden: int = 0  # rows of a cell that a later work directory also has
   defense_rows: list = dataclasses.field(default_factory=list)  # defenses.jsonl rows
+  defense_examples: dict = dataclasses.field(default_factory=dict)  # {defence: npz path}
 
 
 def _pixels(run: RunFiles, examples: Iterable[pathlib.Path]) -> int | None:
@@ -228,6 +229,9 @@ def build_views(runs: Sequence[RunFiles]) -> list[DatasetView]:
       name = r.get("dataset") or run.dataset or "unknown"
       by_dataset.setdefault(name, [])
       views.setdefault(name, DatasetView(name)).defense_rows.append(r)
+      npz = run.workdir / "defense_examples" / f"{r.get('defense')}.npz"
+      if npz.exists():
+        views[name].defense_examples[r.get("defense")] = npz
     for name, rows in by_dataset.items():
       view = views.setdefault(name, DatasetView(name))
       view.workdirs.append(run.workdir)
@@ -977,10 +981,10 @@ def render_summary(
       header = ("model", "attack", "C grid", "AUDDC mean ± std", "95% CI", "n pairs")
       parts += ["### AUDDC (lower: stronger attack)", "", _table(header, auddc), ""]
     model_figs = figures.get(v.name, {})
-    if model_figs:
+    if any(paths for m, paths in model_figs.items() if m != DEFENCE_FIGURES):
       parts += ["### Figures", ""]
       for model, paths in model_figs.items():
-        if not paths:
+        if not paths or model == DEFENCE_FIGURES:
           continue
         first, rest = paths[0], paths[1:]
         parts += [f"**{model}**", "", f"![{model}: {first.stem}]({_rel(first, out_dir)})", ""]
@@ -989,6 +993,8 @@ def render_summary(
           parts += [_details(f"{model}: examples and curves ({len(rest)} figures)", body), ""]
     if v.defense_rows:
       parts += [defense_markdown(v.defense_rows), ""]
+      for p in model_figs.get(DEFENCE_FIGURES, []):
+        parts += [f"![{p.stem}]({_rel(p, out_dir)})", ""]
     if v.rows:
       full = _table(FULL_HEADER, [_full_line(r) for r in _sort_rows(v.rows)])
       parts += [_details(f"{v.name.upper()}: every eps ({len(v.rows)} rows)", full), ""]
@@ -1359,7 +1365,111 @@ def write_figures(view: DatasetView, fig_dir: pathlib.Path) -> dict[str, list]:
       )
       paths += [p] if p else []
     out[model] = paths
+  defence_paths = []
+  for defence, npz in view.defense_examples.items():
+    plot = DEFENCE_PLOTS.get(defence)
+    if plot is not None:
+      p = plot(npz, fig_dir / f"{view.name}_defense_{defence}.png", f"{view.name}: {defence}")
+      defence_paths += [p] if p else []
+  if defence_paths:
+    out[DEFENCE_FIGURES] = defence_paths
   return out
+
+
+def plot_projection(npz: pathlib.Path, path: pathlib.Path, title: str) -> pathlib.Path | None:
+  """Projection defence: rows clean input / adversarial input (BPDA) / its projection.
+
+  Columns are examples, labelled with the true class and the class the CNN gives the
+  projection. None when the file cannot be read.
+  """
+  try:
+    with np.load(npz) as f:
+      x, x_adv, x_proj = f["x"], f["x_adv"], f["x_proj"]
+      label, pred, eps = f["label"], f["pred_adv"], float(f["eps"])
+  except (OSError, KeyError, ValueError):
+    return None
+  n = min(len(x), len(x_adv), len(x_proj))
+  if n == 0:
+    return None
+  rows = (("clean", x), (f"adversarial (eps {eps:.3g})", x_adv), ("its projection", x_proj))
+  fig = _new_figure(1.3 * n + 0.6, 1.4 * len(rows) + 0.6)
+  axes = fig.subplots(len(rows), n, squeeze=False)
+  for i, (name, images) in enumerate(rows):
+    for j in range(n):
+      ax = axes[i, j]
+      arr, kw = _image(images[j])
+      ax.imshow(arr, interpolation="nearest", **kw)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if i == len(rows) - 1:
+        ax.set_xlabel(f"y {int(label[j])} → {int(pred[j])}", fontsize=7)
+    axes[i, 0].set_ylabel(name, fontsize=7)
+  fig.suptitle(f"{title}: input, attack through the projection, projection", fontsize=9)
+  _margins(fig, left=0.4, right=0.1, bottom=0.3, top=0.45, wspace=0.08, hspace=0.1)
+  return _save_figure(fig, path)
+
+
+def pca_2d(z: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
+  """Coordinates [N, 2] of z and of each array in `others` on z's two principal axes."""
+  z = np.asarray(z, np.float64)
+  centre = z.mean(axis=0)
+  _, _, vt = np.linalg.svd(z - centre, full_matrices=False)
+  axes = vt[:2].T  # [D, 2]
+  if axes.shape[1] < 2:  # D = 1: a zero second axis
+    axes = np.pad(axes, ((0, 0), (0, 2 - axes.shape[1])))
+  return tuple((np.asarray(a, np.float64) - centre) @ axes for a in (z, *others))
+
+
+def plot_gmvae_latent(npz: pathlib.Path, path: pathlib.Path, title: str) -> pathlib.Path | None:
+  """GMVAE latent space: 2-D PCA of clean test codes by class, class means, adversarial codes.
+
+  The adversarial codes (naive PGD as crosses, the adaptive attack as triangles, hollow when
+  the defence rejected the input) are those of the largest eps. None when unreadable.
+  """
+  try:
+    with np.load(npz) as f:
+      data = {k: f[k] for k in f.files}
+    z, label, means = data["z"], data["label"], data["means"]
+  except (OSError, KeyError, ValueError):
+    return None
+  if len(z) < 2:
+    return None
+  attacks = [a for a in ("pgd", "pgd_adaptive") if f"z_{a}" in data]
+  z2, m2, *adv2 = pca_2d(z, means, *(data[f"z_{a}"] for a in attacks))
+  from matplotlib import colormaps  # noqa: PLC0415
+
+  cmap = colormaps["tab10" if len(means) <= 10 else "tab20"]
+  fig = _new_figure(6.0, 5.0)
+  ax = fig.subplots()
+  for k in range(len(means)):
+    c = cmap(k % cmap.N)
+    mine = z2[label == k]
+    ax.scatter(mine[:, 0], mine[:, 1], s=10, color=c, alpha=0.6, label=str(k))
+    ax.scatter(m2[k, 0], m2[k, 1], s=120, color=c, marker="*", edgecolors="black")
+  markers = {"pgd": ("x", "PGD, naive"), "pgd_adaptive": ("^", "PGD, adaptive")}
+  for a, coords in zip(attacks, adv2, strict=True):
+    marker, name = markers[a]
+    rej = data.get(f"rejected_{a}", np.zeros(len(coords), bool)).astype(bool)
+    ax.scatter(coords[~rej, 0], coords[~rej, 1], s=25, c="black", marker=marker,
+               label=f"{name}, accepted")  # fmt: skip
+    if marker != "x":
+      ax.scatter(coords[rej, 0], coords[rej, 1], s=25, facecolors="none", edgecolors="red",
+                 marker=marker, label=f"{name}, rejected")  # fmt: skip
+    else:
+      ax.scatter(coords[rej, 0], coords[rej, 1], s=25, c="red", marker=marker,
+                 label=f"{name}, rejected")  # fmt: skip
+  ax.set_xlabel("PC 1 of the clean codes", fontsize=8)
+  ax.set_ylabel("PC 2", fontsize=8)
+  ax.tick_params(labelsize=7)
+  ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+  eps = float(data["eps"]) if "eps" in data else float("nan")
+  ax.set_title(f"{title}: latent means (stars: class means), attacks at eps {eps:.3g}", fontsize=8)
+  _margins(fig, left=0.6, right=1.6, bottom=0.5, top=0.4, wspace=0.0, hspace=0.0)
+  return _save_figure(fig, path)
+
+
+DEFENCE_FIGURES = "defences"  # the key of the defence figures in write_figures' answer
+DEFENCE_PLOTS = {"projection": plot_projection, "gmvae": plot_gmvae_latent}
 
 
 # --------------------------------------------------------------------------------------------

@@ -89,12 +89,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 
 # The builders of experiments/defenses.py (DEFENSES), named here so validation imports no jax.
-DEFENSES = ("none", "substitute", "distillation", "adversarial", "projection", "gmvae")
-TRANSFER_SOURCES = ("none", "substitute", "distillation", "adversarial")  # plain classifiers
+DEFENSES = ("none", "substitute", "distillation", "adversarial", "projection", "gmvae", "siamese")
+# Plain classifiers (a transfer_spec to craft with).
+TRANSFER_SOURCES = ("none", "substitute", "distillation", "adversarial", "siamese")
 
 
 def _defenses(c) -> None:
-  """The `defenses` section of configs/mnist_defenses.py."""
+  """The `defenses` section of configs/mnist_defenses.py and configs/lfw_defenses.py."""
   d = c.defenses
   if not d.enabled:
     raise ConfigError(f"defenses.enabled is empty; allowed: a tuple of {DEFENSES}")
@@ -102,31 +103,38 @@ def _defenses(c) -> None:
     _one_of("defenses.enabled[]", name, DEFENSES)
     # The sections each defence trains from (distillation: the cnn architecture).
     needs = {"none": ("cnn", "cnn"), "distillation": ("cnn", "distillation")}.get(name)
-    needs = needs or {"projection": ("mlp_vae", "vae"), "gmvae": ("mlp_vae", "gmvae")}.get(name)
+    needs = needs or {"projection": ("mlp_vae", "vae")}.get(name)
     for section, key in zip(("model", "train"), needs or (name, name), strict=True):
       if key is not None and key not in c[section]:
         raise ConfigError(f"defence {name!r} needs {section}.{key}; the config has none")
   _int_at_least("defenses.num_examples", d.num_examples, 1)
-  _positive("defenses.distillation.temperature", d.distillation.temperature)
-  adv = d.adversarial
-  if not isinstance(adv.eps, (int, float)) or not 0 <= adv.eps <= 1:
-    raise ConfigError(f"defenses.adversarial.eps={adv.eps!r}; allowed: a number in [0, 1]")
-  _int_at_least("defenses.adversarial.steps", adv.steps, 1)
-  _positive("defenses.adversarial.step_size_rel", adv.step_size_rel)
-  _bool("defenses.adversarial.random_start", adv.random_start)
-  if not isinstance(adv.ramp_epochs, (int, float)) or adv.ramp_epochs < 0:
-    raise ConfigError(f"defenses.adversarial.ramp_epochs={adv.ramp_epochs!r}; allowed: >= 0")
+  if "distillation" in d.enabled:
+    _positive("defenses.distillation.temperature", d.distillation.temperature)
+  if "adversarial" in d.enabled:
+    adv = d.adversarial
+    if not isinstance(adv.eps, (int, float)) or not 0 <= adv.eps <= 1:
+      raise ConfigError(f"defenses.adversarial.eps={adv.eps!r}; allowed: a number in [0, 1]")
+    _int_at_least("defenses.adversarial.steps", adv.steps, 1)
+    _positive("defenses.adversarial.step_size_rel", adv.step_size_rel)
+    _bool("defenses.adversarial.random_start", adv.random_start)
+    if not isinstance(adv.ramp_epochs, (int, float)) or adv.ramp_epochs < 0:
+      raise ConfigError(f"defenses.adversarial.ramp_epochs={adv.ramp_epochs!r}; allowed: >= 0")
   a = d.attacks
   _eps_grid("defenses.attacks.eps", a.eps)
   _bool("defenses.attacks.fgsm", a.fgsm)
+  if "impersonation" in a:
+    _bool("defenses.attacks.impersonation", a.impersonation)
   _int_at_least("defenses.attacks.pgd_steps", a.pgd_steps, 1)
   _positive("defenses.attacks.pgd_step_size_rel", a.pgd_step_size_rel)
   _int_at_least("defenses.attacks.restarts", a.restarts, 1)
-  p = d.projection
-  for f in ("steps", "restarts", "attack_steps", "threshold_examples", "num_examples"):
-    _int_at_least(f"defenses.projection.{f}", p[f], 1)
-  _positive("defenses.projection.learning_rate", p.learning_rate)
-  _open_unit("defenses.projection.false_rejection_rate", p.false_rejection_rate, closed_low=True)
+  if "projection" in d.enabled:
+    p = d.projection
+    for f in ("steps", "restarts", "attack_steps", "threshold_examples", "num_examples"):
+      _int_at_least(f"defenses.projection.{f}", p[f], 1)
+    _positive("defenses.projection.learning_rate", p.learning_rate)
+    _open_unit("defenses.projection.false_rejection_rate", p.false_rejection_rate, closed_low=True)
+  if "siamese" in d.enabled:
+    _positive("defenses.siamese.temperature", d.siamese.temperature)
   if "gmvae" in d.enabled:
     g = d.gmvae
     _positive("defenses.gmvae.mean_scale", g.mean_scale)

@@ -24,12 +24,13 @@ def tiny(data_root):
     t.batch_size = 32
   # Adversarial training and the substitute are unit-tested (tests/test_defenses.py); the run
   # keeps the two defences that have both a naive and an adaptive attack.
-  c.defenses.enabled = ("distillation", "projection")
+  c.defenses.enabled = ("distillation", "projection", "gmvae")
   c.defenses.num_examples = 16
   c.defenses.attacks.update(eps=(0.1, 0.3), fgsm=False, pgd_steps=2, restarts=2)
   c.defenses.projection.update(
     steps=2, restarts=2, attack_steps=2, threshold_examples=16, num_examples=16
   )
+  c.defenses.gmvae.threshold_examples = 16
   c.defenses.transfer.sources = ("distillation",)
   c.attacks.shard = False
   return c
@@ -39,13 +40,13 @@ def read_rows(workdir):
   return [json.loads(x) for x in (workdir / "defenses.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow  # ~90 s of CPU: six small trainings and eight attack compilations
+@pytest.mark.slow  # ~110 s of CPU: seven small trainings and ten attack compilations
 def test_quick_defenses_run_writes_rows_report_and_resumes(data_root, tmp_path):
   config = tiny(data_root)
   run_lib.run(config, str(tmp_path))
   rows = read_rows(tmp_path)
   attacked = [r for r in rows if r["kind"] == "defense"]
-  per_defence = {"distillation": 2, "projection": 2}  # attacks each, no FGSM
+  per_defence = {"distillation": 2, "projection": 2, "gmvae": 2}  # attacks each, no FGSM
   assert len(attacked) == sum(per_defence.values()) * 2  # x 2 eps
   by = {(r["defense"], r["attack"], r["eps"]): r for r in attacked}
   assert len(by) == len(attacked)
@@ -58,7 +59,7 @@ def test_quick_defenses_run_writes_rows_report_and_resumes(data_root, tmp_path):
     assert r["max_linf"] <= r["eps"] + 1e-5
     lo, hi = r["robust_accuracy_ci"]
     assert lo <= r["robust_accuracy"] <= hi
-    if r["defense"] == "projection":  # a rejecting defence reports its rejection rates
+    if r["defense"] != "distillation":  # a rejecting defence reports its rejection rates
       assert 0.0 <= r["false_rejection_rate"] <= 1.0 and "detection_rate" in r
     else:
       assert "false_rejection_rate" not in r
@@ -74,12 +75,67 @@ def test_quick_defenses_run_writes_rows_report_and_resumes(data_root, tmp_path):
   summary = (tmp_path / "summary.md").read_text()
   assert "### Defences" in summary and "Black-box transfer" in summary
   assert "pgd_bpda" in summary
+  _check_defence_figures(config, tmp_path, summary)
 
   before = (tmp_path / "defenses.jsonl").read_text()
   run_lib.run(config, str(tmp_path))  # everything done: nothing appended, checkpoints reused
   assert (tmp_path / "defenses.jsonl").read_text() == before
   reused = json.loads((tmp_path / "train_metrics.json").read_text())
   assert reused["distillation"]["student"]["reused_checkpoint"]
+
+
+def _check_defence_figures(config, workdir, summary):
+  """The figure arrays of the projection and the GMVAE, and their PNGs linked in the report."""
+  import numpy as np  # noqa: PLC0415
+
+  from vae_attacks import data as data_lib  # noqa: PLC0415
+
+  data = data_lib.load(config.data)
+  n = config.defenses.projection.num_examples
+  x, y = np.asarray(data.x_test[:n]), np.asarray(data.y_test[:n])
+  with np.load(workdir / "defense_examples" / "projection.npz") as f:
+    proj = {k: f[k] for k in f.files}
+  rows = min(8, n)
+  np.testing.assert_array_equal(proj["x"], x[:rows])  # the clean inputs, in order
+  np.testing.assert_array_equal(proj["label"], y[:rows])
+  assert proj["x_adv"].shape == proj["x_proj"].shape == x[:rows].shape
+  assert float(proj["eps"]) == max(config.defenses.attacks.eps)
+  assert np.max(np.abs(proj["x_adv"] - proj["x"])) <= proj["eps"] + 1e-5
+  assert not np.allclose(proj["x_proj"], proj["x_adv"])  # a projection, not the input
+  assert proj["x_proj"].min() >= 0.0 and proj["x_proj"].max() <= 1.0  # pixels, not logits
+  with np.load(workdir / "defense_examples" / "gmvae.npz") as f:
+    gm = {k: f[k] for k in f.files}
+  k, dim = len(data.class_names), config.model.gmvae["latent_dim"]
+  m = config.defenses.num_examples
+  assert gm["z"].shape == gm["z_pgd"].shape == gm["z_pgd_adaptive"].shape == (m, dim)
+  assert gm["means"].shape == (k, dim)
+  np.testing.assert_array_equal(gm["label"], np.asarray(data.y_test[:m]))
+  assert gm["rejected_pgd"].dtype == bool and gm["rejected_pgd"].shape == (m,)
+  assert not np.allclose(gm["z_pgd"], gm["z"])  # the attack moved the codes
+  for name in ("projection", "gmvae"):
+    png = workdir / "figures" / f"mnist_defense_{name}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"figures/mnist_defense_{name}.png" in summary.split("### Defences")[1]
+
+
+def test_pca_2d_recovers_the_plane_of_planar_codes():
+  import numpy as np  # noqa: PLC0415
+
+  from experiments import report  # noqa: PLC0415
+
+  rng = np.random.default_rng(0)
+  basis = np.linalg.qr(rng.normal(size=(6, 2)))[0]  # [6, 2] orthonormal
+  coords = rng.normal(size=(50, 2)) * np.array([5.0, 1.0])
+  z = coords @ basis.T + 3.0
+  other = np.array([[1.0, 2.0]]) @ basis.T + 3.0
+  z2, other2 = report.pca_2d(z, other)
+  assert z2.shape == (50, 2)
+  # Distances within the plane are preserved; the first axis carries the larger variance.
+  d = lambda a: np.linalg.norm(a[:, None] - a[None], axis=-1)  # noqa: E731
+  np.testing.assert_allclose(d(z2), d(coords), atol=1e-8)
+  assert np.var(z2[:, 0]) > np.var(z2[:, 1])
+  want = np.linalg.norm(np.array([1.0, 2.0]) - coords.mean(axis=0))
+  np.testing.assert_allclose(np.linalg.norm(other2[0]), want)  # z2 is centred at 0
 
 
 @pytest.mark.parametrize(
@@ -144,3 +200,100 @@ def test_defence_table_takes_the_worst_adaptive_attack_and_withholds_the_rest():
   assert "| obscure | 0.3 | 0.990 [0.950, 1.000] | — (no adaptive attack) |" in worst
   every = text.split("**Every attack**")[1]
   assert "detection rate" in every and "| gate | pgd | yes | 0.3 | 100 | 5 x 40 |" in every
+
+
+@pytest.fixture(scope="module")
+def quick_data_root(tmp_path_factory):
+  return make_data_root(tmp_path_factory.mktemp("quick_data"), n_train=1024, n_test=160, size=40)
+
+
+@pytest.mark.slow  # ~40 s of CPU: the :quick trainings of the CNN, the VAE and the GMVAE
+def test_quick_projection_and_gmvae_classify_clean_images_above_chance(quick_data_root, tmp_path):
+  """With the :quick training budgets (steps, not a trimmed copy of them), the projection
+  defence and the GMVAE must beat chance on clean images: 2 epochs of the VAE once left the
+  CNN reading every projection as a 3 or an 8 (clean accuracy 0) and the GMVAE at chance."""
+  import numpy as np  # noqa: PLC0415
+
+  from experiments import defenses  # noqa: PLC0415
+  from vae_attacks import data as data_lib  # noqa: PLC0415
+
+  c = mnist_defenses.get_config("quick")
+  c.data.dir = str(quick_data_root)
+  data = data_lib.load(c.data)
+  k = len(data.class_names)
+  ctx = defenses.Context(c, data, tmp_path)
+  x, y = np.asarray(data.x_test[:32]), np.asarray(data.y_test[:32])
+
+  proj = defenses.build_projection(ctx)
+  assert proj.metrics["classifier_on_reconstructions"] > 3.0 / k
+  clean_pred, clean_rejected = defenses._Judge(proj, y)(x)
+  assert np.mean(clean_pred == y) > 3.0 / k
+  assert np.mean((clean_pred == y) & ~clean_rejected) > 2.0 / k
+
+  gm = defenses.build_gmvae(ctx)
+  assert gm.metrics["test_accuracy"] > 3.0 / k
+  pred, rejected = defenses._Judge(gm, y)(x)
+  assert np.mean((pred == y) & ~rejected) > 2.0 / k
+
+
+@pytest.fixture(scope="module")
+def lfw_root(tmp_path_factory):
+  counts = {"Alice_Smith": 14, "Bob_Jones": 12, "Carol_White": 12}
+  return make_data_root(tmp_path_factory.mktemp("lfw"), n_train=8, n_test=8, counts=counts, size=64)
+
+
+@pytest.mark.slow  # ~50 s of CPU: the CNN and the siamese net, four attack compilations each
+def test_lfw_defenses_quick_attacks_the_cnn_and_the_siamese_net_on_the_same_faces(
+  lfw_root, tmp_path
+):
+  from configs import lfw_defenses  # noqa: PLC0415
+
+  c = lfw_defenses.get_config("quick")
+  validate.validate(c)
+  assert c.data.image_size == 32 and set(c.defenses.enabled) == {"none", "siamese"}
+  assert c.defenses.attacks.eps == tuple(c.attacks.bim.eps)  # the LFW L-inf grid
+  c.data.dir = str(lfw_root)
+  c.data.update(min_faces_per_person=10, crop_size=48, image_size=16)
+  for t in c.train.values():
+    t.update(epochs=1, batch_size=8)
+  c.defenses.num_examples = 8
+  c.defenses.attacks.update(eps=(0.05, 0.3), fgsm=False, pgd_steps=2, restarts=1)
+  c.attacks.shard = False
+  run_lib.run(c, str(tmp_path))
+  rows = read_rows(tmp_path)
+  attacked = {(r["defense"], r["attack"], r["eps"]): r for r in rows if r["kind"] == "defense"}
+  assert set(attacked) == {
+    (d, a, e) for d in ("none", "siamese") for a in ("pgd", "impersonation") for e in (0.05, 0.3)
+  }
+  for r in attacked.values():
+    assert r["n"] == 8 and r["max_linf"] <= r["eps"] + 1e-5
+  # The same faces: both models are judged on the same first test images.
+  assert attacked[("none", "pgd", 0.3)]["n"] == attacked[("siamese", "pgd", 0.3)]["n"]
+  assert attacked[("siamese", "impersonation", 0.3)]["adaptive"]
+  moved = {(r["source"], r["target"]) for r in rows if r["kind"] == "transfer"}
+  assert moved == {(s, t) for s in ("none", "siamese") for t in ("none", "siamese")}
+  metrics = json.loads((tmp_path / "train_metrics.json").read_text())
+  assert 0.0 <= metrics["siamese"]["test_accuracy"] <= 1.0
+  worst = (tmp_path / "summary.md").read_text().split("**Every attack**")[0]
+  assert "| siamese | 0.3 |" in worst and "| none | 0.3 |" in worst
+
+
+def test_impersonation_reaches_the_most_similar_other_class_on_a_linear_model():
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from experiments import defenses  # noqa: PLC0415
+
+  w = jnp.array([[2.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+
+  def logits_fn(params, x):
+    return params @ x.reshape(-1)
+
+  x = jnp.array([0.6, 0.1, 0.3, 0.5]).reshape(2, 2, 1)  # class 0; class 2 is the runner-up
+  assert jnp.argmax(logits_fn(w, x)) == 0
+  res = defenses._impersonation(
+    logits_fn, w, x, jnp.int32(0), eps=0.5, key=jax.random.key(0), steps=20, step_size_rel=0.1
+  )
+  assert int(jnp.argmax(logits_fn(w, res.x_adv))) == 2  # not class 1, the less similar one
+  assert bool(res.success)
+  assert float(jnp.max(jnp.abs(res.x_adv - x))) <= 0.5 + 1e-6
