@@ -207,7 +207,7 @@ def quick_data_root(tmp_path_factory):
   return make_data_root(tmp_path_factory.mktemp("quick_data"), n_train=1024, n_test=160, size=40)
 
 
-@pytest.mark.slow  # ~40 s of CPU: the :quick trainings of the CNN, the VAE and the GMVAE
+@pytest.mark.slow  # ~55 s of CPU: the :quick trainings of the CNN, the VAE and the GMVAE
 def test_quick_projection_and_gmvae_classify_clean_images_above_chance(quick_data_root, tmp_path):
   """With the :quick training budgets (steps, not a trimmed copy of them), the projection
   defence and the GMVAE must beat chance on clean images: 2 epochs of the VAE once left the
@@ -242,7 +242,7 @@ def lfw_root(tmp_path_factory):
   return make_data_root(tmp_path_factory.mktemp("lfw"), n_train=8, n_test=8, counts=counts, size=64)
 
 
-@pytest.mark.slow  # ~50 s of CPU: the CNN and the siamese net, four attack compilations each
+@pytest.mark.slow  # ~60 s of CPU: the CNN and the siamese net, four attack compilations each
 def test_lfw_defenses_quick_attacks_the_cnn_and_the_siamese_net_on_the_same_faces(
   lfw_root, tmp_path
 ):
