@@ -19,7 +19,8 @@ intervals): clean accuracy (correct and, for a rejecting defence, accepted); rob
 (the adversarial input is classified correctly and accepted; an example counts as broken when
 any of the attack's random restarts breaks it); for a rejecting defence also the detection
 rate (rejected among the adversarial inputs the classifier gets wrong), the false-rejection
-rate (rejected among clean inputs) and the defended rate (correct or rejected).
+rate (rejected among clean inputs) and the defended rate (correct or rejected); for the
+impersonation attack also the impersonation rate (identified as the person impersonated).
 """
 
 import pathlib
@@ -533,6 +534,10 @@ def evaluate(
   )
   row.update(_rate("clean_accuracy", (clean_pred == y) & ~clean_rejected))
   row.update(_rate("robust_accuracy", (pred == y) & ~rejected))
+  if spec.fn is _impersonation:  # reached the person impersonated (the attack's own target)
+    logits = runner.batched_logits(spec.logits_fn, spec.params, x)
+    logits[np.arange(len(y)), y] = -np.inf
+    row.update(_rate("impersonation_rate", (pred == np.argmax(logits, -1)) & ~rejected))
   if defended.reject is not None:
     row.update(_rate("false_rejection_rate", clean_rejected))
     row.update(_rate("detection_rate", rejected[pred != y]))

@@ -1055,6 +1055,9 @@ def defense_markdown(rows: Sequence[Mapping]) -> str:
               "clean accuracy", "robust accuracy"]  # fmt: skip
     if rejecting:
       header += ["detection rate", "false-rejection rate", "defended (correct or rejected)"]
+    impersonating = any(_num(r.get("impersonation_rate")) is not None for r in attacked)
+    if impersonating:
+      header += ["impersonation rate"]
     lines = []
     for r in attacked:
       line = [
@@ -1070,6 +1073,8 @@ def defense_markdown(rows: Sequence[Mapping]) -> str:
       if rejecting:
         line += [_rate_ci(r, f) for f in ("detection_rate", "false_rejection_rate",
                                           "defended_rate")]  # fmt: skip
+      if impersonating:
+        line.append(_rate_ci(r, "impersonation_rate"))
       lines.append(line)
     parts += ["", "**Every attack**", "", _table(header, lines)]
     notes = list(dict.fromkeys(f"`{r.get('defense')}` / `{r.get('attack')}`: {r.get('note')}"

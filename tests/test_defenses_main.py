@@ -267,6 +267,11 @@ def test_lfw_defenses_quick_attacks_the_cnn_and_the_siamese_net_on_the_same_face
   }
   for r in attacked.values():
     assert r["n"] == 8 and r["max_linf"] <= r["eps"] + 1e-5
+    if r["attack"] == "impersonation":  # impersonated faces are among the misidentified ones
+      assert r["n_impersonation_rate"] == 8
+      assert r["impersonation_rate"] <= 1.0 - r["robust_accuracy"] + 1e-9
+    else:
+      assert "impersonation_rate" not in r
   # The same faces: both models are judged on the same first test images.
   assert attacked[("none", "pgd", 0.3)]["n"] == attacked[("siamese", "pgd", 0.3)]["n"]
   assert attacked[("siamese", "impersonation", 0.3)]["adaptive"]
@@ -276,6 +281,8 @@ def test_lfw_defenses_quick_attacks_the_cnn_and_the_siamese_net_on_the_same_face
   assert 0.0 <= metrics["siamese"]["test_accuracy"] <= 1.0
   worst = (tmp_path / "summary.md").read_text().split("**Every attack**")[0]
   assert "| siamese | 0.3 |" in worst and "| none | 0.3 |" in worst
+  every = (tmp_path / "summary.md").read_text().split("**Every attack**")[1]
+  assert "impersonation rate" in every.splitlines()[2]  # the column's header
 
 
 def test_impersonation_reaches_the_most_similar_other_class_on_a_linear_model():
