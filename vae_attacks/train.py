@@ -169,6 +169,12 @@ def _chunked(fn: Callable, *arrays: Array, chunk: int) -> list:
   return [fn(*(a[i : i + chunk] for a in arrays)) for i in range(0, n, chunk)]
 
 
+def _short(value, limit: int = 120) -> str:
+  """repr(value), cut to `limit` characters (for one-line error messages)."""
+  text = repr(value)
+  return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _format_seconds(s: float) -> str:
   m, s = divmod(int(round(s)), 60)
   return f"{m}m{s:02d}s"
@@ -223,9 +229,12 @@ def _fit(
     if meta.get("hparams") != hparams:
       old = meta.get("hparams") or {}
       differ = sorted(k for k in set(old) | set(hparams) if old.get(k) != hparams.get(k))
+      shown = "; ".join(
+        f"{k}: {_short(old.get(k))} there, {_short(hparams.get(k))} here" for k in differ
+      )
       raise CheckpointError(
         f"{name}: checkpoint {checkpoint_dir} was made for another model or training "
-        f"(differs in: {', '.join(differ)}); delete it or use another --workdir"
+        f"(differs in: {', '.join(differ)}; {shown}); delete it or use another --workdir"
       )
     if meta["epoch"] > epochs:
       raise CheckpointError(
