@@ -149,17 +149,21 @@ def _fgsm_spec(logits_fn, params, *, name="fgsm", adaptive=True, note=""):
   return AttackSpec(name, adaptive, logits_fn, params, _fgsm, {}, 1, note)
 
 
+def _closest_other(logits, label):
+  """The class of highest logit other than `label` (the most similar other class)."""
+  others = jax.numpy.where(jax.numpy.arange(logits.shape[0]) == label, -jax.numpy.inf, logits)
+  return jax.numpy.argmax(others)
+
+
 def _impersonation(logits_fn, params, x, label, *, eps, key, steps, step_size_rel):
   """Impersonation (Sharif et al. 2016) in the runner's untargeted form: targeted L-inf BIM
   with a random start towards the most similar other person (the highest other logit; for
   the siamese identifier the nearest other class centre), fixed across restarts."""
-  logits = logits_fn(params, x)
-  others = jax.numpy.where(jax.numpy.arange(logits.shape[0]) == label, -jax.numpy.inf, logits)
   return bim.bim(
     logits_fn,
     params,
     x,
-    jax.numpy.argmax(others),
+    _closest_other(logits_fn(params, x), label),
     eps=eps,
     step_size=step_size_rel * eps,
     steps=steps,
@@ -367,12 +371,11 @@ def _gmvae_adaptive(logits_fn, params, x, label, *, eps, key, steps, step_size_r
   from vae_attacks.defenses import gmvae  # noqa: PLC0415
 
   logits = logits_fn(params, x)[:-1]  # the K penalised class logits; the last one is "reject"
-  others = jax.numpy.where(jax.numpy.arange(logits.shape[0]) == label, -jax.numpy.inf, logits)
   return gmvae.adaptive_bim(
     logits_fn,
     params,
     x,
-    jax.numpy.argmax(others),
+    _closest_other(logits, label),
     eps=eps,
     step_size=step_size_rel * eps,
     steps=steps,

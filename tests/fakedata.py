@@ -12,7 +12,9 @@ beats chance. Use them as `from fakedata import make_mnist_dir` (pytest puts tes
 
 import gzip
 import pathlib
+import types
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -108,3 +110,35 @@ def make_data_root(
   counts = {"Alice_Smith": 12, "Bob_Jones": 10, "Carol_White": 4} if counts is None else counts
   make_lfw_dir(path / "lfw" / "lfw-deepfunneled", counts, size, seed)
   return path
+
+
+def toy_data(n_train=96, n_test=48, size=8, classes=3, seed=0):
+  """Class k: a bright 3x3 block at corner k on faint noise; trivially separable."""
+  rng = np.random.default_rng(seed)
+  corners = [(0, 0), (0, size - 3), (size - 3, 0), (size - 3, size - 3)][:classes]
+
+  def make(n):
+    y = rng.integers(0, classes, n).astype(np.int32)
+    x = 0.1 * rng.uniform(size=(n, size, size, 1)).astype(np.float32)
+    for i, k in enumerate(y):
+      r, c = corners[k]
+      x[i, r : r + 3, c : c + 3, 0] = 1.0
+    return x, y
+
+  x_train, y_train = make(n_train)
+  x_test, y_test = make(n_test)
+  return types.SimpleNamespace(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+
+
+def numpy_init(module, *args):
+  """Variables from numpy (module.init compiles threefry per shape: slow on a busy CPU)."""
+  shapes = jax.eval_shape(module.init, jax.random.key(0), *args)
+  rng = np.random.default_rng(0)
+  return jax.tree.map(
+    lambda s: (
+      (rng.standard_normal(s.shape) / np.sqrt(max(s.shape[:-1] or (1,)))).astype(s.dtype)
+      if len(s.shape) > 1
+      else np.zeros(s.shape, s.dtype)
+    ),
+    shapes,
+  )

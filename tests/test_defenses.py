@@ -2,6 +2,7 @@
 
 import types
 
+import fakedata
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,43 +12,10 @@ from vae_attacks import models, train
 from vae_attacks.attacks import fgsm, runner
 from vae_attacks.defenses import adversarial, distillation, transfer
 
-
-def _toy_data(n_train=192, n_test=64, size=8, classes=3, seed=0):
-  """Class k: a bright 3x3 block at corner k on faint noise; trivially separable."""
-  rng = np.random.default_rng(seed)
-  corners = [(0, 0), (0, size - 3), (size - 3, 0), (size - 3, size - 3)][:classes]
-
-  def make(n):
-    y = rng.integers(0, classes, n).astype(np.int32)
-    x = 0.1 * rng.uniform(size=(n, size, size, 1)).astype(np.float32)
-    for i, k in enumerate(y):
-      r, c = corners[k]
-      x[i, r : r + 3, c : c + 3, 0] = 1.0
-    return x, y
-
-  x_train, y_train = make(n_train)
-  x_test, y_test = make(n_test)
-  return types.SimpleNamespace(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-
-
-def _numpy_init(module, *args):
-  """Variables from numpy (module.init compiles threefry per shape: slow on a busy CPU)."""
-  shapes = jax.eval_shape(module.init, jax.random.key(0), *args)
-  rng = np.random.default_rng(0)
-  return jax.tree.map(
-    lambda s: (
-      (rng.standard_normal(s.shape) / np.sqrt(max(s.shape[:-1] or (1,)))).astype(s.dtype)
-      if len(s.shape) > 1
-      else np.zeros(s.shape, s.dtype)
-    ),
-    shapes,
-  )
-
-
-DATA = _toy_data()
+DATA = fakedata.toy_data(n_train=192, n_test=64)
 CNN = models.CNN(3, features=(4,), dense=(16,))
 LOGITS = models.classifier_fns(CNN)
-INIT = _numpy_init(CNN, DATA.x_train[:1])
+INIT = fakedata.numpy_init(CNN, DATA.x_train[:1])
 TRAIN = dict(epochs=1, batch_size=32, learning_rate=1e-2, init_params=INIT)
 
 
