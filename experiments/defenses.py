@@ -536,7 +536,11 @@ def evaluate(
     max_linf=float(np.max(np.abs(res.x_adv - x))),
   )
   row.update(_rate("clean_accuracy", (clean_pred == y) & ~clean_rejected))
-  row.update(_rate("robust_accuracy", (pred == y) & ~rejected))
+  robust = (pred == y) & ~rejected
+  row.update(_rate("robust_accuracy", robust))
+  # Which examples this attack broke: the report's per-example worst case over every attack
+  # (an example is robust only if no attack broke it) is computed from these, also on resume.
+  row["not_robust_examples"] = np.flatnonzero(~robust).tolist()
   if spec.fn is _impersonation:  # reached the person impersonated (the attack's own target)
     logits = runner.batched_logits(spec.logits_fn, spec.params, x)
     logits[np.arange(len(y)), y] = -np.inf
