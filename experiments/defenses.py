@@ -54,6 +54,7 @@ KEY_INDEX = {
   "projection": 15,
   "gmvae": 16,
   "siamese": 17,
+  "vae_classifier": 18,  # the latent classifier (the VAE itself trains under "vae")
 }
 
 
@@ -460,6 +461,36 @@ def build_siamese(ctx: Context) -> Defended:
   return Defended("siamese", fn, params, None, specs, kept, specs[-1])
 
 
+def build_vae_classifier(ctx: Context) -> Defended:
+  """The study's "VAE as classifier" (Gondim-Ribeiro et al. 2018): the MLP VAE (`ctx.vae()`)
+  and a `LatentClassifier` on its latent mean, trained and checkpointed as experiments/models.py
+  trains the study's (`train.train_latent_classifier`, `mlp_vae/latent_classifier`), deployed as
+  `models.latent_classifier_fn`; attacked white-box through the encoder."""
+  c = ctx.config
+  vae, vae_params, vae_m = ctx.vae()
+  clf = models.LatentClassifier(num_classes=ctx.num_classes, **c.model.latent_classifier)
+  if "vae_classifier" not in ctx.trained:
+    params, m = train.train_latent_classifier(
+      vae, vae_params, clf, ctx.data, key=ctx.key("vae_classifier"),
+      checkpoint_dir=ctx.checkpoint("mlp_vae/latent_classifier"), **c.train.latent_classifier,
+    )  # fmt: skip
+    clf_m = models_lib._keep(m, params["clf"], "classifier")
+    kept = {  # the fields of experiments/models.py's train_metrics entry for a VAE
+      "vae": vae_m,
+      "latent_classifier": clf_m,
+      "test_neg_elbo_nats": vae_m["test_neg_elbo_nats"],
+      "test_accuracy": clf_m["test_accuracy"],
+      "train_seconds": vae_m["train_seconds"] + clf_m["train_seconds"],
+    }
+    ctx.trained["vae_classifier"] = (clf, params, kept)
+    logging.info("vae_classifier: test -ELBO %.2f nats, latent classifier accuracy %.4f",
+                 kept["test_neg_elbo_nats"], kept["test_accuracy"])  # fmt: skip
+  _, params, kept = ctx.trained["vae_classifier"]
+  fn = models.latent_classifier_fn(vae, clf)
+  specs = _white_box(c, fn, params, "the VAE as classifier (its encoder and latent classifier)")
+  return Defended("vae_classifier", fn, params, None, specs, kept, specs[-1])
+
+
 DEFENSES: dict[str, Callable[[Context], Defended]] = {
   "none": build_none,
   "substitute": build_substitute,
@@ -468,6 +499,7 @@ DEFENSES: dict[str, Callable[[Context], Defended]] = {
   "projection": build_projection,
   "gmvae": build_gmvae,
   "siamese": build_siamese,
+  "vae_classifier": build_vae_classifier,
 }
 
 

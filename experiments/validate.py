@@ -89,9 +89,21 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 
 # The builders of experiments/defenses.py (DEFENSES), named here so validation imports no jax.
-DEFENSES = ("none", "substitute", "distillation", "adversarial", "projection", "gmvae", "siamese")
+DEFENSES = (
+  "none", "substitute", "distillation", "adversarial", "projection", "gmvae", "siamese",
+  "vae_classifier",
+)  # fmt: skip
 # Plain classifiers (a transfer_spec to craft with).
-TRANSFER_SOURCES = ("none", "substitute", "distillation", "adversarial", "siamese")
+TRANSFER_SOURCES = (
+  "none", "substitute", "distillation", "adversarial", "siamese", "vae_classifier",
+)  # fmt: skip
+# The (model, train) sections each defence trains from; a defence not here needs its own name's.
+DEFENSE_SECTIONS = {
+  "none": (("cnn", "cnn"),),
+  "distillation": (("cnn", "distillation"),),  # the cnn architecture
+  "projection": (("mlp_vae", "vae"),),
+  "vae_classifier": (("mlp_vae", "vae"), ("latent_classifier", "latent_classifier")),
+}
 
 
 def _defenses(c) -> None:
@@ -101,12 +113,10 @@ def _defenses(c) -> None:
     raise ConfigError(f"defenses.enabled is empty; allowed: a tuple of {DEFENSES}")
   for name in d.enabled:
     _one_of("defenses.enabled[]", name, DEFENSES)
-    # The sections each defence trains from (distillation: the cnn architecture).
-    needs = {"none": ("cnn", "cnn"), "distillation": ("cnn", "distillation")}.get(name)
-    needs = needs or {"projection": ("mlp_vae", "vae")}.get(name)
-    for section, key in zip(("model", "train"), needs or (name, name), strict=True):
-      if key is not None and key not in c[section]:
-        raise ConfigError(f"defence {name!r} needs {section}.{key}; the config has none")
+    for keys in DEFENSE_SECTIONS.get(name, ((name, name),)):
+      for section, key in zip(("model", "train"), keys, strict=True):
+        if key not in c[section]:
+          raise ConfigError(f"defence {name!r} needs {section}.{key}; the config has none")
   _int_at_least("defenses.num_examples", d.num_examples, 1)
   if "distillation" in d.enabled:
     _positive("defenses.distillation.temperature", d.distillation.temperature)

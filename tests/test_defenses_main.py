@@ -266,19 +266,23 @@ def lfw_root(tmp_path_factory):
   return make_data_root(tmp_path_factory.mktemp("lfw"), n_train=8, n_test=8, counts=counts, size=64)
 
 
-@pytest.mark.slow  # ~60 s of CPU: the CNN and the siamese net, four attack compilations each
-def test_lfw_defenses_quick_attacks_the_cnn_and_the_siamese_net_on_the_same_faces(
+LFW_MODELS = ("none", "siamese", "vae_classifier")
+
+
+@pytest.mark.slow  # ~80 s at load 6 (~55 s before the VAE joined): three models, two attacks each
+def test_lfw_defenses_quick_attacks_the_cnn_the_siamese_net_and_the_vae_on_the_same_faces(
   lfw_root, tmp_path
 ):
   from configs import lfw_defenses  # noqa: PLC0415
 
   c = lfw_defenses.get_config("quick")
   validate.validate(c)
-  assert c.data.image_size == 32 and set(c.defenses.enabled) == {"none", "siamese"}
+  assert c.data.image_size == 32 and tuple(c.defenses.enabled) == LFW_MODELS
+  assert tuple(c.defenses.transfer.sources) == LFW_MODELS
   assert c.defenses.attacks.eps == tuple(c.attacks.bim.eps)  # the LFW L-inf grid
   c.data.dir = str(lfw_root)
   c.data.update(min_faces_per_person=10, crop_size=48, image_size=16)
-  for t in c.train.values():
+  for t in c.train.values():  # the CNN, the siamese net, the VAE and the latent classifier
     t.update(epochs=1, batch_size=8)
   c.defenses.num_examples = 8
   c.defenses.attacks.update(eps=(0.05, 0.3), fgsm=False, pgd_steps=2, restarts=1)
@@ -287,26 +291,122 @@ def test_lfw_defenses_quick_attacks_the_cnn_and_the_siamese_net_on_the_same_face
   rows = read_rows(tmp_path)
   attacked = {(r["defense"], r["attack"], r["eps"]): r for r in rows if r["kind"] == "defense"}
   assert set(attacked) == {
-    (d, a, e) for d in ("none", "siamese") for a in ("pgd", "impersonation") for e in (0.05, 0.3)
+    (d, a, e) for d in LFW_MODELS for a in ("pgd", "impersonation") for e in (0.05, 0.3)
   }
   for r in attacked.values():
-    assert r["n"] == 8 and r["max_linf"] <= r["eps"] + 1e-5
+    # The same faces: every model is judged on the same first 8 test images.
+    assert r["n"] == 8 and r["n_robust_accuracy"] == 8 and r["max_linf"] <= r["eps"] + 1e-5
+    assert r["adaptive"]  # white-box: every attack knows the whole model
     if r["attack"] == "impersonation":  # impersonated faces are among the misidentified ones
       assert r["n_impersonation_rate"] == 8
       assert r["impersonation_rate"] <= 1.0 - r["robust_accuracy"] + 1e-9
     else:
       assert "impersonation_rate" not in r
-  # The same faces: both models are judged on the same first test images.
-  assert attacked[("none", "pgd", 0.3)]["n"] == attacked[("siamese", "pgd", 0.3)]["n"]
-  assert attacked[("siamese", "impersonation", 0.3)]["adaptive"]
+  assert "encoder" in attacked[("vae_classifier", "pgd", 0.3)]["note"]
   moved = {(r["source"], r["target"]) for r in rows if r["kind"] == "transfer"}
-  assert moved == {(s, t) for s in ("none", "siamese") for t in ("none", "siamese")}
+  assert moved == {(s, t) for s in LFW_MODELS for t in LFW_MODELS}
   metrics = json.loads((tmp_path / "train_metrics.json").read_text())
+  assert set(metrics) == set(LFW_MODELS)
   assert 0.0 <= metrics["siamese"]["test_accuracy"] <= 1.0
-  worst = (tmp_path / "summary.md").read_text().split("**Every attack**")[0]
-  assert "| siamese | 0.3 |" in worst and "| none | 0.3 |" in worst
-  every = (tmp_path / "summary.md").read_text().split("**Every attack**")[1]
+  vae_m = metrics["vae_classifier"]  # the latent classifier's accuracy and the VAE's ELBO
+  assert vae_m["test_accuracy"] == vae_m["latent_classifier"]["test_accuracy"]
+  assert 0.0 <= vae_m["test_accuracy"] <= 1.0
+  assert vae_m["test_neg_elbo_nats"] == vae_m["vae"]["test_neg_elbo_nats"] > 0.0
+  summary = (tmp_path / "summary.md").read_text()
+  worst, every = summary.split("**Every attack**")
+  for name in LFW_MODELS:
+    assert f"| {name} | 0.3 |" in worst and f"| {name} | impersonation | yes | 0.3 |" in every
   assert "impersonation rate" in every.splitlines()[2]  # the column's header
+  assert "| vae_classifier (pgd) |" in every  # a row of the transfer matrix
+
+
+def _tiny_context(tmp_path):
+  """A defences Context on toy 8 x 8 images whose MLP VAE is given (random weights: what is
+  tested is how the builder composes it, and ctx.vae()'s training costs seconds)."""
+  import types  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  from fakedata import numpy_init, toy_data  # noqa: PLC0415
+
+  from configs import lfw_defenses  # noqa: PLC0415
+  from experiments import defenses  # noqa: PLC0415
+  from vae_attacks import models  # noqa: PLC0415
+
+  c = lfw_defenses.get_config("quick")
+  c.model.mlp_vae = dict(latent_dim=4, hidden=(16,))
+  c.model.latent_classifier = dict(hidden=(8,), dropout_rate=0.0)
+  c.train.latent_classifier = dict(c.train.latent_classifier, epochs=1, batch_size=16)
+  data = toy_data()
+  data = types.SimpleNamespace(**vars(data), class_names=("a", "b", "c"))
+  ctx = defenses.Context(c, data, tmp_path)
+  vae = models.MLPVAE(image_shape=data.x_train.shape[1:], **c.model.mlp_vae)
+  vae_params = numpy_init(vae, data.x_train[:1], jax.random.key(0))
+  ctx.trained["vae"] = (vae, vae_params, {"test_neg_elbo_nats": 50.0, "train_seconds": 1.0})
+  return ctx
+
+
+def test_vae_classifier_deploys_the_latent_classifier_on_the_encoder_mean(tmp_path):
+  import jax  # noqa: PLC0415
+
+  from experiments import defenses  # noqa: PLC0415
+  from vae_attacks import models  # noqa: PLC0415
+  from vae_attacks.attacks import runner  # noqa: PLC0415
+
+  ctx = _tiny_context(tmp_path)
+  d = defenses.build_vae_classifier(ctx)
+  vae, vae_params, _ = ctx.vae()  # the study's MLP VAE (shared with the projection defence)
+  clf = models.LatentClassifier(num_classes=3, **ctx.config.model.latent_classifier)
+  x = ctx.data.x_test[:5]
+  mean = vae.apply(vae_params, x, method="encode")[0]  # [5, D]
+  want = clf.apply(d.params["clf"], mean)
+  got = jax.vmap(d.logits_fn, in_axes=(None, 0))(d.params, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, d.params["vae"], vae_params)
+  # The reported test accuracy is the deployed function's on the whole test set.
+  pred = np.argmax(runner.batched_logits(d.logits_fn, d.params, ctx.data.x_test), axis=-1)
+  assert d.metrics["test_accuracy"] == pytest.approx(np.mean(pred == ctx.data.y_test))
+  assert d.metrics["latent_classifier"]["kind"] == "classifier"
+  assert d.metrics["test_neg_elbo_nats"] == 50.0 and d.metrics["vae"] is ctx.vae()[2]
+  assert d.metrics["train_seconds"] == 1.0 + d.metrics["latent_classifier"]["train_seconds"]
+  # White-box: every attack, and the transfer matrix's crafting, differentiates the deployed
+  # function with the deployed weights.
+  assert [s.name for s in d.attacks] == ["fgsm", "impersonation", "pgd"]
+  assert d.transfer_spec is d.attacks[-1] and d.reject is None
+  assert all(s.logits_fn == d.logits_fn and s.params is d.params for s in d.attacks)
+
+  again = defenses.build_vae_classifier(_tiny_context(tmp_path))  # a rerun: the checkpoints
+  assert again.metrics["latent_classifier"]["reused_checkpoint"]
+  jax.tree.map(np.testing.assert_array_equal, again.params, d.params)
+
+
+def test_defence_names_agree_between_validation_and_the_builders():
+  from experiments import defenses  # noqa: PLC0415
+
+  assert validate.DEFENSES == tuple(defenses.DEFENSES)
+  assert set(validate.TRANSFER_SOURCES) <= set(defenses.DEFENSES)
+  assert len(set(defenses.KEY_INDEX.values())) == len(defenses.KEY_INDEX)  # one stream each
+
+
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("defenses.enabled", ("vae",), r"defenses.enabled\[\]='vae' is not allowed; allowed: .*"
+     r"siamese, vae_classifier"),
+    ("train.latent_classifier", None, "defence 'vae_classifier' needs train.latent_classifier"),
+    ("model.mlp_vae", None, "defence 'vae_classifier' needs model.mlp_vae"),
+  ],
+)  # fmt: skip
+def test_lfw_defence_fields_are_named(field, value, message):
+  from configs import lfw_defenses  # noqa: PLC0415
+
+  c = lfw_defenses.get_config("quick")
+  section, _, leaf = field.rpartition(".")
+  if value is None:
+    del c[section][leaf]
+  else:
+    c[section][leaf] = value
+  with pytest.raises(validate.ConfigError, match=message):
+    validate.validate(c)
 
 
 def test_impersonation_reaches_the_most_similar_other_class_on_a_linear_model():

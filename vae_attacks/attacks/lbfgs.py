@@ -68,6 +68,7 @@ class LbfgsSolution(NamedTuple):
   iterations: Array  # int32[] accepted L-BFGS iterations
   converged: Array  # bool[] grad_norm <= tol, or a relative decrease <= ftol
   value_trace: Array  # [max_iters] objective after each iteration, padded with the final value
+  steps: Array  # int32[] loop steps taken (each one value_and_grad, accepted or not)
 
 
 class LbfgsState(NamedTuple):
@@ -341,6 +342,7 @@ def lbfgs_solution(state: LbfgsState, cfg: _Config) -> LbfgsSolution:
     iterations=state.iterations,
     converged=state.converged,
     value_trace=jnp.where(filled, state.trace, state.value),
+    steps=state.steps,
   )
 
 
@@ -424,7 +426,7 @@ def minimise_box(
       stopping if that fails too).
 
   Returns:
-    LbfgsSolution(x, value, grad_norm, iterations, converged, value_trace).
+    LbfgsSolution(x, value, grad_norm, iterations, converged, value_trace, steps).
   """
   cfg = make_config(
     lower=lower,
