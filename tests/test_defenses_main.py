@@ -60,6 +60,10 @@ def test_quick_defenses_run_writes_rows_report_and_resumes(data_root, tmp_path):
     assert r["max_linf"] <= r["eps"] + 1e-5
     lo, hi = r["robust_accuracy_ci"]
     assert lo <= r["robust_accuracy"] <= hi
+    # The examples the attack broke are exactly the complement of its robust accuracy.
+    broken = r["not_robust_examples"]
+    assert len(set(broken)) == len(broken) and all(0 <= i < r["n"] for i in broken)
+    assert len(broken) == round((1.0 - r["robust_accuracy"]) * r["n"])
     if r["defense"] != "distillation":  # a rejecting defence reports its rejection rates
       assert 0.0 <= r["false_rejection_rate"] <= 1.0 and "detection_rate" in r
     else:
