@@ -578,6 +578,9 @@ def evaluate(
     logits[np.arange(len(y)), y] = -np.inf
     row.update(_rate("impersonation_rate", (pred == np.argmax(logits, -1)) & ~rejected))
   if defended.reject is not None:
+    # Fooled: misclassified and accepted (what the attack aims for); the per-example worst
+    # case of the defended rate is computed from these.
+    row["broken_examples"] = np.flatnonzero((pred != y) & ~rejected).tolist()
     row.update(_rate("false_rejection_rate", clean_rejected))
     row.update(_rate("detection_rate", rejected[pred != y]))
     row.update(_rate("defended_rate", (pred == y) | rejected))

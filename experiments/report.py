@@ -1010,8 +1010,10 @@ def _rate_ci(row: Mapping, field: str) -> str:
 
 def _per_example_worst(attacked: Sequence[Mapping]) -> dict:
   """(defence, eps) -> {"robust_accuracy", "robust_accuracy_ci", "attacks"}: an example is
-  robust only if no attack broke it, from the rows' `not_robust_examples`. Left out where a
-  row lacks the field (rows of an older run) or the rows disagree on n."""
+  robust only if no attack broke it, from the rows' `not_robust_examples`; for a defence that
+  rejects also "defended_rate" (and its `_ci`): correct or rejected under every attack, from
+  the rows' `broken_examples` (misclassified and accepted). Left out where a row lacks the
+  field (rows of an older run) or the rows disagree on n."""
   groups: dict = {}
   for r in attacked:
     groups.setdefault((r.get("defense"), _num(r.get("eps"))), []).append(r)
@@ -1026,6 +1028,12 @@ def _per_example_worst(attacked: Sequence[Mapping]) -> dict:
       broken[np.asarray(r["not_robust_examples"], int)] = True
     rate, lo, hi = metrics.success_rate(~broken)
     out[k] = {"robust_accuracy": rate, "robust_accuracy_ci": [lo, hi], "attacks": len(rs)}
+    if all(r.get("broken_examples") is not None for r in rs):  # a defence that rejects
+      fooled = np.zeros(n, bool)
+      for r in rs:
+        fooled[np.asarray(r["broken_examples"], int)] = True
+      rate, lo, hi = metrics.success_rate(~fooled)
+      out[k].update(defended_rate=rate, defended_rate_ci=[lo, hi])
   return out
 
 
@@ -1044,11 +1052,15 @@ def defense_markdown(rows: Sequence[Mapping]) -> str:
       "(per example, over every attack run: those that know the defence and those that do "
       "not, since a blind attack that breaks an example has broken it all the same); "
       "*lowest single attack* is the lowest robust accuracy of one attack that knows the "
-      "defence (white-box on the weights, or adaptive to the defence's mechanism). A defence "
-      "with no such attack gets no robustness figure. Intervals: 95% Wilson.",
+      "defence (white-box on the weights, or adaptive to the defence's mechanism). For a "
+      "defence that rejects, robust accuracy counts a rejected input as a loss; the "
+      "*worst-case defended* rate counts it as a win (correct or rejected under every attack: "
+      "no attack got a misclassified input past it). A defence with no attack that knows it "
+      "gets no robustness figure. Intervals: 95% Wilson.",
       "",
     ]
     union = _per_example_worst(attacked)
+    any_rejecting = any("defended_rate" in u for u in union.values())
     worst = {}
     for r in attacked:
       if r.get("adaptive"):
@@ -1064,19 +1076,22 @@ def defense_markdown(rows: Sequence[Mapping]) -> str:
       any_row = next(r for r in attacked if (r.get("defense"), _num(r.get("eps"))) == k)
       no_adaptive = f"{DASH} (no adaptive attack)"
       u = union.get(k)
-      lines.append(
-        [
-          k[0],
-          fmt_num(k[1]),
-          _rate_ci(any_row, "clean_accuracy"),
-          (_rate_ci(u, "robust_accuracy") if u else DASH) if w else no_adaptive,
-          _rate_ci(w, "robust_accuracy") if w else no_adaptive,
-          w.get("attack", DASH) if w else DASH,
-          fmt_int((w or any_row).get("n")),
-        ]
-      )
-    header = ("defence", "eps (L-inf)", "clean accuracy", "worst-case robust accuracy",
-              "lowest single attack", "by attack", "n")  # fmt: skip
+      line = [
+        k[0],
+        fmt_num(k[1]),
+        _rate_ci(any_row, "clean_accuracy"),
+        (_rate_ci(u, "robust_accuracy") if u else DASH) if w else no_adaptive,
+        _rate_ci(w, "robust_accuracy") if w else no_adaptive,
+        w.get("attack", DASH) if w else DASH,
+      ]
+      if any_rejecting:
+        line.append((_rate_ci(u, "defended_rate") if u else DASH) if w else no_adaptive)
+      lines.append([*line, fmt_int((w or any_row).get("n"))])
+    header = ["defence", "eps (L-inf)", "clean accuracy", "worst-case robust accuracy",
+              "lowest single attack", "by attack"]  # fmt: skip
+    if any_rejecting:
+      header.append("worst-case defended (correct or rejected)")
+    header.append("n")
     parts += ["**Worst case over the attacks**", "", _table(header, lines)]
     rejecting = any(_num(r.get("false_rejection_rate")) is not None for r in attacked)
     header = ["defence", "attack", "knows the defence", "eps", "n", "restarts x steps",
