@@ -65,6 +65,9 @@ def get_config(arg=None):
       false_rejection_rate=0.05,
       threshold_examples=500,  # held-out clean test images (the last ones) for the threshold
       num_examples=200,
+      # The rejection-aware attack's hinge weight and margin (projection.RejectionAwareLogits)
+      penalty=10.0,
+      margin=0.1,
     )
   )
   c.model.gmvae = dict(c.model.mlp_vae)  # the GMVAE's encoder / decoder (an MLPVAE)

@@ -333,6 +333,23 @@ def build_projection(ctx: Context) -> Defended:
       "PGD through the projection with BPDA (Athalye et al. 2018)",
     ),
   ]
+  if reject is not None:  # an attack that also knows the rejection
+    aware = projection.RejectionAwareLogits(
+      deployed, penalty=float(p.penalty), margin=float(p.margin)
+    )
+    specs.append(
+      AttackSpec(
+        "pgd_bpda_reject",
+        True,
+        aware,
+        {"defended": params, "threshold": jax.numpy.float32(threshold)},
+        _targeted_closest_accepted,
+        knobs,
+        a.restarts,
+        "targeted PGD with BPDA to the closest other class, with a penalty keeping the "
+        "projection error below the rejection threshold (projection.RejectionAwareLogits)",
+      )
+    )
 
   def figure_data(x, y, adv):
     """Clean inputs, the BPDA attack's inputs at the largest eps, and their projections."""
@@ -364,6 +381,24 @@ class _ProjectionError(NamedTuple):
 def _projection_errors(deployed, params, x) -> np.ndarray:
   """Projection errors [N] (batched like logits: a [1] output per example)."""
   return runner.batched_logits(_ProjectionError(deployed), params, x, batch_size=64)[:, 0]
+
+
+def _targeted_closest_accepted(logits_fn, params, x, label, *, eps, key, steps, step_size_rel):
+  """Targeted L-inf BIM with a random start on a (K+1)-logit rejection-aware model (the last
+  logit is "reject") towards the closest other class among the K class logits."""
+  return bim.bim(
+    logits_fn,
+    params,
+    x,
+    _closest_other(logits_fn(params, x)[:-1], label),
+    eps=eps,
+    step_size=step_size_rel * eps,
+    steps=steps,
+    norm="linf",
+    targeted=True,
+    random_start=True,
+    key=key,
+  )
 
 
 def _gmvae_adaptive(logits_fn, params, x, label, *, eps, key, steps, step_size_rel):
@@ -587,6 +622,11 @@ def evaluate(
   return row, res.x_adv
 
 
+def defence_settings(config, name: str) -> str:
+  """The settings hash of defence `name`'s rows under `config` (`run.defence_settings`)."""
+  return run_lib.defence_settings(config.defenses, config.attacks, name)
+
+
 def run(config, workdir: str) -> dict:
   """Trains every enabled defence, attacks it, and writes defenses.jsonl and summary.md."""
   from vae_attacks import data as data_lib  # noqa: PLC0415
@@ -601,6 +641,7 @@ def run(config, workdir: str) -> dict:
   n = min(int(d.num_examples), len(data.y_test))
   x, y = np.asarray(data.x_test[:n]), np.asarray(data.y_test[:n], np.int32)
   ctx = Context(config, data, workdir)
+  # Transfer rows depend on every model; a defence's rows only on its own section.
   settings = run_lib.config_hash({"defenses": d.to_dict(), "attacks": config.attacks.to_dict()})
   log = store.ResultsLog(workdir / RESULTS_FILE, RESULT_KEY)
   mesh = runner.pairs_mesh() if config.attacks.shard and jax.device_count() > 1 else None
@@ -634,7 +675,7 @@ def run(config, workdir: str) -> dict:
           eps=eps,
           source=None,
           target=None,
-          settings=settings,
+          settings=defence_settings(config, name),
         )
         if log.has(base):
           continue

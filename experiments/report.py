@@ -170,15 +170,29 @@ def load_run(workdir: os.PathLike) -> RunFiles:
 
 
 def select_defense_rows(rows: Sequence[Mapping], config: Mapping) -> list:
-  """The rows of defenses.jsonl made under the config's settings (all when none match), one
-  per (kind, dataset, defence, attack, eps, source, target): the last."""
-  settings = None
+  """The rows of defenses.jsonl made under the config's settings (each defence's rows under its
+  own, `run.defence_settings`; all rows when none match), one per (kind, dataset, defence,
+  attack, eps, source, target): the last."""
   if "defenses" in config and "attacks" in config:
     from experiments import run as run_lib  # noqa: PLC0415
 
-    settings = run_lib.config_hash({"defenses": config["defenses"], "attacks": config["attacks"]})
-  if settings is not None and any(r.get("settings") == settings for r in rows):
-    rows = [r for r in rows if r.get("settings") == settings]
+    d, a = config["defenses"], config["attacks"]
+    transfer = run_lib.config_hash({"defenses": d, "attacks": a})
+    own = {}
+
+    def expected(r):  # a defence's rows carry its own settings, transfer rows the whole run's
+      if r.get("kind") != "defense":
+        return transfer
+      name = r.get("defense")
+      if name not in own:
+        own[name] = run_lib.defence_settings(d, a, name)
+      return own[name]
+
+    kept = []
+    for kind in dict.fromkeys(r.get("kind") for r in rows):  # all of a kind when none match
+      of_kind = [r for r in rows if r.get("kind") == kind]
+      kept += [r for r in of_kind if r.get("settings") == expected(r)] or of_kind
+    rows = kept
   last = {}
   for r in rows:
     k = tuple(r.get(f) for f in ("kind", "dataset", "defense", "attack", "source", "target"))

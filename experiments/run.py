@@ -104,6 +104,26 @@ def config_hash(section) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def defence_settings(defenses, attacks, name: str) -> str:
+  """The settings hash of a defence's rows in defenses.jsonl (ConfigDicts or plain dicts).
+
+  What its attack points depend on: the defence attacks, the examples, the runner section
+  (`attacks`) and the defence's own section `defenses.<name>` if it has one; so enabling
+  another defence or changing another's knobs keeps finished rows. The models themselves are
+  guarded by their checkpoints' hyper-parameters.
+  """
+  defenses = _to_dict(defenses)
+  own = defenses.get(name)
+  return config_hash(
+    {
+      "attacks": defenses["attacks"],
+      "num_examples": int(defenses["num_examples"]),
+      "defense": own if isinstance(own, dict) else None,
+      "runner": _to_dict(attacks),
+    }
+  )
+
+
 def _to_dict(c):
   return json.loads(c.to_json()) if hasattr(c, "to_json") else c
 

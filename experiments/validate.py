@@ -143,6 +143,8 @@ def _defenses(c) -> None:
       _int_at_least(f"defenses.projection.{f}", p[f], 1)
     _positive("defenses.projection.learning_rate", p.learning_rate)
     _open_unit("defenses.projection.false_rejection_rate", p.false_rejection_rate, closed_low=True)
+    _positive("defenses.projection.penalty", p.penalty)
+    _open_unit("defenses.projection.margin", p.margin, closed_low=True)
   if "siamese" in d.enabled:
     _positive("defenses.siamese.temperature", d.siamese.temperature)
   if "gmvae" in d.enabled:

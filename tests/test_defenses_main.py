@@ -47,7 +47,8 @@ def test_quick_defenses_run_writes_rows_report_and_resumes(data_root, tmp_path):
   run_lib.run(config, str(tmp_path))
   rows = read_rows(tmp_path)
   attacked = [r for r in rows if r["kind"] == "defense"]
-  per_defence = {"distillation": 2, "projection": 2, "gmvae": 2}  # attacks each, no FGSM
+  # Attacks each, no FGSM; the projection's third knows its rejection too.
+  per_defence = {"distillation": 2, "projection": 3, "gmvae": 2}
   assert len(attacked) == sum(per_defence.values()) * 2  # x 2 eps
   by = {(r["defense"], r["attack"], r["eps"]): r for r in attacked}
   assert len(by) == len(attacked)
@@ -55,6 +56,7 @@ def test_quick_defenses_run_writes_rows_report_and_resumes(data_root, tmp_path):
   assert by[("distillation", "pgd_adaptive", 0.3)]["adaptive"]
   assert not by[("distillation", "pgd", 0.3)]["adaptive"]
   assert by[("projection", "pgd_bpda", 0.3)]["adaptive"]
+  assert by[("projection", "pgd_bpda_reject", 0.3)]["adaptive"]
   for r in attacked:
     assert r["n"] == 16 and r["n_robust_accuracy"] == 16
     assert r["max_linf"] <= r["eps"] + 1e-5
@@ -449,3 +451,19 @@ def test_impersonation_reaches_the_most_similar_other_class_on_a_linear_model():
   assert int(jnp.argmax(logits_fn(w, res.x_adv))) == 2  # not class 1, the less similar one
   assert bool(res.success)
   assert float(jnp.max(jnp.abs(res.x_adv - x))) <= 0.5 + 1e-6
+
+
+def test_a_defences_rows_keep_their_settings_when_another_defence_changes():
+  """Enabling another defence or changing another's knobs must not invalidate finished rows;
+  changing the defence's own section or the shared attacks must."""
+  from experiments import defenses  # noqa: PLC0415
+
+  c = mnist_defenses.get_config()
+  before = {n: defenses.defence_settings(c, n) for n in ("gmvae", "projection", "none")}
+  c.defenses.enabled = ("gmvae",)
+  c.defenses.projection.penalty = 3.0
+  after = {n: defenses.defence_settings(c, n) for n in before}
+  assert after["gmvae"] == before["gmvae"] and after["none"] == before["none"]
+  assert after["projection"] != before["projection"]
+  c.defenses.attacks.restarts = 2
+  assert defenses.defence_settings(c, "gmvae") != before["gmvae"]

@@ -199,3 +199,33 @@ def test_defended_classifier_is_a_hashable_value():
   assert _defended("bpda") != _defended("unrolled")
   with pytest.raises(ValueError, match="gradient"):
     _defended("straight-through")
+
+
+def test_rejection_aware_logits_add_the_error_hinge_with_its_envelope_gradient(mlp, clf):
+  """Class logits are the defended log-probabilities minus the hinge P on the projection error;
+  d CE(k)/dx = the BPDA classifier gradient + penalty / t * 2 (x - x_proj) once e > (1 - m) t."""
+  params, x = mlp
+  model = _defended("bpda")
+  both = {"decoder": params, "clf": clf}
+  aware = projection.RejectionAwareLogits(model, penalty=3.0, margin=0.1)
+  errors = jax.vmap(model.project, in_axes=(None, 0))(both, x).error
+  x_proj = jax.vmap(model.project, in_axes=(None, 0))(both, x).x_proj
+  # Far above every error: no penalty, the reject logit vanishes.
+  loose = {"defended": both, "threshold": jnp.float32(10 * float(errors.max()))}
+  out = jax.vmap(aware, in_axes=(None, 0))(loose, x)
+  assert out.shape == (x.shape[0], K + 1)
+  np.testing.assert_allclose(
+    out[:, :K], jax.nn.log_softmax(jax.vmap(model, in_axes=(None, 0))(both, x)), rtol=1e-5
+  )
+  assert np.all(np.asarray(out[:, K]) < -80)  # log(1 - e^0) + tiny
+  # Below every error: a positive hinge, the same for every class, and its gradient.
+  t = jnp.float32(0.5 * float(errors.min()))
+  tight = {"defended": both, "threshold": t}
+  hinge = 3.0 * (errors / t - 0.9)
+  out = jax.vmap(aware, in_axes=(None, 0))(tight, x)
+  defended = jax.nn.log_softmax(jax.vmap(model, in_axes=(None, 0))(both, x))
+  np.testing.assert_allclose(out[:, :K], defended - hinge[:, None], rtol=1e-4)
+  ce = lambda p, xi: -aware(p, xi)[1]
+  grads = jax.vmap(jax.grad(ce, argnums=1), in_axes=(None, 0))(tight, x)
+  bpda = jax.vmap(jax.grad(lambda xp: -jax.nn.log_softmax(linear_classify(clf, xp))[1]))(x_proj)
+  np.testing.assert_allclose(grads, bpda + 3.0 / t * 2 * (x - x_proj), rtol=1e-4, atol=1e-5)

@@ -35,6 +35,8 @@ Public API:
 * `fit_threshold(errors[N], *, false_rejection_rate) -> []`: the error threshold that rejects
   at most that fraction of the clean `errors` (the closest such rate the sample allows).
 * `reject(error, threshold) -> bool`: error > threshold.
+* `RejectionAwareLogits(clf, penalty=10.0, margin=0.1)`: the projected classifier with the
+  rejection as a (K+1)-th logit, for targeted attacks that must also stay below the threshold.
 """
 
 import dataclasses
@@ -237,6 +239,46 @@ class ProjectedClassifier:
     else:
       x_proj = self.project(params, x).x_proj
     return self.classify(params["clf"], x_proj)
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectionAwareLogits:
+  """The projected classifier with its error rejection as a (K+1)-th "reject" logit.
+
+  For attacks that know both halves of the defence: the projection (BPDA or unrolled, as
+  `clf.gradient` says) and the rejection of inputs whose projection error e = ||x - x_proj||^2
+  exceeds the threshold t. Class k gets log p_k - P and the reject logit log(1 - exp(-P)),
+  with p the projected classifier's softmax and the hinge
+    P = penalty * relu(e / t - (1 - margin)),
+  so the targeted cross-entropy to class k is CE(p, k) + P: minimising it moves the
+  projection's class to k while keeping e a margin below t. The error's gradient is taken
+  with the projection's code held fixed, 2 (x - x_proj), which is its exact gradient at the
+  optimal code (the envelope theorem) and what BPDA approximates anyway.
+
+  Attributes:
+    clf: the deployed `ProjectedClassifier`.
+    penalty: weight of the hinge (per unit of threshold-relative excess).
+    margin: aim this fraction below the threshold.
+
+  Params: {"defended": the ProjectedClassifier's params, "threshold": [] t}.
+  """
+
+  clf: ProjectedClassifier
+  penalty: float = 10.0
+  margin: float = 0.1
+
+  def __call__(self, params: Params, x: Array) -> Array:
+    p = params["defended"]
+    proj = self.clf.project(p, x)
+    if self.clf.gradient == "bpda":  # identity backward: one projection, not two
+      x_proj = x + lax.stop_gradient(proj.x_proj - x)
+    else:
+      x_proj = proj.x_proj
+    log_p = jax.nn.log_softmax(self.clf.classify(p["clf"], x_proj))
+    error = jnp.sum(jnp.square(x - lax.stop_gradient(proj.x_proj)))
+    hinge = self.penalty * jax.nn.relu(error / params["threshold"] - (1.0 - self.margin))
+    reject = jnp.log(-jnp.expm1(-hinge) + jnp.finfo(x.dtype).tiny)
+    return jnp.concatenate([log_p - hinge, reject[None]])
 
 
 def fit_threshold(errors: Array, *, false_rejection_rate: float) -> Array:
