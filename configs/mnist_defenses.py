@@ -43,7 +43,9 @@ def get_config(arg=None):
   # 0.9926 and robust 0.936 under FGSM but only 0.487 under PGD-40 with 5 restarts at eps 0.3
   # (n=1000): catastrophic overfitting, the FGSM robustness is masking. Hence a 3-step PGD
   # inner attack (steps of 0.5 eps from a random start: 1.5 eps of travel), which costs
-  # 335 vs 461 examples/s for FGSM-RS (2-core CPU, 2026-12-01).
+  # 335 vs 461 examples/s for FGSM-RS (2-core CPU, 2026-12-01). Measured (2026-12-01, 10
+  # epochs, 62 minutes under load): clean 0.9929, robust 0.913 under PGD-40 with 5 restarts
+  # at eps 0.3 (n=1000), 0.952 under FGSM.
   c.train.adversarial = dict(c.train.cnn, epochs=10, batch_size=100, augment_shift=0)
 
   d = c.defenses = ml_collections.ConfigDict()
