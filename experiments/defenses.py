@@ -156,15 +156,13 @@ def _closest_other(logits, label):
   return jax.numpy.argmax(others)
 
 
-def _impersonation(logits_fn, params, x, label, *, eps, key, steps, step_size_rel):
-  """Impersonation (Sharif et al. 2016) in the runner's untargeted form: targeted L-inf BIM
-  with a random start towards the most similar other person (the highest other logit; for
-  the siamese identifier the nearest other class centre), fixed across restarts."""
+def _targeted_bim(logits_fn, params, x, target, *, eps, key, steps, step_size_rel):
+  """Targeted L-inf BIM with a random start and eps-relative steps."""
   return bim.bim(
     logits_fn,
     params,
     x,
-    _closest_other(logits_fn(params, x), label),
+    target,
     eps=eps,
     step_size=step_size_rel * eps,
     steps=steps,
@@ -172,6 +170,16 @@ def _impersonation(logits_fn, params, x, label, *, eps, key, steps, step_size_re
     targeted=True,
     random_start=True,
     key=key,
+  )
+
+
+def _impersonation(logits_fn, params, x, label, *, eps, key, steps, step_size_rel):
+  """Impersonation (Sharif et al. 2016) in the runner's untargeted form: targeted L-inf BIM
+  with a random start towards the most similar other person (the highest other logit; for
+  the siamese identifier the nearest other class centre), fixed across restarts."""
+  target = _closest_other(logits_fn(params, x), label)
+  return _targeted_bim(
+    logits_fn, params, x, target, eps=eps, key=key, steps=steps, step_size_rel=step_size_rel
   )
 
 
@@ -386,18 +394,9 @@ def _projection_errors(deployed, params, x) -> np.ndarray:
 def _targeted_closest_accepted(logits_fn, params, x, label, *, eps, key, steps, step_size_rel):
   """Targeted L-inf BIM with a random start on a (K+1)-logit rejection-aware model (the last
   logit is "reject") towards the closest other class among the K class logits."""
-  return bim.bim(
-    logits_fn,
-    params,
-    x,
-    _closest_other(logits_fn(params, x)[:-1], label),
-    eps=eps,
-    step_size=step_size_rel * eps,
-    steps=steps,
-    norm="linf",
-    targeted=True,
-    random_start=True,
-    key=key,
+  target = _closest_other(logits_fn(params, x)[:-1], label)
+  return _targeted_bim(
+    logits_fn, params, x, target, eps=eps, key=key, steps=steps, step_size_rel=step_size_rel
   )
 
 
