@@ -508,14 +508,9 @@ def build_vae_classifier(ctx: Context) -> Defended:
       vae, vae_params, clf, ctx.data, key=ctx.key("vae_classifier"),
       checkpoint_dir=ctx.checkpoint("mlp_vae/latent_classifier"), **c.train.latent_classifier,
     )  # fmt: skip
-    clf_m = models_lib._keep(m, params["clf"], "classifier")
-    kept = {  # the fields of experiments/models.py's train_metrics entry for a VAE
-      "vae": vae_m,
-      "latent_classifier": clf_m,
-      "test_neg_elbo_nats": vae_m["test_neg_elbo_nats"],
-      "test_accuracy": clf_m["test_accuracy"],
-      "train_seconds": vae_m["train_seconds"] + clf_m["train_seconds"],
-    }
+    kept = models_lib.vae_classifier_metrics(
+      vae_m, models_lib._keep(m, params["clf"], "classifier")
+    )
     ctx.trained["vae_classifier"] = (clf, params, kept)
     logging.info("vae_classifier: test -ELBO %.2f nats, latent classifier accuracy %.4f",
                  kept["test_neg_elbo_nats"], kept["test_accuracy"])  # fmt: skip

@@ -55,15 +55,9 @@ def train_all(config, data, workdir) -> dict[str, Trained]:
         checkpoint_dir=str(ckpt / "latent_classifier"),
         **config.train.latent_classifier,
       )
-      vae_kept = _keep(vae_metrics, vae_params, "vae")
-      clf_kept = _keep(clf_metrics, params["clf"], "classifier")
-      metrics = {
-        "vae": vae_kept,
-        "latent_classifier": clf_kept,
-        "test_neg_elbo_nats": vae_metrics["test_neg_elbo_nats"],
-        "test_accuracy": clf_metrics["test_accuracy"],
-        "train_seconds": vae_kept["train_seconds"] + clf_kept["train_seconds"],
-      }
+      metrics = vae_classifier_metrics(
+        _keep(vae_metrics, vae_params, "vae"), _keep(clf_metrics, params["clf"], "classifier")
+      )
       logging.info(
         "%s: test -ELBO %.2f nats, latent classifier accuracy %.4f",
         name,
@@ -73,6 +67,17 @@ def train_all(config, data, workdir) -> dict[str, Trained]:
       logits_fn = models.latent_classifier_fn(vae, clf)
       out[name] = Trained(name, "vae", logits_fn, params, models.vae_fns(vae), metrics)
   return out
+
+
+def vae_classifier_metrics(vae_kept: dict, clf_kept: dict) -> dict:
+  """The train_metrics entry of a VAE with its latent classifier (both `_keep`-ed)."""
+  return {
+    "vae": vae_kept,
+    "latent_classifier": clf_kept,
+    "test_neg_elbo_nats": vae_kept["test_neg_elbo_nats"],
+    "test_accuracy": clf_kept["test_accuracy"],
+    "train_seconds": vae_kept["train_seconds"] + clf_kept["train_seconds"],
+  }
 
 
 def _keep(metrics: dict, params, kind: str) -> dict:

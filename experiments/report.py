@@ -1037,16 +1037,17 @@ def _per_example_worst(attacked: Sequence[Mapping]) -> dict:
     if any(r.get("not_robust_examples") is None for r in rs) or len(ns) != 1:
       continue
     n = int(ns.pop())
-    broken = np.zeros(n, bool)
-    for r in rs:
-      broken[np.asarray(r["not_robust_examples"], int)] = True
-    rate, lo, hi = metrics.success_rate(~broken)
+
+    def unbroken(field, rs=rs, n=n):  # (rate, lo, hi) of the examples no row lists
+      hit = np.zeros(n, bool)
+      for r in rs:
+        hit[np.asarray(r[field], int)] = True
+      return metrics.success_rate(~hit)
+
+    rate, lo, hi = unbroken("not_robust_examples")
     out[k] = {"robust_accuracy": rate, "robust_accuracy_ci": [lo, hi], "attacks": len(rs)}
     if all(r.get("broken_examples") is not None for r in rs):  # a defence that rejects
-      fooled = np.zeros(n, bool)
-      for r in rs:
-        fooled[np.asarray(r["broken_examples"], int)] = True
-      rate, lo, hi = metrics.success_rate(~fooled)
+      rate, lo, hi = unbroken("broken_examples")
       out[k].update(defended_rate=rate, defended_rate_ci=[lo, hi])
   return out
 

@@ -101,7 +101,7 @@ TRANSFER_SOURCES = (
 DEFENSE_SECTIONS = {
   "none": (("cnn", "cnn"),),
   "distillation": (("cnn", "distillation"),),  # the cnn architecture
-  "projection": (("mlp_vae", "vae"),),
+  "projection": (("cnn", "cnn"), ("mlp_vae", "vae")),  # the CNN classifies the projection
   "vae_classifier": (("mlp_vae", "vae"), ("latent_classifier", "latent_classifier")),
 }
 

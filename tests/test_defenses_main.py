@@ -467,3 +467,11 @@ def test_a_defences_rows_keep_their_settings_when_another_defence_changes():
   assert after["projection"] != before["projection"]
   c.defenses.attacks.restarts = 2
   assert defenses.defence_settings(c, "gmvae") != before["gmvae"]
+
+
+def test_projection_needs_the_cnn_it_classifies_with():
+  c = mnist_defenses.get_config("quick")
+  c.defenses.enabled = ("projection",)
+  del c.model["cnn"]
+  with pytest.raises(validate.ConfigError, match="defence 'projection' needs model.cnn"):
+    validate.validate(c)
