@@ -151,8 +151,18 @@ def _make_pairs(setting: str, *args, **kwargs) -> runner.Pairs:
     ) from None
 
 
+# Attacks that run an L-BFGS solve per pair and per eps (tens of gradients each, plus the
+# solver's algebra on [memory x pixels] arrays): at 154x154x3 they cost 10-50x the others.
+SOLVER_ATTACKS = frozenset({"lbfgs", "lbfgs_c_search", "latent_l2", "reconstruction_l2"})
+
+
 def run_all(config, data, trained, log) -> None:
   """Attacks every model in `trained` with every attack of the config; resumable via `log`.
+
+  Two passes over the models: first the gradient-step attacks (FGSM, BIM and their VAE
+  variants), then the L-BFGS ones (`SOLVER_ATTACKS`), so that a run stopped early (a budget, a
+  crash) has every model's cheap rows. The order changes no number: each attack's key and
+  pairs come from the model's index and the attack's place in the config, not from when it runs.
 
   A point (model, attack, eps) whose loss, adversarial images, confidence or distortion hold
   NaN or inf is reported and not written; the other points are, and then NonFiniteError lists
@@ -168,14 +178,18 @@ def run_all(config, data, trained, log) -> None:
   examples_dir = pathlib.Path(log.path).parent / "examples"
   num_classes = len(data.class_names)
 
-  for m_index, (model_name, model) in enumerate(trained.items()):
+  passes = [(False, m) for m in enumerate(trained.items())]
+  passes += [(True, m) for m in enumerate(trained.items())]
+  for solver_pass, (m_index, (model_name, model)) in passes:
+    in_pass = lambda name, solver_pass=solver_pass: (name in SOLVER_ATTACKS) == solver_pass
     key = jax.random.fold_in(root, m_index)
     plan = attack_plan(acfg, key)
     base_row = dict(dataset=config.data.name, model=model_name, settings=settings)
     todo = [
       p
       for p in plan
-      if not all(log.has(dict(base_row, attack=p[0], norm=p[1], eps=e)) for e in p[3])
+      if in_pass(p[0])
+      and not all(log.has(dict(base_row, attack=p[0], norm=p[1], eps=e)) for e in p[3])
     ]
     if model.kind == "vae" and "cnn" in trained and acfg.vae.enabled:
       try:
@@ -190,11 +204,13 @@ def run_all(config, data, trained, log) -> None:
           chunk,
           budget,
           pathlib.Path(log.path).parent,
+          names=tuple(n for n in acfg.vae.enabled if in_pass(n)),
         )
       except NonFiniteError as e:
         problems.append(str(e))
     if not todo:
-      logging.info("%s: all attacks already in %s", model_name, log.path)
+      if solver_pass:
+        logging.info("%s: all attacks already in %s", model_name, log.path)
       continue
     pairs = _make_pairs(
       f"{model_name}: attacks.num_pairs",
@@ -262,8 +278,10 @@ def run_all(config, data, trained, log) -> None:
     raise NonFiniteError("; ".join(problems))
 
 
-def run_vae_attacks(config, data, model, judge, key, log, mesh, chunk, budget, out_dir):
+def run_vae_attacks(config, data, model, judge, key, log, mesh, chunk, budget, out_dir, names=None):
   """Tabacof et al. (2016) and Kos et al. (2017) attacks on one VAE, judged by the CNN.
+
+  `names`: the VAE attacks to run (default: every enabled one, in the config's order).
 
   Pairs: a correctly reconstructed-and-judged source and a target image of another class.
   Rows as for classifier attacks; the latent L2 attack's rows also carry its AUDDC over the
@@ -272,7 +290,8 @@ def run_vae_attacks(config, data, model, judge, key, log, mesh, chunk, budget, o
   vcfg, ecfg = config.attacks.vae, config.eval
   settings = run_lib.config_hash({"attacks": config.attacks.to_dict(), "eval": ecfg.to_dict()})
   base_row = dict(dataset=config.data.name, model=model.name, settings=settings)
-  plan = [(name, tuple(float(e) for e in vcfg[name].eps)) for name in vcfg.enabled]
+  names = vcfg.enabled if names is None else names
+  plan = [(name, tuple(float(e) for e in vcfg[name].eps)) for name in names]
   todo = [
     (n, eps)
     for n, eps in plan

@@ -11,6 +11,7 @@ import sys
 import pytest
 from fakedata import make_data_root
 
+from experiments import attacks as attacks_lib
 from experiments import run as run_lib
 
 CONFIGS = ("mnist_cnn", "mnist_vae", "lfw_cnn", "lfw_vae")
@@ -106,6 +107,25 @@ def test_rerun_reuses_checkpoints_and_rows_and_resumes_identically(data_root, tm
   strip = lambda text: [{k: v for k, v in json.loads(x).items() if k != "seconds"}
                         for x in text.splitlines()]  # fmt: skip
   assert strip((tmp_path / "a" / "results.jsonl").read_text()) == strip(first)
+
+
+def test_solver_attacks_run_last_and_their_numbers_do_not_depend_on_it(data_root, tmp_path):
+  """Every model's gradient-step rows come before any L-BFGS row, and the L-BFGS rows equal
+  those of a run of the L-BFGS attacks alone (the order changes no key and no pair)."""
+  config = tiny("mnist_vae", data_root, attacks=("fgsm", "lbfgs"))
+  run_lib.run(config, str(tmp_path / "both"))
+  rows = read_rows(tmp_path / "both")
+  solver = [r["attack"] in attacks_lib.SOLVER_ATTACKS for r in rows]
+  assert any(solver) and not all(solver)
+  assert solver == sorted(solver)  # False (gradient steps) first, then True
+  assert {r["model"] for r, s in zip(rows, solver, strict=True) if not s} == set(config.models)
+
+  alone = tiny("mnist_vae", data_root, attacks=("lbfgs",))
+  alone.attacks.vae.enabled = ("latent_l2",)
+  run_lib.run(alone, str(tmp_path / "alone"))
+  drop = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "settings")}
+  expected = [drop(r) for r in read_rows(tmp_path / "alone")]
+  assert [drop(r) for r, s in zip(rows, solver, strict=True) if s] == expected
 
 
 def test_workdir_of_another_config_is_refused(data_root, tmp_path):
