@@ -154,15 +154,27 @@ def _make_pairs(setting: str, *args, **kwargs) -> runner.Pairs:
 # Attacks that run an L-BFGS solve per pair and per eps (tens of gradients each, plus the
 # solver's algebra on [memory x pixels] arrays): at 154x154x3 they cost 10-50x the others.
 SOLVER_ATTACKS = frozenset({"lbfgs", "lbfgs_c_search", "latent_l2", "reconstruction_l2"})
+NUM_PASSES = 3
+
+
+def attack_pass(name: str) -> int:
+  """When `run_all` runs attack `name`: 0 with the gradient-step attacks, 1 with the L-BFGS
+  attacks on the classifiers (the cells H0 compares across models), 2 with the L-BFGS VAE
+  attacks (VAE-only: the VAE tables and AUDDC)."""
+  if name not in SOLVER_ATTACKS:
+    return 0
+  return 2 if name in vae_attacks.ATTACKS else 1
 
 
 def run_all(config, data, trained, log) -> None:
   """Attacks every model in `trained` with every attack of the config; resumable via `log`.
 
-  Two passes over the models: first the gradient-step attacks (FGSM, BIM and their VAE
-  variants), then the L-BFGS ones (`SOLVER_ATTACKS`), so that a run stopped early (a budget, a
-  crash) has every model's cheap rows. The order changes no number: each attack's key and
-  pairs come from the model's index and the attack's place in the config, not from when it runs.
+  Three passes over the models (`attack_pass`): the gradient-step attacks (FGSM, BIM and their
+  VAE variants), then the L-BFGS attacks on the classifiers, then the L-BFGS VAE attacks
+  (`SOLVER_ATTACKS` cost 10-50x the others), so that a run stopped early (a budget, a crash)
+  has every model's cheap rows, and the cells the H0 verdict compares before the VAE-only ones.
+  The order changes no number: each attack's key and pairs come from the model's index and the
+  attack's place in the config, not from when it runs.
 
   A point (model, attack, eps) whose loss, adversarial images, confidence or distortion hold
   NaN or inf is reported and not written; the other points are, and then NonFiniteError lists
@@ -178,10 +190,9 @@ def run_all(config, data, trained, log) -> None:
   examples_dir = pathlib.Path(log.path).parent / "examples"
   num_classes = len(data.class_names)
 
-  passes = [(False, m) for m in enumerate(trained.items())]
-  passes += [(True, m) for m in enumerate(trained.items())]
-  for solver_pass, (m_index, (model_name, model)) in passes:
-    in_pass = lambda name, solver_pass=solver_pass: (name in SOLVER_ATTACKS) == solver_pass
+  passes = [(k, m) for k in range(NUM_PASSES) for m in enumerate(trained.items())]
+  for k, (m_index, (model_name, model)) in passes:
+    in_pass = lambda name, k=k: attack_pass(name) == k
     key = jax.random.fold_in(root, m_index)
     plan = attack_plan(acfg, key)
     base_row = dict(dataset=config.data.name, model=model_name, settings=settings)
@@ -209,7 +220,7 @@ def run_all(config, data, trained, log) -> None:
       except NonFiniteError as e:
         problems.append(str(e))
     if not todo:
-      if solver_pass:
+      if k == NUM_PASSES - 1:
         logging.info("%s: all attacks already in %s", model_name, log.path)
       continue
     pairs = _make_pairs(
