@@ -306,7 +306,7 @@ def run_vae_attacks(config, data, model, judge, key, log, mesh, chunk, budget, o
   todo = [
     (n, eps)
     for n, eps in plan
-    if not all(log.has(dict(base_row, attack=n, norm="l2", eps=e)) for e in eps)
+    if not all(log.has(dict(base_row, attack=n, norm=_vae_norm(n), eps=e)) for e in eps)
   ]
   if not todo:
     return

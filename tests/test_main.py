@@ -130,6 +130,24 @@ def test_solver_attacks_run_last_and_their_numbers_do_not_depend_on_it(data_root
   assert [drop(r) for r, s in zip(rows, solver, strict=True) if s] == expected
 
 
+def test_rerun_of_a_finished_vae_run_attacks_nothing(data_root, tmp_path, monkeypatch):
+  """Every sweep's rows are found on a rerun (the VAE FGSM variants' rows are L-inf ones), so
+  no attack runs again."""
+  config = tiny("mnist_vae", data_root)
+  config.attacks.vae.enabled = ("latent_fgsm", "reconstruction_fgsm", "latent_l2")
+  config.attacks.vae.reconstruction_fgsm.eps = (0.1,)
+  run_lib.run(config, str(tmp_path))
+  first = (tmp_path / "results.jsonl").read_text()
+  calls = []
+  real = attacks_lib.runner.iter_attack_chunks
+  monkeypatch.setattr(
+    attacks_lib.runner, "iter_attack_chunks", lambda *a, **k: calls.append(a[0]) or real(*a, **k)
+  )
+  run_lib.run(config, str(tmp_path))
+  assert calls == []
+  assert (tmp_path / "results.jsonl").read_text() == first
+
+
 def test_workdir_of_another_config_is_refused(data_root, tmp_path):
   config = tiny("mnist_cnn", data_root)
   run_lib.run(config, str(tmp_path))
