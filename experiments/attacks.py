@@ -151,19 +151,17 @@ def _make_pairs(setting: str, *args, **kwargs) -> runner.Pairs:
     ) from None
 
 
-# Attacks that run an L-BFGS solve per pair and per eps (tens of gradients each, plus the
-# solver's algebra on [memory x pixels] arrays): at 154x154x3 they cost 10-50x the others.
-SOLVER_ATTACKS = frozenset({"lbfgs", "lbfgs_c_search", "latent_l2", "reconstruction_l2"})
+# When run_all runs an attack: pass 0 (every attack not listed) the gradient-step attacks; 1 the
+# L-BFGS attacks on the classifiers (the cells H0 compares across models); 2 the L-BFGS VAE
+# attacks (VAE-only). An L-BFGS solve per pair and eps (tens of gradients plus the solver's
+# algebra on [memory x pixels] arrays) costs 10-50x the others at 154x154x3.
+_PASS = {"lbfgs": 1, "lbfgs_c_search": 1, "latent_l2": 2, "reconstruction_l2": 2}
 NUM_PASSES = 3
 
 
 def attack_pass(name: str) -> int:
-  """When `run_all` runs attack `name`: 0 with the gradient-step attacks, 1 with the L-BFGS
-  attacks on the classifiers (the cells H0 compares across models), 2 with the L-BFGS VAE
-  attacks (VAE-only: the VAE tables and AUDDC)."""
-  if name not in SOLVER_ATTACKS:
-    return 0
-  return 2 if name in vae_attacks.ATTACKS else 1
+  """The pass of `run_all` that runs attack `name` (see `_PASS`)."""
+  return _PASS.get(name, 0)
 
 
 def run_all(config, data, trained, log) -> None:
@@ -171,7 +169,7 @@ def run_all(config, data, trained, log) -> None:
 
   Three passes over the models (`attack_pass`): the gradient-step attacks (FGSM, BIM and their
   VAE variants), then the L-BFGS attacks on the classifiers, then the L-BFGS VAE attacks
-  (`SOLVER_ATTACKS` cost 10-50x the others), so that a run stopped early (a budget, a crash)
+  (they cost 10-50x the others), so that a run stopped early (a budget, a crash)
   has every model's cheap rows, and the cells the H0 verdict compares before the VAE-only ones.
   The order changes no number: each attack's key and pairs come from the model's index and the
   attack's place in the config, not from when it runs.
