@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from experiments import run as run_lib
+from experiments import keys
+from experiments.errors import UserError
 from vae_attacks import metrics
 from vae_attacks.attacks import bim, fgsm, lbfgs, runner
 from vae_attacks.attacks import vae as vae_attacks
@@ -93,7 +94,7 @@ def _ssim_grid(x, x_adv, ssim_kwargs=()):
   return jax.vmap(jax.vmap(one))(jnp.broadcast_to(x, x_adv.shape), x_adv)
 
 
-class NonFiniteError(run_lib.UserError):
+class NonFiniteError(UserError):
   """An attack produced NaN or inf; its rows were not written (the other rows were)."""
 
 
@@ -146,9 +147,7 @@ def _make_pairs(setting: str, *args, **kwargs) -> runner.Pairs:
   try:
     return runner.make_pairs(*args, **kwargs)
   except ValueError as e:
-    raise run_lib.UserError(
-      f"{setting}: {e}; lower it or choose another attacks.target_strategy"
-    ) from None
+    raise UserError(f"{setting}: {e}; lower it or choose another attacks.target_strategy") from None
 
 
 # When run_all runs an attack: pass 0 (every attack not listed) the gradient-step attacks; 1 the
@@ -180,7 +179,7 @@ def run_all(config, data, trained, log) -> None:
   """
   problems: list[str] = []
   acfg, ecfg = config.attacks, config.eval
-  settings = run_lib.config_hash({"attacks": acfg.to_dict(), "eval": ecfg.to_dict()})
+  settings = keys.attack_settings(config)
   root = jax.random.fold_in(jax.random.key(config.seed), 1_000_003)
   mesh = runner.pairs_mesh() if acfg.shard and jax.device_count() > 1 else None
   chunk = acfg.chunk_size or None
@@ -297,7 +296,7 @@ def run_vae_attacks(config, data, model, judge, key, log, mesh, chunk, budget, o
   C grid (Gondim-Ribeiro et al. 2018), and its per-pair curves go to curves/<model>_<attack>.npz.
   """
   vcfg, ecfg = config.attacks.vae, config.eval
-  settings = run_lib.config_hash({"attacks": config.attacks.to_dict(), "eval": ecfg.to_dict()})
+  settings = keys.attack_settings(config)
   base_row = dict(dataset=config.data.name, model=model.name, settings=settings)
   names = vcfg.enabled if names is None else names
   plan = [(name, tuple(float(e) for e in vcfg[name].eps)) for name in names]
@@ -461,7 +460,7 @@ def _target_images(y, pairs, key) -> np.ndarray:
   for i, (src, t) in enumerate(zip(pairs.index, pairs.target, strict=True)):
     candidates = np.flatnonzero((y == t) & (np.arange(len(y)) != src))
     if candidates.size == 0:
-      raise run_lib.UserError(f"no test image of class {int(t)} to serve as an attack target")
+      raise UserError(f"no test image of class {int(t)} to serve as an attack target")
     out[i] = rng.choice(candidates)
   return out
 

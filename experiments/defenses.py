@@ -32,15 +32,16 @@ import jax
 import numpy as np
 from absl import logging
 
+from experiments import keys, store
 from experiments import models as models_lib
-from experiments import run as run_lib
-from experiments import store
+from experiments import workdir as workdir_lib
+from experiments.errors import UserError
 from vae_attacks import metrics, models, train
 from vae_attacks.attacks import bim, fgsm, runner
 from vae_attacks.defenses import adversarial, distillation, transfer
 from vae_attacks.types import LogitsFn, Params
 
-RESULT_KEY = ("kind", "dataset", "defense", "attack", "eps", "source", "target", "settings")
+RESULT_KEY = keys.DEFENCE_KEY
 RESULTS_FILE = "defenses.jsonl"
 EXAMPLES_DIR = "defense_examples"
 FIGURE_EXAMPLES = 8  # rows of the projection figure
@@ -618,7 +619,7 @@ def evaluate(
 
 def defence_settings(config, name: str) -> str:
   """The settings hash of defence `name`'s rows under `config` (`run.defence_settings`)."""
-  return run_lib.defence_settings(config.defenses, config.attacks, name)
+  return keys.defence_settings(config.defenses, config.attacks, name)
 
 
 def run(config, workdir: str) -> dict:
@@ -626,17 +627,17 @@ def run(config, workdir: str) -> dict:
   from vae_attacks import data as data_lib  # noqa: PLC0415
 
   workdir = pathlib.Path(workdir)
-  run_lib._claim_workdir(config, workdir)
+  workdir_lib.claim_workdir(config, workdir)
   try:
     data = data_lib.load(config.data)
   except data_lib.DataError as e:
-    raise run_lib.UserError(str(e)) from None
+    raise UserError(str(e)) from None
   d = config.defenses
   n = min(int(d.num_examples), len(data.y_test))
   x, y = np.asarray(data.x_test[:n]), np.asarray(data.y_test[:n], np.int32)
   ctx = Context(config, data, workdir)
   # Transfer rows depend on every model; a defence's rows only on its own section.
-  settings = run_lib.config_hash({"defenses": d.to_dict(), "attacks": config.attacks.to_dict()})
+  settings = keys.transfer_settings(config)
   log = store.ResultsLog(workdir / RESULTS_FILE, RESULT_KEY)
   mesh = runner.pairs_mesh() if config.attacks.shard and jax.device_count() > 1 else None
   runner_kwargs = dict(
@@ -651,7 +652,7 @@ def run(config, workdir: str) -> dict:
     try:
       defended = DEFENSES[name](ctx)
     except (ValueError, FloatingPointError) as e:  # another config's checkpoint; NaN training
-      raise run_lib.UserError(f"defence {name}: {e}") from None
+      raise UserError(f"defence {name}: {e}") from None
     built[name] = defended
     store.write_json_atomic(
       workdir / "train_metrics.json", {k: v.metrics for k, v in built.items()}

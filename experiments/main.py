@@ -24,6 +24,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import run as run_lib  # noqa: E402
+from experiments.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config.name>).")
@@ -89,7 +90,7 @@ def _init_distributed() -> None:
   try:
     jax.distributed.initialize()
   except (ValueError, RuntimeError, TypeError) as e:
-    raise run_lib.UserError(
+    raise UserError(
       f"distributed=True but jax.distributed.initialize() failed ({e}); run under a cluster "
       "manager JAX detects (SLURM, Open MPI, Cloud TPU, ...) or set --config.distributed=False"
     ) from None
@@ -111,7 +112,7 @@ def main(argv):
     if _wants_distributed(config):
       _init_distributed()
     run_lib.run(config, workdir)
-  except run_lib.UserError as e:  # bad settings or data: one clear message, no traceback
+  except UserError as e:  # bad settings or data: one clear message, no traceback
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -41,7 +41,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from experiments import store
+from experiments import keys, store
 from vae_attacks import metrics
 
 BASELINE = "cnn"
@@ -117,9 +117,7 @@ def _settings_hash(config: dict) -> str | None:
   """The `settings` hash experiments.attacks writes on rows made under `config`, if computable."""
   if "attacks" not in config or "eval" not in config:
     return None
-  from experiments import run as run_lib  # noqa: PLC0415  (run.py imports this module)
-
-  return run_lib.config_hash({"attacks": config["attacks"], "eval": config["eval"]})
+  return keys.attack_settings(config)
 
 
 def row_key(row: Mapping) -> tuple:
@@ -174,10 +172,8 @@ def select_defense_rows(rows: Sequence[Mapping], config: Mapping) -> list:
   own, `run.defence_settings`; all rows when none match), one per (kind, dataset, defence,
   attack, eps, source, target): the last."""
   if "defenses" in config and "attacks" in config:
-    from experiments import run as run_lib  # noqa: PLC0415
-
     d, a = config["defenses"], config["attacks"]
-    transfer = run_lib.config_hash({"defenses": d, "attacks": a})
+    transfer = keys.transfer_settings(config)
     own = {}
 
     def expected(r):  # a defence's rows carry its own settings, transfer rows the whole run's
@@ -185,7 +181,7 @@ def select_defense_rows(rows: Sequence[Mapping], config: Mapping) -> list:
         return transfer
       name = r.get("defense")
       if name not in own:
-        own[name] = run_lib.defence_settings(d, a, name)
+        own[name] = keys.defence_settings(d, a, name)
       return own[name]
 
     kept = []

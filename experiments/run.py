@@ -7,21 +7,15 @@ Files in the work directory (all written atomically; a rerun resumes):
   results.jsonl        one row per (dataset, model, attack, norm, eps), appended as produced
 """
 
-import hashlib
-import json
 import pathlib
 
 import ml_collections
 from absl import logging
 
-from experiments import store, validate
+from experiments import keys, store, validate
+from experiments import workdir as workdir_lib
+from experiments.errors import UserError
 from vae_attacks import data as data_lib
-
-RESULT_KEY = ("dataset", "model", "attack", "norm", "eps", "settings")
-
-
-class UserError(Exception):
-  """A problem the user can fix (settings, data, workdir): reported as one message."""
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -41,7 +35,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     return defenses.run(config, workdir)
   workdir = pathlib.Path(workdir)
-  _claim_workdir(config, workdir)
+  workdir_lib.claim_workdir(config, workdir)
 
   try:
     data = data_lib.load(config.data)
@@ -67,7 +61,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   from experiments import attacks as attacks_lib  # noqa: PLC0415
 
-  log = store.ResultsLog(workdir / "results.jsonl", RESULT_KEY)
+  log = store.ResultsLog(workdir / "results.jsonl", keys.RESULT_KEY)
   attacks_lib.run_all(config, data, trained, log)
   _report(workdir)
   return {"train": train_metrics, "results": log.rows}
@@ -96,56 +90,3 @@ def _report(workdir: pathlib.Path, parts=None) -> None:
     report.write_report(workdir)
   else:
     report.write_combined_report(workdir, parts)
-
-
-def config_hash(section) -> str:
-  """Short stable hash of a config section (part of each result row's key)."""
-  text = json.dumps(_to_dict(section), sort_keys=True)
-  return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def defence_settings(defenses, attacks, name: str) -> str:
-  """The settings hash of a defence's rows in defenses.jsonl (ConfigDicts or plain dicts).
-
-  What its attack points depend on: the defence attacks, the examples, the runner section
-  (`attacks`) and the defence's own section `defenses.<name>` if it has one; so enabling
-  another defence or changing another's knobs keeps finished rows. The models themselves are
-  guarded by their checkpoints' hyper-parameters.
-  """
-  defenses = _to_dict(defenses)
-  own = defenses.get(name)
-  return config_hash(
-    {
-      "attacks": defenses["attacks"],
-      "num_examples": int(defenses["num_examples"]),
-      "defense": own if isinstance(own, dict) else None,
-      "runner": _to_dict(attacks),
-    }
-  )
-
-
-def _to_dict(c):
-  return json.loads(c.to_json()) if hasattr(c, "to_json") else c
-
-
-def _claim_workdir(config, workdir: pathlib.Path) -> None:
-  """Writes config.json, or checks that the workdir's run trains the same models."""
-  new = _to_dict(config)
-  path = workdir / "config.json"
-  if path.exists():
-    try:
-      old = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-      raise UserError(
-        f"{path} is not valid JSON ({e}); delete it or use another --workdir"
-      ) from None
-    # What decides the trained models must match; attacks/eval/output may change between runs
-    # (result rows carry a hash of those settings in their key).
-    fixed = ("seed", "models", "data", "model", "train")
-    changed = validate.diff({k: old.get(k) for k in fixed}, {k: new.get(k) for k in fixed})
-    if changed:
-      raise UserError(
-        f"workdir {workdir} belongs to a different config (differs in: {', '.join(changed)}); "
-        "use another --workdir or delete that folder"
-      )
-  store.write_json_atomic(path, new)

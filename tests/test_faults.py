@@ -18,9 +18,9 @@ from test_main import tiny
 
 from configs import mnist_cnn
 from experiments import attacks as attacks_lib
+from experiments import keys, store
 from experiments import models as models_lib
 from experiments import run as run_lib
-from experiments import store
 
 SHAPE = (28, 28, 1)
 
@@ -63,7 +63,7 @@ def test_non_finite_attack_point_is_reported_and_not_written(tmp_path):
   }
   trained = {"cnn": models_lib.Trained("cnn", "classifier", blows_up_far_from_grey, params,
                                        None, {})}  # fmt: skip
-  log = store.ResultsLog(tmp_path / "results.jsonl", run_lib.RESULT_KEY)
+  log = store.ResultsLog(tmp_path / "results.jsonl", keys.RESULT_KEY)
   with pytest.raises(attacks_lib.NonFiniteError) as err:
     attacks_lib.run_all(config, data, trained, log)
   message = str(err.value)
@@ -71,7 +71,7 @@ def test_non_finite_attack_point_is_reported_and_not_written(tmp_path):
     assert f"model cnn, attack {attack}, eps=0.3: non-finite" in message
     assert f"attack {attack}, eps=0.1" not in message
   assert message.count("non-finite loss in 4/4 pairs") == 2
-  rows = [r for r in store.ResultsLog(tmp_path / "results.jsonl", run_lib.RESULT_KEY).rows]
+  rows = [r for r in store.ResultsLog(tmp_path / "results.jsonl", keys.RESULT_KEY).rows]
   assert sorted((r["attack"], r["eps"]) for r in rows) == [("bim", 0.1), ("fgsm", 0.1)]
   for r in rows:
     assert r["mean_target_prob"] is not None and np.isfinite(r["mean_target_prob"])
@@ -123,7 +123,7 @@ def _without_timing(rows):
 
 
 def _by_key(rows):
-  return {tuple(json.dumps(r[k]) for k in run_lib.RESULT_KEY): r for r in rows}
+  return {tuple(json.dumps(r[k]) for k in keys.RESULT_KEY): r for r in rows}
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from fakedata import make_data_root
 
 from experiments import attacks as attacks_lib
 from experiments import run as run_lib
+from experiments.errors import UserError
 
 CONFIGS = ("mnist_cnn", "mnist_vae", "lfw_cnn", "lfw_vae")
 
@@ -152,7 +153,7 @@ def test_workdir_of_another_config_is_refused(data_root, tmp_path):
   config = tiny("mnist_cnn", data_root)
   run_lib.run(config, str(tmp_path))
   config.train.cnn.learning_rate = 0.5
-  with pytest.raises(run_lib.UserError, match="train.cnn.learning_rate"):
+  with pytest.raises(UserError, match="train.cnn.learning_rate"):
     run_lib.run(config, str(tmp_path))
 
 
@@ -176,7 +177,7 @@ def test_bad_values_are_named_before_any_work(field, value, message, data_root, 
   for part in section.split("."):
     target = target[part]
   target[attr] = value
-  with pytest.raises(run_lib.UserError, match=message.replace("[", r"\[").replace("(", r"\(")):
+  with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")):
     run_lib.run(config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 
@@ -244,7 +245,7 @@ def test_corrupt_data_file_is_one_line_naming_it(tmp_path):
 
 def test_corrupt_config_json_in_workdir_is_refused(data_root, tmp_path):
   (tmp_path / "config.json").write_text('{"seed": 0, "data": {"na')
-  with pytest.raises(run_lib.UserError, match="config.json is not valid JSON"):
+  with pytest.raises(UserError, match="config.json is not valid JSON"):
     run_lib.run(tiny("mnist_cnn", data_root), str(tmp_path))
 
 
@@ -257,7 +258,7 @@ def test_checkpoint_of_another_model_is_refused_naming_it(data_root, tmp_path):
   other = tiny("mnist_cnn", data_root)
   other.model.cnn.dense = (32,)
   ckpt = (tmp_path / "b" / "checkpoints" / "cnn").resolve()
-  with pytest.raises(run_lib.UserError, match=f"checkpoint {ckpt} was made for another model"):
+  with pytest.raises(UserError, match=f"checkpoint {ckpt} was made for another model"):
     run_lib.run(other, str(tmp_path / "b"))
   assert not (tmp_path / "b" / "results.jsonl").exists()
 
@@ -265,7 +266,7 @@ def test_checkpoint_of_another_model_is_refused_naming_it(data_root, tmp_path):
 def test_training_that_blows_up_names_model_epoch_and_quantity(data_root, tmp_path):
   config = tiny("mnist_cnn", data_root)
   config.train.cnn.learning_rate = 1e30
-  with pytest.raises(run_lib.UserError) as err:
+  with pytest.raises(UserError) as err:
     run_lib.run(config, str(tmp_path))
   message = str(err.value)
   assert f"({(tmp_path / 'checkpoints' / 'cnn').resolve()}): non-finite" in message

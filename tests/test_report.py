@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import report, store
-from experiments import run as run_lib
+from experiments import keys, report, store
 from vae_attacks import metrics
 
 NUM = r"(-?[0-9.e+-]+|—)"
@@ -82,7 +81,7 @@ def make_workdir(path, dataset, rows, *, models=("cnn", "mlp_vae"), image=(8, 8,
         latent_classifier=dict(param_count=234),
       )
   store.write_json_atomic(path / "train_metrics.json", train)
-  log = store.ResultsLog(path / "results.jsonl", run_lib.RESULT_KEY)
+  log = store.ResultsLog(path / "results.jsonl", keys.RESULT_KEY)
   log.extend(rows)
   rng = np.random.default_rng(0)
   for model, attack in {(r["model"], r["attack"]) for r in rows}:
@@ -422,7 +421,7 @@ def test_config_hash_of_config_json_matches_row_settings(tmp_path):
   import importlib  # noqa: PLC0415
 
   c = importlib.import_module("configs.mnist_cnn").get_config("quick")
-  settings = run_lib.config_hash({"attacks": c.attacks.to_dict(), "eval": c.eval.to_dict()})
+  settings = keys.attack_settings(c)
   as_saved = json.loads(c.to_json())
   assert report._settings_hash(as_saved) == settings
 

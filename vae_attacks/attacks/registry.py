@@ -1,0 +1,219 @@
+"""The attacks of the study, one entry each: the one table the configs, validation, the runs
+and the report read their attack lists from.
+
+Every entry's `run` is the attack as the runner calls it, for ONE pair and ONE eps:
+
+  run(model_fn, params, x, target, *, eps, **knobs) -> base.AttackResult
+
+(the VAE attacks see x as the pair's source and target image stacked, xx[2, H, W, C]). The
+functions are module-level, so their identity is stable and the runner's compile cache hits.
+
+Adding an attack: its module (a pure one-pair function with tests), an `AttackSpec` here, and
+its config section in configs/base.py (`SECTION_DEFAULTS` there holds the knobs' defaults).
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+
+from vae_attacks.attacks import bim, fgsm, lbfgs
+from vae_attacks.attacks import vae as vae_lib
+
+# Cost passes of the runs (experiments/attacks.py): gradient-step attacks on every model first,
+# then the L-BFGS attacks on the classifiers (the cells H0 compares across models), then the
+# L-BFGS VAE attacks. An L-BFGS solve per pair and eps (tens of gradients plus the solver's
+# algebra on [memory x pixels] arrays) costs 10-50x the others at 154x154x3.
+GRADIENT_PASS, CLASSIFIER_SOLVER_PASS, VAE_SOLVER_PASS = 0, 1, 2
+NUM_PASSES = 3
+
+
+class AttackSpec(NamedTuple):
+  """What the runs and the report need to know of one attack.
+
+  name: the `attack` field of its result rows.
+  run: the runner-callable one-pair attack (see the module docstring).
+  norms: the norms its config section may name (`norm`); the rows carry the chosen one. A
+    single-norm attack whose section has no `norm` field is run under `norms[0]`.
+  eps_kind: "budget" (eps bounds the perturbation's norm: larger is stronger) or "penalty"
+    (eps weighs the distortion in the objective, Szegedy's c / Tabacof's C: larger is weaker).
+  family: "classifier" (attacks a model's logits) or "vae" (Tabacof / Kos attacks on a VAE,
+    judged by the CNN on the reconstruction).
+  cost_pass: when the runs take it (GRADIENT_PASS, ...).
+  knobs: fields of its config section passed to `run` as keywords (besides eps); a knob that
+    is absent from the section is not passed.
+  section: its config section under `attacks` (`attacks.vae.<name>` for the VAE family);
+    default: the name itself.
+  enabled_by: a bool field of `section` that adds this attack (the c search of L-BFGS), else
+    None (enabled by its name in `attacks.enabled` / `attacks.vae.enabled`).
+  grid: the eps values it runs, from its section's `eps` (the c search starts from the
+    largest c of the L-BFGS grid).
+  cite: the paper it implements.
+  """
+
+  name: str
+  run: Callable
+  norms: tuple[str, ...]
+  eps_kind: str
+  family: str
+  cost_pass: int
+  knobs: tuple[str, ...]
+  section: str | None = None
+  enabled_by: str | None = None
+  grid: Callable[[tuple[float, ...]], tuple[float, ...]] = tuple
+  cite: str = ""
+
+
+def _fgsm(logits_fn, params, x, target, *, eps, norm):
+  return fgsm.fgsm(logits_fn, params, x, target, eps=eps, norm=norm)
+
+
+def _bim(logits_fn, params, x, target, *, eps, norm, steps, step_size_rel, **knobs):
+  """BIM / PGD / SLIDE with a step size proportional to eps, so one compile serves the grid."""
+  return bim.bim(
+    logits_fn,
+    params,
+    x,
+    target,
+    eps=eps,
+    norm=norm,
+    steps=steps,
+    step_size=step_size_rel * eps,
+    **knobs,
+  )
+
+
+def _lbfgs(logits_fn, params, x, target, *, eps, max_iters):
+  return lbfgs.lbfgs(logits_fn, params, x, target, eps=eps, max_iters=max_iters)
+
+
+def _lbfgs_search(logits_fn, params, x, target, *, eps, max_iters, search_steps):
+  return lbfgs.lbfgs_c_search(
+    logits_fn, params, x, target, c_init=eps, max_iters=max_iters, search_steps=search_steps
+  )
+
+
+def _pairwise(attack):
+  """A VAE attack (model, params, x, x_target, target) seen by the runner: the pair's source and
+  target images travel stacked as one input xx[2, H, W, C]."""
+
+  def run_pair(model, params, xx, target, *, eps, **knobs):
+    return attack(model, params, xx[0], xx[1], target, eps=eps, **knobs)
+
+  run_pair.__name__ = attack.__name__
+  return run_pair
+
+
+_BIM_KNOBS = ("norm", "steps", "step_size_rel", "random_start", "sparsity")
+_SOLVER_KNOBS = ("max_iters", "memory", "num_trials", "tol", "ftol")
+_KURAKIN = "Kurakin, Goodfellow and Bengio 2016 (BIM); Madry et al. 2018 (PGD)"
+_SZEGEDY = "Szegedy et al. 2014 (box-constrained L-BFGS)"
+_TABACOF = "Tabacof, Tavares and Valle 2016"
+_KOS = "Kos, Fischer and Song 2017"
+
+ATTACKS: dict[str, AttackSpec] = {
+  s.name: s
+  for s in (
+    AttackSpec(
+      "fgsm", _fgsm, ("linf", "l2", "l1"), "budget", "classifier", GRADIENT_PASS, ("norm",),
+      cite="Goodfellow, Shlens and Szegedy 2015",
+    ),
+    AttackSpec(
+      "bim", _bim, ("linf", "l2"), "budget", "classifier", GRADIENT_PASS, _BIM_KNOBS, cite=_KURAKIN
+    ),
+    AttackSpec(
+      "bim_l1", _bim, ("l1",), "budget", "classifier", GRADIENT_PASS, _BIM_KNOBS,
+      cite="Tramer and Boneh 2019 (SLIDE, the L1 basic iterative attack)",
+    ),
+    AttackSpec(
+      "pgd_l2", _bim, ("l2", "linf"), "budget", "classifier", GRADIENT_PASS, _BIM_KNOBS,
+      cite=_KURAKIN,
+    ),
+    AttackSpec(
+      "lbfgs", _lbfgs, ("l2",), "penalty", "classifier", CLASSIFIER_SOLVER_PASS, ("max_iters",),
+      cite=_SZEGEDY,
+    ),
+    AttackSpec(
+      "lbfgs_c_search", _lbfgs_search, ("l2",), "penalty", "classifier", CLASSIFIER_SOLVER_PASS,
+      ("max_iters", "search_steps"), section="lbfgs", enabled_by="c_search",
+      grid=lambda eps: (max(eps),), cite=_SZEGEDY + ", with its line search over c",
+    ),
+    AttackSpec(
+      "latent_l2", _pairwise(vae_lib.latent_l2), ("l2",), "penalty", "vae", VAE_SOLVER_PASS,
+      _SOLVER_KNOBS, cite=f"{_TABACOF}; {_KOS} (latent attack)",
+    ),
+    AttackSpec(
+      "latent_fgsm", _pairwise(vae_lib.latent_fgsm_attack), ("linf",), "budget", "vae",
+      GRADIENT_PASS, (), cite=f"{_KOS} (latent attack, FGSM)",
+    ),
+    AttackSpec(
+      "reconstruction_l2", _pairwise(vae_lib.reconstruction_l2), ("l2",), "penalty", "vae",
+      VAE_SOLVER_PASS, _SOLVER_KNOBS, cite=f"{_KOS} (L_VAE attack)",
+    ),
+    AttackSpec(
+      "reconstruction_fgsm", _pairwise(vae_lib.reconstruction_fgsm_attack), ("linf",), "budget",
+      "vae", GRADIENT_PASS, (), cite=f"{_KOS} (L_VAE attack, FGSM)",
+    ),
+  )
+}  # fmt: skip
+
+
+def of_family(family: str) -> tuple[str, ...]:
+  """The names of the attacks of one family, in the table's order."""
+  return tuple(n for n, s in ATTACKS.items() if s.family == family)
+
+
+def configurable(family: str) -> tuple[str, ...]:
+  """The attacks of a family that have a config section and an entry in `enabled`."""
+  return tuple(n for n in of_family(family) if ATTACKS[n].enabled_by is None)
+
+
+def is_penalty(name: str) -> bool:
+  """True when the attack's eps weighs the distortion (smaller is stronger), not a budget."""
+  spec = ATTACKS.get(str(name))
+  return spec is not None and spec.eps_kind == "penalty"
+
+
+def section_of(spec: AttackSpec, attacks_cfg):
+  """The config section of `spec` inside a run config's `attacks` section."""
+  sections = attacks_cfg.vae if spec.family == "vae" else attacks_cfg
+  return sections[spec.section or spec.name]
+
+
+def norm_of(spec: AttackSpec, section) -> str:
+  """The norm the attack runs under: its section's `norm`, else its only norm."""
+  return section["norm"] if "norm" in section else spec.norms[0]
+
+
+def enabled(attacks_cfg) -> list[AttackSpec]:
+  """The enabled attacks of a run's `attacks` section, in the config's order (a c search
+  right after its L-BFGS)."""
+  out = []
+  for family, names in (("classifier", attacks_cfg.enabled), ("vae", attacks_cfg.vae.enabled)):
+    for name in names:
+      spec = ATTACKS[name]
+      out.append(spec)
+      for extra in of_family(family):
+        other = ATTACKS[extra]
+        if other.section == name and section_of(other, attacks_cfg).get(other.enabled_by, False):
+          out.append(other)
+  return out
+
+
+def eps_grid(spec: AttackSpec, section) -> tuple[float, ...]:
+  """The eps values of `spec`'s rows under its config section."""
+  return tuple(spec.grid(tuple(float(e) for e in section["eps"])))
+
+
+def knobs_of(spec: AttackSpec, section, key: jax.Array | None = None) -> dict:
+  """The keyword arguments of `spec.run` from its config section (eps excluded); `key` feeds an
+  attack with a random start."""
+  knobs = {k: section[k] for k in spec.knobs if k in section}
+  if "norm" in spec.knobs:
+    knobs["norm"] = norm_of(spec, section)
+  for k in ("step_size_rel", "sparsity"):
+    if k in knobs:
+      knobs[k] = float(knobs[k])
+  if knobs.pop("random_start", False):
+    knobs.update(random_start=True, key=key)
+  return knobs
