@@ -7,8 +7,10 @@ Sections: data, model, train, attacks, eval, output.
 
 import ml_collections
 
+from vae_attacks import data as data_lib
+
 ARGS = ("", "quick")
-DATASETS = ("mnist", "lfw")
+DATASETS = tuple(data_lib.DATASETS)
 MODELS = ("cnn", "mlp_vae", "conv_vae")
 
 

@@ -41,7 +41,7 @@ from vae_attacks.attacks import bim, fgsm, runner
 from vae_attacks.defenses import adversarial, distillation, transfer
 from vae_attacks.types import LogitsFn, Params
 
-RESULT_KEY = keys.DEFENCE_KEY
+RESULT_KEY = keys.DEFENSE_KEY
 RESULTS_FILE = "defenses.jsonl"
 EXAMPLES_DIR = "defense_examples"
 FIGURE_EXAMPLES = 8  # rows of the projection figure
@@ -619,7 +619,7 @@ def evaluate(
 
 def defence_settings(config, name: str) -> str:
   """The settings hash of defence `name`'s rows under `config` (`run.defence_settings`)."""
-  return keys.defence_settings(config.defenses, config.attacks, name)
+  return keys.defense_settings(config.defenses, config.attacks, name)
 
 
 def run(config, workdir: str) -> dict:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 # results.jsonl: one row per (dataset, model, attack, norm, eps) under one attack/eval setting.
 RESULT_KEY = ("dataset", "model", "attack", "norm", "eps", "settings")
 # defenses.jsonl: one row per (kind, dataset, defence, attack, eps, source, target) and setting.
-DEFENCE_KEY = ("kind", "dataset", "defense", "attack", "eps", "source", "target", "settings")
+DEFENSE_KEY = ("kind", "dataset", "defense", "attack", "eps", "source", "target", "settings")
 
 
 def to_dict(c):
@@ -37,7 +37,7 @@ def transfer_settings(config: Mapping) -> str:
   )
 
 
-def defence_settings(defenses, attacks, name: str) -> str:
+def defense_settings(defenses, attacks, name: str) -> str:
   """The settings hash of a defence's rows in defenses.jsonl (ConfigDicts or plain dicts).
 
   What its attack points depend on: the defence attacks, the examples, the runner section

@@ -181,7 +181,7 @@ def select_defense_rows(rows: Sequence[Mapping], config: Mapping) -> list:
         return transfer
       name = r.get("defense")
       if name not in own:
-        own[name] = keys.defence_settings(d, a, name)
+        own[name] = keys.defense_settings(d, a, name)
       return own[name]
 
     kept = []

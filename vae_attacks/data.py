@@ -49,7 +49,6 @@ from typing import Any, NamedTuple
 import numpy as np
 
 DATA_ENV = "VAE_ATTACKS_DATA_DIR"
-NAMES = ("mnist", "lfw")
 SOURCES = ("auto", "tfds", "local")
 MNIST_FILES = {
   "train_images": "train-images-idx3-ubyte",
@@ -138,19 +137,16 @@ def load(cfg: Any) -> Dataset:
     DataError: for any setting out of range, missing or corrupt file, or unreachable download.
   """
   s = _settings(cfg)
+  spec = DATASETS[s.name]
   folder, origin = _local_folder(s)
   if folder is not None:
-    if s.name == "mnist":
-      return _mnist_local(folder, origin, s)
-    return _lfw_local(folder, origin, s)
+    return spec.local(folder, origin, s)
   why = (
     "source='tfds' was asked for"
     if s.source == "tfds"
     else f"no local folder was given (data.dir is empty and {DATA_ENV} is not set)"
   )
-  if s.name == "mnist":
-    return _mnist_tfds(s, why)
-  return _lfw_tfds(s, why)
+  return spec.tfds(s, why)
 
 
 # --- settings ----------------------------------------------------------------------------
@@ -175,8 +171,9 @@ def _int(cfg: Any, name: str, default: int, minimum: int) -> int:
 def _settings(cfg: Any) -> _Settings:
   """Reads and checks the config fields, naming the field at fault."""
   name = _field(cfg, "name", None)
-  if name not in NAMES:
-    raise DataError(f"data.name={name!r} is not a known data set; allowed: 'mnist', 'lfw'.")
+  if name not in DATASETS:
+    allowed = ", ".join(repr(n) for n in DATASETS)
+    raise DataError(f"data.name={name!r} is not a known data set; allowed: {allowed}.")
   source = _field(cfg, "source", "auto")
   if source not in SOURCES:
     raise DataError(f"data.source={source!r} is not known; allowed: 'auto', 'tfds', 'local'.")
@@ -625,3 +622,36 @@ def _lfw_tfds(s: _Settings, why: str) -> Dataset:
     person = label.decode() if isinstance(label, bytes) else str(label)
     people.setdefault(person, []).append((f"TFDS lfw example {i} ({person})", bytes(jpeg)))
   return _lfw_dataset(people, f"TFDS lfw at {builder.data_path}", s)
+
+
+# --- the datasets' table ---------------------------------------------------------------
+
+
+class DatasetSpec(NamedTuple):
+  """One data set the project reads.
+
+  name: `data.name` in the configs and the `dataset` field of result rows.
+  local: `(folder, origin, settings) -> Dataset` from a folder of the original files.
+  tfds: `(settings, why) -> Dataset` through TensorFlow Datasets.
+  full_shape: [H, W, C] of the study's full-size images (the report's pixel counts D).
+
+  Adding a data set: its two loaders in this module and an entry here, then its model and
+  attack-grid defaults in configs/base.py.
+  """
+
+  name: str
+  local: Any
+  tfds: Any
+  full_shape: tuple[int, int, int]
+
+  @property
+  def pixels(self) -> int:
+    """D = H * W * C at full size."""
+    h, w, c = self.full_shape
+    return h * w * c
+
+
+DATASETS: dict[str, DatasetSpec] = {
+  "mnist": DatasetSpec("mnist", _mnist_local, _mnist_tfds, (MNIST_SIZE, MNIST_SIZE, 1)),
+  "lfw": DatasetSpec("lfw", _lfw_local, _lfw_tfds, (154, 154, 3)),
+}

@@ -72,36 +72,62 @@ class Pairs(NamedTuple):
 # Pairs.
 
 
-@functools.lru_cache(maxsize=32)
-def _batched_logits_fn(logits_fn: LogitsFn) -> Callable[[Params, Array], Array]:
-  """A jitted logits_fn over a batch; cached so repeated calls do not retrace."""
-  return jax.jit(jax.vmap(logits_fn, in_axes=(None, 0)))
+@functools.lru_cache(maxsize=64)
+def _jitted_map(fn: Callable, in_axes: tuple) -> Callable:
+  """jit(vmap(fn)) over the mapped arguments; cached by fn so repeated calls do not retrace."""
+  return jax.jit(jax.vmap(fn, in_axes=in_axes))
+
+
+def batched_map(
+  fn: Callable, params: Any, *arrays: Array, batch_size: int = 256, pad: bool = True
+) -> Any:
+  """fn(params, *one_example) over every example of `arrays`, in equal-sized jitted batches.
+
+  The one batched evaluation of the library: logits, embeddings, latent means, SSIM,
+  reconstructions, per-pair measures. `fn` is written for ONE example and vmapped; the arrays
+  are cut along their leading axis into batches of `batch_size`, the last one padded by
+  repeating its last example, so every call has one shape: one compilation, and the values
+  do not depend on how many examples there are (a batch of another size may be vectorised,
+  and so rounded, differently). Build `fn` once (a module-level function or a hashable
+  callable): a fresh lambda on every call retraces.
+
+  Args:
+    fn: `(params, *example) -> pytree of arrays` for one example.
+    params: passed unmapped to every call (any pytree; None for a function of the data only).
+    *arrays: [N, ...] host or device arrays, one per example argument of `fn`.
+    batch_size: examples per jitted call.
+    pad: False cuts the last batch short instead (a second compilation for its shape).
+
+  Returns:
+    The pytree of `fn`'s outputs with a leading axis [N, ...], as host numpy arrays.
+  """
+  n = len(arrays[0])
+  if n == 0:
+    raise ValueError("no examples to map over")
+  if any(len(a) != n for a in arrays):
+    raise ValueError(f"arrays differ in length: {[len(a) for a in arrays]}")
+  batch = min(batch_size, n)
+  mapped = _jitted_map(fn, (None,) + (0,) * len(arrays))
+  parts = []
+  for start in range(0, n, batch):
+    stop = min(start + batch, n)
+    idx = _padded_indices(start, stop, batch) if pad else np.arange(start, stop)
+    out = mapped(params, *(a[idx] for a in arrays))
+    parts.append(jax.tree.map(lambda o, keep=stop - start: np.asarray(o)[:keep], out))
+  return jax.tree.map(lambda *p: np.concatenate(p, axis=0), *parts)
 
 
 def batched_logits(
   logits_fn: LogitsFn, params: Params, x: Array, *, batch_size: int = 256
 ) -> np.ndarray:
-  """Logits of every example, computed in equal-sized batches (the last one padded).
-
-  Args:
-    logits_fn: `(params, x[H, W, C]) -> logits[K]` for one example.
-    params: the model's parameters.
-    x: examples [N, H, W, C] (numpy or jax).
-    batch_size: examples per jitted call; every call has this shape, so one compilation.
+  """Logits of every example: `batched_map` of `logits_fn(params, x[H, W, C]) -> logits[K]`.
 
   Returns:
     float32 numpy logits [N, K].
   """
-  n = len(x)
-  if n == 0:
+  if len(x) == 0:
     raise ValueError("x holds no examples")
-  batch = min(batch_size, n)
-  fn = _batched_logits_fn(logits_fn)
-  out = []
-  for start in range(0, n, batch):
-    idx = _padded_indices(start, min(start + batch, n), batch)
-    out.append(np.asarray(fn(params, x[idx]))[: min(batch, n - start)])
-  return np.concatenate(out, axis=0)
+  return batched_map(logits_fn, params, x, batch_size=batch_size)
 
 
 def make_pairs(
