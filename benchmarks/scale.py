@@ -58,9 +58,8 @@ def run_point(pairs: int, steps: int, budget_mb: float) -> dict:
   import numpy as np  # noqa: PLC0415
 
   from configs import base  # noqa: PLC0415
-  from experiments import attacks as attacks_lib  # noqa: PLC0415
   from vae_attacks import models  # noqa: PLC0415
-  from vae_attacks.attacks import runner  # noqa: PLC0415
+  from vae_attacks.attacks import registry, runner  # noqa: PLC0415
 
   config = base.get_config(dataset="mnist", models=("cnn",), quick=False)
   cnn = models.CNN(num_classes=10, **config.model.cnn)
@@ -74,7 +73,7 @@ def run_point(pairs: int, steps: int, budget_mb: float) -> dict:
 
   t0 = time.perf_counter()
   chunks = runner.iter_attack_chunks(
-    attacks_lib._bim,
+    registry.ATTACKS["bim"].run,
     models.classifier_fns(cnn),
     params,
     x,

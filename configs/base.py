@@ -8,6 +8,7 @@ Sections: data, model, train, attacks, eval, output.
 import ml_collections
 
 from vae_attacks import data as data_lib
+from vae_attacks.attacks import registry
 
 ARGS = ("", "quick")
 DATASETS = tuple(data_lib.DATASETS)
@@ -115,7 +116,7 @@ def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_coll
   # step_size_rel: step size / eps; 2.5 / steps lets a walk reach the ball's edge and move
   # along it (Madry et al. 2018).
   c.attacks = ml_collections.ConfigDict()
-  c.attacks.enabled = ("fgsm", "bim", "bim_l1", "pgd_l2", "lbfgs")
+  c.attacks.enabled = registry.configurable("classifier")
   c.attacks.num_pairs = 500
   c.attacks.target_strategy = "random"  # random | next | least_likely | all | fixed
   c.attacks.fixed_targets = ()
@@ -142,25 +143,14 @@ def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_coll
   # For the L2-optimisation variants eps is the penalty C on ||d||^2 (larger C, smaller d); the
   # latent_l2 grid is log-spaced so that its AUDDC curve spans the trade-off.
   c.attacks.vae = ml_collections.ConfigDict()
-  c.attacks.vae.enabled = ("latent_l2", "latent_fgsm", "reconstruction_l2", "reconstruction_fgsm")
+  c.attacks.vae.enabled = registry.configurable("vae")
   c.attacks.vae.num_pairs = 500
   c.attacks.vae.latent_l2 = dict(eps=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0), max_iters=50)
   c.attacks.vae.latent_fgsm = dict(eps=(0.05, 0.1, 0.2, 0.3))
   c.attacks.vae.reconstruction_l2 = dict(eps=(0.01, 0.1, 1.0), max_iters=50)
   c.attacks.vae.reconstruction_fgsm = dict(eps=(0.05, 0.1, 0.2, 0.3))
-  if dataset == "lfw":  # pixel density: the same per-pixel budget, scaled norm balls
-    scale = (154 * 154 * 3 / (28 * 28)) ** 0.5
-    c.attacks.fgsm.eps = (0.01, 0.02, 0.05, 0.1)
-    c.attacks.bim.eps = (0.01, 0.02, 0.05, 0.1)
-    c.attacks.bim_l1.eps = tuple(round(e * scale * scale, 1) for e in (5.0, 10.0, 20.0))
-    c.attacks.pgd_l2.eps = tuple(round(e * scale, 2) for e in (1.0, 2.0, 3.0))
-    # Penalties on ||d||_2^2 (L-BFGS's c, the VAE attacks' C): the same per-pixel trade-off
-    # means dividing by the pixel ratio (154*154*3 / 784 = 90.75).
-    per_pixel = 1.0 / (scale * scale)
-    c.attacks.lbfgs.eps = tuple(float(f"{e * per_pixel:.3g}") for e in c.attacks.lbfgs.eps)
-    for name in ("latent_l2", "reconstruction_l2"):
-      sec = c.attacks.vae[name]
-      sec.eps = tuple(float(f"{e * per_pixel:.3g}") for e in sec.eps)
+  if dataset == "lfw":
+    _scale_to_pixels(c.attacks, data_lib.DATASETS["lfw"].pixels / data_lib.DATASETS["mnist"].pixels)
     cpu_attack_budget(c)
     c.train.vae.epochs = 30
 
@@ -204,6 +194,35 @@ def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_coll
     c.attacks.lbfgs.search_steps = 2
     c.output.num_examples = 4
   return c
+
+
+# L-inf grids of the classifier attacks at 154x154x3, chosen so that their adversarial inputs
+# stay mostly valid (SSIM falls faster with the budget at this size); every other grid is scaled.
+LFW_LINF_EPS = {"fgsm": (0.01, 0.02, 0.05, 0.1), "bim": (0.01, 0.02, 0.05, 0.1)}
+
+
+def _scale_to_pixels(attacks: ml_collections.ConfigDict, ratio: float) -> None:
+  """The MNIST eps grids carried to images with `ratio` times the pixels, in place.
+
+  Pixel density: the same per-pixel budget gives an L2 ball sqrt(ratio) and an L1 ball ratio
+  times as large; a penalty on ||d||_2^2 (L-BFGS's c, the VAE attacks' C) keeps the same
+  per-pixel trade-off divided by the ratio (154*154*3 / 784 = 90.75). The L-inf grids of
+  `LFW_LINF_EPS` are set as they are; other L-inf budgets are per pixel and stay.
+  """
+  for name, spec in registry.ATTACKS.items():
+    if spec.enabled_by is not None:
+      continue
+    sec = registry.section_of(spec, attacks)
+    norm = registry.norm_of(spec, sec)
+    if name in LFW_LINF_EPS:
+      sec.eps = LFW_LINF_EPS[name]
+    elif spec.eps_kind == "penalty":
+      sec.eps = tuple(float(f"{e / ratio:.3g}") for e in sec.eps)
+    elif norm == "l2":
+      sec.eps = tuple(round(e * ratio**0.5, 2) for e in sec.eps)
+    elif norm == "l1":
+      scale = ratio**0.5  # (sqrt r)^2, not r: the grid as first published (453.7, not 453.8)
+      sec.eps = tuple(round(e * scale * scale, 1) for e in sec.eps)
 
 
 def cpu_attack_budget(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -5,17 +5,8 @@ from collections.abc import Mapping
 import ml_collections
 
 from configs import base
-
-ATTACK_NORMS = {
-  "fgsm": ("linf", "l2", "l1"),
-  "bim": ("linf", "l2"),
-  "bim_l1": ("l1",),
-  "pgd_l2": ("l2", "linf"),
-  "lbfgs": ("l2",),
-}
-VAE_ATTACKS = ("latent_l2", "latent_fgsm", "reconstruction_l2", "reconstruction_fgsm")
-STRATEGIES = ("random", "next", "least_likely", "all", "fixed")
-SOURCES = ("auto", "tfds", "local")
+from vae_attacks import data as data_lib
+from vae_attacks.attacks import registry, runner
 
 
 class ConfigError(ValueError):
@@ -25,7 +16,7 @@ class ConfigError(ValueError):
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first bad field and what is allowed."""
   _one_of("data.name", c.data.name, base.DATASETS)
-  _one_of("data.source", c.data.source, SOURCES)
+  _one_of("data.source", c.data.source, data_lib.SOURCES)
   for m in c.models:
     _one_of("models[]", m, base.MODELS)
   if not c.models:
@@ -52,27 +43,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _int_at_least(f"train.{name}.batch_size", t.batch_size, 1)
     _positive(f"train.{name}.learning_rate", t.learning_rate)
   a = c.attacks
-  for name in a.enabled:
-    _one_of("attacks.enabled[]", name, tuple(ATTACK_NORMS))
-    sec = a[name]
-    _one_of(f"attacks.{name}.norm", sec.norm, ATTACK_NORMS[name])
-    _eps_grid(f"attacks.{name}.eps", sec.eps)
-    if "steps" in sec:
-      _int_at_least(f"attacks.{name}.steps", sec.steps, 1)
-    if "max_iters" in sec:
-      _int_at_least(f"attacks.{name}.max_iters", sec.max_iters, 1)
-    if "step_size_rel" in sec:
-      _positive(f"attacks.{name}.step_size_rel", sec.step_size_rel)
-    if "sparsity" in sec:
-      _open_unit(f"attacks.{name}.sparsity", sec.sparsity, closed_low=True)
-  for name in a.vae.enabled:
-    _one_of("attacks.vae.enabled[]", name, VAE_ATTACKS)
-    _eps_grid(f"attacks.vae.{name}.eps", a.vae[name].eps)
-    if "max_iters" in a.vae[name]:
-      _int_at_least(f"attacks.vae.{name}.max_iters", a.vae[name].max_iters, 1)
+  for family, where, names in (
+    ("classifier", "attacks", a.enabled),
+    ("vae", "attacks.vae", a.vae.enabled),
+  ):
+    for name in names:
+      _one_of(f"{where}.enabled[]", name, registry.configurable(family))
+      _attack_section(
+        f"{where}.{name}", registry.ATTACKS[name], registry.section_of(registry.ATTACKS[name], a)
+      )
   _int_at_least("attacks.vae.num_pairs", a.vae.num_pairs, 1)
   _int_at_least("attacks.num_pairs", a.num_pairs, 1)
-  _one_of("attacks.target_strategy", a.target_strategy, STRATEGIES)
+  _one_of("attacks.target_strategy", a.target_strategy, runner.STRATEGIES)
   if a.target_strategy == "fixed" and not a.fixed_targets:
     raise ConfigError("attacks.target_strategy='fixed' needs attacks.fixed_targets (class ids)")
   _int_at_least("attacks.chunk_size", a.chunk_size, 0)
@@ -163,6 +145,32 @@ def _defenses(c) -> None:
       raise ConfigError("defenses.transfer.sources is empty; allowed: defences to craft on")
     for name in t.sources:
       _one_of("defenses.transfer.sources[]", name, TRANSFER_SOURCES)
+
+
+# Knobs an attack section may hold, with their check (the registry says which attack takes which).
+_KNOB_CHECKS = {
+  "steps": lambda f, v: _int_at_least(f, v, 1),
+  "max_iters": lambda f, v: _int_at_least(f, v, 1),
+  "search_steps": lambda f, v: _int_at_least(f, v, 1),
+  "memory": lambda f, v: _int_at_least(f, v, 1),
+  "num_trials": lambda f, v: _int_at_least(f, v, 1),
+  "step_size_rel": lambda f, v: _positive(f, v),
+  "tol": lambda f, v: _positive(f, v),
+  "ftol": lambda f, v: _positive(f, v),
+  "sparsity": lambda f, v: _open_unit(f, v, closed_low=True),
+  "random_start": lambda f, v: _bool(f, v),
+  "c_search": lambda f, v: _bool(f, v),
+}
+
+
+def _attack_section(where: str, spec: registry.AttackSpec, sec) -> None:
+  """One attack's config section: its norm, eps grid and knobs."""
+  if "norm" in sec:
+    _one_of(f"{where}.norm", sec.norm, spec.norms)
+  _eps_grid(f"{where}.eps", sec["eps"])
+  for knob, check in _KNOB_CHECKS.items():
+    if knob in sec:
+      check(f"{where}.{knob}", sec[knob])
 
 
 def _bool(field, value):

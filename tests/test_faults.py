@@ -196,7 +196,7 @@ def test_same_config_and_seed_give_identical_results_across_reruns_and_chunk_siz
   a full chunk and a padded one) instead of one chunk from the memory budget: identical
   results.jsonl apart from the wall-clock `seconds` (and the settings hash, chunk_size being a
   setting). Exactly identical, not close: the attack's randomness is fold_in(key, pair index),
-  the per-pair metrics run in blocks of a fixed size (attacks.METRIC_BLOCK; before that, SSIM
+  the per-pair metrics run in blocks of a fixed size (runner.MEASURE_BLOCK; before that, SSIM
   computed over a chunk of 3 and of 4 pairs differed in the last bit) and the statistics are
   reduced on the host in pair order. The attack itself gave bit-identical results at both
   chunk sizes here; XLA may in principle round another batch shape differently."""

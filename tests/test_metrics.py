@@ -240,6 +240,16 @@ def test_wilson_interval_matches_score_test_inversion(k):
     assert (lo + hi) / 2 == pytest.approx(0.5)
 
 
+def test_wilson_interval_from_scipy_equals_the_closed_form_on_a_grid():
+  """metrics.wilson_interval is scipy's Wilson interval; it equals the score-test roots."""
+  for n in (1, 7, 50, 500):
+    ks = np.arange(n + 1)
+    lo, hi = metrics.wilson_interval(ks, n)
+    want_lo, want_hi = _wilson_by_quadratic(ks, n, 1.96)
+    np.testing.assert_allclose(lo, np.where(ks == 0, 0.0, want_lo), atol=1e-12)
+    np.testing.assert_allclose(hi, np.where(ks == n, 1.0, want_hi), atol=1e-12)
+
+
 def test_wilson_interval_properties():
   for n in (1, 3, 17, 100, 1000):
     ks = np.arange(n + 1)

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vae_attacks.attacks import base, bim, fgsm, runner
+from vae_attacks import metrics
+from vae_attacks.attacks import base, bim, fgsm, lbfgs, runner
 
 NUM_CLASSES = 5
 SHAPE = (4, 4, 1)
@@ -280,6 +281,75 @@ def test_results_do_not_depend_on_chunking():
     raise AssertionError("an eps= knob was accepted")
   joined = jax.tree.map(lambda *a: np.concatenate(a, 1), *[r for _, r in chunks])
   assert_results_close(runs[0], joined, rtol=0, atol=1e-6)
+
+
+def test_batched_map_equals_a_loop_for_any_batch_size_and_pytrees():
+  """One example at a time, or in padded batches of 1, 3, 4 or 64: the same values; pytree
+  inputs and outputs keep their structure; an empty input is an error, not a crash."""
+  params = linear_model()
+  x, _ = data(10)
+  want = np.stack([np.asarray(linear_logits(params, xi)) for xi in x])
+  for batch in (1, 3, 4, 64):
+    got = runner.batched_map(linear_logits, params, x, batch_size=batch)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  two = lambda _, pair: {"sum": pair[0] + pair[1], "first": pair[0]}
+  out = runner.batched_map(two, None, (x, 2 * x), batch_size=3)
+  np.testing.assert_allclose(out["sum"], 3 * x, rtol=1e-6)
+  np.testing.assert_array_equal(out["first"], x)
+  with pytest.raises(ValueError, match="no examples"):
+    runner.batched_map(linear_logits, params, x[:0])
+
+
+def test_host_loop_strategy_equals_the_compiled_sweep():
+  """L-BFGS run as one host loop over the chunk's pairs x eps problems (`batched=`) gives the
+  compiled vmap's results (same solver, other XLA programs: to float tolerance), in [E, P]
+  order, at any chunk size."""
+  params = linear_model()
+  x, target = data(6)
+  cs = (0.01, 0.1)
+  compiled = runner.run_attack(
+    lbfgs.lbfgs, linear_logits, params, x, target, cs, progress=False, max_iters=15
+  )
+  for chunk in (None, 4):
+    host = runner.run_attack(
+      lbfgs.lbfgs, linear_logits, params, x, target, cs, progress=False, max_iters=15,
+      chunk_size=chunk, batched=lbfgs.lbfgs_batch,
+    )  # fmt: skip
+    assert host.x_adv.shape == compiled.x_adv.shape == (2, 6, *SHAPE)
+    np.testing.assert_array_equal(host.success, compiled.success)
+    np.testing.assert_allclose(host.x_adv, compiled.x_adv, atol=2e-4)
+    np.testing.assert_allclose(host.target_prob, compiled.target_prob, atol=2e-4)
+  with pytest.raises(ValueError, match="static knobs"):
+    runner.iter_attack_chunks(
+      lbfgs.lbfgs, linear_logits, params, x, target, cs, batched=lbfgs.lbfgs_batch, key=KEY
+    )
+
+
+def test_measured_sweep_gives_the_library_measures_of_each_pair():
+  """iter_measured_chunks' measures equal metrics.pair_measures applied pair by pair to the
+  sweep's results, whatever the chunking."""
+  params = linear_model()
+  x, target = data(10)
+  settings = metrics.EvalSettings(confidence_min=0.3, ssim_min=0.5, linf_max=0.2)
+  measure = lambda _, xi, res: metrics.pair_measures(xi, res, settings)
+  for chunk in (3, None):
+    parts = list(
+      runner.iter_measured_chunks(
+        tiny_attack, linear_logits, params, x, target, EPS_GRID, measure=measure,
+        chunk_size=chunk, progress=False, key=KEY,
+      )
+    )  # fmt: skip
+    result = jax.tree.map(lambda *a: np.concatenate(a, 1), *[r for _, r, _ in parts])
+    got = jax.tree.map(lambda *a: np.concatenate(a, 1), *[m for _, _, m in parts])
+    for e in range(len(EPS_GRID)):
+      for p in range(10):
+        one = metrics.pair_measures(
+          x[p], jax.tree.map(lambda a, e=e, p=p: a[e, p], result), settings
+        )
+        for name, value in one._asdict().items():
+          np.testing.assert_allclose(getattr(got, name)[e, p], value, rtol=1e-5, atol=1e-6)
+  # eps 0.3 > linf_max 0.2: nothing valid there; eps 0.05 within it.
+  assert not got.valid[2].any() and got.valid[0].any()
 
 
 def test_bim_and_fgsm_sweeps_equal_per_pair_calls():

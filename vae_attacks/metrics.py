@@ -20,6 +20,7 @@ classifier *confident* in the target (target probability >= `confidence_min`)?
 """
 
 import functools
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -27,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from vae_attacks.attacks import base
 from vae_attacks.types import Array
 
 LEVELS = ("high", "moderate", "low", "ineffective")
@@ -187,15 +187,132 @@ def validity(
     bool[].
   """
   chex.assert_equal_shape((x, x_adv))
-  ok = jnp.asarray(True)
   d = jnp.ravel(x_adv - x)
+  return valid_from(
+    ssim(x, x_adv, **(ssim_kwargs or {})) if not _off(ssim_min, -np.inf) else None,
+    jnp.max(jnp.abs(d)),
+    jnp.sqrt(jnp.sum(d * d)),
+    ssim_min=ssim_min,
+    linf_max=linf_max,
+    l2_max=l2_max,
+  )
+
+
+def valid_from(
+  ssim_value: Array | None,
+  linf: Array,
+  l2: Array,
+  *,
+  ssim_min: float | None,
+  linf_max: float | None,
+  l2_max: float | None,
+) -> Array:
+  """`validity` from an example's SSIM and distortion norms, already computed (the one place
+  the bounds and their float32 slack are applied)."""
+  ok = jnp.asarray(True)
   if not _off(linf_max, np.inf):
-    ok = ok & (jnp.max(jnp.abs(d)) <= linf_max + _NORM_TOL)
+    ok = ok & (linf <= linf_max + _NORM_TOL)
   if not _off(l2_max, np.inf):
-    ok = ok & (jnp.sqrt(jnp.sum(d * d)) <= l2_max + _NORM_TOL)
+    ok = ok & (l2 <= l2_max + _NORM_TOL)
   if not _off(ssim_min, -np.inf):
-    ok = ok & (ssim(x, x_adv, **(ssim_kwargs or {})) >= ssim_min)
+    ok = ok & (ssim_value >= ssim_min)
   return ok
+
+
+class EvalSettings(NamedTuple):
+  """How an adversarial example is graded: the study's confidence and validity thresholds.
+
+  A bound of None is not checked (see `validity`).
+  """
+
+  confidence_min: float = 0.5
+  ssim_min: float | None = 0.8
+  linf_max: float | None = None
+  l2_max: float | None = None
+
+  @classmethod
+  def from_config(cls, ecfg) -> "EvalSettings":
+    """From a config's `eval` section, where a norm bound of 0 means no bound."""
+    return cls(
+      confidence_min=float(ecfg["confidence_min"]),
+      ssim_min=float(ecfg["ssim_min"]),
+      linf_max=float(ecfg["linf_max"]) or None,
+      l2_max=float(ecfg["l2_max"]) or None,
+    )
+
+
+class PairMeasures(NamedTuple):
+  """What the study measures of one attacked pair at one eps (batched: leading axes)."""
+
+  success: Array  # bool[]: the attack reached its target
+  target_prob: Array  # []: the (judging) classifier's probability of the target
+  ssim: Array  # []: SSIM(x, x_adv)
+  valid: Array  # bool[]: `validity` under the settings
+  confident: Array  # bool[]: target_prob >= confidence_min
+  level: Array  # int32[]: effectiveness level (index into LEVELS)
+  l0: Array  # []: distortion norms of x_adv - x
+  l1: Array
+  l2: Array
+  linf: Array
+
+
+def pair_measures(x: Array, result: Any, settings: EvalSettings) -> PairMeasures:
+  """The per-pair measures of ONE attack result (an `attacks.base.AttackResult` for one pair
+  and one eps) on source `x`; vmap for a batch. Used by the runner's measured sweep."""
+  d = result.distortion
+  s = ssim(x, result.x_adv)
+  valid = valid_from(
+    s, d.linf, d.l2, ssim_min=settings.ssim_min, linf_max=settings.linf_max, l2_max=settings.l2_max
+  )
+  conf = confident(result.target_prob, confidence_min=settings.confidence_min)
+  return PairMeasures(
+    success=jnp.asarray(result.success, bool),
+    target_prob=result.target_prob,
+    ssim=s,
+    valid=valid,
+    confident=conf,
+    level=effectiveness(valid, conf),
+    l0=d.l0,
+    l1=d.l1,
+    l2=d.l2,
+    linf=d.linf,
+  )
+
+
+def row_stats(m: PairMeasures) -> dict:
+  """The statistics of one (model, attack, eps) point from its pairs' measures (host arrays
+  [P]), with 95% intervals: the fields of a result row. NaN (an interval of one pair) is None.
+  """
+  levels = np.asarray(m.level)
+  rate, rate_lo, rate_hi = success_rate(m.success)
+  vrate, vlo, vhi = success_rate(m.valid)
+  pmean, plo, phi = mean_interval(m.target_prob)
+  row = dict(
+    n_pairs=int(np.asarray(m.success).size),
+    success_rate=rate,
+    success_rate_ci=[rate_lo, rate_hi],
+    mean_target_prob=pmean,
+    mean_target_prob_ci=[plo, phi],
+    mean_confidence=pmean,
+    validity_rate=vrate,
+    validity_rate_ci=[vlo, vhi],
+    mean_ssim=float(np.mean(m.ssim)),
+    effectiveness=dict(effectiveness_counts(levels), modal=modal_level(levels)),
+  )
+  for norm in ("l0", "l1", "l2", "linf"):
+    mean, lo, hi = mean_interval(np.asarray(getattr(m, norm), np.float64))
+    row[f"mean_{norm}"] = mean
+    row[f"mean_{norm}_ci"] = [lo, hi]
+  return {k: finite(v) for k, v in row.items()}
+
+
+def finite(v):
+  """NaN (an interval of one sample) as None, never as a fake number; lists element-wise."""
+  if isinstance(v, float):
+    return v if np.isfinite(v) else None
+  if isinstance(v, list):
+    return [finite(a) for a in v]
+  return v
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,19 +384,20 @@ def wilson_interval(successes, n, z: float = 1.96):
   n = np.asarray(n, np.float64)
   if np.any(s < 0) or np.any(s > n):
     raise ValueError(f"need 0 <= successes <= n; got successes={successes}, n={n}")
-  with np.errstate(divide="ignore", invalid="ignore"):
-    p = s / n
-    denom = 1.0 + z**2 / n
-    centre = (p + z**2 / (2.0 * n)) / denom
-    half = z / denom * np.sqrt(p * (1.0 - p) / n + z**2 / (4.0 * n**2))
-    # At p = 0 (p = 1) the bound is exactly 0 (1); set it so rounding cannot exclude p.
-    lo = np.where(s == 0, 0.0, np.clip(centre - half, 0.0, 1.0))
-    hi = np.where(s == n, 1.0, np.clip(centre + half, 0.0, 1.0))
-    lo = np.where(n > 0, lo, np.nan)
-    hi = np.where(n > 0, hi, np.nan)
+  # scipy's Wilson interval at the coverage of +-z (0.95000420... for z = 1.96).
+  confidence = 2.0 * float(scipy.stats.norm.cdf(z)) - 1.0
+  lo, hi = np.vectorize(functools.partial(_wilson_one, confidence=confidence))(s, n)
   if lo.ndim == 0:
     return float(lo), float(hi)
   return lo, hi
+
+
+def _wilson_one(s: float, n: float, *, confidence: float) -> tuple[float, float]:
+  if n <= 0:
+    return float("nan"), float("nan")
+  ci = scipy.stats.binomtest(int(s), int(n)).proportion_ci(confidence, method="wilson")
+  # At p = 0 (p = 1) the bound is exactly 0 (1), so rounding cannot exclude p.
+  return (0.0 if s == 0 else ci.low), (1.0 if s == n else ci.high)
 
 
 def success_rate(success, z: float = 1.96) -> tuple[float, float, float]:
@@ -312,17 +430,17 @@ def mean_interval(values, confidence: float = 0.95) -> tuple[float, float, float
   if n == 1:
     return mean, float("nan"), float("nan")
   sem = float(v.std(ddof=1)) / np.sqrt(n)
-  half = float(scipy.stats.t.ppf(0.5 + confidence / 2.0, df=n - 1)) * sem
-  return mean, mean - half, mean + half
+  lo, hi = scipy.stats.t.interval(confidence, df=n - 1, loc=mean, scale=sem)
+  return mean, float(lo), float(hi)
 
 
 def distortion_summary(
-  dist: base.Distortion, mask=None, confidence: float = 0.95
+  dist: Any, mask=None, confidence: float = 0.95
 ) -> dict[str, tuple[float, float, float]]:
   """Mean distortion in each norm, with its t interval: {"l0"|"l1"|"l2"|"linf": (m, lo, hi)}.
 
   Args:
-    dist: a batched `base.Distortion` (each field [N]), e.g. `AttackResult.distortion`.
+    dist: a batched `attacks.base.Distortion` (each field [N]), e.g. `AttackResult.distortion`.
     mask: optional bool[N] selecting the examples to average (e.g. the successful ones).
     confidence: coverage of the intervals.
   """

@@ -48,6 +48,9 @@ class AttackSpec(NamedTuple):
     None (enabled by its name in `attacks.enabled` / `attacks.vae.enabled`).
   grid: the eps values it runs, from its section's `eps` (the c search starts from the
     largest c of the L-BFGS grid).
+  batched: a batched form for the runner's host-loop strategy (`runner.iter_attack_chunks`,
+    `batched=`), used by the runs instead of the compiled vmap of `run`: benchmarks/attacks.py
+    measures it faster for the L-BFGS attack at MNIST and LFW sizes (README, "Performance").
   cite: the paper it implements.
   """
 
@@ -61,6 +64,7 @@ class AttackSpec(NamedTuple):
   section: str | None = None
   enabled_by: str | None = None
   grid: Callable[[tuple[float, ...]], tuple[float, ...]] = tuple
+  batched: Callable | None = None
   cite: str = ""
 
 
@@ -131,7 +135,7 @@ ATTACKS: dict[str, AttackSpec] = {
     ),
     AttackSpec(
       "lbfgs", _lbfgs, ("l2",), "penalty", "classifier", CLASSIFIER_SOLVER_PASS, ("max_iters",),
-      cite=_SZEGEDY,
+      batched=lbfgs.lbfgs_batch, cite=_SZEGEDY,
     ),
     AttackSpec(
       "lbfgs_c_search", _lbfgs_search, ("l2",), "penalty", "classifier", CLASSIFIER_SOLVER_PASS,

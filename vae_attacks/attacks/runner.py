@@ -94,25 +94,27 @@ def batched_map(
   Args:
     fn: `(params, *example) -> pytree of arrays` for one example.
     params: passed unmapped to every call (any pytree; None for a function of the data only).
-    *arrays: [N, ...] host or device arrays, one per example argument of `fn`.
+    *arrays: one per example argument of `fn`: [N, ...] host or device arrays, or pytrees of
+      them (e.g. a batched AttackResult), mapped over their leading axis.
     batch_size: examples per jitted call.
     pad: False cuts the last batch short instead (a second compilation for its shape).
 
   Returns:
     The pytree of `fn`'s outputs with a leading axis [N, ...], as host numpy arrays.
   """
-  n = len(arrays[0])
+  lengths = [len(a) for a in jax.tree.leaves(arrays)]
+  n = lengths[0] if lengths else 0
   if n == 0:
     raise ValueError("no examples to map over")
-  if any(len(a) != n for a in arrays):
-    raise ValueError(f"arrays differ in length: {[len(a) for a in arrays]}")
+  if any(m != n for m in lengths):
+    raise ValueError(f"arrays differ in length: {lengths}")
   batch = min(batch_size, n)
   mapped = _jitted_map(fn, (None,) + (0,) * len(arrays))
   parts = []
   for start in range(0, n, batch):
     stop = min(start + batch, n)
     idx = _padded_indices(start, stop, batch) if pad else np.arange(start, stop)
-    out = mapped(params, *(a[idx] for a in arrays))
+    out = mapped(params, *jax.tree.map(lambda a, idx=idx: a[idx], arrays))
     parts.append(jax.tree.map(lambda o, keep=stop - start: np.asarray(o)[:keep], out))
   return jax.tree.map(lambda *p: np.concatenate(p, axis=0), *parts)
 
@@ -422,6 +424,7 @@ def iter_attack_chunks(
   memory_budget_bytes: int | None = None,
   mesh: Mesh | None = None,
   progress: bool = True,
+  batched: Callable | None = None,
   **attack_kwargs,
 ) -> Iterator[tuple[slice, AttackResult]]:
   """Runs `attack` over pairs x eps chunk by chunk, giving results as they are produced.
@@ -456,6 +459,12 @@ def iter_attack_chunks(
       chunk_size is None.
     mesh: a 1-D mesh over axis 'pairs' (see `pairs_mesh`) to shard each chunk's pairs.
     progress: show a tqdm line (pairs/s, ETA) on stderr.
+    batched: the host-loop strategy: a batched form of `attack`,
+      `batched(logits_fn, params, x[B, ...], target[B], *, eps[B], **knobs) -> AttackResult[B]`
+      (e.g. `lbfgs.lbfgs_batch`, a host loop over compiled solver steps) run on the chunk's
+      pairs x eps problems at once, instead of the jitted vmap of `attack`. Same results up
+      to float rounding; faster where the attack's loop is a solver with early stopping
+      (benchmarks/attacks.py). Static knobs only.
     **attack_kwargs: the attack's knobs: hashable values are static, arrays traced and shared,
       `EpsScaled(f)` becomes f * eps, and `key` is split per pair as fold_in(key, index of the
       pair in x).
@@ -482,6 +491,16 @@ def iter_attack_chunks(
 
   static, dyn_names, dyn_values, key = _split_knobs(attack_kwargs)
   has_key = key is not None
+  if batched is not None:
+    if dyn_names or has_key or any(isinstance(v, EpsScaled) for _, _, v in static):
+      raise ValueError(
+        "the host-loop strategy takes static knobs only (no arrays, keys, EpsScaled)"
+      )
+    return _host_loop_chunks(
+      batched, logits_fn, params, x, target, eps_grid, dict((n, v) for n, _, v in static),
+      chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes, mesh=mesh,
+      progress=progress,
+    )  # fmt: skip
   sweep = _sweep(attack, logits_fn, static, dyn_names, has_key, mesh)
   devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
   n_dev = len(devices)
@@ -535,6 +554,49 @@ def iter_attack_chunks(
   return _run_chunks(executable, args_for, n_pairs, chunk, desc=desc, progress=progress)
 
 
+# Bytes per problem of a host-loop solver, as a multiple of the problem's input bytes: the
+# L-BFGS memory (2 x 10 curvature pairs) plus the iterate, gradient, direction, trial point and
+# the model's activations (measured with `memory_analysis` of `lbfgs._batched_block` on the
+# MNIST CNN: ~28 input sizes per problem at memory 10).
+_HOST_LOOP_BYTES_PER_INPUT = 32
+
+
+def _host_loop_chunks(
+  batched, logits_fn, params, x, target, eps_grid, knobs, *, chunk_size, memory_budget_bytes,
+  mesh, progress,
+):  # fmt: skip
+  """`iter_attack_chunks` with the host-loop strategy: each chunk's pairs x eps problems are
+  solved together by `batched`, with the problems sharded over the mesh."""
+  n_pairs, n_eps = len(x), int(eps_grid.shape[0])
+  devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
+  n_dev = len(devices)
+  if chunk_size is not None:
+    chunk = min(chunk_size, n_pairs)
+  else:
+    budget = _per_device_budget(memory_budget_bytes or _default_budget(devices), devices)
+    per_pair = n_eps * _HOST_LOOP_BYTES_PER_INPUT * int(np.prod(x.shape[1:])) * 4
+    chunk = max(1, min(n_pairs, budget * n_dev // per_pair))
+  while (chunk * n_eps) % n_dev:  # problems split evenly over the devices
+    chunk += 1
+  if mesh is not None:
+    rep, by_problem = NamedSharding(mesh, P()), NamedSharding(mesh, P(PAIRS_AXIS))
+  else:
+    rep = by_problem = devices[0]
+  params = jax.device_put(params, rep)
+  eps_host = np.asarray(eps_grid, np.float32)
+
+  def solve(idx):
+    xs = np.concatenate([x[idx]] * n_eps)  # [E * B, ...], eps-major
+    ts = np.tile(target[idx], n_eps)
+    es = np.repeat(eps_host, len(idx))
+    put = lambda a: jax.device_put(a, by_problem)
+    res = batched(logits_fn, params, put(xs), put(ts), eps=put(es), **knobs)
+    return jax.tree.map(lambda a: a.reshape(n_eps, len(idx), *a.shape[1:]), res)
+
+  desc = f"{getattr(batched, '__name__', 'attack')} x {n_eps} eps"
+  return _run_chunks(solve, lambda idx: (idx,), n_pairs, chunk, desc=desc, progress=progress)
+
+
 def _run_chunks(executable, args_for, n_pairs, chunk, *, desc, progress):
   """Yields (slice, host result) per chunk, dispatching the next chunk before fetching one."""
   bar = tqdm.tqdm(total=n_pairs, unit="pair", desc=desc, disable=not progress, dynamic_ncols=True)
@@ -557,6 +619,60 @@ def _run_chunks(executable, args_for, n_pairs, chunk, *, desc, progress):
     yield fetch(pending)
   finally:
     bar.close()
+
+
+# Pairs per call of the per-pair measures: one fixed shape whatever the attack's chunk size, so
+# XLA runs the same program and the measures are bit-identical across chunk sizes.
+MEASURE_BLOCK = 32
+
+
+@functools.lru_cache(maxsize=32)
+def _over_eps(measure: Callable) -> Callable:
+  """measure(mparams, *inputs, result) for one pair and one eps, mapped over the eps axis of
+  the pair's result [E, ...]; cached so each measure has one identity (one compilation)."""
+
+  def one_pair(mparams, *args):
+    *inputs, result = args
+    return jax.vmap(lambda r: measure(mparams, *inputs, r))(result)
+
+  one_pair.__name__ = f"over_eps_{getattr(measure, '__name__', type(measure).__name__)}"
+  return one_pair
+
+
+def iter_measured_chunks(
+  attack: Attack,
+  logits_fn: LogitsFn,
+  params: Params,
+  x: Array,
+  target: Array,
+  eps_grid: Sequence[float] | Array,
+  *,
+  measure: Callable,
+  measure_params: Any = None,
+  measure_inputs: tuple | None = None,
+  **kwargs,
+) -> Iterator[tuple[slice, AttackResult, Any]]:
+  """`iter_attack_chunks` with the per-pair measures of each chunk computed as it comes.
+
+  Args:
+    attack, logits_fn, params, x, target, eps_grid, **kwargs: as in `iter_attack_chunks`.
+    measure: `(measure_params, *inputs_of_one_pair, result_of_one_pair_at_one_eps) -> pytree`,
+      e.g. `metrics.pair_measures` bound to the eval settings; hashable (build it once).
+    measure_params: passed unmapped to `measure` (e.g. a VAE's parameters), or None.
+    measure_inputs: per-pair arrays [P, ...] given to `measure` (default: (x,)).
+
+  Yields:
+    (pairs slice into x, AttackResult [E, B, ...], measures [E, B, ...]) as host numpy arrays;
+    the measures run in blocks of MEASURE_BLOCK pairs (`batched_map`).
+  """
+  inputs = (x,) if measure_inputs is None else tuple(measure_inputs)
+  per_pair = _over_eps(measure)
+  for sl, res in iter_attack_chunks(attack, logits_fn, params, x, target, eps_grid, **kwargs):
+    by_pair = jax.tree.map(lambda a: np.swapaxes(a, 0, 1), res)  # [B, E, ...]
+    m = batched_map(
+      per_pair, measure_params, *(a[sl] for a in inputs), by_pair, batch_size=MEASURE_BLOCK
+    )
+    yield sl, res, jax.tree.map(lambda a: np.swapaxes(a, 0, 1), m)
 
 
 def run_attack(
