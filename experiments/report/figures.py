@@ -235,6 +235,14 @@ def plot_curves(
   return _save_figure(fig, path)
 
 
+def _auddc_text(rows: Sequence[Mapping], attack: str) -> str:
+  """', AUDDC mean ± std' of an attack's rows for a curves figure's title, or ''."""
+  rs = [r for r in rows if r.get("attack") == attack and num(r.get("auddc")) is not None]
+  if not rs:
+    return ""
+  return f", AUDDC {fmt_rate(rs[0]['auddc'])} ± {fmt_rate(rs[0].get('auddc_std'))}"
+
+
 def write_figures(view: DatasetView, fig_dir: pathlib.Path) -> dict[str, list]:
   """All figures of one dataset view: {model: [rates png, example grids..., curves...]}."""
   out: dict[str, list] = {}
@@ -243,31 +251,18 @@ def write_figures(view: DatasetView, fig_dir: pathlib.Path) -> dict[str, list]:
     mine = [r for r in view.rows if r.get("model") == model]
     paths = [plot_rates(mine, fig_dir / f"{view.name}_{model}_rates.png", f"{view.name}: {model}")]
     attacks = list(dict.fromkeys(r.get("attack") for r in sort_rows(mine)))
-    for attack in attacks:
-      npz = view.examples.get((model, attack))
-      if npz is not None:
-        p = plot_examples(
-          npz,
-          fig_dir / f"{view.name}_{model}_{attack}_examples.png",
-          f"{view.name}: {model}, {attack}",
-          attack=attack,
-        )
+    for kind, files in (("examples", view.examples), ("curves", view.curves)):
+      for attack in attacks:
+        npz = files.get((model, attack))
+        if npz is None:
+          continue
+        png = fig_dir / f"{view.name}_{model}_{attack}_{kind}.png"
+        title = f"{view.name}: {model}, {attack}"
+        if kind == "examples":
+          p = plot_examples(npz, png, title, attack=attack)
+        else:
+          p = plot_curves(npz, png, title, auddc_text=_auddc_text(mine, attack))
         paths += [p] if p else []
-    for attack in attacks:
-      npz = view.curves.get((model, attack))
-      if npz is None:
-        continue
-      rs = [r for r in mine if r.get("attack") == attack and num(r.get("auddc")) is not None]
-      text = ""
-      if rs:
-        text = f", AUDDC {fmt_rate(rs[0]['auddc'])} ± {fmt_rate(rs[0].get('auddc_std'))}"
-      p = plot_curves(
-        npz,
-        fig_dir / f"{view.name}_{model}_{attack}_curves.png",
-        f"{view.name}: {model}, {attack}",
-        auddc_text=text,
-      )
-      paths += [p] if p else []
     out[model] = paths
   defence_paths = []
   for defence, npz in view.defense_examples.items():

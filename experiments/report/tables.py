@@ -80,14 +80,22 @@ def _effect_cells(row: Mapping) -> tuple[str, str]:
   return str(eff.get("modal") or DASH), counts
 
 
-def reference_line(r: Mapping) -> list[str]:
-  modal, counts = _effect_cells(r)
+def _cell_and_success(r: Mapping) -> list[str]:
+  """The first columns of a row's line: model, attack, norm, eps, success rate [CI]."""
   return [
     str(r.get("model")),
     str(r.get("attack")),
     str(r.get("norm")),
     fmt_num(r.get("eps")),
     f"{fmt_rate(r.get('success_rate'))} {fmt_ci(r.get('success_rate_ci'))}",
+  ]
+
+
+def reference_line(r: Mapping) -> list[str]:
+  """A row's line of the model x attack table at the reference eps."""
+  modal, counts = _effect_cells(r)
+  return [
+    *_cell_and_success(r),
     fmt_rate(r.get("mean_confidence")),
     fmt_rate(r.get("validity_rate")),
     modal,
@@ -120,14 +128,11 @@ FULL_HEADER = (
 
 
 def full_line(r: Mapping) -> list[str]:
+  """A row's line of the full table (every eps)."""
   _, counts = _effect_cells(r)
   e_rate, e_ci = rate_with_ci(r, "effective")
   return [
-    str(r.get("model")),
-    str(r.get("attack")),
-    str(r.get("norm")),
-    fmt_num(r.get("eps")),
-    f"{fmt_rate(r.get('success_rate'))} {fmt_ci(r.get('success_rate_ci'))}",
+    *_cell_and_success(r),
     f"{fmt_rate(r.get('mean_target_prob'))} {fmt_ci(r.get('mean_target_prob_ci'))}",
     f"{fmt_rate(r.get('validity_rate'))} {fmt_ci(r.get('validity_rate_ci'))}",
     fmt_rate(r.get("mean_ssim")),

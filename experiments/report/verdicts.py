@@ -135,6 +135,35 @@ def _per_attack(cells: Sequence[Mapping], favour: str, against: str) -> dict:
   return out
 
 
+def _cell(ref: tuple[str, Mapping], other: tuple[str, Mapping], **keys) -> dict:
+  """One compared cell: its `keys`, the numbers of each side (a (name, row) pair) and how the
+  other side's intervals lie against the reference's, per measure (see `compare`)."""
+  (ref_name, ref_row), (name, row) = ref, other
+  a, b = _side(ref_row), _side(row)
+  return dict(
+    keys,
+    **{ref_name: a, name: b},
+    success=compare(b["success_ci"], a["success_ci"]),
+    effective=compare(b["effective_ci"], a["effective_ci"]),
+  )
+
+
+def _verdict(text: str, cells: list, favour: str, against: str, sides: Sequence[str], **extra):
+  """A hypothesis' answer from its cells: tallies per measure and per attack, the verdict (by
+  success rate) and the range of pairs per cell on each side."""
+  success = _tally(cells, "success", favour, against)
+  return dict(
+    hypothesis=text,
+    cells=cells,
+    success=success,
+    effective=_tally(cells, "effective", favour, against),
+    verdict=success["verdict"],
+    pairs={side: _pairs_range(cells, side) for side in sides},
+    per_attack=_per_attack(cells, favour, against),
+    **extra,
+  )
+
+
 def h0_verdict(rows: Sequence[Mapping], *, baseline: str = BASELINE) -> dict:
   """H0: VAEs are less vulnerable than CNN classifiers, decided from result rows.
 
@@ -163,30 +192,9 @@ def h0_verdict(rows: Sequence[Mapping], *, baseline: str = BASELINE) -> dict:
     cnn = base.get(row_key(r)[:1] + row_key(r)[2:])
     if cnn is None:
       continue
-    c, v = _side(cnn), _side(r)
-    cells.append(
-      dict(
-        dataset=r.get("dataset"),
-        attack=r.get("attack"),
-        norm=r.get("norm"),
-        eps=r.get("eps"),
-        model=model,
-        baseline=c,
-        vae=v,
-        success=compare(v["success_ci"], c["success_ci"]),
-        effective=compare(v["effective_ci"], c["effective_ci"]),
-      )
-    )
-  success = _tally(cells, "success", "below", "above")
-  return dict(
-    hypothesis=H0_TEXT,
-    cells=cells,
-    success=success,
-    effective=_tally(cells, "effective", "below", "above"),
-    verdict=success["verdict"],
-    pairs=dict(baseline=_pairs_range(cells, "baseline"), vae=_pairs_range(cells, "vae")),
-    per_attack=_per_attack(cells, "below", "above"),
-  )
+    keys = dict(dataset=r.get("dataset"), attack=r.get("attack"), norm=r.get("norm"))
+    cells.append(_cell(("baseline", cnn), ("vae", r), **keys, eps=r.get("eps"), model=model))
+  return _verdict(H0_TEXT, cells, "below", "above", ("baseline", "vae"))
 
 
 def budget_scale(norm: str, pixel_ratio: float) -> float | None:
@@ -253,29 +261,14 @@ def h1_verdict(
       unmatched += 1
       continue
     h = min(match, key=lambda m: abs(num(m.get("eps")) - want))
-    hs, ls = _side(h), _side(r)
-    cells.append(
-      dict(
-        model=r.get("model"),
-        attack=attack,
-        norm=norm,
-        eps=r.get("eps"),
-        eps_high=h.get("eps"),
-        high=hs,
-        low=ls,
-        success=compare(hs["success_ci"], ls["success_ci"]),
-        effective=compare(hs["effective_ci"], ls["effective_ci"]),
-      )
-    )
-  success = _tally(cells, "success", "above", "below")
-  return dict(
-    hypothesis=H1_TEXT,
-    cells=cells,
-    success=success,
-    effective=_tally(cells, "effective", "above", "below"),
-    verdict=success["verdict"],
-    pairs=dict(high=_pairs_range(cells, "high"), low=_pairs_range(cells, "low")),
-    per_attack=_per_attack(cells, "above", "below"),
+    keys = dict(model=r.get("model"), attack=attack, norm=norm, eps=r.get("eps"))
+    cells.append(_cell(("low", r), ("high", h), **keys, eps_high=h.get("eps")))
+  return _verdict(
+    H1_TEXT,
+    cells,
+    "above",
+    "below",
+    ("high", "low"),
     norms=sorted({c["norm"] for c in cells}),
     excluded=sorted(excluded),
     unmatched=unmatched,
