@@ -1,8 +1,4 @@
-"""The report's command line (absl, as experiments.main):
-
-  python -m experiments.report WORKDIR                     -> WORKDIR/summary.md, figures/
-  python -m experiments.report --out=DIR WORKDIR [...]     -> DIR/summary.md (with H1)
-  [--title=TEXT] [--nofigures]
+"""The report's command line, absl as experiments.main (usage: experiments/report/__main__.py).
 
 Without --figures / --nofigures a single work directory follows its config's
 `output.figures`, and a combined report draws them.

@@ -1,7 +1,5 @@
-"""The study's verdicts: H0, H1 and the reference eps, pure functions over result rows (no I/O).
-
-The two hypotheses of the study are decided by pure functions over result rows, so that they
-can be tested on rows with known numbers:
+"""The study's verdicts and reference eps: pure functions over result rows, no I/O, so that
+they can be tested on rows with known numbers.
 
 - `h0_verdict(rows)`: H0, "VAEs are less vulnerable to adversarial examples than CNN
   classifiers". In every (dataset, attack, norm, eps) cell where the CNN and a VAE (attacked as
