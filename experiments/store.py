@@ -43,6 +43,25 @@ def _jsonable(o):
   raise TypeError(f"cannot write {type(o).__name__} to JSON")
 
 
+def read_jsonl(path: os.PathLike) -> list[dict]:
+  """The rows of a JSONL file, [] when it is absent; a torn line (a kill mid-write) or a line
+  that is not a JSON object is skipped, and the file is left as it is."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_bytes().split(b"\n"):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except ValueError:  # JSONDecodeError, or UnicodeDecodeError of a torn multi-byte character
+      continue
+    if isinstance(row, dict):
+      rows.append(row)
+  return rows
+
+
 class ResultsLog:
   """`results.jsonl`: one JSON row per finished point, keyed by `key_fields`.
 
@@ -56,20 +75,12 @@ class ResultsLog:
     self.key_fields = tuple(key_fields)
     self.rows: list[dict] = []
     self._keys: set = set()
-    if self.path.exists():
-      raw = self.path.read_bytes()
-      good, torn = [], False
-      for line in raw.split(b"\n"):
-        if not line.strip():
-          continue
-        try:
-          good.append(json.loads(line))
-        except json.JSONDecodeError:
-          torn = True
-      if torn or (raw and not raw.endswith(b"\n")):
-        write_text_atomic(self.path, "".join(_line(r) for r in good))
-      for r in good:
-        self._remember(r)
+    good = read_jsonl(self.path)
+    text = "".join(_line(r) for r in good)
+    if self.path.exists() and self.path.read_bytes() != text.encode():  # a torn line
+      write_text_atomic(self.path, text)
+    for r in good:
+      self._remember(r)
 
   def key(self, row: Mapping) -> tuple:
     return tuple(_freeze(row.get(k)) for k in self.key_fields)

@@ -2,14 +2,21 @@
 
 import json
 import math
+import pathlib
 import re
+import shutil
+import subprocess
+import sys
 import zlib
 
 import numpy as np
 import pytest
+from absl import app
+from absl.testing import flagsaver
 from PIL import Image
 
 from experiments import keys, report, store
+from experiments.report import cli
 from vae_attacks import metrics
 
 NUM = r"(-?[0-9.e+-]+|—)"
@@ -423,16 +430,82 @@ def test_config_hash_of_config_json_matches_row_settings(tmp_path):
   c = importlib.import_module("configs.mnist_cnn").get_config("quick")
   settings = keys.attack_settings(c)
   as_saved = json.loads(c.to_json())
-  assert report._settings_hash(as_saved) == settings
+  assert report.settings_hash(as_saved) == settings
 
 
 def test_command_line(tmp_path, capsys):
   mn = make_workdir(tmp_path / "m", "mnist", pair_rows("mnist", "cnn", "mlp_vae", 35, 5))
   lf = make_workdir(tmp_path / "l", "lfw", pair_rows("lfw", "cnn", "mlp_vae", 35, 5))
-  path = report.main(["--out", str(tmp_path / "s"), "--no-figures", str(mn), str(lf)])
+  with flagsaver.flagsaver():
+    argv = cli.FLAGS(["report", "--out", str(tmp_path / "s"), "--nofigures", str(mn), str(lf)])
+    path = cli.report_from_flags(argv)
   assert path == tmp_path / "s" / "summary.md"
   assert capsys.readouterr().out.strip() == str(path)
   text = path.read_text()
   assert text.count("by success rate **supported**") == 3  # MNIST, LFW, both together
-  with pytest.raises(SystemExit):
-    report.main(["--no-figures", str(mn), str(lf)])  # several workdirs need --out
+  with flagsaver.flagsaver(), pytest.raises(SystemExit):  # several workdirs need --out
+    app.run(cli.main, argv=["report", "--nofigures", str(mn), str(lf)])
+
+
+# --------------------------------------------------------------------------------------------
+# The attack lists come from the registry; the committed study summary is reproduced.
+
+
+def test_attack_families_come_from_the_registry(tmp_path, monkeypatch):
+  """A new classifier attack in the registry is filed with the classifier attacks, a new VAE
+  attack with the VAE attacks; a name the registry lacks gets its own, named table."""
+  from vae_attacks.attacks import registry  # noqa: PLC0415
+
+  fgsm, latent = registry.ATTACKS["fgsm"], registry.ATTACKS["latent_fgsm"]
+  monkeypatch.setitem(registry.ATTACKS, "new_cls", fgsm._replace(name="new_cls"))
+  monkeypatch.setitem(registry.ATTACKS, "new_vae", latent._replace(name="new_vae"))
+  rows = [
+    make_row("mnist", "cnn", "fgsm", "linf", 0.1),
+    make_row("mnist", "cnn", "new_cls", "linf", 0.1),
+    make_row("mnist", "mlp_vae", "new_vae", "linf", 0.1),
+    make_row("mnist", "mlp_vae", "mystery", "linf", 0.1),
+  ]
+  text = report.write_report(make_workdir(tmp_path / "r", "mnist", rows), figures=False)
+  text = text.read_text()
+  heading = "### Model x attack at the reference eps: "
+  classifier = table_after(text, heading + "classifier attacks")
+  vae = table_after(text, heading + "VAE attacks")
+  unknown = table_after(text, heading + "attacks not in the registry")
+  assert [line["attack"] for line in classifier] == ["fgsm", "new_cls"]  # the registry's order
+  assert [line["attack"] for line in vae] == ["new_vae"]
+  assert [line["attack"] for line in unknown] == ["mystery"]
+  assert "Not in vae_attacks/attacks/registry.py, so of no known family: mystery." in text
+  assert "new_vae, ..." in text  # the reading notes list the registry's VAE attacks
+  assert report.attack_family("new_cls") == "classifier" and report.attack_family("x") is None
+
+
+def _study_copy(tmp_path):
+  """The committed study records (results/study) copied into tmp_path, or a skip."""
+  study = pathlib.Path(__file__).resolve().parents[1] / "results" / "study"
+  parts = [study / "mnist_vae", study / "lfw_vae"]
+  if not (study / "summary.md").is_file() or not all(
+    (p / "results.jsonl").is_file() for p in parts
+  ):
+    pytest.skip(f"the committed study records are absent from {study}")
+  for p in parts:
+    shutil.copytree(p, tmp_path / p.name)
+  return (study / "summary.md").read_bytes(), [tmp_path / p.name for p in parts]
+
+
+def test_committed_study_summary_is_reproduced_byte_for_byte(tmp_path):
+  want, parts = _study_copy(tmp_path)
+  path = report.write_combined_report(tmp_path, parts, figures=False)
+  assert path.read_bytes() == want
+
+
+def test_readme_command_reproduces_the_study_summary(tmp_path):
+  """`python -m experiments.report --nofigures --out=DIR DIR/mnist_vae DIR/lfw_vae` (README)."""
+  want, parts = _study_copy(tmp_path)
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  argv = ["-m", "experiments.report", "--nofigures", f"--out={tmp_path}", *map(str, parts)]
+  proc = subprocess.run(
+    [sys.executable, *argv], cwd=repo, capture_output=True, text=True, timeout=300, check=False
+  )
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip() == str(tmp_path / "summary.md")
+  assert (tmp_path / "summary.md").read_bytes() == want

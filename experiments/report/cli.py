@@ -1,0 +1,44 @@
+"""The report's command line, absl as experiments.main (usage: experiments/report/__main__.py).
+
+Without --figures / --nofigures a single work directory follows its config's
+`output.figures`, and a combined report draws them.
+"""
+
+import pathlib
+from collections.abc import Sequence
+
+from absl import app, flags
+
+from experiments.report import write_combined_report, write_report
+
+FLAGS = flags.FLAGS
+_OUT = flags.DEFINE_string("out", None, "Folder of a combined report (default: the one WORKDIR).")
+_TITLE = flags.DEFINE_string("title", None, "The report's heading (default: the configs' names).")
+_FIGURES = flags.DEFINE_bool(
+  "figures", None, "Draw the figures (default: the config's output.figures; --nofigures: none)."
+)
+
+
+def report_from_flags(argv: Sequence[str]) -> pathlib.Path:
+  """Writes the report the flags ask for, prints and returns the path of its summary.md.
+
+  Args:
+    argv: absl's remaining arguments: the program, then the work directories.
+  """
+  workdirs = list(argv[1:])
+  if not workdirs:
+    raise app.UsageError("name a run work directory (or several, with --out=DIR)")
+  if _OUT.value is None and len(workdirs) > 1:
+    raise app.UsageError("several work directories need --out=DIR for the combined report")
+  if _OUT.value is None:
+    path = write_report(workdirs[0], title=_TITLE.value, figures=_FIGURES.value)
+  else:
+    figures = True if _FIGURES.value is None else _FIGURES.value
+    path = write_combined_report(_OUT.value, workdirs, title=_TITLE.value, figures=figures)
+  print(path)
+  return path
+
+
+def main(argv: Sequence[str]) -> None:
+  """absl's main (app.run exits with the answer, so this one returns nothing)."""
+  report_from_flags(argv)

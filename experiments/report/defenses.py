@@ -1,0 +1,177 @@
+"""The defence tables of a dataset (rows of experiments/defenses.py's defenses.jsonl)."""
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from experiments.report.rows import num
+from experiments.report.tables import DASH, fmt_ci, fmt_int, fmt_num, fmt_rate, table
+from vae_attacks import metrics
+
+ROBUST_ACCURACY_TEXT = (
+  "Robust accuracy: the adversarial input is classified correctly (and accepted, for a "
+  "defence that rejects); an example counts as broken when any restart breaks it. "
+  "*Worst case* counts an example as robust only if no attack at that eps broke it "
+  "(per example, over every attack run: those that know the defence and those that do "
+  "not, since a blind attack that breaks an example has broken it all the same); "
+  "*lowest single attack* is the lowest robust accuracy of one attack that knows the "
+  "defence (white-box on the weights, or adaptive to the defence's mechanism). For a "
+  "defence that rejects, robust accuracy counts a rejected input as a loss; the "
+  "*worst-case defended* rate counts it as a win (correct or rejected under every attack: "
+  "no attack got a misclassified input past it). A defence with no attack that knows it "
+  "gets no robustness figure. Intervals: 95% Wilson."
+)
+
+
+def _rate_ci(row: Mapping, field: str) -> str:
+  """'0.912 [0.893, 0.928]' for a rate field with its `_ci`, or a dash."""
+  if num(row.get(field)) is None:
+    return DASH
+  return f"{fmt_rate(row.get(field))} {fmt_ci(row.get(f'{field}_ci'))}"
+
+
+def _per_example_worst(attacked: Sequence[Mapping]) -> dict:
+  """(defence, eps) -> {"robust_accuracy", "robust_accuracy_ci", "attacks"}: an example is
+  robust only if no attack broke it, from the rows' `not_robust_examples`; for a defence that
+  rejects also "defended_rate" (and its `_ci`): correct or rejected under every attack, from
+  the rows' `broken_examples` (misclassified and accepted). Left out where a row lacks the
+  field (rows of an older run) or the rows disagree on n."""
+  groups: dict = {}
+  for r in attacked:
+    groups.setdefault((r.get("defense"), num(r.get("eps"))), []).append(r)
+  out = {}
+  for k, rs in groups.items():
+    ns = {r.get("n") for r in rs}
+    if any(r.get("not_robust_examples") is None for r in rs) or len(ns) != 1:
+      continue
+    n = int(ns.pop())
+
+    def unbroken(field, rs=rs, n=n):  # (rate, lo, hi) of the examples no row lists
+      hit = np.zeros(n, bool)
+      for r in rs:
+        hit[np.asarray(r[field], int)] = True
+      return metrics.success_rate(~hit)
+
+    rate, lo, hi = unbroken("not_robust_examples")
+    out[k] = {"robust_accuracy": rate, "robust_accuracy_ci": [lo, hi], "attacks": len(rs)}
+    if all(r.get("broken_examples") is not None for r in rs):  # a defence that rejects
+      rate, lo, hi = unbroken("broken_examples")
+      out[k].update(defended_rate=rate, defended_rate_ci=[lo, hi])
+  return out
+
+
+def _worst_case_table(attacked: Sequence[Mapping]) -> str:
+  """Per (defence, eps): clean accuracy, the per-example worst case, the lowest single
+  adaptive attack (and, for a defence that rejects, the worst-case defended rate)."""
+  union = _per_example_worst(attacked)
+  any_rejecting = any("defended_rate" in u for u in union.values())
+  worst = {}
+  for r in attacked:
+    if r.get("adaptive"):
+      k = (r.get("defense"), num(r.get("eps")))
+      if k not in worst or (num(r.get("robust_accuracy")) or 0.0) < (
+        num(worst[k].get("robust_accuracy")) or 0.0
+      ):
+        worst[k] = r
+  keys = list(dict.fromkeys((r.get("defense"), num(r.get("eps"))) for r in attacked))
+  lines = []
+  for k in keys:
+    w = worst.get(k)
+    any_row = next(r for r in attacked if (r.get("defense"), num(r.get("eps"))) == k)
+    no_adaptive = f"{DASH} (no adaptive attack)"
+    u = union.get(k)
+    line = [
+      k[0],
+      fmt_num(k[1]),
+      _rate_ci(any_row, "clean_accuracy"),
+      (_rate_ci(u, "robust_accuracy") if u else DASH) if w else no_adaptive,
+      _rate_ci(w, "robust_accuracy") if w else no_adaptive,
+      w.get("attack", DASH) if w else DASH,
+    ]
+    if any_rejecting:
+      line.append((_rate_ci(u, "defended_rate") if u else DASH) if w else no_adaptive)
+    lines.append([*line, fmt_int((w or any_row).get("n"))])
+  header = ["defence", "eps (L-inf)", "clean accuracy", "worst-case robust accuracy",
+            "lowest single attack", "by attack"]  # fmt: skip
+  if any_rejecting:
+    header.append("worst-case defended (correct or rejected)")
+  header.append("n")
+  return table(header, lines)
+
+
+def _every_attack_table(attacked: Sequence[Mapping]) -> str:
+  """One line per (defence, attack, eps) row, with rejection and impersonation rates where
+  any row has them."""
+  rejecting = any(num(r.get("false_rejection_rate")) is not None for r in attacked)
+  header = ["defence", "attack", "knows the defence", "eps", "n", "restarts x steps",
+            "clean accuracy", "robust accuracy"]  # fmt: skip
+  if rejecting:
+    header += ["detection rate", "false-rejection rate", "defended (correct or rejected)"]
+  impersonating = any(num(r.get("impersonation_rate")) is not None for r in attacked)
+  if impersonating:
+    header += ["impersonation rate"]
+  lines = []
+  for r in attacked:
+    line = [
+      r.get("defense"),
+      r.get("attack"),
+      "yes" if r.get("adaptive") else "no",
+      fmt_num(r.get("eps")),
+      fmt_int(r.get("n")),
+      f"{fmt_int(r.get('restarts'))} x {fmt_int(r.get('steps'))}",
+      _rate_ci(r, "clean_accuracy"),
+      _rate_ci(r, "robust_accuracy"),
+    ]
+    if rejecting:
+      line += [_rate_ci(r, f) for f in ("detection_rate", "false_rejection_rate",
+                                        "defended_rate")]  # fmt: skip
+    if impersonating:
+      line.append(_rate_ci(r, "impersonation_rate"))
+    lines.append(line)
+  return table(header, lines)
+
+
+def _transfer_part(moved: Sequence[Mapping]) -> list[str]:
+  """The black-box transfer matrix: accuracy of each target on each source's examples."""
+  sources = list(dict.fromkeys(r.get("source") for r in moved))
+  targets = list(dict.fromkeys(r.get("target") for r in moved))
+  cell = {(r.get("source"), r.get("target")): r for r in moved}
+  lines = []
+  for s in sources:
+    line = [f"{s} ({cell[next((s, t) for t in targets if (s, t) in cell)].get('crafted_with')})"]
+    for t in targets:
+      r = cell.get((s, t))
+      text = _rate_ci(r, "robust_accuracy") if r else DASH
+      line.append(f"**{text}**" if s == t else text)
+    lines.append(line)
+  eps = fmt_num(moved[0].get("eps"))
+  n = fmt_int(moved[0].get("n"))
+  return [
+    "",
+    f"**Black-box transfer** (L-inf eps {eps}, n = {n}): accuracy of each target (column) "
+    "on the adversarial examples crafted on each source (row); the diagonal (bold) is the "
+    "white-box result, the rest what an attacker without the target's gradients achieves.",
+    "",
+    table(["source \\ target", *targets], lines),
+  ]
+
+
+def defense_markdown(rows: Sequence[Mapping]) -> str:
+  """The defence tables of one dataset: worst case over adaptive attacks, every attack, and
+  the black-box transfer matrix (rows of experiments/defenses.py)."""
+  attacked = [r for r in rows if r.get("kind") == "defense"]
+  order = {n: i for i, n in enumerate(dict.fromkeys(r.get("defense") for r in attacked))}
+  attacked.sort(key=lambda r: (order[r.get("defense")], num(r.get("eps")) or 0.0))
+  parts = ["### Defences", ""]
+  if attacked:
+    parts += [ROBUST_ACCURACY_TEXT, ""]
+    parts += ["**Worst case over the attacks**", "", _worst_case_table(attacked)]
+    parts += ["", "**Every attack**", "", _every_attack_table(attacked)]
+    notes = list(dict.fromkeys(f"`{r.get('defense')}` / `{r.get('attack')}`: {r.get('note')}"
+                               for r in attacked if r.get("note")))  # fmt: skip
+    if notes:
+      parts += ["", "Attacks: " + "; ".join(notes) + "."]
+  moved = [r for r in rows if r.get("kind") == "transfer"]
+  if moved:
+    parts += _transfer_part(moved)
+  return "\n".join(parts)
