@@ -583,12 +583,8 @@ def lbfgs(
   target: Array,
   *,
   eps: Array,
-  max_iters: int = 50,
   targeted: bool = True,
-  memory: int = 10,
-  num_trials: int = 1,
-  tol: float = 1e-5,
-  ftol: float = 5e-7,
+  **solver,
 ) -> base.AttackResult:
   """The L-BFGS attack of Szegedy et al. (2014) for ONE pair and ONE penalty c = `eps`.
 
@@ -602,12 +598,10 @@ def lbfgs(
     x: [H, W, C] source image in [0, 1].
     target: [] int target class (the true label when `targeted=False`).
     eps: [] the penalty weight c >= 0 on the squared L2 perturbation.
-    max_iters: L-BFGS iterations (the length of `loss_trace`).
     targeted: minimise CE to `target` (True) or maximise CE to the label (False).
-    memory: L-BFGS memory size.
-    num_trials: see `minimise_box`.
-    tol: projected-gradient tolerance.
-    ftol: relative-decrease tolerance.
+    **solver: `minimise_box` knobs (defaults of `make_config`): max_iters (L-BFGS iterations,
+      the length of `loss_trace`; 50), memory (10), num_trials, tol (projected-gradient
+      tolerance), ftol (relative-decrease tolerance, 5e-7).
 
   Returns:
     AttackResult; `iterations` are accepted L-BFGS iterations, `loss_trace` the objective
@@ -616,15 +610,7 @@ def lbfgs(
   objective = functools.partial(
     szegedy_objective, logits_fn, params, x, target, eps, targeted=targeted
   )
-  sol = minimise_box(
-    objective,
-    x,
-    max_iters=max_iters,
-    memory=memory,
-    num_trials=num_trials,
-    tol=tol,
-    ftol=ftol,
-  )
+  sol = minimise_box(objective, x, **solver)
   return base.finish(
     logits_fn,
     params,

@@ -682,36 +682,18 @@ def run_attack(
   x: Array,
   target: Array,
   eps_grid: Sequence[float] | Array,
-  *,
-  chunk_size: int | None = None,
-  memory_budget_bytes: int | None = None,
-  mesh: Mesh | None = None,
-  progress: bool = True,
-  **attack_kwargs,
+  **kwargs,
 ) -> AttackResult:
-  """Runs `attack` on every pair at every eps; see `iter_attack_chunks` for the arguments.
+  """Runs `attack` on every pair at every eps; the arguments and keywords (chunk_size,
+  memory_budget_bytes, mesh, progress, batched, the attack's knobs) are those of
+  `iter_attack_chunks`.
 
   Returns:
     AttackResult of host numpy arrays with leading axes [E, P] (eps, pair): e.g. `x_adv` is
     [E, P, H, W, C] and `success` bool[E, P].
   """
-  chunks = [
-    result
-    for _, result in iter_attack_chunks(
-      attack,
-      logits_fn,
-      params,
-      x,
-      target,
-      eps_grid,
-      chunk_size=chunk_size,
-      memory_budget_bytes=memory_budget_bytes,
-      mesh=mesh,
-      progress=progress,
-      **attack_kwargs,
-    )
-  ]
-  return jax.tree.map(lambda *parts: np.concatenate(parts, axis=1), *chunks)
+  chunks = iter_attack_chunks(attack, logits_fn, params, x, target, eps_grid, **kwargs)
+  return jax.tree.map(lambda *parts: np.concatenate(parts, axis=1), *[r for _, r in chunks])
 
 
 def summarise(result: AttackResult, *, eps_grid: Sequence[float] | Array) -> list[dict]:

@@ -29,11 +29,11 @@ Two layers:
 * `latent_attack`, `reconstruction_attack` (L-BFGS, return `lbfgs.LbfgsSolution`) and
   `latent_fgsm`, `reconstruction_fgsm` (return x_adv) only optimise; they see the VAE as the
   pure functions `encode_fn(params, x) -> (mean, logvar)` and `reconstruct_fn(params, x)`.
-* `ATTACKS` (the functions `latent_l2`, `latent_fgsm_attack`, `reconstruction_l2`,
-  `reconstruction_fgsm_attack`) run one of them and judge it: success means a separately
-  trained classifier (the judge) labels the reconstruction of x_adv as the target class, and
-  the result is a `base.AttackResult` whose `target_prob` is the judge's probability of the
-  target on reconstruct(x_adv). Their common signature, for ONE pair and ONE eps:
+* `latent_l2`, `latent_fgsm_attack`, `reconstruction_l2` and `reconstruction_fgsm_attack`
+  (entries of `registry.ATTACKS`, family "vae") run one of them and judge it: success means
+  that a separately trained classifier (the judge) labels the reconstruction of x_adv as the
+  target class, and the result is a `base.AttackResult` whose `target_prob` is the judge's
+  probability of the target on reconstruct(x_adv). Their common signature, for ONE pair and ONE eps:
     attack(model: VAEModel, params, x[H, W, C], x_target[H, W, C], target[], *, eps, <knobs>)
   with params = {"vae": vae_params, "judge": judge_params}; `jax.vmap` over pairs and eps.
 """
@@ -116,32 +116,20 @@ def _fgsm_step(loss_fn, x: Array, eps) -> Array:
   return jnp.clip(x - jnp.asarray(eps, x.dtype) * jnp.sign(g), 0.0, 1.0)
 
 
-def _solve(objective, x: Array, *, max_iters, memory, num_trials, tol, ftol):
-  return lbfgs.minimise_box(
-    objective,
-    x,
-    lower=0.0,
-    upper=1.0,
-    max_iters=max_iters,
-    memory=memory,
-    num_trials=num_trials,
-    tol=tol,
-    ftol=ftol,
-  )
+# L-BFGS settings of the L2 attacks (the keywords of `lbfgs.minimise_box`); a caller's
+# `**solver` overrides them.
+SOLVER_DEFAULTS = dict(max_iters=50, memory=10, num_trials=1, tol=1e-5, ftol=1e-7)
+
+
+def _solve(objective_fn, fn, params, x: Array, goal: Array, eps, solver: dict):
+  """minimise_box of objective_fn(fn, params, x, goal, eps, x_adv) from x_adv = x, in the box."""
+  _check_eps(eps)
+  objective = functools.partial(objective_fn, fn, params, x, goal, eps)
+  return lbfgs.minimise_box(objective, x, lower=0.0, upper=1.0, **{**SOLVER_DEFAULTS, **solver})
 
 
 def latent_attack(
-  encode_fn: EncodeFn,
-  params: Params,
-  x: Array,
-  z_target: Array,
-  *,
-  eps: Array | float,
-  max_iters: int = 50,
-  memory: int = 10,
-  num_trials: int = 1,
-  tol: float = 1e-5,
-  ftol: float = 1e-7,
+  encode_fn: EncodeFn, params: Params, x: Array, z_target: Array, *, eps: Array | float, **solver
 ) -> lbfgs.LbfgsSolution:
   """Latent attack with L2 optimisation (Tabacof et al. 2016; Kos et al. 2017).
 
@@ -154,20 +142,14 @@ def latent_attack(
     x: [H, W, C] source image in [0, 1].
     z_target: [D] the latent mean to reach, mean(encode(x_target)).
     eps: [] the penalty C >= 0 on the squared L2 distortion (may be traced: vmap a C grid).
-    max_iters: L-BFGS iterations (the length of `value_trace`).
-    memory: L-BFGS memory size.
-    num_trials: see `lbfgs.minimise_box`.
-    tol: projected-gradient tolerance.
-    ftol: relative-decrease tolerance.
+    **solver: `lbfgs.minimise_box` knobs over SOLVER_DEFAULTS: max_iters (L-BFGS iterations,
+      the length of `value_trace`), memory, num_trials, tol (projected-gradient tolerance),
+      ftol (relative-decrease tolerance).
 
   Returns:
     `lbfgs.LbfgsSolution`: x is x_adv, value the objective there, value_trace per iteration.
   """
-  _check_eps(eps)
-  objective = functools.partial(_latent_objective, encode_fn, params, x, z_target, eps)
-  return _solve(
-    objective, x, max_iters=max_iters, memory=memory, num_trials=num_trials, tol=tol, ftol=ftol
-  )
+  return _solve(_latent_objective, encode_fn, params, x, z_target, eps, solver)
 
 
 def reconstruction_attack(
@@ -177,11 +159,7 @@ def reconstruction_attack(
   rec_target: Array,
   *,
   eps: Array | float,
-  max_iters: int = 50,
-  memory: int = 10,
-  num_trials: int = 1,
-  tol: float = 1e-5,
-  ftol: float = 1e-7,
+  **solver,
 ) -> lbfgs.LbfgsSolution:
   """The L_VAE attack of Kos et al. (2017) with L2 optimisation.
 
@@ -194,18 +172,12 @@ def reconstruction_attack(
     x: [H, W, C] source image in [0, 1].
     rec_target: [H, W, C] the reconstruction to reach, reconstruct(x_target).
     eps: [] the penalty C >= 0 (may be traced).
-    max_iters, memory, num_trials, tol, ftol: as in `latent_attack`.
+    **solver: as in `latent_attack`.
 
   Returns:
     `lbfgs.LbfgsSolution` (x is x_adv).
   """
-  _check_eps(eps)
-  objective = functools.partial(
-    _reconstruction_objective, reconstruct_fn, params, x, rec_target, eps
-  )
-  return _solve(
-    objective, x, max_iters=max_iters, memory=memory, num_trials=num_trials, tol=tol, ftol=ftol
-  )
+  return _solve(_reconstruction_objective, reconstruct_fn, params, x, rec_target, eps, solver)
 
 
 def latent_fgsm(
@@ -302,6 +274,12 @@ def _target_latent(model: VAEModel, params: Params, x_target: Array) -> Array:
   return mean
 
 
+def _judged(model: VAEModel, params: Params, x: Array, target: Array, sol) -> base.AttackResult:
+  return judge(
+    model, params, x, sol.x, target, iterations=sol.iterations, loss_trace=sol.value_trace
+  )
+
+
 def latent_l2(
   model: VAEModel,
   params: Params,
@@ -310,34 +288,18 @@ def latent_l2(
   target: Array,
   *,
   eps: Array | float,
-  max_iters: int = 50,
-  memory: int = 10,
-  num_trials: int = 1,
-  tol: float = 1e-5,
-  ftol: float = 1e-7,
+  **solver,
 ) -> base.AttackResult:
   """`latent_attack` towards mean(encode(x_target)) with penalty C = eps, judged.
 
   Tabacof et al. (2016)'s latent attack and Kos et al. (2017)'s latent attack with L2
   optimisation. For ONE pair and ONE C; `loss_trace` is the L-BFGS objective per iteration.
-  Args and knobs as in `latent_attack`, with params {"vae", "judge"}, x_target [H, W, C] and
-  target its class.
+  Args and `**solver` knobs as in `latent_attack`, with params {"vae", "judge"}, x_target
+  [H, W, C] and target its class.
   """
-  sol = latent_attack(
-    model.encode,
-    params["vae"],
-    x,
-    _target_latent(model, params, x_target),
-    eps=eps,
-    max_iters=max_iters,
-    memory=memory,
-    num_trials=num_trials,
-    tol=tol,
-    ftol=ftol,
-  )
-  return judge(
-    model, params, x, sol.x, target, iterations=sol.iterations, loss_trace=sol.value_trace
-  )
+  z_target = _target_latent(model, params, x_target)
+  sol = latent_attack(model.encode, params["vae"], x, z_target, eps=eps, **solver)
+  return _judged(model, params, x, target, sol)
 
 
 def reconstruction_l2(
@@ -348,31 +310,15 @@ def reconstruction_l2(
   target: Array,
   *,
   eps: Array | float,
-  max_iters: int = 50,
-  memory: int = 10,
-  num_trials: int = 1,
-  tol: float = 1e-5,
-  ftol: float = 1e-7,
+  **solver,
 ) -> base.AttackResult:
   """`reconstruction_attack` towards reconstruct(x_target) with penalty C = eps, judged.
 
   The L_VAE attack of Kos et al. (2017) with L2 optimisation, for ONE pair and ONE C.
   """
-  sol = reconstruction_attack(
-    model.reconstruct,
-    params["vae"],
-    x,
-    model.reconstruct(params["vae"], x_target),
-    eps=eps,
-    max_iters=max_iters,
-    memory=memory,
-    num_trials=num_trials,
-    tol=tol,
-    ftol=ftol,
-  )
-  return judge(
-    model, params, x, sol.x, target, iterations=sol.iterations, loss_trace=sol.value_trace
-  )
+  rec_target = model.reconstruct(params["vae"], x_target)
+  sol = reconstruction_attack(model.reconstruct, params["vae"], x, rec_target, eps=eps, **solver)
+  return _judged(model, params, x, target, sol)
 
 
 def latent_fgsm_attack(
@@ -411,14 +357,6 @@ def reconstruction_fgsm_attack(
   x_adv = reconstruction_fgsm(model.reconstruct, params["vae"], x, rec_target, eps=eps)
   loss = reconstruction_loss(model.reconstruct, params["vae"], x_adv, rec_target)
   return judge(model, params, x, x_adv, target, iterations=1, loss_trace=loss[None])
-
-
-ATTACKS = {
-  "latent_l2": latent_l2,
-  "latent_fgsm": latent_fgsm_attack,
-  "reconstruction_l2": reconstruction_l2,
-  "reconstruction_fgsm": reconstruction_fgsm_attack,
-}
 
 
 def quality_point(
