@@ -1,6 +1,7 @@
 """Batched attacks against per-example loops, side by side in one run (PERFORMANCE.md workload).
 
   python -m benchmarks.attacks [--n=256] [--steps=40] [--lbfgs_iters=50] [--json=PATH]
+  python -m benchmarks.attacks --size=lfw --n=16 --skip=bim --scipy_n=4   # 154x154x3
 
 On the MNIST CNN (`models.CNN(num_classes=10)`: conv32-conv64-fc128-fc10, random weights) and
 N random MNIST-like pairs (80% of the pixels 0, the box matters):
@@ -16,6 +17,11 @@ N random MNIST-like pairs (80% of the pixels 0, the box matters):
   float64 on the host) against the batched attack, as `jit(vmap(lbfgs))` (the fully compiled
   while loop the runner uses) and as `lbfgs_batch` (a host loop over jitted steps) on one
   device and sharded. Mean final objectives are reported for both.
+
+`--size=lfw` runs the same on the study's LFW CNN (configs/base.py: 154x154x3 inputs, 7
+classes). The rows `runner_compiled` and `runner_host_loop` are the runner's two L-BFGS paths
+(`runner.run_attack` with and without `batched=lbfgs_batch`, pairs sharded over the mesh); the
+runs take the host loop (`registry.ATTACKS["lbfgs"].batched`).
 
 Timings are the best of `--repeats` runs after a compiling run; compile times are printed.
 """
@@ -39,16 +45,18 @@ import scipy.optimize  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from vae_attacks import models  # noqa: E402
+from configs import base  # noqa: E402
+from vae_attacks import data, models  # noqa: E402
 from vae_attacks.attacks import lbfgs as lb  # noqa: E402
-from vae_attacks.attacks import runner  # noqa: E402
+from vae_attacks.attacks import registry, runner  # noqa: E402
 from vae_attacks.attacks.bim import bim  # noqa: E402
 
-SHAPE = (28, 28, 1)
+CLASSES = {"mnist": 10, "lfw": 7}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--size", choices=sorted(CLASSES), default="mnist", help="problem size")
   p.add_argument("--n", type=int, default=256, help="pairs")
   p.add_argument("--steps", type=int, default=40, help="BIM steps")
   p.add_argument("--eps", type=float, default=0.1, help="BIM L-inf radius")
@@ -74,14 +82,17 @@ def timed(fn, repeats: int) -> tuple[float, float, object]:
   return first, best, out
 
 
-def make_problem(n: int, seed: int = 0):
-  model = models.CNN(num_classes=10)
+def make_problem(n: int, seed: int = 0, size: str = "mnist"):
+  """The study's CNN for `size` (random weights) and n random pairs (80% of pixels 0)."""
+  cfg = base.get_config(dataset=size, models=("cnn",), quick=False)
+  shape = data.DATASETS[size].full_shape
+  model = models.CNN(num_classes=CLASSES[size], **cfg.model.cnn)
   logits_fn = models.classifier_fns(model)
-  params = model.init(jax.random.key(seed), jnp.zeros((1, *SHAPE)))
+  params = model.init(jax.random.key(seed), jnp.zeros((1, *shape)))
   k_img, k_mask, k_target = jax.random.split(jax.random.key(seed + 1), 3)
-  ink = jax.random.uniform(k_img, (n, *SHAPE))
-  x = jnp.where(jax.random.uniform(k_mask, (n, *SHAPE)) > 0.8, ink, 0.0)
-  target = jax.random.randint(k_target, (n,), 0, 10)
+  ink = jax.random.uniform(k_img, (n, *shape))
+  x = jnp.where(jax.random.uniform(k_mask, (n, *shape)) > 0.8, ink, 0.0)
+  target = jax.random.randint(k_target, (n,), 0, CLASSES[size])
   return logits_fn, params, x, target
 
 
@@ -145,7 +156,7 @@ def bench_lbfgs(args, logits_fn, params, x, target, mesh) -> dict:
     xi, ti = x[i], target[i]
 
     def fun(z):
-      v, g = value_and_grad(z.reshape(SHAPE).astype(np.float32), params, (xi, ti))
+      v, g = value_and_grad(z.reshape(xi.shape).astype(np.float32), params, (xi, ti))
       return float(v), np.asarray(g, np.float64).ravel()
 
     z0 = np.asarray(xi, np.float64).ravel()
@@ -188,6 +199,19 @@ def bench_lbfgs(args, logits_fn, params, x, target, mesh) -> dict:
     first, best, res = timed(run, args.repeats)
     rows[name] = (first, best)
     stats[name] = res
+  # The runner's two paths, as the runs call them (pairs sharded over the mesh, [E=1, P]).
+  spec = registry.ATTACKS["lbfgs"]
+  for name, batched in (("runner_compiled", None), ("runner_host_loop", spec.batched)):
+    run = lambda batched=batched: jax.tree.map(
+      lambda a: a[0],
+      runner.run_attack(
+        spec.run, logits_fn, params, np.asarray(x), np.asarray(target), (args.c,),
+        mesh=mesh, progress=False, batched=batched, max_iters=args.lbfgs_iters,
+      ),
+    )  # fmt: skip
+    first, best, res = timed(run, args.repeats)
+    rows[name] = (first, best)
+    stats[name] = res
   for name, res in stats.items():
     objectives[name] = np.asarray(res.loss_trace[:, -1])  # the trace is padded: final value
   return {
@@ -206,9 +230,12 @@ def main(argv=None) -> dict:
   skip = set(filter(None, args.skip.split(",")))
   n = args.n
   mesh = runner.pairs_mesh()
-  print(f"jax {jax.__version__}, devices {jax.devices()}, N={n} pairs")
-  logits_fn, params, x, target = make_problem(n)
-  results: dict = {"n": n, "devices": len(jax.devices()), "loadavg_start": os.getloadavg()[0]}
+  shape = data.DATASETS[args.size].full_shape
+  print(f"jax {jax.__version__}, devices {jax.devices()}, N={n} pairs of {args.size} {shape}")
+  logits_fn, params, x, target = make_problem(n, size=args.size)
+  results: dict = {
+    "n": n, "size": args.size, "devices": len(jax.devices()), "loadavg_start": os.getloadavg()[0]
+  }  # fmt: skip
   print(f"1-min load average {results['loadavg_start']:.1f} on {os.cpu_count()} cores")
 
   mm = matmul_gflops()

@@ -136,24 +136,22 @@ def main(argv):
     if name not in MODELS:
       raise app.UsageError(f"unknown model {name!r}; choose from {MODELS}")
     s = settings[name]
+    train_settings = train.TrainSettings.from_config(s.train)
     if name == "cnn":
       model = models.CNN(num_classes, **s.model)
       (params, m), wall, cpu = _timed(
-        train.train_classifier,
-        model,
-        ds,
-        key=key,
+        train.train_classifier, model, ds, key=key, settings=train_settings,
         checkpoint_dir=_checkpoint(name, "cnn"),
-        **s.train,
-      )
+      )  # fmt: skip
       rows.append((name, models.param_count(params), m, wall, cpu, "test_accuracy"))
       continue
     cls = models.MLPVAE if name == "mlp_vae" else models.ConvVAE
     vae = cls(image_shape=image_shape, **s.model)
     vae_key, clf_key = jax.random.split(key)
     (vae_params, m), wall, cpu = _timed(
-      train.train_vae, vae, ds, key=vae_key, checkpoint_dir=_checkpoint(name, "vae"), **s.train
-    )
+      train.train_vae, vae, ds, key=vae_key, settings=train_settings,
+      checkpoint_dir=_checkpoint(name, "vae"),
+    )  # fmt: skip
     rows.append((name, models.param_count(vae_params), m, wall, cpu, "test_neg_elbo_nats"))
     clf = models.LatentClassifier(num_classes, **s.clf_model)
     (params, m), wall, cpu = _timed(
@@ -163,8 +161,8 @@ def main(argv):
       clf,
       ds,
       key=clf_key,
+      settings=train.TrainSettings.from_config(s.clf_train),
       checkpoint_dir=_checkpoint(name, "latent_classifier"),
-      **s.clf_train,
     )
     rows.append(
       (f"{name} latent clf", models.param_count(params["clf"]), m, wall, cpu, "test_accuracy")

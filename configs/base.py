@@ -8,11 +8,12 @@ Sections: data, model, train, attacks, eval, output.
 import ml_collections
 
 from vae_attacks import data as data_lib
+from vae_attacks import models as models_lib
 from vae_attacks.attacks import registry
 
 ARGS = ("", "quick")
 DATASETS = tuple(data_lib.DATASETS)
-MODELS = ("cnn", "mlp_vae", "conv_vae")
+MODELS = tuple(models_lib.MODEL_KINDS)
 
 
 def parse_arg(arg):

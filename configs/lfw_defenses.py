@@ -17,19 +17,14 @@ defence table as configs/mnist_defenses.py, with the transfer matrix between the
 
 import ml_collections
 
-from configs import base
+from configs import base, base_defenses
 
 ARGS = ("", "quick")
 
 
 def get_config(arg=None):
-  arg = arg or ""
-  if arg not in ARGS:
-    raise ValueError(f"config argument {arg!r} is not known; allowed: '' or 'quick'")
+  c = base_defenses.get_base("lfw", arg, ARGS)
   quick = arg == "quick"
-  c = base.get_config(dataset="lfw", models=("cnn",), quick=quick)
-  c.name = "lfw_defenses"
-  c.experiment = "defenses"
 
   # The embedding net is the CNN's architecture with an embedding head (siamese.EmbeddingNet).
   c.model.siamese = dict(c.model.cnn, embedding_dim=64)

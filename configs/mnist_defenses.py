@@ -17,19 +17,14 @@ black-box attacker's own network), `adversarial` (the adversarially trained CNN)
 
 import ml_collections
 
-from configs import base
+from configs import base_defenses
 
 ARGS = ("", "quick", "gpu")
 
 
 def get_config(arg=None):
-  arg = arg or ""
-  if arg not in ARGS:
-    raise ValueError(f"config argument {arg!r} is not known; allowed: '', 'quick' or 'gpu'")
+  c = base_defenses.get_base("mnist", arg, ARGS)
   quick = arg == "quick"
-  c = base.get_config(dataset="mnist", models=("cnn",), quick=quick)
-  c.name = "mnist_defenses"
-  c.experiment = "defenses"
 
   cnn = dict(c.model.cnn)
   c.model.substitute = dict(cnn, features=(16, 32), dense=(64,))

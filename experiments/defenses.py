@@ -4,8 +4,10 @@
   python -m experiments.main --config=configs/lfw_defenses.py[:quick] [--workdir=DIR]
 
 `experiments.run.run` hands a config with `experiment == "defenses"` to `run` here. Each entry
-of `config.defenses.enabled` names a builder in `DEFENSES` (a plain dict, name -> builder),
-which trains (or reuses the checkpoints of) what the defence needs and returns a `Defended`:
+of `config.defenses.enabled` names a defence of `DEFENSES` (name -> `DefenseSpec`: its builder,
+its random stream, the config sections it trains from, whether it crafts transfer examples, its
+figure; validation and the report read the same table), whose builder trains (or reuses the
+checkpoints of) what the defence needs and returns a `Defended`:
 the deployed classifier, an optional rejection rule, and the attacks to run on it, each
 marked adaptive or not. Every (defence, attack, eps) point is one row of `defenses.jsonl`
 (`store.ResultsLog`: appended atomically as it finishes, skipped on a rerun), as is every
@@ -37,7 +39,7 @@ from experiments import models as models_lib
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
 from vae_attacks import metrics, models, train
-from vae_attacks.attacks import bim, fgsm, runner
+from vae_attacks.attacks import fgsm, runner
 from vae_attacks.defenses import adversarial, distillation, transfer
 from vae_attacks.types import LogitsFn, Params
 
@@ -45,18 +47,9 @@ RESULT_KEY = keys.DEFENSE_KEY
 RESULTS_FILE = "defenses.jsonl"
 EXAMPLES_DIR = "defense_examples"
 FIGURE_EXAMPLES = 8  # rows of the projection figure
-# Stable per-model key indices: "none" is the CNN of configs/mnist_cnn.py (index 0 there).
-KEY_INDEX = {
-  "none": 0,
-  "substitute": 11,
-  "distillation": 12,
-  "adversarial": 13,
-  "vae": 14,
-  "projection": 15,
-  "gmvae": 16,
-  "siamese": 17,
-  "vae_classifier": 18,  # the latent classifier (the VAE itself trains under "vae")
-}
+# The random stream of a model several defences share (the projection's generator and the VAE
+# as classifier's encoder); each defence's own stream is its spec's `key_index` (DEFENSES).
+SHARED_KEY_INDEX = {"vae": 14}
 
 
 def _fgsm(logits_fn, params, x, label, *, eps, key):
@@ -103,7 +96,9 @@ class Context:
     self.trained: dict[str, Any] = {}
 
   def key(self, name: str):
-    return jax.random.fold_in(self.root, KEY_INDEX[name])
+    """The training key of defence `name` (or of a shared model, SHARED_KEY_INDEX)."""
+    index = DEFENSES[name].key_index if name in DEFENSES else SHARED_KEY_INDEX[name]
+    return jax.random.fold_in(self.root, index)
 
   def checkpoint(self, name: str) -> str:
     return str((self.workdir / "checkpoints" / name).resolve())
@@ -111,12 +106,14 @@ class Context:
   def classifier(self, name: str, model_cfg: dict, train_cfg: dict, **extra):
     """A CNN trained with `train_cfg` (cached per name): (module, params, kept metrics)."""
     if name not in self.trained:
-      cnn = models.CNN(num_classes=self.num_classes, **model_cfg)
-      params, m = train.train_classifier(
-        cnn, self.data, key=self.key(name), checkpoint_dir=self.checkpoint(name), **train_cfg
+      self.trained[name] = models_lib.train_cnn(
+        name,
+        model_cfg,
+        train_cfg,
+        self.data,
+        key=self.key(name),
+        checkpoint_dir=self.checkpoint(name),
       )
-      self.trained[name] = (cnn, params, models_lib._keep(m, params, "classifier"))
-      logging.info("%s: test accuracy %.4f", name, m["test_accuracy"])
     return self.trained[name]
 
   def baseline(self):
@@ -126,16 +123,13 @@ class Context:
   def vae(self):
     """The MLP VAE of the study (configs' model.mlp_vae, train.vae): (module, params, metrics)."""
     if "vae" not in self.trained:
-      image_shape = tuple(self.data.x_train.shape[1:])
-      vae = models.MLPVAE(image_shape=image_shape, **self.config.model.mlp_vae)
-      params, m = train.train_vae(
-        vae,
+      self.trained["vae"] = models_lib.train_vae(
+        "mlp_vae",
+        self.config,
         self.data,
         key=self.key("vae"),
         checkpoint_dir=self.checkpoint("mlp_vae/vae"),
-        **self.config.train.vae,
       )
-      self.trained["vae"] = (vae, params, models_lib._keep(m, params, "vae"))
     return self.trained["vae"]
 
 
@@ -157,31 +151,15 @@ def _closest_other(logits, label):
   return jax.numpy.argmax(others)
 
 
-def _targeted_bim(logits_fn, params, x, target, *, eps, key, steps, step_size_rel):
-  """Targeted L-inf BIM with a random start and eps-relative steps."""
-  return bim.bim(
-    logits_fn,
-    params,
-    x,
-    target,
-    eps=eps,
-    step_size=step_size_rel * eps,
-    steps=steps,
-    norm="linf",
-    targeted=True,
-    random_start=True,
-    key=key,
-  )
-
-
 def _impersonation(logits_fn, params, x, label, *, eps, key, steps, step_size_rel):
   """Impersonation (Sharif et al. 2016) in the runner's untargeted form: targeted L-inf BIM
   with a random start towards the most similar other person (the highest other logit; for
   the siamese identifier the nearest other class centre), fixed across restarts."""
   target = _closest_other(logits_fn(params, x), label)
-  return _targeted_bim(
-    logits_fn, params, x, target, eps=eps, key=key, steps=steps, step_size_rel=step_size_rel
-  )
+  return adversarial.pgd_linf(
+    logits_fn, params, x, target, eps=eps, key=key, steps=steps, step_size_rel=step_size_rel,
+    targeted=True,
+  )  # fmt: skip
 
 
 def _white_box(config, logits_fn, params, what: str) -> list:
@@ -222,17 +200,17 @@ def build_distillation(ctx: Context) -> Defended:
   c = ctx.config
   t = float(c.defenses.distillation.temperature)
   if "distillation" not in ctx.trained:
-    teacher = models.CNN(num_classes=ctx.num_classes, **c.model.cnn)
+    teacher = models_lib.MODELS["cnn"].build(c.model.cnn, ctx.data)
     _, params, m = distillation.train_distilled(
       teacher,
       teacher,
       ctx.data,
       key=ctx.key("distillation"),
       temperature=t,
+      settings=train.TrainSettings.from_config(c.train.distillation),
       checkpoint_dir=ctx.checkpoint("distillation"),
-      **c.train.distillation,
     )
-    kept = {k: models_lib._keep(v, params, "classifier") for k, v in m.items()}
+    kept = {k: models_lib.kept_metrics(v, params, "classifier") for k, v in m.items()}
     kept["test_accuracy"] = kept["student"]["test_accuracy"]
     kept["train_seconds"] = kept["teacher"]["train_seconds"] + kept["student"]["train_seconds"]
     ctx.trained["distillation"] = (teacher, params, kept)
@@ -256,20 +234,20 @@ def build_adversarial(ctx: Context) -> Defended:
   c = ctx.config
   if "adversarial" not in ctx.trained:
     a = c.defenses.adversarial
-    cnn = models.CNN(num_classes=ctx.num_classes, **c.model.adversarial)
+    cnn = models_lib.MODELS["cnn"].build(c.model.adversarial, ctx.data)
     params, m = adversarial.train_adversarial(
       cnn,
       ctx.data,
       key=ctx.key("adversarial"),
+      settings=train.TrainSettings.from_config(c.train.adversarial),
       eps=float(a.eps),
       steps=int(a.steps),
       step_size_rel=float(a.step_size_rel),
       random_start=bool(a.random_start),
       ramp_epochs=float(a.ramp_epochs),
       checkpoint_dir=ctx.checkpoint("adversarial"),
-      **c.train.adversarial,
     )
-    ctx.trained["adversarial"] = (cnn, params, models_lib._keep(m, params, "classifier"))
+    ctx.trained["adversarial"] = (cnn, params, models_lib.kept_metrics(m, params, "classifier"))
     logging.info("adversarial: clean test accuracy %.4f", m["test_accuracy"])
   cnn, params, kept = ctx.trained["adversarial"]
   fn = models.classifier_fns(cnn)
@@ -365,7 +343,7 @@ def build_projection(ctx: Context) -> Defended:
     eps = max(e for a, e in adv if a == "pgd_bpda")
     n = min(FIGURE_EXAMPLES, len(y))
     x_adv = adv[("pgd_bpda", eps)][:n]
-    x_proj = runner.batched_logits(projection._ProjectX(deployed), params, x_adv)
+    x_proj = runner.batched_map(deployed.project, params, x_adv).x_proj
     return dict(
       x=x[:n],
       x_adv=x_adv,
@@ -380,25 +358,19 @@ def build_projection(ctx: Context) -> Defended:
   )
 
 
-class _ProjectionError(NamedTuple):
-  clf: Any
-
-  def __call__(self, params, x):
-    return self.clf.project(params, x).error[None]
-
-
 def _projection_errors(deployed, params, x) -> np.ndarray:
-  """Projection errors [N] (batched like logits: a [1] output per example)."""
-  return runner.batched_logits(_ProjectionError(deployed), params, x, batch_size=64)[:, 0]
+  """Projection errors [N] of the deployed `ProjectedClassifier`."""
+  return runner.batched_map(deployed.project, params, x, batch_size=64).error
 
 
 def _targeted_closest_accepted(logits_fn, params, x, label, *, eps, key, steps, step_size_rel):
   """Targeted L-inf BIM with a random start on a (K+1)-logit rejection-aware model (the last
   logit is "reject") towards the closest other class among the K class logits."""
   target = _closest_other(logits_fn(params, x)[:-1], label)
-  return _targeted_bim(
-    logits_fn, params, x, target, eps=eps, key=key, steps=steps, step_size_rel=step_size_rel
-  )
+  return adversarial.pgd_linf(
+    logits_fn, params, x, target, eps=eps, key=key, steps=steps, step_size_rel=step_size_rel,
+    targeted=True,
+  )  # fmt: skip
 
 
 def _gmvae_adaptive(logits_fn, params, x, label, *, eps, key, steps, step_size_rel):
@@ -407,18 +379,9 @@ def _gmvae_adaptive(logits_fn, params, x, label, *, eps, key, steps, step_size_r
   from vae_attacks.defenses import gmvae  # noqa: PLC0415
 
   logits = logits_fn(params, x)[:-1]  # the K penalised class logits; the last one is "reject"
-  return gmvae.adaptive_bim(
-    logits_fn,
-    params,
-    x,
-    _closest_other(logits, label),
-    eps=eps,
-    step_size=step_size_rel * eps,
-    steps=steps,
-    norm="linf",
-    random_start=True,
-    key=key,
-  )
+  target = _closest_other(logits, label)
+  knobs = dict(eps=eps, step_size=step_size_rel * eps, steps=steps, norm="linf", key=key)
+  return gmvae.adaptive_bim(logits_fn, params, x, target, random_start=True, **knobs)
 
 
 def build_gmvae(ctx: Context) -> Defended:
@@ -426,13 +389,17 @@ def build_gmvae(ctx: Context) -> Defended:
   from vae_attacks.defenses import gmvae  # noqa: PLC0415
 
   c, g = ctx.config, ctx.config.defenses.gmvae
-  vae = models.MLPVAE(image_shape=tuple(ctx.data.x_train.shape[1:]), **c.model.gmvae)
+  vae = models_lib.MODELS["mlp_vae"].build(c.model.gmvae, ctx.data)
   model = gmvae.GMVAE(vae=vae, num_classes=ctx.num_classes, mean_scale=float(g.mean_scale))
   if "gmvae" not in ctx.trained:
     params, m = gmvae.train_gmvae(
-      model, ctx.data, key=ctx.key("gmvae"), checkpoint_dir=ctx.checkpoint("gmvae"), **c.train.gmvae
+      model,
+      ctx.data,
+      key=ctx.key("gmvae"),
+      settings=train.TrainSettings.from_config(c.train.gmvae),
+      checkpoint_dir=ctx.checkpoint("gmvae"),
     )
-    ctx.trained["gmvae"] = (model, params, models_lib._keep(m, params, "gmvae"))
+    ctx.trained["gmvae"] = (model, params, models_lib.kept_metrics(m, params, "gmvae"))
     logging.info("gmvae: closest-component test accuracy %.4f", m["test_accuracy"])
   _, params, kept = ctx.trained["gmvae"]
   held_out = ctx.data.x_test[-int(g.threshold_examples) :]
@@ -461,8 +428,9 @@ def build_gmvae(ctx: Context) -> Defended:
   def figure_data(x, y, adv):
     """Latent means of clean inputs and of both attacks' inputs at the largest eps."""
     eps = max(e for a, e in adv if a == "pgd")
-    code = lambda v: np.asarray(model.apply(params, v, method="encode")[0])  # noqa: E731
-    out = dict(z=code(x), label=y, means=np.asarray(gmvae._components(model, params)[0]))
+    encode = models.vae_fns(model).encode
+    code = lambda v: runner.batched_map(encode, params, v)[0]  # noqa: E731
+    out = dict(z=code(x), label=y, means=np.asarray(gmvae.components(model, params)[0]))
     for attack in ("pgd", "pgd_adaptive"):
       if (attack, eps) in adv:
         out[f"z_{attack}"] = code(adv[(attack, eps)])
@@ -480,15 +448,21 @@ def build_siamese(ctx: Context) -> Defended:
   c = ctx.config
   net = siamese.EmbeddingNet(**c.model.siamese)
   if "siamese" not in ctx.trained:
+    t = c.train.siamese
     variables, m = siamese.train_siamese(
-      net, ctx.data, key=ctx.key("siamese"), checkpoint_dir=ctx.checkpoint("siamese"),
-      **c.train.siamese,
-    )  # fmt: skip
+      net,
+      ctx.data,
+      key=ctx.key("siamese"),
+      settings=train.TrainSettings.from_config(t, extra=("margin", "mining")),
+      margin=t.get("margin", 0.2),
+      mining=t.get("mining", "random"),
+      checkpoint_dir=ctx.checkpoint("siamese"),
+    )
     train_embeddings = siamese.embed(net, variables, ctx.data.x_train)
     labels = jax.numpy.asarray(ctx.data.y_train, jax.numpy.int32)
     centres = siamese.class_centres(train_embeddings, labels, ctx.num_classes)
     params = {"net": variables, "centres": centres}
-    ctx.trained["siamese"] = (net, params, models_lib._keep(m, variables, "classifier"))
+    ctx.trained["siamese"] = (net, params, models_lib.kept_metrics(m, variables, "classifier"))
     logging.info("siamese: nearest-centre test accuracy %.4f", m["test_accuracy"])
   _, params, kept = ctx.trained["siamese"]
   fn = siamese.identification_logits_fn(net, temperature=float(c.defenses.siamese.temperature))
@@ -503,34 +477,60 @@ def build_vae_classifier(ctx: Context) -> Defended:
   `models.latent_classifier_fn`; attacked white-box through the encoder."""
   c = ctx.config
   vae, vae_params, vae_m = ctx.vae()
-  clf = models.LatentClassifier(num_classes=ctx.num_classes, **c.model.latent_classifier)
   if "vae_classifier" not in ctx.trained:
-    params, m = train.train_latent_classifier(
-      vae, vae_params, clf, ctx.data, key=ctx.key("vae_classifier"),
-      checkpoint_dir=ctx.checkpoint("mlp_vae/latent_classifier"), **c.train.latent_classifier,
-    )  # fmt: skip
-    kept = models_lib.vae_classifier_metrics(
-      vae_m, models_lib._keep(m, params["clf"], "classifier")
+    clf, params, clf_kept = models_lib.train_latent_classifier(
+      c,
+      ctx.data,
+      vae,
+      vae_params,
+      key=ctx.key("vae_classifier"),
+      checkpoint_dir=ctx.checkpoint("mlp_vae/latent_classifier"),
     )
+    kept = models_lib.vae_classifier_metrics(vae_m, clf_kept)
     ctx.trained["vae_classifier"] = (clf, params, kept)
     logging.info("vae_classifier: test -ELBO %.2f nats, latent classifier accuracy %.4f",
                  kept["test_neg_elbo_nats"], kept["test_accuracy"])  # fmt: skip
-  _, params, kept = ctx.trained["vae_classifier"]
+  clf, params, kept = ctx.trained["vae_classifier"]
   fn = models.latent_classifier_fn(vae, clf)
   specs = _white_box(c, fn, params, "the VAE as classifier (its encoder and latent classifier)")
   return Defended("vae_classifier", fn, params, None, specs, kept, specs[-1])
 
 
-DEFENSES: dict[str, Callable[[Context], Defended]] = {
-  "none": build_none,
-  "substitute": build_substitute,
-  "distillation": build_distillation,
-  "adversarial": build_adversarial,
-  "projection": build_projection,
-  "gmvae": build_gmvae,
-  "siamese": build_siamese,
-  "vae_classifier": build_vae_classifier,
+class DefenseSpec(NamedTuple):
+  """One defence: how it is built, its random stream, the config sections it trains from."""
+
+  build: Callable[[Context], Defended]
+  # fold_in(root, key_index) trains it and fold_in(attack root, key_index) attacks it: fixed
+  # forever, so that a defence's results never depend on which others run ("none" is the CNN
+  # of configs/mnist_cnn.py, index 0 there).
+  key_index: int
+  sections: tuple[tuple[str, str], ...]  # the (config.model, config.train) sections it needs
+  transfer_source: bool  # a plain classifier whose `transfer_spec` crafts transfer examples
+  # The figure the report draws from defense_examples/<name>.npz (`Defended.figure_data`):
+  # "projection" (clean / adversarial / projected images) or "gmvae_latent" (latent codes).
+  figure: str | None = None
+
+
+DEFENSES: dict[str, DefenseSpec] = {
+  "none": DefenseSpec(build_none, 0, (("cnn", "cnn"),), True),
+  "substitute": DefenseSpec(build_substitute, 11, (("substitute", "substitute"),), True),
+  "distillation": DefenseSpec(build_distillation, 12, (("cnn", "distillation"),), True),
+  "adversarial": DefenseSpec(build_adversarial, 13, (("adversarial", "adversarial"),), True),
+  # The CNN classifies the projection onto the MLP VAE's range.
+  "projection": DefenseSpec(
+    build_projection, 15, (("cnn", "cnn"), ("mlp_vae", "vae")), False, "projection"
+  ),
+  "gmvae": DefenseSpec(build_gmvae, 16, (("gmvae", "gmvae"),), False, "gmvae_latent"),
+  "siamese": DefenseSpec(build_siamese, 17, (("siamese", "siamese"),), True),
+  # The latent classifier's stream (the VAE itself trains under SHARED_KEY_INDEX["vae"]).
+  "vae_classifier": DefenseSpec(
+    build_vae_classifier,
+    18,
+    (("mlp_vae", "vae"), ("latent_classifier", "latent_classifier")),
+    True,
+  ),
 }
+TRANSFER_SOURCES = tuple(name for name, spec in DEFENSES.items() if spec.transfer_source)
 
 
 # --------------------------------------------------------------------------------------------
@@ -617,8 +617,8 @@ def evaluate(
   return row, res.x_adv
 
 
-def defence_settings(config, name: str) -> str:
-  """The settings hash of defence `name`'s rows under `config` (`run.defence_settings`)."""
+def defense_settings(config, name: str) -> str:
+  """The settings hash of defence `name`'s rows under `config` (`keys.defense_settings`)."""
   return keys.defense_settings(config.defenses, config.attacks, name)
 
 
@@ -650,7 +650,7 @@ def run(config, workdir: str) -> dict:
   built: dict[str, Defended] = {}
   for name in d.enabled:
     try:
-      defended = DEFENSES[name](ctx)
+      defended = DEFENSES[name].build(ctx)
     except (ValueError, FloatingPointError) as e:  # another config's checkpoint; NaN training
       raise UserError(f"defence {name}: {e}") from None
     built[name] = defended
@@ -670,13 +670,14 @@ def run(config, workdir: str) -> dict:
           eps=eps,
           source=None,
           target=None,
-          settings=defence_settings(config, name),
+          settings=defense_settings(config, name),
         )
         if log.has(base):
           continue
         if clean is None:
           clean = _Judge(defended, yd)(xd)
-        key = jax.random.fold_in(jax.random.fold_in(attack_root, KEY_INDEX[name]), a_index)
+        stream = jax.random.fold_in(attack_root, DEFENSES[name].key_index)
+        key = jax.random.fold_in(stream, a_index)
         row, adv[(spec.name, eps)] = evaluate(
           defended, spec, eps, xd, yd, key=key, clean=clean, runner_kwargs=runner_kwargs
         )
@@ -718,7 +719,7 @@ def _run_transfer(config, ctx, built, x, y, log, settings, attack_root, runner_k
   eps = float(t.eps)
   for name in t.sources:
     if name not in built:
-      built[name] = DEFENSES[name](ctx)
+      built[name] = DEFENSES[name].build(ctx)
   targets = {k: transfer.Classifier(v.logits_fn, v.params) for k, v in built.items()}
   base = dict(kind="transfer", dataset=config.data.name, attack="pgd", eps=eps, settings=settings)
   row_of = lambda s, tg: dict(base, defense=tg, source=s, target=tg)  # noqa: E731
@@ -736,7 +737,7 @@ def _run_transfer(config, ctx, built, x, y, log, settings, attack_root, runner_k
       y,
       eps=eps,
       restarts=int(t.restarts),
-      key=jax.random.fold_in(jax.random.fold_in(attack_root, 99), KEY_INDEX[s]),
+      key=jax.random.fold_in(jax.random.fold_in(attack_root, 99), DEFENSES[s].key_index),
       **runner_kwargs,
       **spec.knobs,
     )

@@ -55,3 +55,15 @@ def defense_settings(defenses, attacks, name: str) -> str:
       "runner": to_dict(attacks),
     }
   )
+
+
+def diff(a: Mapping, b: Mapping, prefix="") -> list[str]:
+  """Dotted names of the fields where two config dicts differ."""
+  out = []
+  for k in sorted(set(a) | set(b)):
+    va, vb = a.get(k), b.get(k)
+    if isinstance(va, Mapping) and isinstance(vb, Mapping):
+      out += diff(va, vb, f"{prefix}{k}.")
+    elif va != vb:
+      out.append(f"{prefix}{k}")
+  return out

@@ -1,8 +1,18 @@
 """Builds the config's models, trains them (or reuses their checkpoints), and exposes each
-as the pure functions the attacks need."""
+as the pure functions the attacks need.
 
+`MODELS` is the table of the study's models (name -> `ModelSpec`: its kind, how to build its
+Flax module from `config.model[name]`, how to train it); its names and kinds are
+`vae_attacks.models.MODEL_KINDS`, which configs and validation read. The defences
+(experiments/defenses.py) train their CNNs, the MLP VAE and its latent classifier with the
+same functions (`train_cnn`, `train_vae`, `train_latent_classifier`).
+"""
+
+import pathlib
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 from absl import logging
 
@@ -21,67 +31,9 @@ class Trained(NamedTuple):
   metrics: dict  # written to train_metrics.json
 
 
-def train_all(config, data, workdir) -> dict[str, Trained]:
-  """Trains every model of `config.models`, in order; checkpoints under workdir/checkpoints."""
-  num_classes = len(data.class_names)
-  image_shape = tuple(data.x_train.shape[1:])
-  root = jax.random.key(config.seed)
-  out = {}
-  for index, name in enumerate(config.models):
-    key = jax.random.fold_in(root, index)
-    ckpt = (workdir / "checkpoints" / name).resolve()
-    if name == "cnn":
-      cnn = models.CNN(num_classes=num_classes, **config.model.cnn)
-      params, metrics = train.train_classifier(
-        cnn, data, key=key, checkpoint_dir=str(ckpt), **config.train.cnn
-      )
-      metrics = _keep(metrics, params, "classifier")
-      logging.info("cnn: test accuracy %.4f", metrics["test_accuracy"])
-      out[name] = Trained(name, "classifier", models.classifier_fns(cnn), params, None, metrics)
-    else:
-      cls = models.MLPVAE if name == "mlp_vae" else models.ConvVAE
-      vae = cls(image_shape=image_shape, **config.model[name])
-      vae_key, clf_key = jax.random.split(key)
-      vae_params, vae_metrics = train.train_vae(
-        vae, data, key=vae_key, checkpoint_dir=str(ckpt / "vae"), **config.train.vae
-      )
-      clf = models.LatentClassifier(num_classes=num_classes, **config.model.latent_classifier)
-      params, clf_metrics = train.train_latent_classifier(
-        vae,
-        vae_params,
-        clf,
-        data,
-        key=clf_key,
-        checkpoint_dir=str(ckpt / "latent_classifier"),
-        **config.train.latent_classifier,
-      )
-      metrics = vae_classifier_metrics(
-        _keep(vae_metrics, vae_params, "vae"), _keep(clf_metrics, params["clf"], "classifier")
-      )
-      logging.info(
-        "%s: test -ELBO %.2f nats, latent classifier accuracy %.4f",
-        name,
-        metrics["test_neg_elbo_nats"],
-        metrics["test_accuracy"],
-      )
-      logits_fn = models.latent_classifier_fn(vae, clf)
-      out[name] = Trained(name, "vae", logits_fn, params, models.vae_fns(vae), metrics)
-  return out
-
-
-def vae_classifier_metrics(vae_kept: dict, clf_kept: dict) -> dict:
-  """The train_metrics entry of a VAE with its latent classifier (both `_keep`-ed)."""
-  return {
-    "vae": vae_kept,
-    "latent_classifier": clf_kept,
-    "test_neg_elbo_nats": vae_kept["test_neg_elbo_nats"],
-    "test_accuracy": clf_kept["test_accuracy"],
-    "train_seconds": vae_kept["train_seconds"] + clf_kept["train_seconds"],
-  }
-
-
-def _keep(metrics: dict, params, kind: str) -> dict:
-  """The JSON-friendly part of train's metrics, plus the parameter count."""
+def kept_metrics(metrics: dict, params, kind: str) -> dict:
+  """The train_metrics.json entry of one training: train's metrics, JSON-friendly, with the
+  parameter count and the kind ("classifier", "vae", "gmvae")."""
   keep = {k: v for k, v in metrics.items() if k != "history"}
   # train_seconds: the whole training, also when this run resumed it or reused its checkpoint.
   keep["train_seconds_this_run"] = keep.get("train_seconds", 0.0)
@@ -91,3 +43,145 @@ def _keep(metrics: dict, params, kind: str) -> dict:
   if "history" in metrics:
     keep["history"] = metrics["history"]
   return keep
+
+
+def vae_classifier_metrics(vae_kept: dict, clf_kept: dict) -> dict:
+  """The train_metrics entry of a VAE with its latent classifier (both `kept_metrics`)."""
+  return {
+    "vae": vae_kept,
+    "latent_classifier": clf_kept,
+    "test_neg_elbo_nats": vae_kept["test_neg_elbo_nats"],
+    "test_accuracy": clf_kept["test_accuracy"],
+    "train_seconds": vae_kept["train_seconds"] + clf_kept["train_seconds"],
+  }
+
+
+def _num_classes(data) -> int:
+  return len(data.class_names)
+
+
+def _image_shape(data) -> tuple:
+  return tuple(data.x_train.shape[1:])
+
+
+def train_cnn(
+  name: str, model_cfg, train_cfg, data, *, key, checkpoint_dir: str
+) -> tuple[nn.Module, Params, dict]:
+  """A `models.CNN` built from `model_cfg`, trained with `train_cfg` (a config train section):
+  (module, variables, kept metrics); `name` labels the progress lines."""
+  cnn = MODELS["cnn"].build(model_cfg, data)
+  params, m = train.train_classifier(
+    cnn,
+    data,
+    key=key,
+    settings=train.TrainSettings.from_config(train_cfg),
+    checkpoint_dir=checkpoint_dir,
+  )
+  logging.info("%s: test accuracy %.4f", name, m["test_accuracy"])
+  return cnn, params, kept_metrics(m, params, "classifier")
+
+
+def train_vae(
+  name: str, config, data, *, key, checkpoint_dir: str
+) -> tuple[nn.Module, Params, dict]:
+  """The VAE `name` ("mlp_vae", "conv_vae") built from `config.model[name]`, trained with
+  `config.train.vae`: (module, variables, kept metrics)."""
+  vae = MODELS[name].build(config.model[name], data)
+  params, m = train.train_vae(
+    vae,
+    data,
+    key=key,
+    settings=train.TrainSettings.from_config(config.train.vae),
+    checkpoint_dir=checkpoint_dir,
+  )
+  return vae, params, kept_metrics(m, params, "vae")
+
+
+def train_latent_classifier(
+  config, data, vae: nn.Module, vae_params: Params, *, key, checkpoint_dir: str
+) -> tuple[nn.Module, Params, dict]:
+  """The `LatentClassifier` of `config.model.latent_classifier` on the frozen VAE's latent
+  means, trained with `config.train.latent_classifier`: (module, {"vae", "clf"} params, kept
+  metrics of the classifier alone)."""
+  clf = models.LatentClassifier(num_classes=_num_classes(data), **config.model.latent_classifier)
+  params, m = train.train_latent_classifier(
+    vae,
+    vae_params,
+    clf,
+    data,
+    key=key,
+    settings=train.TrainSettings.from_config(config.train.latent_classifier),
+    checkpoint_dir=checkpoint_dir,
+  )
+  return clf, params, kept_metrics(m, params["clf"], "classifier")
+
+
+def _train_classifier(name, config, data, key, checkpoint_dir: pathlib.Path) -> Trained:
+  cnn, params, metrics = train_cnn(
+    name, config.model[name], config.train[name], data, key=key, checkpoint_dir=str(checkpoint_dir)
+  )
+  return Trained(name, "classifier", models.classifier_fns(cnn), params, None, metrics)
+
+
+def _train_vae_classifier(name, config, data, key, checkpoint_dir: pathlib.Path) -> Trained:
+  """A VAE and the latent classifier on its code: the "VAE as classifier"."""
+  vae_key, clf_key = jax.random.split(key)
+  vae, vae_params, vae_kept = train_vae(
+    name, config, data, key=vae_key, checkpoint_dir=str(checkpoint_dir / "vae")
+  )
+  clf, params, clf_kept = train_latent_classifier(
+    config,
+    data,
+    vae,
+    vae_params,
+    key=clf_key,
+    checkpoint_dir=str(checkpoint_dir / "latent_classifier"),
+  )
+  metrics = vae_classifier_metrics(vae_kept, clf_kept)
+  logging.info(
+    "%s: test -ELBO %.2f nats, latent classifier accuracy %.4f",
+    name,
+    metrics["test_neg_elbo_nats"],
+    metrics["test_accuracy"],
+  )
+  logits_fn = models.latent_classifier_fn(vae, clf)
+  return Trained(name, "vae", logits_fn, params, models.vae_fns(vae), metrics)
+
+
+class ModelSpec(NamedTuple):
+  """One of the study's models."""
+
+  kind: str  # models.MODEL_KINDS[name]: "classifier" | "vae"
+  build: Callable[[Any, Any], nn.Module]  # (config.model[name], data) -> the Flax module
+  # (name, config, data, key, checkpoint folder) -> Trained; checkpoints under the folder
+  train: Callable[..., Trained]
+
+
+MODELS: dict[str, ModelSpec] = {
+  "cnn": ModelSpec(
+    "classifier",
+    lambda section, data: models.CNN(num_classes=_num_classes(data), **section),
+    _train_classifier,
+  ),
+  "mlp_vae": ModelSpec(
+    "vae",
+    lambda section, data: models.MLPVAE(image_shape=_image_shape(data), **section),
+    _train_vae_classifier,
+  ),
+  "conv_vae": ModelSpec(
+    "vae",
+    lambda section, data: models.ConvVAE(image_shape=_image_shape(data), **section),
+    _train_vae_classifier,
+  ),
+}
+
+
+def train_all(config, data, workdir) -> dict[str, Trained]:
+  """Trains every model of `config.models`, in order; checkpoints under workdir/checkpoints."""
+  root = jax.random.key(config.seed)
+  out = {}
+  for index, name in enumerate(config.models):
+    key = jax.random.fold_in(root, index)
+    ckpt = (workdir / "checkpoints" / name).resolve()
+    out[name] = MODELS[name].train(name, config, data, key, ckpt)
+  return out

@@ -1,10 +1,9 @@
 """Checks every config field before any work starts; one clear line per problem."""
 
-from collections.abc import Mapping
-
 import ml_collections
 
 from configs import base
+from experiments import defenses as defenses_lib  # the defences' table (imports jax)
 from vae_attacks import data as data_lib
 from vae_attacks.attacks import registry, runner
 
@@ -70,32 +69,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _defenses(c)
 
 
-# The builders of experiments/defenses.py (DEFENSES), named here so validation imports no jax.
-DEFENSES = (
-  "none", "substitute", "distillation", "adversarial", "projection", "gmvae", "siamese",
-  "vae_classifier",
-)  # fmt: skip
-# Plain classifiers (a transfer_spec to craft with).
-TRANSFER_SOURCES = (
-  "none", "substitute", "distillation", "adversarial", "siamese", "vae_classifier",
-)  # fmt: skip
-# The (model, train) sections each defence trains from; a defence not here needs its own name's.
-DEFENSE_SECTIONS = {
-  "none": (("cnn", "cnn"),),
-  "distillation": (("cnn", "distillation"),),  # the cnn architecture
-  "projection": (("cnn", "cnn"), ("mlp_vae", "vae")),  # the CNN classifies the projection
-  "vae_classifier": (("mlp_vae", "vae"), ("latent_classifier", "latent_classifier")),
-}
-
-
 def _defenses(c) -> None:
   """The `defenses` section of configs/mnist_defenses.py and configs/lfw_defenses.py."""
   d = c.defenses
+  specs = defenses_lib.DEFENSES  # read here, not at import: defenses imports us (by workdir)
   if not d.enabled:
-    raise ConfigError(f"defenses.enabled is empty; allowed: a tuple of {DEFENSES}")
+    raise ConfigError(f"defenses.enabled is empty; allowed: a tuple of {tuple(specs)}")
   for name in d.enabled:
-    _one_of("defenses.enabled[]", name, DEFENSES)
-    for keys in DEFENSE_SECTIONS.get(name, ((name, name),)):
+    _one_of("defenses.enabled[]", name, tuple(specs))
+    for keys in specs[name].sections:
       for section, key in zip(("model", "train"), keys, strict=True):
         if key not in c[section]:
           raise ConfigError(f"defence {name!r} needs {section}.{key}; the config has none")
@@ -144,7 +126,7 @@ def _defenses(c) -> None:
     if not t.sources:
       raise ConfigError("defenses.transfer.sources is empty; allowed: defences to craft on")
     for name in t.sources:
-      _one_of("defenses.transfer.sources[]", name, TRANSFER_SOURCES)
+      _one_of("defenses.transfer.sources[]", name, defenses_lib.TRANSFER_SOURCES)
 
 
 # Knobs an attack section may hold, with their check (the registry says which attack takes which).
@@ -206,15 +188,3 @@ def _open_unit(field, value, closed_low=False):
   ok = isinstance(value, (int, float)) and (0 <= value if closed_low else 0 < value) and value < 1
   if not ok:
     raise ConfigError(f"{field}={value!r}; allowed: a number in {'[' if closed_low else '('}0, 1)")
-
-
-def diff(a: Mapping, b: Mapping, prefix="") -> list[str]:
-  """Dotted names of the fields where two config dicts differ."""
-  out = []
-  for k in sorted(set(a) | set(b)):
-    va, vb = a.get(k), b.get(k)
-    if isinstance(va, Mapping) and isinstance(vb, Mapping):
-      out += diff(va, vb, f"{prefix}{k}.")
-    elif va != vb:
-      out.append(f"{prefix}{k}")
-  return out

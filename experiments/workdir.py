@@ -3,7 +3,7 @@
 import json
 import pathlib
 
-from experiments import keys, store, validate
+from experiments import keys, store
 from experiments.errors import UserError
 
 
@@ -21,7 +21,7 @@ def claim_workdir(config, workdir: pathlib.Path) -> None:
     # What decides the trained models must match; attacks/eval/output may change between runs
     # (result rows carry a hash of those settings in their key).
     fixed = ("seed", "models", "data", "model", "train")
-    changed = validate.diff({k: old.get(k) for k in fixed}, {k: new.get(k) for k in fixed})
+    changed = keys.diff({k: old.get(k) for k in fixed}, {k: new.get(k) for k in fixed})
     if changed:
       raise UserError(
         f"workdir {workdir} belongs to a different config (differs in: {', '.join(changed)}); "

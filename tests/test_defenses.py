@@ -16,7 +16,9 @@ DATA = fakedata.toy_data(n_train=192, n_test=64)
 CNN = models.CNN(3, features=(4,), dense=(16,))
 LOGITS = models.classifier_fns(CNN)
 INIT = fakedata.numpy_init(CNN, DATA.x_train[:1])
-TRAIN = dict(epochs=1, batch_size=32, learning_rate=1e-2, init_params=INIT)
+TRAIN = dict(
+  settings=train.TrainSettings(epochs=1, batch_size=32, learning_rate=1e-2), init_params=INIT
+)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +145,7 @@ def test_restarts_break_a_superset_and_keep_a_breaking_image(plain):
 def test_transfer_matrix_diagonal_is_the_white_box_result(plain, key):
   other = models.CNN(3, features=(6,), dense=(8,))
   p1 = plain
-  p2, _ = train.train_classifier(other, DATA, key=key, epochs=1, batch_size=32)
+  p2, _ = train.train_classifier(other, DATA, key=key, settings=train.TrainSettings(1, 32))
   nets = {
     "a": transfer.Classifier(LOGITS, p1),
     "b": transfer.Classifier(models.classifier_fns(other), p2),

@@ -48,8 +48,8 @@ def test_quick_defenses_run_writes_rows_report_and_resumes(data_root, tmp_path):
   rows = read_rows(tmp_path)
   attacked = [r for r in rows if r["kind"] == "defense"]
   # Attacks each, no FGSM; the projection's third knows its rejection too.
-  per_defence = {"distillation": 2, "projection": 3, "gmvae": 2}
-  assert len(attacked) == sum(per_defence.values()) * 2  # x 2 eps
+  per_defense = {"distillation": 2, "projection": 3, "gmvae": 2}
+  assert len(attacked) == sum(per_defense.values()) * 2  # x 2 eps
   by = {(r["defense"], r["attack"], r["eps"]): r for r in attacked}
   assert len(by) == len(attacked)
   # Distillation and projection each have an attack that knows them and one that does not.
@@ -72,17 +72,17 @@ def test_quick_defenses_run_writes_rows_report_and_resumes(data_root, tmp_path):
       assert "false_rejection_rate" not in r
   moved = [r for r in rows if r["kind"] == "transfer"]
   assert {(r["source"], r["target"]) for r in moved} == {
-    (s, t) for s in ("distillation",) for t in per_defence
+    (s, t) for s in ("distillation",) for t in per_defense
   }
   diagonal = next(r for r in moved if r["source"] == r["target"])
   assert diagonal["white_box"] and diagonal["crafted_with"] == "pgd_adaptive"
   metrics = json.loads((tmp_path / "train_metrics.json").read_text())
-  assert set(metrics) == set(per_defence)
+  assert set(metrics) == set(per_defense)
   assert set(metrics["distillation"]) >= {"teacher", "student", "test_accuracy"}
   summary = (tmp_path / "summary.md").read_text()
   assert "### Defences" in summary and "Black-box transfer" in summary
   assert "pgd_bpda" in summary
-  _check_defence_figures(config, tmp_path, summary)
+  _check_defense_figures(config, tmp_path, summary)
 
   before = (tmp_path / "defenses.jsonl").read_text()
   run_lib.run(config, str(tmp_path))  # everything done: nothing appended, checkpoints reused
@@ -91,7 +91,7 @@ def test_quick_defenses_run_writes_rows_report_and_resumes(data_root, tmp_path):
   assert reused["distillation"]["student"]["reused_checkpoint"]
 
 
-def _check_defence_figures(config, workdir, summary):
+def _check_defense_figures(config, workdir, summary):
   """The figure arrays of the projection and the GMVAE, and their PNGs linked in the report."""
   import numpy as np  # noqa: PLC0415
 
@@ -155,7 +155,7 @@ def test_pca_2d_recovers_the_plane_of_planar_codes():
     ("defenses.transfer.sources", ("projection",), "sources[]='projection' is not allowed"),
   ],
 )
-def test_bad_defence_fields_are_named(field, value, message):
+def test_bad_defense_fields_are_named(field, value, message):
   c = mnist_defenses.get_config("quick")
   section, _, leaf = field.rpartition(".")
   node = c
@@ -185,7 +185,7 @@ def _row(defense, attack, adaptive, robust, **extra):
               restarts=5, steps=40, **extra)  # fmt: skip
 
 
-def test_defence_table_takes_the_worst_adaptive_attack_and_withholds_the_rest():
+def test_defense_table_takes_the_worst_adaptive_attack_and_withholds_the_rest():
   from experiments import report  # noqa: PLC0415
 
   rows = [
@@ -210,7 +210,7 @@ def test_defence_table_takes_the_worst_adaptive_attack_and_withholds_the_rest():
   assert "detection rate" in every and "| gate | pgd | yes | 0.3 | 100 | 5 x 40 |" in every
 
 
-def test_defence_worst_case_is_per_example_over_every_attack():
+def test_defense_worst_case_is_per_example_over_every_attack():
   """An example is robust only if no attack broke it: a blind attack that breaks examples the
   adaptive one missed lowers the worst case below every single attack's robust accuracy."""
   from experiments import report  # noqa: PLC0415
@@ -402,12 +402,22 @@ def test_vae_classifier_deploys_the_latent_classifier_on_the_encoder_mean(tmp_pa
   jax.tree.map(np.testing.assert_array_equal, again.params, d.params)
 
 
-def test_defence_names_agree_between_validation_and_the_builders():
+def test_the_defense_table_keeps_every_random_stream_and_names_transfer_sources():
   from experiments import defenses  # noqa: PLC0415
 
-  assert validate.DEFENSES == tuple(defenses.DEFENSES)
-  assert set(validate.TRANSFER_SOURCES) <= set(defenses.DEFENSES)
-  assert len(set(defenses.KEY_INDEX.values())) == len(defenses.KEY_INDEX)  # one stream each
+  streams = {name: spec.key_index for name, spec in defenses.DEFENSES.items()}
+  streams.update(defenses.SHARED_KEY_INDEX)
+  # The numbers every finished result was made with: never renumber.
+  assert streams == {
+    "none": 0, "substitute": 11, "distillation": 12, "adversarial": 13, "vae": 14,
+    "projection": 15, "gmvae": 16, "siamese": 17, "vae_classifier": 18,
+  }  # fmt: skip
+  assert len(set(streams.values())) == len(streams)  # one stream each
+  assert set(defenses.TRANSFER_SOURCES) <= set(defenses.DEFENSES)
+  c = mnist_defenses.get_config("quick")
+  c.defenses.transfer.sources = ("projection",)  # no transfer_spec: not a source
+  with pytest.raises(validate.ConfigError, match="defenses.transfer.sources"):
+    validate.validate(c)
 
 
 @pytest.mark.parametrize(
@@ -419,7 +429,7 @@ def test_defence_names_agree_between_validation_and_the_builders():
     ("model.mlp_vae", None, "defence 'vae_classifier' needs model.mlp_vae"),
   ],
 )  # fmt: skip
-def test_lfw_defence_fields_are_named(field, value, message):
+def test_lfw_defense_fields_are_named(field, value, message):
   from configs import lfw_defenses  # noqa: PLC0415
 
   c = lfw_defenses.get_config("quick")
@@ -453,20 +463,20 @@ def test_impersonation_reaches_the_most_similar_other_class_on_a_linear_model():
   assert float(jnp.max(jnp.abs(res.x_adv - x))) <= 0.5 + 1e-6
 
 
-def test_a_defences_rows_keep_their_settings_when_another_defence_changes():
+def test_a_defenses_rows_keep_their_settings_when_another_defense_changes():
   """Enabling another defence or changing another's knobs must not invalidate finished rows;
   changing the defence's own section or the shared attacks must."""
   from experiments import defenses  # noqa: PLC0415
 
   c = mnist_defenses.get_config()
-  before = {n: defenses.defence_settings(c, n) for n in ("gmvae", "projection", "none")}
+  before = {n: defenses.defense_settings(c, n) for n in ("gmvae", "projection", "none")}
   c.defenses.enabled = ("gmvae",)
   c.defenses.projection.penalty = 3.0
-  after = {n: defenses.defence_settings(c, n) for n in before}
+  after = {n: defenses.defense_settings(c, n) for n in before}
   assert after["gmvae"] == before["gmvae"] and after["none"] == before["none"]
   assert after["projection"] != before["projection"]
   c.defenses.attacks.restarts = 2
-  assert defenses.defence_settings(c, "gmvae") != before["gmvae"]
+  assert defenses.defense_settings(c, "gmvae") != before["gmvae"]
 
 
 def test_projection_needs_the_cnn_it_classifies_with():

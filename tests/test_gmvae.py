@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from vae_attacks import losses, models
+from vae_attacks import losses, models, train
 from vae_attacks.attacks import bim
 from vae_attacks.defenses import gmvae
 
@@ -52,7 +52,10 @@ def trained():
   data = types.SimpleNamespace(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
   model = gmvae.GMVAE(models.MLPVAE((SIZE, SIZE, 1), 3, hidden=(32,)), num_classes=3)
   params, metrics = gmvae.train_gmvae(
-    model, data, key=jax.random.key(0), epochs=4, batch_size=32, learning_rate=3e-3
+    model,
+    data,
+    key=jax.random.key(0),
+    settings=train.TrainSettings(epochs=4, batch_size=32, learning_rate=3e-3),
   )
   return model, params, metrics
 

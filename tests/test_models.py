@@ -255,3 +255,22 @@ def test_depth_to_space_places_each_channel_group_in_its_subpixel():
       np.testing.assert_array_equal(
         out[:, u::2, v::2, :], x[..., (2 * u + v) * 5 : (2 * u + v + 1) * 5]
       )
+
+
+def test_the_model_tables_agree_and_build_each_kind():
+  """vae_attacks.models.MODEL_KINDS (read by configs and validation) names the rows of
+  experiments/models.py's MODELS, with the same kinds; each builds its module from a section."""
+  import types  # noqa: PLC0415
+
+  from configs import base  # noqa: PLC0415
+  from experiments import models as models_lib  # noqa: PLC0415
+
+  assert {k: v.kind for k, v in models_lib.MODELS.items()} == models.MODEL_KINDS
+  assert base.MODELS == tuple(models.MODEL_KINDS)
+  c = base.get_config(dataset="mnist", models=base.MODELS, quick=True)
+  data = types.SimpleNamespace(x_train=np.zeros((2, 28, 28, 1)), class_names=tuple("abc"))
+  for name, spec in models_lib.MODELS.items():
+    module = spec.build(c.model[name], data)
+    want = models.CNN if spec.kind == "classifier" else (models.MLPVAE, models.ConvVAE)
+    assert isinstance(module, want)
+  assert models_lib.MODELS["cnn"].build(c.model.cnn, data).num_classes == 3

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vae_attacks import train
 from vae_attacks.defenses import siamese
 
 SIZE = 8
@@ -108,7 +109,10 @@ def trained():
   data = types.SimpleNamespace(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
   model = siamese.EmbeddingNet(embedding_dim=8, features=(4,), dense=(16,))
   params, metrics = siamese.train_siamese(
-    model, data, key=jax.random.key(0), epochs=4, batch_size=24, learning_rate=1e-2
+    model,
+    data,
+    key=jax.random.key(0),
+    settings=train.TrainSettings(epochs=4, batch_size=24, learning_rate=1e-2),
   )
   centres = siamese.class_centres(siamese.embed(model, params, x_train), jnp.asarray(y_train), K)
   return model, params, centres, data, metrics

@@ -18,16 +18,14 @@ VAE = models.MLPVAE((8, 8, 1), 2, hidden=(32,))
 VAE_INIT = fakedata.numpy_init(VAE, DATA.x_train[:1], jax.random.key(0))
 
 
-def _fit_cnn(key, epochs, **kwargs):
+def _fit_cnn(key, epochs, checkpoint_dir=None, **settings):
   return train.train_classifier(
     CNN,
     DATA,
     key=key,
-    epochs=epochs,
-    batch_size=16,
-    learning_rate=1e-2,
+    settings=train.TrainSettings(epochs=epochs, batch_size=16, learning_rate=1e-2, **settings),
     init_params=CNN_INIT,
-    **kwargs,
+    checkpoint_dir=checkpoint_dir,
   )
 
 
@@ -43,9 +41,7 @@ def vae_run():
     VAE,
     DATA,
     key=jax.random.key(0),
-    epochs=4,
-    batch_size=16,
-    learning_rate=1e-2,
+    settings=train.TrainSettings(epochs=4, batch_size=16, learning_rate=1e-2),
     init_params=VAE_INIT,
   )
 
@@ -78,7 +74,12 @@ def test_latent_classifier_uses_the_frozen_encoder(key, vae_run):
   vae_params, _ = vae_run
   clf = models.LatentClassifier(3, hidden=(16,))
   params, metrics = train.train_latent_classifier(
-    VAE, vae_params, clf, DATA, key=key, epochs=6, batch_size=16, learning_rate=2e-2
+    VAE,
+    vae_params,
+    clf,
+    DATA,
+    key=key,
+    settings=train.TrainSettings(epochs=6, batch_size=16, learning_rate=2e-2),
   )
   chex.assert_trees_all_equal(params["vae"], vae_params)
   logits_fn = models.latent_classifier_fn(VAE, clf)
@@ -116,8 +117,8 @@ def test_cosine_schedule_refuses_a_different_run_length(key, tmp_path):
   ckpt = str(tmp_path / "cos")
   init = jax.tree.map(jnp.asarray, CNN_INIT)
   train.train_classifier(
-    CNN, DATA, key=key, epochs=1, batch_size=16, checkpoint_dir=ckpt, lr_schedule="cosine",
-    learning_rate=1e-2, init_params=init,
+    CNN, DATA, key=key, checkpoint_dir=ckpt, init_params=init,
+    settings=train.TrainSettings(epochs=1, batch_size=16, learning_rate=1e-2, lr_schedule="cosine"),
   )  # fmt: skip
   # the caller's starting arrays survive (the jitted step donates only its own copy)
   chex.assert_trees_all_equal(init, CNN_INIT)
@@ -152,8 +153,8 @@ def test_non_finite_epoch_is_an_error_and_never_checkpointed(key, tmp_path):
   poisoned = types.SimpleNamespace(**{**vars(DATA), "x_train": x_train})
   with pytest.raises(train.NonFiniteError) as err:
     train.train_classifier(
-      CNN, poisoned, key=key, epochs=2, batch_size=16, learning_rate=1e-2, init_params=CNN_INIT,
-      checkpoint_dir=ckpt,
+      CNN, poisoned, key=key, init_params=CNN_INIT, checkpoint_dir=ckpt,
+      settings=train.TrainSettings(epochs=2, batch_size=16, learning_rate=1e-2),
     )  # fmt: skip
   # The parameters are NaN while the losses may look finite: XLA's CPU max (ReLU) drops NaN.
   message = str(err.value)
@@ -171,10 +172,42 @@ def test_checkpoint_of_another_model_or_corrupt_is_named_not_a_traceback(key, tm
   _fit_cnn(key, 1, checkpoint_dir=str(ckpt))
   wider = models.CNN(3, features=(8,), dense=(16,))  # other parameter shapes
   with pytest.raises(train.CheckpointError, match=f"checkpoint {ckpt} was made for another model"):
-    train.train_classifier(wider, DATA, key=key, epochs=1, batch_size=16, checkpoint_dir=str(ckpt))
+    train.train_classifier(
+      wider, DATA, key=key, settings=train.TrainSettings(1, 16), checkpoint_dir=str(ckpt)
+    )
   # Same hyper-parameters but unreadable parameter files (a copied or damaged folder).
   for f in (ckpt / "1" / "state").rglob("*"):
     if f.is_file() and f.name != "_METADATA":
       f.write_bytes(b"not a tensorstore chunk")
   with pytest.raises(train.CheckpointError, match=f"saved in {ckpt} .step 1. do not fit"):
     _fit_cnn(key, 1, checkpoint_dir=str(ckpt))
+
+
+def test_settings_come_from_a_config_section_and_refuse_a_misspelt_field():
+  section = dict(epochs=3, batch_size=8, lr_schedule="cosine", margin=0.2)
+  s = train.TrainSettings.from_config(section, extra=("margin",))
+  assert s == train.TrainSettings(epochs=3, batch_size=8, lr_schedule="cosine")
+  assert s.hparams()["schedule_epochs"] == 3 and s.steps_per_epoch(20) == 2
+  with pytest.raises(ValueError, match="margin"):
+    train.TrainSettings.from_config(section)
+
+
+def test_vae_checkpoints_written_without_weight_decay_or_augmentation_resume(key, tmp_path):
+  # A VAE's checkpoint recorded no weight_decay / augment_* before every trainer took
+  # TrainSettings: at their defaults they equal their absence.
+  ckpt = str(tmp_path / "vae")
+  settings = train.TrainSettings(epochs=1, batch_size=16, learning_rate=1e-2)
+  train.train_vae(VAE, DATA, key=key, settings=settings, init_params=VAE_INIT, checkpoint_dir=ckpt)
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  with ocp.CheckpointManager(ckpt, item_names=("state", "meta")) as manager:
+    meta = manager.restore(1, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  assert meta["hparams"]["weight_decay"] == 0.0
+  _, again = train.train_vae(
+    VAE, DATA, key=key, settings=settings, init_params=VAE_INIT, checkpoint_dir=ckpt
+  )
+  assert again["reused_checkpoint"] is True
+  with pytest.raises(train.CheckpointError, match="differs in: weight_decay"):
+    train.train_vae(
+      VAE, DATA, key=key, settings=settings._replace(weight_decay=0.1), checkpoint_dir=ckpt
+    )

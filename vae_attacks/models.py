@@ -24,6 +24,10 @@ import jax.numpy as jnp
 
 from vae_attacks.types import Array, DecodeFn, EncodeFn, LogitsFn, Params, PRNGKey, ReconstructFn
 
+# The study's models by name (config `models`, experiments/models.py's MODELS table) and kind:
+# a classifier is attacked as it is, a VAE through the latent classifier on its code.
+MODEL_KINDS = {"cnn": "classifier", "mlp_vae": "vae", "conv_vae": "vae"}
+
 
 def _flatten(x: Array, n_batch: int) -> Array:
   """Keep the first `n_batch` axes and flatten the rest."""

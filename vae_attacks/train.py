@@ -6,16 +6,22 @@ key and hyper-parameters: epoch e's shuffle is `permutation(fold_in(k_shuffle, e
 i's randomness `fold_in(fold_in(k_step, e), i)`, so a run resumed from a checkpoint after a kill
 ends with exactly the parameters of an uninterrupted run.
 
+Every trainer takes a `TrainSettings` (a config's `train.<model>` section) and runs the one
+loop, `fit`; the test-set evaluations are `runner.batched_map`s (`classifier_evaluation`),
+or, for a model that samples, `sum_over_batches`.
+
 The data argument is anything with `x_train [N, H, W, C]`, `y_train [N]`, `x_test`, `y_test`
 (e.g. `vae_attacks.data.Dataset`). The library writes nothing unless given a
 `checkpoint_dir`, and reports progress through `absl.logging` (INFO).
 """
 
+import dataclasses
+import functools
 import os
 import time
 import types
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -25,8 +31,9 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from vae_attacks import losses
-from vae_attacks.types import Array, Params, PRNGKey
+from vae_attacks import losses, models
+from vae_attacks.attacks import runner
+from vae_attacks.types import Array, LogitsFn, Params, PRNGKey
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -163,12 +170,6 @@ def _check_finite(name, epoch, epochs, record, params, checkpoint_dir, manager) 
   )
 
 
-def _chunked(fn: Callable, *arrays: Array, chunk: int) -> list:
-  """fn applied to consecutive chunks of `arrays` (leading axis), results in a list."""
-  n = arrays[0].shape[0]
-  return [fn(*(a[i : i + chunk] for a in arrays)) for i in range(0, n, chunk)]
-
-
 def _short(value, limit: int = 120) -> str:
   """repr(value), cut to `limit` characters (for one-line error messages)."""
   text = repr(value)
@@ -193,28 +194,171 @@ def _checkpoint_manager(directory: str) -> ocp.CheckpointManager:
   )
 
 
-def _fit(
+class TrainSettings(NamedTuple):
+  """How a model is trained: the fields of a config's `train.<model>` section.
+
+  Every trainer of the library takes one (`train_classifier`, `train_vae`,
+  `train_latent_classifier`, `gmvae.train_gmvae`, `siamese.train_siamese`,
+  `adversarial.train_adversarial`, `distillation.train_distilled`) and hands it to `fit`.
+
+  Attributes:
+    epochs: passes over the training set (the last partial batch of each is dropped).
+    batch_size: examples per optimiser step.
+    learning_rate: Adam's (peak) step size.
+    weight_decay: decoupled weight decay (AdamW) when > 0.
+    lr_schedule: "constant" or "cosine" (`make_optimizer`).
+    augment_flip: random horizontal flips of the training images (faces, not digits).
+    augment_shift: random translations up to this many pixels.
+    eval_batch_size: examples per jitted call of the per-epoch test evaluation.
+  """
+
+  epochs: int
+  batch_size: int = 128
+  learning_rate: float = 1e-3
+  weight_decay: float = 0.0
+  lr_schedule: str = "constant"
+  augment_flip: bool = False
+  augment_shift: int = 0
+  eval_batch_size: int = 1000
+
+  @classmethod
+  def from_config(cls, section: Mapping, *, extra: Sequence[str] = ()) -> "TrainSettings":
+    """The settings of a config's train section (a dict or ConfigDict).
+
+    Args:
+      section: e.g. `config.train.cnn`; fields not given keep their defaults.
+      extra: keys of the section that belong to the caller (a trainer's own knobs, such as
+        the siamese net's `margin`), skipped here.
+
+    Raises:
+      ValueError: a key that is neither a field nor in `extra` (a misspelt field).
+    """
+    unknown = sorted(set(section) - set(cls._fields) - set(extra))
+    if unknown:
+      raise ValueError(f"train settings have no field {unknown}; fields: {cls._fields}")
+    return cls(**{k: section[k] for k in cls._fields if k in section})
+
+  def steps_per_epoch(self, n_train: int) -> int:
+    """Optimiser steps of one epoch over `n_train` examples."""
+    return n_train // self.batch_size
+
+  def optimizer(self, n_train: int) -> optax.GradientTransformation:
+    """`make_optimizer` for the whole run over `n_train` examples."""
+    return make_optimizer(
+      learning_rate=self.learning_rate,
+      total_steps=self.steps_per_epoch(n_train) * self.epochs,
+      weight_decay=self.weight_decay,
+      lr_schedule=self.lr_schedule,
+    )
+
+  def augment(self) -> Callable[[PRNGKey, Array], Array] | None:
+    """The per-image augmentation `(key, x[H, W, C]) -> x'`, or None when there is none."""
+    if not (self.augment_flip or self.augment_shift):
+      return None
+    return functools.partial(augment_image, flip=self.augment_flip, max_shift=self.augment_shift)
+
+  def hparams(self) -> dict:
+    """The fields a checkpoint must match to be resumed (the length of the run only when the
+    learning-rate schedule depends on it; the evaluation's batch size never)."""
+    return {
+      "batch_size": self.batch_size,
+      "learning_rate": self.learning_rate,
+      "weight_decay": self.weight_decay,
+      "lr_schedule": self.lr_schedule,
+      "schedule_epochs": None if self.lr_schedule == "constant" else self.epochs,
+      "augment_flip": self.augment_flip,
+      "augment_shift": self.augment_shift,
+    }
+
+
+# Hyper-parameters some checkpoints were written without (the VAEs had no weight decay or
+# augmentation): at these values they compare equal to their absence, so those checkpoints resume.
+_HPARAM_DEFAULTS = {"weight_decay": 0.0, "augment_flip": False, "augment_shift": 0}
+
+
+def _comparable(hparams: dict) -> dict:
+  """hparams without the entries at their `_HPARAM_DEFAULTS` value."""
+  return {k: v for k, v in hparams.items() if k not in _HPARAM_DEFAULTS or v != _HPARAM_DEFAULTS[k]}
+
+
+def _jsonable(hparams: dict) -> dict:
+  """Tuples as lists: what a checkpoint's JSON metadata gives back."""
+  return {k: (list(v) if isinstance(v, tuple) else v) for k, v in hparams.items()}
+
+
+def initialiser(init_params: Params | None, init_fn: Callable, *args) -> Callable[[], Params]:
+  """A thunk giving the starting variables: `init_params`, or `init_fn(*args)` (run lazily).
+
+  Args:
+    init_params: given starting variables, or None.
+    init_fn: e.g. `model.init`, called as `init_fn(*args)` under `jax.jit`.
+    *args: its arguments (keys, an example batch).
+
+  Returns:
+    A function of no arguments returning the variables (`fit`'s `init`).
+  """
+  if init_params is not None:
+    return lambda: init_params
+  args = tuple(jnp.asarray(a) if isinstance(a, np.ndarray) else a for a in args)
+  return lambda: jax.jit(init_fn)(*args)
+
+
+def fit(
+  batch_loss: BatchLoss,
+  x_train: Array,
+  y_train: Array,
   *,
   name: str,
   init: Callable[[], Params],
-  batch_loss: BatchLoss,
   evaluate: Callable[[Params], dict],
-  x_train: Array,
-  y_train: Array,
   key: PRNGKey,
-  epochs: int,
-  batch_size: int,
-  optimizer: optax.GradientTransformation,
+  settings: TrainSettings,
   hparams: dict,
-  checkpoint_dir: str | None,
-  augment: Callable[[PRNGKey, Array], Array] | None = None,
+  checkpoint_dir: str | None = None,
   perturb: Perturb | None = None,
 ) -> tuple[Params, dict]:
-  """The shared loop: shuffle, jitted steps, evaluation, checkpoints, progress lines."""
+  """The training loop every trainer of the library runs: Adam over shuffled minibatches.
+
+  Epoch e's shuffle is `permutation(fold_in(k_shuffle, e))`, step i's randomness
+  `fold_in(fold_in(k_step, e), i)`; one jitted step per minibatch (augmentation, then
+  `perturb`, then a gradient step on `batch_loss`), `evaluate` after every epoch, an orbax
+  checkpoint per epoch (the last 2 kept), a progress line per epoch (absl INFO). A finished
+  run in `checkpoint_dir` is reused without training, a partial one resumed with the numbers
+  of an uninterrupted run.
+
+  Args:
+    batch_loss: `(params, x[B, ...], y[B], key) -> (scalar loss, aux)`.
+    x_train: [N, ...] training inputs.
+    y_train: [N] or [N, K] labels (anything; zeros for an unsupervised model).
+    name: the model's name in progress lines and errors.
+    init: the starting variables (`initialiser`); run only when no checkpoint is resumed.
+    evaluate: params -> {metric: float} on the test split, after every epoch.
+    key: randomness of the shuffles and steps (split here).
+    settings: epochs, batch size, optimiser, schedule and augmentation.
+    hparams: what else a checkpoint must match (the model's repr, a trainer's own knobs);
+      `fit` adds the settings' `hparams()` and the training-set size.
+    checkpoint_dir: where to keep the checkpoints; None writes nothing.
+    perturb: a per-batch input transform `(params, key, x, y, step) -> x'` applied after the
+      augmentation, with no gradient through it (adversarial training, Madry et al. 2018).
+
+  Returns:
+    (variables, metrics): the last epoch's evaluation and train_loss, epochs, train_seconds
+    (this call's epochs, evaluation excluded), compile_seconds, examples_per_second,
+    total_train_seconds (with earlier runs resumed from), resumed_from_epoch,
+    reused_checkpoint and the per-epoch history.
+
+  Raises:
+    CheckpointError: the checkpoint is another model's or training's, or unreadable.
+    NonFiniteError: NaN or inf in an epoch's losses, metrics or parameters.
+  """
+  epochs, batch_size = settings.epochs, settings.batch_size
   n = x_train.shape[0]
-  steps = n // batch_size
+  steps = settings.steps_per_epoch(n)
   if steps < 1:
     raise ValueError(f"batch_size {batch_size} is larger than the training set ({n})")
+  optimizer = settings.optimizer(n)
+  augment = settings.augment()
+  hparams = _jsonable({"n_train": int(n), **settings.hparams(), **hparams})
   shuffle_key, step_key = jax.random.split(key)
   x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
   make_state = lambda params: {"params": params, "opt_state": optimizer.init(params)}
@@ -226,11 +370,12 @@ def _fit(
   if manager is not None and manager.latest_step() is not None:
     latest = manager.latest_step()
     meta = _restore_meta(manager, latest, name, checkpoint_dir)
-    if meta.get("hparams") != hparams:
-      old = meta.get("hparams") or {}
-      differ = sorted(k for k in set(old) | set(hparams) if old.get(k) != hparams.get(k))
+    old = _comparable(meta.get("hparams") or {})
+    new = _comparable(hparams)
+    if old != new:
+      differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
       shown = "; ".join(
-        f"{k}: {_short(old.get(k))} there, {_short(hparams.get(k))} here" for k in differ
+        f"{k}: {_short(old.get(k))} there, {_short(new.get(k))} here" for k in differ
       )
       raise CheckpointError(
         f"{name}: checkpoint {checkpoint_dir} was made for another model or training "
@@ -353,22 +498,78 @@ def _fit(
   return state["params"], metrics
 
 
-def _initialiser(init_params: Params | None, init_fn: Callable, *args) -> Callable[[], Params]:
-  """A thunk giving the starting variables: `init_params`, or `init_fn(*args)` (run lazily)."""
-  if init_params is not None:
-    return lambda: init_params
-  args = tuple(jnp.asarray(a) if isinstance(a, np.ndarray) else a for a in args)
-  return lambda: jax.jit(init_fn)(*args)
+# --------------------------------------------------------------------------------------------
+# Test-set evaluations run after every epoch.
 
 
-def _hparams(**kwargs) -> dict:
-  """Hyper-parameters a checkpoint must match to be resumed (JSON-friendly)."""
-  return {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
+@dataclasses.dataclass(frozen=True)
+class _Graded:
+  """(correct, cross-entropy) of ONE example under `logits_fn` (hashable: one compilation)."""
+
+  logits_fn: LogitsFn
+
+  def __call__(self, params: Params, x: Array, y: Array) -> tuple[Array, Array]:
+    logits = self.logits_fn(params, x)
+    return jnp.argmax(logits) == y, losses.cross_entropy(logits, y)
 
 
-def _schedule_epochs(lr_schedule: str, epochs: int) -> int | None:
-  """The run length matters to a resumed run only when the schedule depends on it."""
-  return None if lr_schedule == "constant" else epochs
+def classifier_evaluation(
+  logits_fn: LogitsFn, x_test: Array, y_test: Array, *, batch_size: int = 1000
+) -> Callable[[Params], dict]:
+  """The evaluation of a classifier: params -> {test_accuracy, test_loss} (mean nats).
+
+  Args:
+    logits_fn: `(params, x) -> logits[K]` for one example (`models.classifier_fns`).
+    x_test: [N, ...] test inputs.
+    y_test: int[N] their labels.
+    batch_size: examples per jitted call (`runner.batched_map`).
+
+  Returns:
+    `fit`'s `evaluate`.
+  """
+  graded = _Graded(logits_fn)
+  x_test, y_test = jnp.asarray(x_test), jnp.asarray(y_test)
+
+  def evaluate(params):
+    correct, loss = runner.batched_map(graded, params, x_test, y_test, batch_size=batch_size)
+    n = len(correct)
+    return {
+      "test_accuracy": float(np.sum(correct)) / n,
+      "test_loss": float(np.sum(loss, dtype=np.float64)) / n,
+    }
+
+  return evaluate
+
+
+def sum_over_batches(
+  batch_sums: Callable, params: Params, *arrays: Array, key: PRNGKey, batch_size: int
+) -> np.ndarray:
+  """Sums of a sampling model's statistics over consecutive batches of `arrays`.
+
+  Batch j (examples j * batch_size onwards) draws its randomness from `fold_in(key, j)`, so
+  the batching fixes the samples; the evaluation of the VAEs' ELBO (one latent sample per
+  test image) uses it. Deterministic functions of one example use `runner.batched_map`.
+
+  Args:
+    batch_sums: jitted `(params, *batch_arrays, key) -> tuple of scalar sums`.
+    params: its first argument.
+    *arrays: [N, ...] arrays cut along their leading axis.
+    key: randomness of the whole evaluation.
+    batch_size: examples per call.
+
+  Returns:
+    float64 [S]: each statistic summed over all N examples.
+  """
+  n = arrays[0].shape[0]
+  sums = 0.0
+  for j, i in enumerate(range(0, n, batch_size)):
+    out = batch_sums(params, *(a[i : i + batch_size] for a in arrays), jax.random.fold_in(key, j))
+    sums = sums + np.array([float(c) for c in out])
+  return np.asarray(sums)
+
+
+# --------------------------------------------------------------------------------------------
+# The study's trainers.
 
 
 def train_classifier(
@@ -376,20 +577,13 @@ def train_classifier(
   data: Any,
   *,
   key: PRNGKey,
-  epochs: int,
-  batch_size: int = 128,
-  learning_rate: float = 1e-3,
-  weight_decay: float = 0.0,
-  lr_schedule: str = "constant",
-  augment_flip: bool = False,
-  augment_shift: int = 0,
-  eval_batch_size: int = 1000,
+  settings: TrainSettings,
   checkpoint_dir: str | None = None,
   init_params: Params | None = None,
   temperature: float = 1.0,
   perturb: Perturb | None = None,
 ) -> tuple[Params, dict]:
-  """Trains a classifier (e.g. `CNN`) with softmax cross-entropy and Adam.
+  """Trains a classifier (e.g. `CNN`) with softmax cross-entropy and Adam (`fit`).
 
   Labels `data.y_train` are class ids int[N], or probabilities float[N, K] (soft targets, as
   a distilled student's; Hinton et al. 2015). The test split always has class ids.
@@ -398,14 +592,7 @@ def train_classifier(
     model: a module called as `model(x[B, H, W, C], train=...) -> logits[B, K]`.
     data: has x_train [N, H, W, C] in [0, 1], y_train int [N], x_test, y_test.
     key: randomness of the whole run (init, shuffles, dropout, augmentation).
-    epochs: passes over the training set (the last partial batch of each is dropped).
-    batch_size: examples per step.
-    learning_rate: Adam's (peak) step size.
-    weight_decay: decoupled weight decay (AdamW) when > 0.
-    lr_schedule: "constant" or "cosine".
-    augment_flip: random horizontal flips (faces, not digits).
-    augment_shift: random translations up to this many pixels.
-    eval_batch_size: chunk size of the test-set evaluation.
+    settings: epochs, batch size, learning rate, schedule, weight decay, augmentation.
     checkpoint_dir: where to keep the last 2 epoch checkpoints; a finished run there is reused
       without training, a partial one resumed; None writes nothing.
     init_params: starting variables; None initialises them from `key`.
@@ -415,20 +602,10 @@ def train_classifier(
       loss, with no gradient through it (adversarial training, Madry et al. 2018).
 
   Returns:
-    (variables {"params": ...}, metrics) with metrics test_accuracy, test_loss, train_loss,
-    epochs, train_seconds (this call's epochs, evaluation excluded), compile_seconds,
-    examples_per_second, total_train_seconds (with earlier runs resumed from),
-    resumed_from_epoch, reused_checkpoint and the per-epoch history.
+    (variables {"params": ...}, metrics) with metrics test_accuracy, test_loss, train_loss and
+    the rest of `fit`'s.
   """
   init_key, run_key = jax.random.split(key)
-  init = _initialiser(init_params, model.init, init_key, data.x_train[:1])
-  steps = data.x_train.shape[0] // batch_size
-  optimizer = make_optimizer(
-    learning_rate=learning_rate,
-    total_steps=steps * epochs,
-    weight_decay=weight_decay,
-    lr_schedule=lr_schedule,
-  )
 
   def batch_loss(params, x, y, key):
     logits = model.apply(params, x, train=True, rngs={"dropout": key}) / temperature
@@ -436,40 +613,7 @@ def train_classifier(
       return jnp.mean(optax.softmax_cross_entropy(logits, y)), {}
     return jnp.mean(losses.batch_cross_entropy(logits, y)), {}
 
-  @jax.jit
-  def eval_chunk(params, x, y):
-    logits = model.apply(params, x)
-    return jnp.sum(jnp.argmax(logits, -1) == y), jnp.sum(losses.batch_cross_entropy(logits, y))
-
-  x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
-
-  def evaluate(params):
-    sums = np.sum(
-      [
-        np.asarray(s)
-        for s in _chunked(
-          lambda x, y: eval_chunk(params, x, y), x_test, y_test, chunk=eval_batch_size
-        )
-      ],
-      axis=0,
-    )
-    n = x_test.shape[0]
-    return {"test_accuracy": float(sums[0]) / n, "test_loss": float(sums[1]) / n}
-
-  augment = None
-  if augment_flip or augment_shift:
-    augment = lambda k, x: augment_image(k, x, flip=augment_flip, max_shift=augment_shift)
-  hparams = _hparams(
-    model=repr(model),
-    n_train=int(data.x_train.shape[0]),
-    batch_size=batch_size,
-    learning_rate=learning_rate,
-    weight_decay=weight_decay,
-    lr_schedule=lr_schedule,
-    schedule_epochs=_schedule_epochs(lr_schedule, epochs),
-    augment_flip=augment_flip,
-    augment_shift=augment_shift,
-  )
+  hparams: dict[str, Any] = {"model": repr(model)}
   # Only when set, so that checkpoints made before these options existed still resume.
   if temperature != 1.0:
     hparams["temperature"] = temperature
@@ -477,20 +621,19 @@ def train_classifier(
     hparams["perturb"] = repr(perturb)
   if np.ndim(data.y_train) == 2:
     hparams["soft_targets"] = True
-  return _fit(
+  return fit(
+    batch_loss,
+    data.x_train,
+    data.y_train,
     name="classifier",
-    init=init,
-    batch_loss=batch_loss,
-    evaluate=evaluate,
-    x_train=data.x_train,
-    y_train=data.y_train,
+    init=initialiser(init_params, model.init, init_key, data.x_train[:1]),
+    evaluate=classifier_evaluation(
+      models.classifier_fns(model), data.x_test, data.y_test, batch_size=settings.eval_batch_size
+    ),
     key=run_key,
-    epochs=epochs,
-    batch_size=batch_size,
-    optimizer=optimizer,
+    settings=settings,
     hparams=hparams,
     checkpoint_dir=checkpoint_dir,
-    augment=augment,
     perturb=perturb,
   )
 
@@ -500,41 +643,28 @@ def train_vae(
   data: Any,
   *,
   key: PRNGKey,
-  epochs: int,
-  batch_size: int = 128,
-  learning_rate: float = 1e-3,
-  lr_schedule: str = "constant",
-  eval_batch_size: int = 1000,
+  settings: TrainSettings,
   checkpoint_dir: str | None = None,
   init_params: Params | None = None,
 ) -> tuple[Params, dict]:
   """Trains a VAE (`MLPVAE`, `ConvVAE`) by minimising the negative ELBO (Kingma & Welling 2014).
 
   One reparameterised sample of z per example and step; the test negative ELBO uses one sample
-  per test image from a fixed key, so it is reproducible.
+  per test image from a fixed key (`sum_over_batches`), so it is reproducible.
 
   Args:
     vae: a module called as `vae(x[B, H, W, C], key) -> (pixel_logits, mean, logvar)`.
     data: has x_train [N, H, W, C] in [0, 1] and x_test (labels are ignored).
     key: randomness of the whole run (init, shuffles, latent samples, evaluation).
-    epochs: passes over the training set.
-    batch_size: examples per step.
-    learning_rate: Adam's (peak) step size.
-    lr_schedule: "constant" or "cosine".
-    eval_batch_size: chunk size of the test-set evaluation.
+    settings: as in `train_classifier`.
     checkpoint_dir: as in `train_classifier`.
     init_params: starting variables; None initialises them from `key`.
 
   Returns:
     (variables {"params": ...}, metrics) with test_neg_elbo_nats, test_recon_nats,
-    test_kl_nats, train_loss (negative ELBO, nats), epochs, train_seconds and the history.
+    test_kl_nats, train_loss (negative ELBO, nats) and the rest of `fit`'s.
   """
   init_key, sample_key, eval_key, run_key = jax.random.split(key, 4)
-  init = _initialiser(init_params, vae.init, init_key, data.x_train[:1], sample_key)
-  steps = data.x_train.shape[0] // batch_size
-  optimizer = make_optimizer(
-    learning_rate=learning_rate, total_steps=steps * epochs, lr_schedule=lr_schedule
-  )
 
   def batch_loss(params, x, y, key):
     del y
@@ -542,7 +672,7 @@ def train_vae(
     return jnp.mean(losses.batch_negative_elbo(pixel_logits, x, mean, logvar)), {}
 
   @jax.jit
-  def eval_chunk(params, x, key):
+  def batch_sums(params, x, key):
     pixel_logits, mean, logvar = vae.apply(params, x, key)
     recon = jax.vmap(losses.bernoulli_nll)(pixel_logits, x)
     kl = jax.vmap(losses.gaussian_kl)(mean, logvar)
@@ -551,52 +681,39 @@ def train_vae(
   x_test = jnp.asarray(data.x_test)
 
   def evaluate(params):
-    n = x_test.shape[0]
-    sums = np.zeros(2)
-    for j, i in enumerate(range(0, n, eval_batch_size)):
-      chunk = eval_chunk(params, x_test[i : i + eval_batch_size], jax.random.fold_in(eval_key, j))
-      sums += np.array([float(c) for c in chunk])
-    recon, kl = sums / n
+    sums = sum_over_batches(
+      batch_sums, params, x_test, key=eval_key, batch_size=settings.eval_batch_size
+    )
+    recon, kl = sums / x_test.shape[0]
     return {"test_neg_elbo_nats": recon + kl, "test_recon_nats": recon, "test_kl_nats": kl}
 
-  hparams = _hparams(
-    model=repr(vae),
-    n_train=int(data.x_train.shape[0]),
-    batch_size=batch_size,
-    learning_rate=learning_rate,
-    lr_schedule=lr_schedule,
-    schedule_epochs=_schedule_epochs(lr_schedule, epochs),
-  )
-  return _fit(
+  return fit(
+    batch_loss,
+    data.x_train,
+    jnp.zeros(data.x_train.shape[0], jnp.int32),
     name="vae",
-    init=init,
-    batch_loss=batch_loss,
+    init=initialiser(init_params, vae.init, init_key, data.x_train[:1], sample_key),
     evaluate=evaluate,
-    x_train=data.x_train,
-    y_train=jnp.zeros(data.x_train.shape[0], jnp.int32),
     key=run_key,
-    epochs=epochs,
-    batch_size=batch_size,
-    optimizer=optimizer,
-    hparams=hparams,
+    settings=settings,
+    hparams={"model": repr(vae)},
     checkpoint_dir=checkpoint_dir,
   )
 
 
-def latent_means(vae: nn.Module, vae_params: Params, x: Array, *, chunk: int = 1000) -> Array:
-  """The encoder means [N, D] of images x [N, H, W, C], computed in chunks.
+def latent_means(vae: nn.Module, vae_params: Params, x: Array, *, batch_size: int = 256) -> Array:
+  """The encoder means [N, D] of images x [N, H, W, C] (`runner.batched_map`).
 
   Args:
     vae: the VAE.
     vae_params: its variables.
     x: images [N, H, W, C].
-    chunk: examples per jitted call.
+    batch_size: examples per jitted call.
 
   Returns:
-    [N, D] latent means.
+    [N, D] latent means (host numpy).
   """
-  encode = jax.jit(lambda p, xb: vae.apply(p, xb, method="encode")[0])
-  return jnp.concatenate(_chunked(lambda xb: encode(vae_params, xb), jnp.asarray(x), chunk=chunk))
+  return runner.batched_map(models.vae_fns(vae).encode, vae_params, x, batch_size=batch_size)[0]
 
 
 def train_latent_classifier(
@@ -606,19 +723,14 @@ def train_latent_classifier(
   data: Any,
   *,
   key: PRNGKey,
-  epochs: int,
-  batch_size: int = 128,
-  learning_rate: float = 1e-3,
-  weight_decay: float = 0.0,
-  lr_schedule: str = "constant",
-  eval_batch_size: int = 1000,
+  settings: TrainSettings,
   checkpoint_dir: str | None = None,
   init_params: Params | None = None,
 ) -> tuple[Params, dict]:
   """Trains a `LatentClassifier` on a frozen VAE's latent means (Gondim-Ribeiro et al. 2018).
 
   The encoder is frozen, so the means of the training and test images are computed once and
-  the classifier is trained on them.
+  the classifier is trained on them (`train_classifier`).
 
   Args:
     vae: the trained VAE.
@@ -626,31 +738,26 @@ def train_latent_classifier(
     clf: the `LatentClassifier`.
     data: has x_train, y_train, x_test, y_test.
     key: randomness of the run (init, shuffles).
-    epochs, batch_size, learning_rate, weight_decay, lr_schedule, eval_batch_size,
-    checkpoint_dir: as in `train_classifier`.
+    settings, checkpoint_dir: as in `train_classifier`.
     init_params: starting variables of `clf`; None initialises them from `key`.
 
   Returns:
     (params {"vae": vae_params, "clf": clf variables}, metrics) -- the params that
     `models.latent_classifier_fn(vae, clf)` takes -- with test_accuracy, test_loss,
-    train_loss, epochs, train_seconds and the history.
+    train_loss and the rest of `fit`'s.
   """
-  z_train = latent_means(vae, vae_params, data.x_train, chunk=eval_batch_size)
-  z_test = latent_means(vae, vae_params, data.x_test, chunk=eval_batch_size)
-
+  b = settings.eval_batch_size
   codes = types.SimpleNamespace(
-    x_train=z_train, y_train=data.y_train, x_test=z_test, y_test=data.y_test
+    x_train=latent_means(vae, vae_params, data.x_train, batch_size=b),
+    y_train=data.y_train,
+    x_test=latent_means(vae, vae_params, data.x_test, batch_size=b),
+    y_test=data.y_test,
   )
   clf_params, metrics = train_classifier(
     clf,
     codes,
     key=key,
-    epochs=epochs,
-    batch_size=batch_size,
-    learning_rate=learning_rate,
-    weight_decay=weight_decay,
-    lr_schedule=lr_schedule,
-    eval_batch_size=eval_batch_size,
+    settings=settings,
     checkpoint_dir=checkpoint_dir,
     init_params=init_params,
   )

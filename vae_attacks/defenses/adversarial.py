@@ -41,8 +41,10 @@ def pgd_linf(
   step_size_rel: float,
   key: PRNGKey,
   random_start: bool = True,
+  targeted: bool = False,
 ) -> base.AttackResult:
-  """Untargeted L-inf PGD for one example: `bim.bim` away from `label`, step = rel * eps.
+  """L-inf PGD for one example: `bim.bim` with step = rel * eps, away from `label` (untargeted,
+  the default) or towards it (`targeted=True`: `label` is then the target).
 
   The runner's form (one example, one eps; `key` split per pair by the runner).
   """
@@ -55,7 +57,7 @@ def pgd_linf(
     step_size=step_size_rel * eps,
     steps=steps,
     norm="linf",
-    targeted=False,
+    targeted=targeted,
     random_start=random_start,
     key=key,
   )
@@ -118,12 +120,14 @@ def train_adversarial(
   data: Any,
   *,
   key: PRNGKey,
+  settings: train.TrainSettings,
   eps: float,
   steps: int,
   step_size_rel: float,
   random_start: bool = True,
   ramp_epochs: float = 0.0,
-  **train_kwargs,
+  checkpoint_dir: str | None = None,
+  init_params: Params | None = None,
 ) -> tuple[Params, dict]:
   """Adversarial training of a classifier on PGD L-inf examples (Madry et al. 2018).
 
@@ -135,24 +139,31 @@ def train_adversarial(
     model: the classifier module.
     data: x_train, y_train, x_test, y_test.
     key: randomness of the run (init, shuffles, PGD starts).
+    settings: the training's `train.TrainSettings`.
     eps, steps, step_size_rel, random_start: the training attack (see `PGDPerturb`).
     ramp_epochs: epochs over which eps ramps up linearly (0: full eps from the start).
-    **train_kwargs: `train.train_classifier`'s knobs (epochs, batch_size, learning_rate, ...).
+    checkpoint_dir, init_params: as in `train.train_classifier`.
 
   Returns:
     (variables, metrics) as `train.train_classifier`; test_accuracy is the clean accuracy.
   """
-  batch_size = train_kwargs.get("batch_size", 128)
-  steps_per_epoch = data.x_train.shape[0] // batch_size
   perturb = PGDPerturb(
     models.classifier_fns(model),
     eps=float(eps),
     steps=int(steps),
     step_size_rel=float(step_size_rel),
     random_start=bool(random_start),
-    ramp_steps=int(round(ramp_epochs * steps_per_epoch)),
+    ramp_steps=int(round(ramp_epochs * settings.steps_per_epoch(data.x_train.shape[0]))),
   )
-  return train.train_classifier(model, data, key=key, perturb=perturb, **train_kwargs)
+  return train.train_classifier(
+    model,
+    data,
+    key=key,
+    settings=settings,
+    checkpoint_dir=checkpoint_dir,
+    init_params=init_params,
+    perturb=perturb,
+  )
 
 
 class Restarted(NamedTuple):

@@ -72,8 +72,9 @@ def train_distilled(
   *,
   key: PRNGKey,
   temperature: float,
+  settings: train.TrainSettings,
   checkpoint_dir: str | None = None,
-  **train_kwargs,
+  init_params: Params | None = None,
 ) -> tuple[Params, Params, dict]:
   """Trains a teacher at temperature T, then a student on its soft labels at T.
 
@@ -83,34 +84,31 @@ def train_distilled(
     data: x_train, y_train (class ids), x_test, y_test.
     key: randomness of both trainings.
     temperature: T of both trainings (Papernot et al. use T = 20 to 100 on MNIST).
+    settings: the `train.TrainSettings` of both trainings.
     checkpoint_dir: teacher/ and student/ checkpoints under it; None writes nothing.
-    **train_kwargs: `train.train_classifier`'s knobs (epochs, batch_size, learning_rate, ...),
-      shared by both trainings.
+    init_params: starting variables of both (as in `train.train_classifier`); None
+      initialises each from its key.
 
   Returns:
     (teacher params, student params, {"teacher": metrics, "student": metrics}); the student is
     deployed with its raw logits (T = 1).
   """
-  teacher_key, student_key = jax.random.split(key)
-  sub = lambda name: None if checkpoint_dir is None else f"{checkpoint_dir}/{name}"
-  teacher_params, teacher_metrics = train.train_classifier(
-    teacher,
-    data,
-    key=teacher_key,
-    temperature=temperature,
-    checkpoint_dir=sub("teacher"),
-    **train_kwargs,
-  )
-  soft = teacher_targets(teacher, teacher_params, data.x_train, temperature=temperature)
-  soft_data = types.SimpleNamespace(
-    x_train=data.x_train, y_train=soft, x_test=data.x_test, y_test=data.y_test
-  )
-  student_params, student_metrics = train.train_classifier(
-    student,
-    soft_data,
-    key=student_key,
-    temperature=temperature,
-    checkpoint_dir=sub("student"),
-    **train_kwargs,
-  )
-  return teacher_params, student_params, {"teacher": teacher_metrics, "student": student_metrics}
+  keys = dict(zip(("teacher", "student"), jax.random.split(key), strict=True))
+  trained = {}
+  for name, model in (("teacher", teacher), ("student", student)):
+    if name == "student":  # the teacher's softened probabilities are the labels
+      soft = teacher_targets(teacher, trained["teacher"][0], data.x_train, temperature=temperature)
+      data = types.SimpleNamespace(
+        x_train=data.x_train, y_train=soft, x_test=data.x_test, y_test=data.y_test
+      )
+    trained[name] = train.train_classifier(
+      model,
+      data,
+      key=keys[name],
+      settings=settings,
+      temperature=temperature,
+      checkpoint_dir=None if checkpoint_dir is None else f"{checkpoint_dir}/{name}",
+      init_params=init_params,
+    )
+  metrics = {name: m for name, (_, m) in trained.items()}
+  return trained["teacher"][0], trained["student"][0], metrics

@@ -42,17 +42,18 @@ Public API (all per example and jit / vmap friendly unless said otherwise):
 * `scores(model, params, x[H, W, C]) -> Scores(logits[K], pred[], latent_distance[],
   reconstruction_error[])`: latent_distance = ||mean(x) - mu_pred||_2 / sigma_pred,
   reconstruction_error = mean over pixels of (sigmoid(decode(mean(x))) - x)^2.
-* `batch_scores(model, params, x[N, H, W, C], *, chunk=1000) -> Scores` with [N] leading axes
-  (host-side chunking around a jitted vmap).
+* `components(model, params) -> (means [K, D], log_vars [K])`: the mixture's components.
+* `batch_scores(model, params, x[N, H, W, C], *, batch_size=256) -> Scores` with [N] leading
+  axes, host numpy (`runner.batched_map`).
 * `fit_thresholds(latent_distance[N], reconstruction_error[N], *, false_rejection_rate) ->
   Thresholds(latent[], reconstruction[])`: both thresholds at one marginal quantile level,
   chosen so that the union rule rejects at most `false_rejection_rate` of these examples.
 * `rejected(s: Scores, thresholds) -> bool[...]`: latent_distance > latent or
   reconstruction_error > reconstruction.
 * `detect(model, params, thresholds, x[H, W, C]) -> (pred int[], rejected bool[])`.
-* `train_gmvae(model, data, *, key, epochs, batch_size=128, learning_rate=1e-3,
-  lr_schedule="constant", eval_batch_size=1000, checkpoint_dir=None, init_params=None) ->
-  (variables, metrics)`: `train._fit` (Adam, orbax checkpoints, progress lines); metrics
+* `train_gmvae(model, data, *, key, settings: train.TrainSettings, checkpoint_dir=None,
+  init_params=None) -> (variables, metrics)`: `train.fit` (Adam, orbax checkpoints, progress
+  lines); metrics
   include test_accuracy (closest component), test_neg_elbo_nats, test_recon_nats, test_kl_nats.
 * `adaptive_logits_fn(model, *, penalty=10.0, margin=0.1) -> LogitsFn`: (params, x) ->
   logits[K + 1] with params {"gmvae": variables, "thresholds": Thresholds}.
@@ -65,17 +66,15 @@ Public API (all per example and jit / vmap friendly unless said otherwise):
 """
 
 import dataclasses
-import functools
 import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vae_attacks import losses, train
-from vae_attacks.attacks import base, bim
+from vae_attacks.attacks import base, bim, runner
 from vae_attacks.types import Array, LogitsFn, Params, PRNGKey
 
 # Each class's penalty carries + _PENALTY_FLOOR so that log(1 - exp(-P)) is finite: P = 0 raises
@@ -203,8 +202,8 @@ def _class_kl(mean: Array, logvar: Array, class_mean: Array, class_log_var: Arra
   )
 
 
-def _components(model: GMVAE, params: Params) -> tuple[Array, Array]:
-  """(means [K, D], log-variances [K]) of the mixture."""
+def components(model: GMVAE, params: Params) -> tuple[Array, Array]:
+  """(means [K, D], log-variances [K] log sigma_k^2) of the mixture."""
   return (
     model.apply(params, method="class_means"),
     model.apply(params, method="class_log_vars"),
@@ -242,7 +241,7 @@ def _latent_code(model: GMVAE, params: Params, x: Array) -> tuple[Array, Array, 
   """(mean(x) [D], class means [K, D], log-variances [K], reconstruction error []) of x."""
   mean, _ = model.apply(params, x[None], method="encode")
   rec = jax.nn.sigmoid(model.apply(params, mean, method="decode")[0])
-  means, log_vars = _components(model, params)
+  means, log_vars = components(model, params)
   return mean[0], means, log_vars, jnp.mean(jnp.square(rec - x))
 
 
@@ -259,16 +258,17 @@ def scores(model: GMVAE, params: Params, x: Array) -> Scores:
   )
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _scores_chunk(model: GMVAE, params: Params, x: Array) -> Scores:
-  return jax.vmap(lambda xi: scores(model, params, xi))(x)
+@dataclasses.dataclass(frozen=True)
+class _Scores:
+  model: GMVAE
+
+  def __call__(self, params: Params, x: Array) -> Scores:
+    return scores(self.model, params, x)
 
 
-def batch_scores(model: GMVAE, params: Params, x: Array, *, chunk: int = 1000) -> Scores:
-  """`scores` of every image of x [N, H, W, C], in jitted chunks; fields [N, ...]."""
-  x = jnp.asarray(x)
-  parts = [_scores_chunk(model, params, x[i : i + chunk]) for i in range(0, x.shape[0], chunk)]
-  return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+def batch_scores(model: GMVAE, params: Params, x: Array, *, batch_size: int = 256) -> Scores:
+  """`scores` of every image of x [N, H, W, C] (`runner.batched_map`); fields [N, ...], numpy."""
+  return runner.batched_map(_Scores(model), params, x, batch_size=batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,41 +422,32 @@ def train_gmvae(
   data: Any,
   *,
   key: PRNGKey,
-  epochs: int,
-  batch_size: int = 128,
-  learning_rate: float = 1e-3,
-  lr_schedule: str = "constant",
-  eval_batch_size: int = 1000,
+  settings: train.TrainSettings,
   checkpoint_dir: str | None = None,
   init_params: Params | None = None,
 ) -> tuple[Params, dict]:
   """Trains a GMVAE on labelled data: `gmvae_loss` with the label's component, Adam.
 
-  One reparameterised sample per example and step, through `train._fit` (shuffles, jitted
+  One reparameterised sample per example and step, through `train.fit` (shuffles, jitted
   steps, per-epoch test evaluation, orbax checkpoints, progress lines) as `train.train_vae`.
 
   Args:
     model: the GMVAE.
     data: has x_train [N, H, W, C] in [0, 1], y_train int [N], x_test, y_test.
     key: randomness of the whole run (init, shuffles, latent samples, evaluation).
-    epochs, batch_size, learning_rate, lr_schedule, eval_batch_size, checkpoint_dir,
-    init_params: as in `train.train_vae` (`with_vae_params` starts from a trained VAE).
+    settings, checkpoint_dir, init_params: as in `train.train_vae` (`with_vae_params` starts
+      from a trained VAE).
 
   Returns:
     (variables, metrics) with test_accuracy (closest component), test_neg_elbo_nats,
-    test_recon_nats, test_kl_nats (against the true class's component), train_loss, epochs,
-    train_seconds and the history.
+    test_recon_nats, test_kl_nats (against the true class's component), train_loss and the
+    rest of `train.fit`'s.
   """
   init_key, sample_key, eval_key, run_key = jax.random.split(key, 4)
-  init = train._initialiser(init_params, model.init, init_key, data.x_train[:1], sample_key)
-  steps = data.x_train.shape[0] // batch_size
-  optimizer = train.make_optimizer(
-    learning_rate=learning_rate, total_steps=steps * epochs, lr_schedule=lr_schedule
-  )
 
   def terms(params, x, y, key):
     pixel_logits, mean, logvar = model.apply(params, x, key)
-    means, log_vars = _components(model, params)
+    means, log_vars = components(model, params)
     recon = jax.vmap(losses.bernoulli_nll)(pixel_logits, x)
     kl = jax.vmap(_class_kl)(mean, logvar, means[y], log_vars[y])
     logits = jax.vmap(_logits_from_code, in_axes=(0, None, None))(mean, means, log_vars)
@@ -467,24 +458,17 @@ def train_gmvae(
     return jnp.mean(recon + kl), {}
 
   @jax.jit
-  def eval_chunk(params, x, y, key):
+  def batch_sums(params, x, y, key):
     recon, kl, correct = terms(params, x, y, key)
     return jnp.sum(recon), jnp.sum(kl), jnp.sum(correct)
 
   x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
 
   def evaluate(params):
-    n = x_test.shape[0]
-    sums = np.zeros(3)
-    for j, i in enumerate(range(0, n, eval_batch_size)):
-      chunk = eval_chunk(
-        params,
-        x_test[i : i + eval_batch_size],
-        y_test[i : i + eval_batch_size],
-        jax.random.fold_in(eval_key, j),
-      )
-      sums += np.array([float(c) for c in chunk])
-    recon, kl, correct = sums / n
+    sums = train.sum_over_batches(
+      batch_sums, params, x_test, y_test, key=eval_key, batch_size=settings.eval_batch_size
+    )
+    recon, kl, correct = sums / x_test.shape[0]
     return {
       "test_accuracy": correct,
       "test_neg_elbo_nats": recon + kl,
@@ -492,25 +476,15 @@ def train_gmvae(
       "test_kl_nats": kl,
     }
 
-  hparams = train._hparams(
-    model=repr(model),
-    n_train=int(data.x_train.shape[0]),
-    batch_size=batch_size,
-    learning_rate=learning_rate,
-    lr_schedule=lr_schedule,
-    schedule_epochs=train._schedule_epochs(lr_schedule, epochs),
-  )
-  return train._fit(
+  return train.fit(
+    batch_loss,
+    data.x_train,
+    jnp.asarray(data.y_train, jnp.int32),
     name="gmvae",
-    init=init,
-    batch_loss=batch_loss,
+    init=train.initialiser(init_params, model.init, init_key, data.x_train[:1], sample_key),
     evaluate=evaluate,
-    x_train=data.x_train,
-    y_train=jnp.asarray(data.y_train, jnp.int32),
     key=run_key,
-    epochs=epochs,
-    batch_size=batch_size,
-    optimizer=optimizer,
-    hparams=hparams,
+    settings=settings,
+    hparams={"model": repr(model)},
     checkpoint_dir=checkpoint_dir,
   )

@@ -31,12 +31,11 @@ Public API (per example and jit / vmap friendly unless said otherwise):
   (needs `embeddings` [B, E]); valid is False where the batch holds no positive or no negative.
 * `batch_triplet_loss(embeddings[B, E], labels[B], key, *, margin=0.2, mining="random") ->
   (loss [], valid fraction [])`: the mean triplet loss over valid anchors.
-* `train_siamese(model, data, *, key, epochs, batch_size=64, learning_rate=1e-3, margin=0.2,
-  mining="random", weight_decay=0.0, lr_schedule="constant", augment_flip=False,
-  augment_shift=0, eval_batch_size=256, checkpoint_dir=None, init_params=None) ->
-  (variables, metrics)`: `train._fit` (Adam, orbax checkpoints, progress lines); each epoch
-  evaluates test_accuracy by nearest centre (centres from the training embeddings).
-* `embed(model, params, x[N, H, W, C], *, chunk=256) -> [N, E]` (host-side chunks).
+* `train_siamese(model, data, *, key, settings: train.TrainSettings, margin=0.2,
+  mining="random", checkpoint_dir=None, init_params=None) -> (variables, metrics)`:
+  `train.fit` (Adam, orbax checkpoints, progress lines); each epoch evaluates test_accuracy
+  by nearest centre (centres from the training embeddings).
+* `embed(model, params, x[N, H, W, C], *, batch_size=256) -> [N, E]` (`runner.batched_map`).
 * `class_centres(embeddings[N, E], labels[N], num_classes) -> [K, E]`: normalised means.
 * `identify(embedding[E], centres[K, E]) -> int[]`: the nearest centre.
 * `identification_logits_fn(model, *, temperature=0.1) -> LogitsFn`: (params, x[H, W, C]) ->
@@ -47,7 +46,6 @@ Public API (per example and jit / vmap friendly unless said otherwise):
 """
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -57,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vae_attacks import models, train
-from vae_attacks.attacks import base, bim
+from vae_attacks.attacks import base, bim, runner
 from vae_attacks.types import Array, LogitsFn, Params, PRNGKey
 
 MINING = ("random", "hard")
@@ -203,17 +201,10 @@ def identify(embedding: Array, centres: Array) -> Array:
   return jnp.argmin(_sq_dist(embedding[None, :], centres))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _embed_chunk(model: EmbeddingNet, params: Params, x: Array) -> Array:
-  return model.apply(params, x)
-
-
-def embed(model: EmbeddingNet, params: Params, x: Array, *, chunk: int = 256) -> Array:
-  """Embeddings [N, E] of images x [N, H, W, C], in jitted chunks (one compile per shape)."""
-  x = jnp.asarray(x)
-  return jnp.concatenate(
-    [_embed_chunk(model, params, x[i : i + chunk]) for i in range(0, x.shape[0], chunk)]
-  )
+def embed(model: EmbeddingNet, params: Params, x: Array, *, batch_size: int = 256) -> Array:
+  """Embeddings [N, E] of images x [N, H, W, C] (`runner.batched_map`; host numpy)."""
+  # classifier_fns is the module applied to one image: here its output is the embedding.
+  return runner.batched_map(models.classifier_fns(model), params, x, batch_size=batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,20 +259,13 @@ def train_siamese(
   data: Any,
   *,
   key: PRNGKey,
-  epochs: int,
-  batch_size: int = 64,
-  learning_rate: float = 1e-3,
+  settings: train.TrainSettings,
   margin: float = 0.2,
   mining: str = "random",
-  weight_decay: float = 0.0,
-  lr_schedule: str = "constant",
-  augment_flip: bool = False,
-  augment_shift: int = 0,
-  eval_batch_size: int = 256,
   checkpoint_dir: str | None = None,
   init_params: Params | None = None,
 ) -> tuple[Params, dict]:
-  """Trains the embedding network with the batch triplet loss and Adam (`train._fit`).
+  """Trains the embedding network with the batch triplet loss and Adam (`train.fit`).
 
   Triplets are drawn inside each shuffled minibatch (`sample_triplets`), so a batch should
   hold several images per person (a batch of 64 does on LFW's 7 people). After each epoch
@@ -291,28 +275,17 @@ def train_siamese(
     model: the `EmbeddingNet`.
     data: has x_train [N, H, W, C] in [0, 1], y_train int [N], x_test, y_test.
     key: randomness of the whole run (init, shuffles, triplets, dropout, augmentation).
-    epochs, batch_size, learning_rate, weight_decay, lr_schedule, augment_flip,
-    augment_shift, eval_batch_size, checkpoint_dir, init_params: as in
-    `train.train_classifier`.
+    settings, checkpoint_dir, init_params: as in `train.train_classifier`.
     margin: the triplet margin.
     mining: "random" or "hard" (batch-hard).
 
   Returns:
-    (variables, metrics) with test_accuracy (nearest training centre), train_loss,
-    epochs, train_seconds and the history; `class_centres(embed(...), y_train, K)` gives
-    the centres to attack.
+    (variables, metrics) with test_accuracy (nearest training centre), train_loss and the
+    rest of `train.fit`'s; `class_centres(embed(...), y_train, K)` gives the centres to attack.
   """
   if mining not in MINING:
     raise ValueError(f"mining must be one of {MINING}, got {mining!r}")
   init_key, run_key = jax.random.split(key)
-  init = train._initialiser(init_params, model.init, init_key, data.x_train[:1])
-  steps = data.x_train.shape[0] // batch_size
-  optimizer = train.make_optimizer(
-    learning_rate=learning_rate,
-    total_steps=steps * epochs,
-    weight_decay=weight_decay,
-    lr_schedule=lr_schedule,
-  )
   num_classes = int(max(np.max(data.y_train), np.max(data.y_test))) + 1
 
   def batch_loss(params, x, y, key):
@@ -322,43 +295,24 @@ def train_siamese(
     return loss, {"valid": valid}
 
   y_train, y_test = jnp.asarray(data.y_train), jnp.asarray(data.y_test)
+  x_train, x_test = jnp.asarray(data.x_train), jnp.asarray(data.x_test)
+  b = settings.eval_batch_size
 
   def evaluate(params):
-    centres = class_centres(
-      embed(model, params, data.x_train, chunk=eval_batch_size), y_train, num_classes
-    )
-    e_test = embed(model, params, data.x_test, chunk=eval_batch_size)
+    centres = class_centres(embed(model, params, x_train, batch_size=b), y_train, num_classes)
+    e_test = embed(model, params, x_test, batch_size=b)
     pred = jax.vmap(identify, in_axes=(0, None))(e_test, centres)
     return {"test_accuracy": float(jnp.mean(pred == y_test))}
 
-  augment = None
-  if augment_flip or augment_shift:
-    augment = lambda k, x: train.augment_image(k, x, flip=augment_flip, max_shift=augment_shift)
-  hparams = train._hparams(
-    model=repr(model),
-    n_train=int(data.x_train.shape[0]),
-    batch_size=batch_size,
-    learning_rate=learning_rate,
-    margin=margin,
-    mining=mining,
-    weight_decay=weight_decay,
-    lr_schedule=lr_schedule,
-    schedule_epochs=train._schedule_epochs(lr_schedule, epochs),
-    augment_flip=augment_flip,
-    augment_shift=augment_shift,
-  )
-  return train._fit(
+  return train.fit(
+    batch_loss,
+    data.x_train,
+    y_train.astype(jnp.int32),
     name="siamese",
-    init=init,
-    batch_loss=batch_loss,
+    init=train.initialiser(init_params, model.init, init_key, data.x_train[:1]),
     evaluate=evaluate,
-    x_train=data.x_train,
-    y_train=y_train.astype(jnp.int32),
     key=run_key,
-    epochs=epochs,
-    batch_size=batch_size,
-    optimizer=optimizer,
-    hparams=hparams,
+    settings=settings,
+    hparams={"model": repr(model), "margin": margin, "mining": mining},
     checkpoint_dir=checkpoint_dir,
-    augment=augment,
   )
