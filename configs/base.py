@@ -52,31 +52,25 @@ def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_coll
 
   # --- models (fields are the Flax modules' attributes) -------------------------------
   c.model = ml_collections.ConfigDict()
+  cnn = dict(
+    features=(32, 64),
+    dense=(128,),
+    stem_stride=1,
+    convs_per_stage=1,
+    global_pool=False,
+    dropout_rate=0.0,
+  )
   if dataset == "mnist":
-    c.model.cnn = dict(
-      features=(32, 64),
-      dense=(128,),
-      stem_stride=1,
-      convs_per_stage=1,
-      global_pool=False,
-      dropout_rate=0.0,
-    )
+    c.model.cnn = cnn
     c.model.mlp_vae = dict(latent_dim=32, hidden=(512, 256))
     c.model.conv_vae = dict(latent_dim=32, features=(32, 64), hidden=())
   else:
-    c.model.cnn = dict(
-      features=(32, 64, 128, 128),
-      dense=(128,),
-      stem_stride=2,
-      convs_per_stage=1,
-      global_pool=False,
-      dropout_rate=0.3,
-    )
+    c.model.cnn = dict(cnn, features=(32, 64, 128, 128), stem_stride=2, dropout_rate=0.3)
     c.model.mlp_vae = dict(latent_dim=64, hidden=(1024, 512))
     c.model.conv_vae = dict(latent_dim=64, features=(32, 64, 128, 128), hidden=())
   c.model.latent_classifier = dict(hidden=(256, 128), dropout_rate=0.0)
 
-  # --- training (fields are the keyword arguments of vae_attacks.train) ----------------
+  # --- training (fields are those of vae_attacks.train.TrainSettings) -----------------
   c.train = ml_collections.ConfigDict()
   mnist = dataset == "mnist"
   if mnist:  # measured with benchmarks/train_real.py on the real data

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from experiments import keys
+from experiments import keys, store
 from experiments.errors import UserError
 from vae_attacks import metrics
 from vae_attacks.attacks import registry, runner
@@ -317,11 +317,11 @@ def _vae_outputs(out_dir, t: _Target, w: _Sweep, quality, examples) -> dict:
       auddc=mean, auddc_std=std, auddc_ci=[lo, hi], n_auddc_pairs=int(np.isfinite(areas).sum())
     )
     curves = out_dir / "curves" / f"{t.name}_{name}.npz"
-    _save_npz(curves, c=np.asarray(w.eps), x=qx.T, y=qy.T, auddc=areas)
+    store.save_npz_atomic(curves, c=np.asarray(w.eps), x=qx.T, y=qy.T, auddc=areas)
   n = examples.shape[1]
   flat = examples.reshape(-1, *examples.shape[2:])  # [E * n, H, W, C]
   rec = runner.batched_map(t.model_fn.reconstruct, t.measure_params, flat)
-  _save_npz(
+  store.save_npz_atomic(
     out_dir / "examples" / f"{t.name}_{name}.npz",
     x=t.source[:n],
     x_adv=examples,
@@ -356,15 +356,6 @@ def _target_images(y, pairs, key) -> np.ndarray:
   return out
 
 
-def _save_npz(path: pathlib.Path, **arrays) -> None:
-  """Arrays to one .npz, atomically (a temporary file, then a rename)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp")
-  with open(tmp, "wb") as f:
-    np.savez_compressed(f, **arrays)
-  tmp.replace(path)
-
-
 def _cat(parts):
   return np.concatenate(parts, axis=1)
 
@@ -372,7 +363,7 @@ def _cat(parts):
 def _save_examples(path: pathlib.Path, x, pairs, x_adv, eps) -> None:
   """A few (source, adversarial) examples per eps for the figures, written atomically."""
   n = x_adv.shape[1]
-  _save_npz(
+  store.save_npz_atomic(
     path,
     x=x[:n],
     x_adv=x_adv,

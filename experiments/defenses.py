@@ -624,14 +624,8 @@ def defense_settings(config, name: str) -> str:
 
 def run(config, workdir: str) -> dict:
   """Trains every enabled defence, attacks it, and writes defenses.jsonl and summary.md."""
-  from vae_attacks import data as data_lib  # noqa: PLC0415
-
   workdir = pathlib.Path(workdir)
-  workdir_lib.claim_workdir(config, workdir)
-  try:
-    data = data_lib.load(config.data)
-  except data_lib.DataError as e:
-    raise UserError(str(e)) from None
+  data = workdir_lib.open_run(config, workdir)
   d = config.defenses
   n = min(int(d.num_examples), len(data.y_test))
   x, y = np.asarray(data.x_test[:n]), np.asarray(data.y_test[:n], np.int32)
@@ -695,22 +689,15 @@ def run(config, workdir: str) -> dict:
         )
     # Only when this run attacked it at every point (a resumed run keeps the old file).
     if defended.figure_data is not None and len(adv) == len(defended.attacks) * len(d.attacks.eps):
-      _save_npz(workdir / EXAMPLES_DIR / f"{name}.npz", **defended.figure_data(xd, yd, adv))
+      store.save_npz_atomic(
+        workdir / EXAMPLES_DIR / f"{name}.npz", **defended.figure_data(xd, yd, adv)
+      )
   if d.transfer.enabled:
     _run_transfer(config, ctx, built, x, y, log, settings, attack_root, runner_kwargs)
   from experiments import report  # noqa: PLC0415
 
   report.write_report(workdir)
   return {"train": {k: v.metrics for k, v in built.items()}, "results": log.rows}
-
-
-def _save_npz(path: pathlib.Path, **arrays) -> None:
-  """np.savez to a temporary name, then renamed: readers never see half a file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp")
-  with open(tmp, "wb") as f:
-    np.savez_compressed(f, **arrays)
-  tmp.replace(path)
 
 
 def _run_transfer(config, ctx, built, x, y, log, settings, attack_root, runner_kwargs) -> None:

@@ -10,12 +10,10 @@ Files in the work directory (all written atomically; a rerun resumes):
 import pathlib
 
 import ml_collections
-from absl import logging
 
 from experiments import keys, store, validate
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
-from vae_attacks import data as data_lib
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -35,19 +33,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     return defenses.run(config, workdir)
   workdir = pathlib.Path(workdir)
-  workdir_lib.claim_workdir(config, workdir)
-
-  try:
-    data = data_lib.load(config.data)
-  except data_lib.DataError as e:
-    raise UserError(str(e)) from None
-  logging.info(
-    "data %s: train %s, test %s, %d classes",
-    data.name,
-    data.x_train.shape,
-    data.x_test.shape,
-    len(data.class_names),
-  )
+  data = workdir_lib.open_run(config, workdir)
 
   from experiments import models as models_lib  # noqa: PLC0415  (keeps --help fast)
   from vae_attacks import train as train_lib  # noqa: PLC0415

@@ -120,3 +120,21 @@ def _freeze(v):
   if isinstance(v, list):
     return tuple(_freeze(x) for x in v)
   return v
+
+
+def save_npz_atomic(path: os.PathLike, **arrays) -> None:
+  """Arrays to one compressed .npz: a temporary file, then a rename (never half a file)."""
+  import numpy as np  # noqa: PLC0415  (numpy only for the writers of arrays)
+
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp")
+  try:
+    with open(tmp, "wb") as f:
+      np.savez_compressed(f, **arrays)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise

@@ -3,8 +3,11 @@
 import json
 import pathlib
 
+from absl import logging
+
 from experiments import keys, store
 from experiments.errors import UserError
+from vae_attacks import data as data_lib
 
 
 def claim_workdir(config, workdir: pathlib.Path) -> None:
@@ -28,3 +31,21 @@ def claim_workdir(config, workdir: pathlib.Path) -> None:
         "use another --workdir or delete that folder"
       )
   store.write_json_atomic(path, new)
+
+
+def open_run(config, workdir: pathlib.Path) -> data_lib.Dataset:
+  """Claims `workdir` for `config` (`claim_workdir`), then loads the run's data; a data
+  problem is a UserError."""
+  claim_workdir(config, workdir)
+  try:
+    data = data_lib.load(config.data)
+  except data_lib.DataError as e:
+    raise UserError(str(e)) from None
+  logging.info(
+    "data %s: train %s, test %s, %d classes",
+    data.name,
+    data.x_train.shape,
+    data.x_test.shape,
+    len(data.class_names),
+  )
+  return data

@@ -183,13 +183,18 @@ def test_bad_values_are_named_before_any_work(field, value, message, data_root, 
   assert not (tmp_path / "w").exists()
 
 
-def test_command_line_reports_missing_data_in_one_line(tmp_path):
-  env = {"PATH": "/usr/bin:/bin", "VAE_ATTACKS_DATA_DIR": str(tmp_path / "nowhere")}
-  proc = subprocess.run(
+def main_quick(tmp_path, override: str, env=None) -> subprocess.CompletedProcess:
+  """`python -m experiments.main` on mnist_cnn:quick in tmp_path/w with one override."""
+  return subprocess.run(
     [sys.executable, "-m", "experiments.main", "--config=configs/mnist_cnn.py:quick",
-     f"--workdir={tmp_path / 'w'}", "--config.data.source=local"],
+     f"--workdir={tmp_path / 'w'}", override],
     capture_output=True, text=True, env=env, timeout=300, cwd=pathlib.Path(__file__).parents[1],
   )  # fmt: skip
+
+
+def test_command_line_reports_missing_data_in_one_line(tmp_path):
+  env = {"PATH": "/usr/bin:/bin", "VAE_ATTACKS_DATA_DIR": str(tmp_path / "nowhere")}
+  proc = main_quick(tmp_path, "--config.data.source=local", env)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert "VAE_ATTACKS_DATA_DIR" in proc.stderr
@@ -203,11 +208,7 @@ def test_command_line_reports_missing_data_in_one_line(tmp_path):
   ],
 )
 def test_misspelt_override_is_one_line_listing_valid_fields(override, expected, tmp_path):
-  proc = subprocess.run(
-    [sys.executable, "-m", "experiments.main", "--config=configs/mnist_cnn.py:quick",
-     f"--workdir={tmp_path / 'w'}", override],
-    capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).parents[1],
-  )  # fmt: skip
+  proc = main_quick(tmp_path, override)
   assert proc.returncode == 2
   assert "Traceback" not in proc.stderr
   assert expected in proc.stderr
@@ -218,11 +219,7 @@ def test_distributed_initialises_jax_before_any_work(tmp_path):
   """distributed=True calls jax.distributed.initialize() first; off a cluster that fails in one
   line (JAX finds no coordinator), before the workdir is touched."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "SLURM_"))}
-  proc = subprocess.run(
-    [sys.executable, "-m", "experiments.main", "--config=configs/mnist_cnn.py:quick",
-     f"--workdir={tmp_path / 'w'}", "--config.distributed=True"],
-    capture_output=True, text=True, env=env, timeout=300, cwd=pathlib.Path(__file__).parents[1],
-  )  # fmt: skip
+  proc = main_quick(tmp_path, "--config.distributed=True", env)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert "error: distributed=True but jax.distributed.initialize() failed" in proc.stderr

@@ -430,6 +430,8 @@ def mean_interval(values, confidence: float = 0.95) -> tuple[float, float, float
   if n == 1:
     return mean, float("nan"), float("nan")
   sem = float(v.std(ddof=1)) / np.sqrt(n)
+  if sem == 0.0:  # no spread: a zero-width interval (scipy gives nan for scale 0)
+    return mean, mean, mean
   lo, hi = scipy.stats.t.interval(confidence, df=n - 1, loc=mean, scale=sem)
   return mean, float(lo), float(hi)
 

@@ -709,13 +709,9 @@ def lbfgs_c_search(
   *,
   c_init: float = 1.0,
   search_steps: int = 10,
-  max_iters: int = 50,
   targeted: bool = True,
   factor: float = 10.0,
-  memory: int = 10,
-  num_trials: int = 1,
-  tol: float = 1e-5,
-  ftol: float = 5e-7,
+  **solver,
 ) -> base.AttackResult:
   """Szegedy et al. (2014): the largest penalty c whose L-BFGS solution still succeeds.
 
@@ -732,13 +728,9 @@ def lbfgs_c_search(
     target: [] int target class (the true label when `targeted=False`).
     c_init: first penalty tried.
     search_steps: L-BFGS solves per pair.
-    max_iters: L-BFGS iterations per solve.
     targeted: see `lbfgs`.
     factor: growth / shrink factor of c before the bracket is found.
-    memory: L-BFGS memory size.
-    num_trials: see `minimise_box`.
-    tol: projected-gradient tolerance.
-    ftol: relative-decrease tolerance.
+    **solver: the knobs of each solve, as in `lbfgs` (max_iters: iterations per solve, ...).
 
   Returns:
     AttackResult of the successful solve with the smallest L2 perturbation (or of the last
@@ -747,19 +739,7 @@ def lbfgs_c_search(
   """
   if search_steps < 1:
     raise ValueError(f"search_steps must be >= 1, got {search_steps}")
-  attack = functools.partial(
-    lbfgs,
-    logits_fn,
-    params,
-    x,
-    target,
-    max_iters=max_iters,
-    targeted=targeted,
-    memory=memory,
-    num_trials=num_trials,
-    tol=tol,
-    ftol=ftol,
-  )
+  attack = functools.partial(lbfgs, logits_fn, params, x, target, targeted=targeted, **solver)
   c0 = jnp.asarray(c_init, x.dtype)
   first = attack(eps=c0)
 

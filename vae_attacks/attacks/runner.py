@@ -640,18 +640,9 @@ def _over_eps(measure: Callable) -> Callable:
 
 
 def iter_measured_chunks(
-  attack: Attack,
-  logits_fn: LogitsFn,
-  params: Params,
-  x: Array,
-  target: Array,
-  eps_grid: Sequence[float] | Array,
-  *,
-  measure: Callable,
-  measure_params: Any = None,
-  measure_inputs: tuple | None = None,
-  **kwargs,
-) -> Iterator[tuple[slice, AttackResult, Any]]:
+  attack: Attack, logits_fn: LogitsFn, params: Params, x: Array, target: Array, eps_grid, *,
+  measure: Callable, measure_params: Any = None, measure_inputs: tuple | None = None, **kwargs,
+) -> Iterator[tuple[slice, AttackResult, Any]]:  # fmt: skip
   """`iter_attack_chunks` with the per-pair measures of each chunk computed as it comes.
 
   Args:
@@ -676,13 +667,7 @@ def iter_measured_chunks(
 
 
 def run_attack(
-  attack: Attack,
-  logits_fn: LogitsFn,
-  params: Params,
-  x: Array,
-  target: Array,
-  eps_grid: Sequence[float] | Array,
-  **kwargs,
+  attack: Attack, logits_fn: LogitsFn, params: Params, x: Array, target: Array, eps_grid, **kwargs
 ) -> AttackResult:
   """Runs `attack` on every pair at every eps; the arguments and keywords (chunk_size,
   memory_budget_bytes, mesh, progress, batched, the attack's knobs) are those of

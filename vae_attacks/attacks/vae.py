@@ -202,26 +202,14 @@ def latent_fgsm(
 
 
 def reconstruction_fgsm(
-  reconstruct_fn: ReconstructFn,
-  params: Params,
-  x: Array,
-  rec_target: Array,
-  *,
-  eps: Array | float,
+  reconstruct_fn: ReconstructFn, params: Params, x: Array, rec_target: Array, *, eps
 ) -> Array:
   """The L_VAE attack of Kos et al. (2017), FGSM variant: one signed step of size eps.
 
   x_adv = clip(x - eps * sign(grad_x ||reconstruct(x) - rec_target||^2), 0, 1).
 
-  Args:
-    reconstruct_fn: (params, x[H, W, C]) -> reconstruction [H, W, C].
-    params: the VAE's parameters.
-    x: [H, W, C] source image in [0, 1].
-    rec_target: [H, W, C] the reconstruction to reach.
-    eps: [] step size >= 0 (may be traced).
-
-  Returns:
-    x_adv [H, W, C].
+  Args as in `latent_fgsm`, with reconstruct_fn (params, x[H, W, C]) -> reconstruction
+  [H, W, C] and rec_target [H, W, C] the reconstruction to reach; returns x_adv [H, W, C].
   """
   return _fgsm_step(lambda xx: reconstruction_loss(reconstruct_fn, params, xx, rec_target), x, eps)
 
@@ -281,14 +269,7 @@ def _judged(model: VAEModel, params: Params, x: Array, target: Array, sol) -> ba
 
 
 def latent_l2(
-  model: VAEModel,
-  params: Params,
-  x: Array,
-  x_target: Array,
-  target: Array,
-  *,
-  eps: Array | float,
-  **solver,
+  model: VAEModel, params: Params, x: Array, x_target: Array, target: Array, *, eps, **solver
 ) -> base.AttackResult:
   """`latent_attack` towards mean(encode(x_target)) with penalty C = eps, judged.
 
@@ -303,14 +284,7 @@ def latent_l2(
 
 
 def reconstruction_l2(
-  model: VAEModel,
-  params: Params,
-  x: Array,
-  x_target: Array,
-  target: Array,
-  *,
-  eps: Array | float,
-  **solver,
+  model: VAEModel, params: Params, x: Array, x_target: Array, target: Array, *, eps, **solver
 ) -> base.AttackResult:
   """`reconstruction_attack` towards reconstruct(x_target) with penalty C = eps, judged.
 
@@ -322,13 +296,7 @@ def reconstruction_l2(
 
 
 def latent_fgsm_attack(
-  model: VAEModel,
-  params: Params,
-  x: Array,
-  x_target: Array,
-  target: Array,
-  *,
-  eps: Array | float,
+  model: VAEModel, params: Params, x: Array, x_target: Array, target: Array, *, eps
 ) -> base.AttackResult:
   """`latent_fgsm` towards mean(encode(x_target)), judged (Kos et al. 2017).
 
@@ -341,13 +309,7 @@ def latent_fgsm_attack(
 
 
 def reconstruction_fgsm_attack(
-  model: VAEModel,
-  params: Params,
-  x: Array,
-  x_target: Array,
-  target: Array,
-  *,
-  eps: Array | float,
+  model: VAEModel, params: Params, x: Array, x_target: Array, target: Array, *, eps
 ) -> base.AttackResult:
   """`reconstruction_fgsm` towards reconstruct(x_target), judged (Kos et al. 2017, L_VAE).
 
