@@ -17,23 +17,29 @@ from vae_attacks.attacks import vae as vae_attacks
 
 
 class _Measure(NamedTuple):
-  """The per-pair measures of a classifier attack (`metrics.pair_measures`), hashable."""
+  """The per-pair measures of a classifier attack (`metrics.pair_measures`), hashable; its
+  parameters are the attacked model's (for the predicted class)."""
 
   settings: metrics.EvalSettings
+  logits_fn: object
 
-  def __call__(self, _, x, result):
-    return metrics.pair_measures(x, result, self.settings)
+  def __call__(self, params, x, result):
+    logits = self.logits_fn(params, result.x_adv)
+    return metrics.pair_measures(x, result, self.settings, logits)
 
 
 class _VaeMeasure(NamedTuple):
-  """The per-pair measures of a VAE attack plus its AUDDC curve point, hashable."""
+  """The per-pair measures of a VAE attack (the judge's prediction on the reconstruction) plus
+  its AUDDC curve point, hashable; its parameters are {"vae", "judge"}."""
 
   settings: metrics.EvalSettings
-  reconstruct: object
+  model: object  # vae_attacks.VAEModel
 
-  def __call__(self, vae_params, x, x_target, result):
-    quality = vae_attacks.quality_point(self.reconstruct, vae_params, x, x_target, result.x_adv)
-    return metrics.pair_measures(x, result, self.settings), quality
+  def __call__(self, params, x, x_target, result):
+    vae = params["vae"]
+    logits = self.model.judge(params["judge"], self.model.reconstruct(vae, result.x_adv))
+    quality = vae_attacks.quality_point(self.model.reconstruct, vae, x, x_target, result.x_adv)
+    return metrics.pair_measures(x, result, self.settings, logits), quality
 
 
 class NonFiniteError(UserError):
@@ -199,8 +205,9 @@ def _classifier_target(config, data, model, key, settings) -> _Target:
     config.attacks.num_pairs,
   )  # fmt: skip
   x = data.x_test[pairs.index]
-  return _Target(model.name, model.logits_fn, model.params, x, x, pairs, _Measure(settings),
-                 None, (x,), {})  # fmt: skip
+  measure = _Measure(settings, model.logits_fn)
+  return _Target(model.name, model.logits_fn, model.params, x, x, pairs, measure, model.params,
+                 (x,), {})  # fmt: skip
 
 
 def _vae_target(config, data, model, judge, key, settings) -> _Target:
@@ -229,8 +236,8 @@ def _vae_target(config, data, model, judge, key, settings) -> _Target:
     np.stack([x, x_target], axis=1),  # [P, 2, H, W, C]
     x,
     pairs,
-    _VaeMeasure(settings, model.vae.reconstruct),
-    params["vae"],
+    _VaeMeasure(settings, vae_model),
+    params,
     (x, x_target),
     dict(judge=judge.name, x_target=x_target),
   )
@@ -320,7 +327,7 @@ def _vae_outputs(out_dir, t: _Target, w: _Sweep, quality, examples) -> dict:
     store.save_npz_atomic(curves, c=np.asarray(w.eps), x=qx.T, y=qy.T, auddc=areas)
   n = examples.shape[1]
   flat = examples.reshape(-1, *examples.shape[2:])  # [E * n, H, W, C]
-  rec = runner.batched_map(t.model_fn.reconstruct, t.measure_params, flat)
+  rec = runner.batched_map(t.model_fn.reconstruct, t.params["vae"], flat)
   store.save_npz_atomic(
     out_dir / "examples" / f"{t.name}_{name}.npz",
     x=t.source[:n],

@@ -331,23 +331,24 @@ def test_measured_sweep_gives_the_library_measures_of_each_pair():
   params = linear_model()
   x, target = data(10)
   settings = metrics.EvalSettings(confidence_min=0.3, ssim_min=0.5, linf_max=0.2)
-  measure = lambda _, xi, res: metrics.pair_measures(xi, res, settings)
+  measure = lambda p, xi, res: metrics.pair_measures(xi, res, settings, linear_logits(p, res.x_adv))
   for chunk in (3, None):
     parts = list(
       runner.iter_measured_chunks(
         tiny_attack, linear_logits, params, x, target, EPS_GRID, measure=measure,
-        chunk_size=chunk, progress=False, key=KEY,
+        measure_params=params, chunk_size=chunk, progress=False, key=KEY,
       )
     )  # fmt: skip
     result = jax.tree.map(lambda *a: np.concatenate(a, 1), *[r for _, r, _ in parts])
     got = jax.tree.map(lambda *a: np.concatenate(a, 1), *[m for _, _, m in parts])
     for e in range(len(EPS_GRID)):
       for p in range(10):
-        one = metrics.pair_measures(
-          x[p], jax.tree.map(lambda a, e=e, p=p: a[e, p], result), settings
-        )
+        res = jax.tree.map(lambda a, e=e, p=p: a[e, p], result)
+        one = metrics.pair_measures(x[p], res, settings, linear_logits(params, res.x_adv))
         for name, value in one._asdict().items():
           np.testing.assert_allclose(getattr(got, name)[e, p], value, rtol=1e-5, atol=1e-6)
+  # The prediction is the model's class for x_adv: the target exactly where the attack succeeded.
+  np.testing.assert_array_equal(got.prediction == target[None], got.success)
   # eps 0.3 > linf_max 0.2: nothing valid there; eps 0.05 within it.
   assert not got.valid[2].any() and got.valid[0].any()
 

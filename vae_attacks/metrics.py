@@ -246,6 +246,7 @@ class PairMeasures(NamedTuple):
 
   success: Array  # bool[]: the attack reached its target
   target_prob: Array  # []: the (judging) classifier's probability of the target
+  prediction: Array  # int32[]: the (judging) classifier's class for x_adv (-1: not given)
   ssim: Array  # []: SSIM(x, x_adv)
   valid: Array  # bool[]: `validity` under the settings
   confident: Array  # bool[]: target_prob >= confidence_min
@@ -256,9 +257,15 @@ class PairMeasures(NamedTuple):
   linf: Array
 
 
-def pair_measures(x: Array, result: Any, settings: EvalSettings) -> PairMeasures:
+def pair_measures(
+  x: Array, result: Any, settings: EvalSettings, logits: Array | None = None
+) -> PairMeasures:
   """The per-pair measures of ONE attack result (an `attacks.base.AttackResult` for one pair
-  and one eps) on source `x`; vmap for a batch. Used by the runner's measured sweep."""
+  and one eps) on source `x`; vmap for a batch. Used by the runner's measured sweep.
+
+  `logits`: the (judging) classifier's logits[K] on x_adv (on its reconstruction, for a VAE
+  attack), for the predicted class; without them the prediction is -1.
+  """
   d = result.distortion
   s = ssim(x, result.x_adv)
   valid = valid_from(
@@ -268,6 +275,7 @@ def pair_measures(x: Array, result: Any, settings: EvalSettings) -> PairMeasures
   return PairMeasures(
     success=jnp.asarray(result.success, bool),
     target_prob=result.target_prob,
+    prediction=jnp.asarray(-1 if logits is None else jnp.argmax(logits), jnp.int32),
     ssim=s,
     valid=valid,
     confident=conf,
