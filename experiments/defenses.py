@@ -12,7 +12,7 @@ the deployed classifier, an optional rejection rule, and the attacks to run on i
 marked adaptive or not. Every (defence, attack, eps) point is one row of `defenses.jsonl`
 (`store.ResultsLog`: appended atomically as it finishes, skipped on a rerun), as is every
 (source, target) entry of the black-box transfer matrix. `summary.md` gets the defence table
-(experiments/report.py), and a defence with a `figure_data` function writes the arrays of its
+(experiments/report/), and a defence with a `figure_data` function writes the arrays of its
 figure to `defense_examples/<defence>.npz` (the projection: clean, adversarial and projected
 images; the GMVAE: latent codes of clean and adversarial inputs), which the report draws.
 
@@ -689,9 +689,9 @@ def run(config, workdir: str) -> dict:
         )
     # Only when this run attacked it at every point (a resumed run keeps the old file).
     if defended.figure_data is not None and len(adv) == len(defended.attacks) * len(d.attacks.eps):
-      store.save_npz_atomic(
-        workdir / EXAMPLES_DIR / f"{name}.npz", **defended.figure_data(xd, yd, adv)
-      )
+      figure = defended.figure_data(xd, yd, adv)
+      figure["figure_kind"] = np.asarray(DEFENSES[name].figure or "")
+      store.save_npz_atomic(workdir / EXAMPLES_DIR / f"{name}.npz", **figure)
   if d.transfer.enabled:
     _run_transfer(config, ctx, built, x, y, log, settings, attack_root, runner_kwargs)
   from experiments import report  # noqa: PLC0415

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from experiments import store
 from experiments.report.defenses import defense_markdown
 from experiments.report.figures import (
-  DEFENCE_PLOTS,
+  DEFENSE_PLOTS,
   amplified,
   pca_2d,
   plot_curves,
@@ -69,7 +69,7 @@ __all__ = [
   "BASELINE",
   "DASH",
   "DEFENCE_FIGURES",
-  "DEFENCE_PLOTS",
+  "DEFENSE_PLOTS",
   "DEFENSES_FILE",
   "H0_TEXT",
   "H1_TEXT",

@@ -266,7 +266,7 @@ def write_figures(view: DatasetView, fig_dir: pathlib.Path) -> dict[str, list]:
     out[model] = paths
   defence_paths = []
   for defence, npz in view.defense_examples.items():
-    plot = DEFENCE_PLOTS.get(defence)
+    plot = DEFENSE_PLOTS.get(_figure_kind(npz, defence))
     if plot is not None:
       p = plot(npz, fig_dir / f"{view.name}_defense_{defence}.png", f"{view.name}: {defence}")
       defence_paths += [p] if p else []
@@ -367,4 +367,18 @@ def plot_gmvae_latent(npz: pathlib.Path, path: pathlib.Path, title: str) -> path
   return _save_figure(fig, path)
 
 
-DEFENCE_PLOTS = {"projection": plot_projection, "gmvae": plot_gmvae_latent}
+# The figure of a defence's defense_examples/<defence>.npz, by the kind the run wrote into it
+# (`figure_kind`, from experiments.defenses.DefenseSpec.figure).
+DEFENSE_PLOTS = {"projection": plot_projection, "gmvae_latent": plot_gmvae_latent}
+# Files written before the kind was recorded: the two defences that wrote them.
+_LEGACY_KINDS = {"projection": "projection", "gmvae": "gmvae_latent"}
+
+
+def _figure_kind(npz: pathlib.Path, defence: str) -> str | None:
+  try:
+    with np.load(npz) as f:
+      if "figure_kind" in f.files:
+        return str(f["figure_kind"])
+  except (OSError, ValueError):
+    return None
+  return _LEGACY_KINDS.get(defence)
