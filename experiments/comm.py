@@ -234,7 +234,9 @@ def _claim_workdir(config, workdir: pathlib.Path) -> None:
     try:
       old = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-      raise run_lib.UserError(f"{path} is not valid JSON ({e}); delete it or use another --workdir")
+      raise run_lib.UserError(
+        f"{path} is not valid JSON ({e}); delete it or use another --workdir"
+      ) from None
     changed = [f for f in ("experiment", "seed", "system", "train") if old.get(f) != new.get(f)]
     if changed:
       raise run_lib.UserError(

@@ -427,8 +427,8 @@ def transmit_block(
 
   y = encode(message) + n + p, n ~ N(0, sigma^2 I), sigma = 1 / sqrt(2 R Eb/N0); p by `mode`
   (MODES): 0, delta[message], Gaussian jamming of squared norm exactly `energy`, or
-  delta[message] cyclically shifted by a uniform offset of 0..n-1 channel uses. Written for the attack
-  runner (`runner.iter_attack_chunks(transmit_block, system, params, messages, messages,
+  delta[message] cyclically shifted by a uniform offset of 0..n-1 channel uses. Written for the
+  attack runner (`runner.iter_attack_chunks(transmit_block, system, params, messages, messages,
   ebn0_grid, mode=..., delta=..., energy=..., key=...)`), which batches it over blocks x Eb/N0.
 
   Args:
