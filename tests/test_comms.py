@@ -132,10 +132,10 @@ def test_energy_normalisation_and_noise(key):
   for name in ("mlp_ae", "conv_ae", "mlp_ae_iq"):
     ae = system_lib.make_system(name)
     params = ae.init(key)
-    x = jax.vmap(ae.encode, in_axes=(None, 0))(params, jnp.arange(16))
+    x = jax.jit(jax.vmap(ae.encode, in_axes=(None, 0)))(params, jnp.arange(16))
     assert x.shape == (16, ae.dims)
     np.testing.assert_allclose(np.sum(np.asarray(x) ** 2, axis=1), 7.0, rtol=1e-5)
-    assert jax.vmap(ae.logits, in_axes=(None, 0))(params, x).shape == (16, 16)
+    assert jax.jit(jax.vmap(ae.logits, in_axes=(None, 0)))(params, x).shape == (16, 16)
   assert system_lib.make_system("mlp_ae_iq").dims == 14
   # sigma^2 = 1 / (2 R Eb/N0): R = 4/7 at 0 dB gives 7/8.
   assert float(system_lib.noise_std(0.0, 4 / 7)) ** 2 == pytest.approx(7 / 8)
@@ -192,10 +192,11 @@ def test_universal_perturbation_is_one_vector_for_every_message(trained_ae):
   cfg = comm_ae.get_config("quick")
   with cfg.unlocked():
     cfg.attacks.craft_samples = 64
+    cfg.attacks.enabled = ("fgm", "uap", "uap_unsync", "uap_shift", "substitute")
     cfg.attacks.substitute.update(observations=512, steps=50)
   tables, sub = comm._craft(cfg, ae, params, [-6.0], jax.random.key(7))
   assert 0.0 <= sub["agreement_with_receiver"] <= 1.0
-  for att in ("uap", "uap_unsync", "uap_shift", "substitute", "substitute_shift"):
+  for att in ("uap", "uap_unsync", "uap_shift", "substitute"):
     t = np.asarray(tables[(att, -6.0)])
     assert t.shape == (16, ae.dims)
     np.testing.assert_array_equal(t, np.broadcast_to(t[0], t.shape))
@@ -252,10 +253,11 @@ def test_vmapped_sweep_equals_a_loop(trained_ae):
       key=key, chunk_size=8,
     )  # fmt: skip
     energy = jnp.float32(attacks.psr_energy(-3.0, ae.n))
+    one = jax.jit(system_lib.transmit_block, static_argnums=0, static_argnames="mode")
     for row, e in zip(rows, grid, strict=True):
       errors = 0
       for i in range(blocks):
-        r = system_lib.transmit_block(
+        r = one(
           ae, params, jnp.int32(i % 16), jnp.int32(i % 16), eps=jnp.float32(e), mode=mode,
           delta=table, energy=energy, key=jax.random.fold_in(key, i),
         )  # fmt: skip
@@ -329,12 +331,13 @@ def test_end_to_end_run_and_rerun(tmp_path):
     cfg.train.steps = 300
     cfg.eval.update(blocks=300, ebn0_db=(4.0, 8.5))
     cfg.attacks.update(psr_db=(-6.0,), curve_psr_db=(-12.0,), craft_samples=32)
+    cfg.attacks.enabled = ("jamming", "uap", "substitute_shift")
     cfg.attacks.substitute.update(observations=256, steps=50)
     cfg.output.figures = True
   out = run_lib.run(cfg, str(tmp_path))
   rows = out["results"]
-  # per model: none at 2 Eb/N0 + 7 attacks x (-6 dB at 2 Eb/N0 + -12 dB at 8.5 dB)
-  assert len(rows) == 2 * (2 + 7 * 3)
+  # per model: none at 2 Eb/N0 + 3 attacks x (-6 dB at 2 Eb/N0 + -12 dB at 8.5 dB)
+  assert len(rows) == 2 * (2 + 3 * 3)
   for r in rows:
     assert r["dataset"] == "comm" and r["blocks"] == 300
     assert r["bler_lo"] <= r["bler"] <= r["bler_hi"]
