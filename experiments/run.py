@@ -24,6 +24,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   if "runs" in config:
     return _run_study(config, pathlib.Path(workdir))
+  if config.get("experiment") == "comm":
+    from experiments import comm  # noqa: PLC0415  (configs/comm_ae.py; validates itself)
+
+    return comm.run(config, workdir)
   try:
     validate.validate(config)
   except validate.ConfigError as e:
