@@ -116,6 +116,9 @@ def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_coll
   c.attacks.target_strategy = "random"  # random | next | least_likely | all | fixed
   c.attacks.fixed_targets = ()
   c.attacks.only_correct = True
+  # True: every model of the run is attacked on the same pairs (sources every model classifies
+  # correctly, targets drawn once); False: each model draws its own pairs (before 2026-12-05).
+  c.attacks.shared_pairs = True
   c.attacks.chunk_size = 0  # 0 = chosen from memory_budget_mb
   c.attacks.memory_budget_mb = 2048
   c.attacks.shard = True  # shard pairs over all local devices
@@ -155,6 +158,10 @@ def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_coll
   c.eval.ssim_min = 0.8
   c.eval.linf_max = 0.3
   c.eval.l2_max = 0.0  # 0 = no bound
+  # Validity that does not depend on the number of pixels (metrics.EvalSettings): PSNR >= this
+  # (dB), and SSIM of the luminances resized to common_size x common_size.
+  c.eval.psnr_min = 30.0
+  c.eval.common_size = 28
 
   c.output = ml_collections.ConfigDict()
   c.output.figures = True

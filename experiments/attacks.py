@@ -152,6 +152,7 @@ def run_all(config, data, trained, log) -> None:
   )
   settings = metrics.EvalSettings.from_config(config.eval)
   out_dir = pathlib.Path(log.path).parent
+  shared = _shared_pairs(config, data, trained, root, out_dir) if acfg.shared_pairs else None
   for k in range(registry.NUM_PASSES):
     for m_index, (model_name, model) in enumerate(trained.items()):
       key = jax.random.fold_in(root, m_index)
@@ -164,7 +165,8 @@ def run_all(config, data, trained, log) -> None:
           if w.spec.cost_pass == k and not _done(log, base_row, w)
         ]
         if todo:
-          target = _vae_target(config, data, model, trained["cnn"], vae_key, settings)
+          chosen = _prefix(shared, acfg.vae.num_pairs)
+          target = _vae_target(config, data, model, trained["cnn"], vae_key, settings, chosen)
           problems += _run_sweeps(config, target, todo, log, base_row, out_dir, runner_kwargs)
       todo = [
         w
@@ -175,10 +177,84 @@ def run_all(config, data, trained, log) -> None:
         if k == registry.NUM_PASSES - 1:
           logging.info("%s: all attacks already in %s", model_name, log.path)
         continue
-      target = _classifier_target(config, data, model, key, settings)
+      chosen = _prefix(shared, acfg.num_pairs)
+      target = _classifier_target(config, data, model, key, settings, chosen)
       problems += _run_sweeps(config, target, todo, log, base_row, out_dir, runner_kwargs)
   if problems:
     raise NonFiniteError("; ".join(problems))
+
+
+PAIRS_DIR = "pairs"  # <workdir>/pairs/<settings>.npz: the run's shared pairs
+
+
+def _shared_pairs(config, data, trained, root, out_dir: pathlib.Path):
+  """The run's pairs, the same for every model: (Pairs, target image index per pair).
+
+  Sources: test examples that every model classifies correctly (with `attacks.only_correct`),
+  and, when the run has VAE attacks, whose reconstruction by every VAE the judge (the CNN)
+  also classifies correctly; each source once where the test set allows; targets drawn once.
+  As many pairs as the larger of attacks.num_pairs and attacks.vae.num_pairs; the classifier
+  and VAE attacks take prefixes of the list. Saved to pairs/<settings>.npz, and read back from
+  there on a rerun (the record of which pairs the rows were made on).
+  """
+  acfg = config.attacks
+  path = out_dir / PAIRS_DIR / f"{keys.attack_settings(config)}.npz"
+  if path.exists():
+    with np.load(path) as f:
+      pairs = runner.Pairs(f["index"], f["source_label"], f["target"])
+      return pairs, f["target_image"]
+  y = np.asarray(data.y_test)
+  eligible = np.ones(len(y), bool)
+  vae_attacks_on = (
+    bool(acfg.vae.enabled) and "cnn" in trained and any(m.kind == "vae" for m in trained.values())
+  )
+  if acfg.only_correct:
+    for model in trained.values():
+      logits = runner.batched_logits(model.logits_fn, model.params, data.x_test)
+      eligible &= np.argmax(logits, -1) == y
+      if model.kind == "vae" and vae_attacks_on:
+        judge = trained["cnn"]
+        fn = _ReconstructThen(model.vae.reconstruct, judge.logits_fn)
+        params = {"vae": model.params["vae"], "judge": judge.params}
+        eligible &= np.argmax(runner.batched_logits(fn, params, data.x_test), -1) == y
+  num_pairs = max(acfg.num_pairs, acfg.vae.num_pairs if vae_attacks_on else 0)
+  first = next(iter(trained.values()))  # least_likely targets: the first model's logits
+  key = jax.random.fold_in(root, 999_983)
+  try:
+    pairs = runner.make_pairs(
+      first.logits_fn, first.params, data.x_test, y, strategy=acfg.target_strategy,
+      num_pairs=num_pairs, key=key, num_classes=len(data.class_names),
+      only_correct=acfg.only_correct, targets=tuple(acfg.fixed_targets) or None,
+      eligible=eligible,
+    )  # fmt: skip
+  except ValueError as e:
+    raise UserError(
+      f"attacks.num_pairs / attacks.vae.num_pairs: {e} (sources every model of the run "
+      "classifies correctly); lower them or choose another attacks.target_strategy"
+    ) from None
+  # A test image of each pair's target class, for the VAE attacks (-1: the run has none).
+  target_images = (
+    _target_images(y, pairs, jax.random.fold_in(key, 1))
+    if vae_attacks_on
+    else np.full(len(pairs.index), -1, np.int64)
+  )
+  store.save_npz_atomic(
+    path, index=pairs.index, source_label=pairs.source_label, target=pairs.target,
+    target_image=target_images, eligible=eligible,
+  )  # fmt: skip
+  logging.info(
+    "pairs: %d shared by every model, %d distinct sources (%d of %d test examples eligible)",
+    len(pairs.index), len(np.unique(pairs.index)), int(eligible.sum()), len(y),
+  )  # fmt: skip
+  return pairs, target_images
+
+
+def _prefix(shared, n: int):
+  """The first n of the shared pairs (and their target images), or None without sharing."""
+  if shared is None:
+    return None
+  pairs, target_images = shared
+  return runner.Pairs(*(a[:n] for a in pairs)), target_images[:n]
 
 
 def _pairs(config, setting: str, logits_fn, params, data, key, num_pairs) -> runner.Pairs:
@@ -198,9 +274,10 @@ def _pairs(config, setting: str, logits_fn, params, data, key, num_pairs) -> run
   )
 
 
-def _classifier_target(config, data, model, key, settings) -> _Target:
-  """A classifier (the CNN, or a VAE through its latent classifier) and its pairs."""
-  pairs = _pairs(
+def _classifier_target(config, data, model, key, settings, shared=None) -> _Target:
+  """A classifier (the CNN, or a VAE through its latent classifier) and its pairs: `shared`
+  (the run's pairs, `_shared_pairs`) or, without them, pairs of its own."""
+  pairs = shared[0] if shared is not None else _pairs(
     config, f"{model.name}: attacks.num_pairs", model.logits_fn, model.params, data, key,
     config.attacks.num_pairs,
   )  # fmt: skip
@@ -210,7 +287,7 @@ def _classifier_target(config, data, model, key, settings) -> _Target:
                  (x,), {})  # fmt: skip
 
 
-def _vae_target(config, data, model, judge, key, settings) -> _Target:
+def _vae_target(config, data, model, judge, key, settings, shared=None) -> _Target:
   """A VAE under the Tabacof et al. (2016) and Kos et al. (2017) attacks, judged by the CNN.
 
   Pairs: a source the judge classifies correctly from its reconstruction, and a target image
@@ -222,13 +299,17 @@ def _vae_target(config, data, model, judge, key, settings) -> _Target:
     encode=model.vae.encode, reconstruct=model.vae.reconstruct, judge=judge.logits_fn
   )
   params = {"vae": model.params["vae"], "judge": judge.params}
-  rec_logits_fn = _ReconstructThen(model.vae.reconstruct, judge.logits_fn)
-  pairs = _pairs(
-    config, f"{model.name}: attacks.vae.num_pairs", rec_logits_fn, params, data, key,
-    config.attacks.vae.num_pairs,
-  )  # fmt: skip
+  if shared is not None:
+    pairs, target_images = shared
+  else:
+    rec_logits_fn = _ReconstructThen(model.vae.reconstruct, judge.logits_fn)
+    pairs = _pairs(
+      config, f"{model.name}: attacks.vae.num_pairs", rec_logits_fn, params, data, key,
+      config.attacks.vae.num_pairs,
+    )  # fmt: skip
+    target_images = _target_images(data.y_test, pairs, key)
   x = data.x_test[pairs.index]
-  x_target = data.x_test[_target_images(data.y_test, pairs, key)]
+  x_target = data.x_test[target_images]
   return _Target(
     model.name,
     vae_model,
@@ -277,9 +358,10 @@ def _run_sweeps(config, t: _Target, todo, log, base_row, out_dir, runner_kwargs)
     seconds = time.perf_counter() - t0
     measures = jax.tree.map(lambda *p: _cat(p), *measures)
     nonfinite = jax.tree.map(lambda *p: _cat(p), *nonfinite)
-    extra = {}
+    extra, quality_xy = {}, None
     if vae:
-      extra = _vae_outputs(out_dir, t, w, quality, examples)
+      quality_xy = tuple(_cat([q[i] for q in quality]) for i in (0, 1))  # [E, P] each
+      extra = _vae_outputs(out_dir, t, w, quality_xy, examples)
     else:
       _save_examples(out_dir / "examples" / f"{t.name}_{name}.npz", t.x, t.pairs, examples, w.eps)
     for e, eps_value in enumerate(w.eps):
@@ -290,10 +372,13 @@ def _run_sweeps(config, t: _Target, todo, log, base_row, out_dir, runner_kwargs)
       if _report_non_finite(flags, f"model {t.name}, attack {name}, eps={eps_value:g}",
                             problems):  # fmt: skip
         continue
-      row.update(metrics.row_stats(jax.tree.map(lambda a, e=e: a[e], measures)))
+      at_eps = jax.tree.map(lambda a, e=e: a[e], measures)
+      row.update(metrics.row_stats(at_eps))
       row.update(extra, seconds=seconds / len(w.eps), n_sources=int(len(np.unique(t.pairs.index))))
       if vae:
         row["judge"] = t.row_extra["judge"]
+      curve = {"quality_x": quality_xy[0][e], "quality_y": quality_xy[1][e]} if vae else {}
+      row["record"] = _write_record(out_dir, row, t.pairs, at_eps, curve)
       log.append({k: metrics.finite(v) for k, v in row.items()})
       logging.info(
         "%s %s %s=%g: success %.3f, %s prob %.3f, valid %.3f (%d pairs)%s",
@@ -311,11 +396,11 @@ def _run_sweeps(config, t: _Target, todo, log, base_row, out_dir, runner_kwargs)
   return problems
 
 
-def _vae_outputs(out_dir, t: _Target, w: _Sweep, quality, examples) -> dict:
+def _vae_outputs(out_dir, t: _Target, w: _Sweep, quality_xy, examples) -> dict:
   """A VAE sweep's example file, and for the latent L2 attack over a C grid its per-pair AUDDC
   curves (curves/<model>_<attack>.npz) and the rows' AUDDC fields."""
   name, x_target = w.spec.name, t.row_extra["x_target"]
-  qx, qy = (_cat([q[i] for q in quality]) for i in (0, 1))  # [E, P]
+  qx, qy = quality_xy  # [E, P]
   extra = {}
   if name == "latent_l2" and len(w.eps) > 1:
     areas = np.asarray(jax.vmap(metrics.auddc, in_axes=(1, 1))(qx, qy))  # per pair
@@ -339,6 +424,30 @@ def _vae_outputs(out_dir, t: _Target, w: _Sweep, quality, examples) -> dict:
     eps=np.asarray(w.eps),
   )
   return extra
+
+
+RECORDS_DIR = "records"  # <workdir>/records/<model>/<attack>_<norm>_<eps>_<settings>.npz
+
+
+def _write_record(out_dir: pathlib.Path, row: dict, pairs, m, curve: dict) -> str:
+  """The per-pair record of one row (every field of `metrics.PairMeasures` for each pair, the
+  pair's source index and target, and a VAE attack's AUDDC curve point), written atomically
+  BEFORE the row, so that a row in the log always has its record; returns its path relative
+  to the workdir (the row's `record` field). Every rate of the row is recomputed from it by
+  `metrics.row_stats` (a test)."""
+  name = f"{row['attack']}_{row['norm']}_{row['eps']:.6g}_{row['settings']}.npz"
+  rel = pathlib.PurePosixPath(RECORDS_DIR, str(row["model"]), name)
+  store.save_npz_atomic(
+    out_dir / rel, source_index=pairs.index, source_label=pairs.source_label,
+    target=pairs.target, **m._asdict(), **curve,
+  )  # fmt: skip
+  return str(rel)
+
+
+def read_record(workdir: pathlib.Path, row: dict) -> metrics.PairMeasures:
+  """The per-pair measures of a row, from its record."""
+  with np.load(pathlib.Path(workdir) / row["record"]) as f:
+    return metrics.PairMeasures(**{k: f[k] for k in metrics.PairMeasures._fields})
 
 
 class _ReconstructThen(NamedTuple):

@@ -32,8 +32,9 @@ import numpy as np
 from absl import logging
 from flax import serialization
 
-from experiments import run as run_lib
-from experiments import store
+from experiments import keys, store
+from experiments import workdir as workdir_lib
+from experiments.errors import UserError
 from vae_attacks import metrics
 from vae_attacks.attacks import runner
 from vae_attacks.comms import attacks as attacks_lib
@@ -72,7 +73,7 @@ def validate(c) -> None:
   """Raises run.UserError naming the first bad setting and what is allowed."""
 
   def bad(field, value, allowed):
-    raise run_lib.UserError(f"{field}={value!r}: allowed {allowed}")
+    raise UserError(f"{field}={value!r}: allowed {allowed}")
 
   n, k = c.system.n, c.system.k
   if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -122,18 +123,18 @@ def validate(c) -> None:
 def settings_hash(c) -> str:
   """What every row depends on besides its key: seed, system, training, blocks, crafting."""
   a = c.attacks
-  return run_lib.config_hash(
+  return keys.config_hash(
     dict(
       seed=c.seed,
-      system=run_lib._to_dict(c.system),
-      train=run_lib._to_dict(c.train),
+      system=keys.to_dict(c.system),
+      train=keys.to_dict(c.train),
       blocks=int(c.eval.blocks),
       craft=dict(
         ebn0_db=float(a.craft_ebn0_db),
         samples=int(a.craft_samples),
         passes=int(a.passes),
         search_steps=int(a.search_steps),
-        substitute=run_lib._to_dict(a.substitute),
+        substitute=keys.to_dict(a.substitute),
       ),
     )
   )
@@ -143,11 +144,15 @@ def settings_hash(c) -> str:
 # The run.
 
 
+# What decides the trained systems: a workdir holding another setting of these is refused.
+CLAIM_FIELDS = ("experiment", "seed", "system", "train")
+
+
 def run(config, workdir) -> dict:
   """Trains, crafts, evaluates and reports `config` (configs/comm_ae.py) in `workdir`."""
   validate(config)
   workdir = pathlib.Path(workdir)
-  _claim_workdir(config, workdir)
+  workdir_lib.claim_workdir(config, workdir, fixed=CLAIM_FIELDS)
   root = jax.random.key(config.seed)
   k, n = config.system.k, config.system.n
   settings = settings_hash(config)
@@ -227,25 +232,6 @@ def run(config, workdir) -> dict:
   return {"train": train_metrics, "results": rows}
 
 
-def _claim_workdir(config, workdir: pathlib.Path) -> None:
-  new = run_lib._to_dict(config)
-  path = workdir / "config.json"
-  if path.exists():
-    try:
-      old = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-      raise run_lib.UserError(
-        f"{path} is not valid JSON ({e}); delete it or use another --workdir"
-      ) from None
-    changed = [f for f in ("experiment", "seed", "system", "train") if old.get(f) != new.get(f)]
-    if changed:
-      raise run_lib.UserError(
-        f"workdir {workdir} belongs to a different config (differs in: {', '.join(changed)}); "
-        "use another --workdir or delete that folder"
-      )
-  store.write_json_atomic(path, new)
-
-
 def _tmp_path(path: pathlib.Path) -> pathlib.Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   return path.with_name(f".{path.name}.tmp.npz")
@@ -260,8 +246,8 @@ def _trained(config, system, key, workdir: pathlib.Path):
   if not isinstance(system, system_lib.AutoencoderSystem):
     return {}, None
   t = config.train
-  train_hash = run_lib.config_hash(
-    dict(seed=config.seed, system=run_lib._to_dict(config.system), train=run_lib._to_dict(t))
+  train_hash = keys.config_hash(
+    dict(seed=config.seed, system=keys.to_dict(config.system), train=keys.to_dict(t))
   )
   path = workdir / "params" / f"{system.name}.msgpack"
   meta = path.with_suffix(".json")

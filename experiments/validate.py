@@ -62,6 +62,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     v = c.eval[f]
     if not 0.0 <= v <= 1.0:
       raise ConfigError(f"eval.{f}={v!r}; allowed: a number in [0, 1]")
+  if "psnr_min" in c.eval:
+    _positive("eval.psnr_min", c.eval.psnr_min)
+  if "common_size" in c.eval:
+    _int_at_least("eval.common_size", c.eval.common_size, 8)
+  _bool("attacks.shared_pairs", c.attacks.get("shared_pairs", False))
   for f in ("linf_max", "l2_max"):
     if c.eval[f] < 0:
       raise ConfigError(f"eval.{f}={c.eval[f]!r}; allowed: >= 0 (0 = no bound)")

@@ -9,8 +9,12 @@ from experiments import keys, store
 from experiments.errors import UserError
 from vae_attacks import data as data_lib
 
+# What decides an image run's trained models; attacks/eval/output may change between runs (result
+# rows carry a hash of those settings in their key).
+IMAGE_CLAIM_FIELDS = ("seed", "models", "data", "model", "train")
 
-def claim_workdir(config, workdir: pathlib.Path) -> None:
+
+def claim_workdir(config, workdir: pathlib.Path, fixed=IMAGE_CLAIM_FIELDS) -> None:
   """Writes config.json, or checks that the workdir's run trains the same models."""
   new = keys.to_dict(config)
   path = workdir / "config.json"
@@ -21,9 +25,6 @@ def claim_workdir(config, workdir: pathlib.Path) -> None:
       raise UserError(
         f"{path} is not valid JSON ({e}); delete it or use another --workdir"
       ) from None
-    # What decides the trained models must match; attacks/eval/output may change between runs
-    # (result rows carry a hash of those settings in their key).
-    fixed = ("seed", "models", "data", "model", "train")
     changed = keys.diff({k: old.get(k) for k in fixed}, {k: new.get(k) for k in fixed})
     if changed:
       raise UserError(

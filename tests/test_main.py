@@ -8,12 +8,14 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from fakedata import make_data_root
 
 from experiments import attacks as attacks_lib
 from experiments import run as run_lib
 from experiments.errors import UserError
+from vae_attacks import metrics
 from vae_attacks.attacks import registry
 
 CONFIGS = ("mnist_cnn", "mnist_vae", "lfw_cnn", "lfw_vae")
@@ -271,3 +273,45 @@ def test_training_that_blows_up_names_model_epoch_and_quantity(data_root, tmp_pa
   assert "at epoch 1/1; nothing was checkpointed" in message
   assert not list((tmp_path / "checkpoints" / "cnn").glob("[0-9]*"))
   assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_every_model_is_attacked_on_the_same_pairs_and_records_reproduce_each_row(
+  data_root, tmp_path
+):
+  """Shared pairs: every model's rows of an attack come from the same (source, target) pairs,
+  the VAE attacks' from a prefix of them; each row's per-pair record recomputes its rates and
+  counts exactly (metrics.row_stats), with no rerun."""
+  config = tiny("mnist_vae", data_root)  # only_correct=False: a 1-epoch model gets few right
+  config.attacks.num_pairs = 6
+  config.attacks.vae.num_pairs = 4
+  run_lib.run(config, str(tmp_path))
+  rows = read_rows(tmp_path)
+  assert rows and all("record" in r for r in rows)
+  pairs_of = {}
+  for r in rows:
+    with np.load(tmp_path / r["record"]) as f:
+      pairs_of[(r["model"], r["attack"], r["eps"])] = (f["source_index"], f["target"])
+    again = metrics.row_stats(attacks_lib.read_record(tmp_path, r))
+    for field in (
+      "n_pairs",
+      "success_rate",
+      "validity_rate",
+      "effectiveness",
+      "mean_ssim",
+      "mean_target_prob",
+      "mean_l2",
+      "validity_rate_psnr",
+      "effectiveness_psnr",
+    ):
+      assert again[field] == r[field], (r["model"], r["attack"], field)  # fmt: skip
+  cnn_src, cnn_tgt = pairs_of[("cnn", "fgsm", 0.05)]
+  assert len(cnn_src) == 6
+  for (model, attack, _), (src, tgt) in pairs_of.items():
+    n = 4 if attack.startswith(("latent", "reconstruction")) else 6
+    np.testing.assert_array_equal(src, cnn_src[:n], err_msg=f"{model} {attack}")
+    np.testing.assert_array_equal(tgt, cnn_tgt[:n], err_msg=f"{model} {attack}")
+  # The record of the pairs is kept, and a rerun reads it back (nothing recomputed).
+  (saved,) = (tmp_path / "pairs").glob("*.npz")
+  with np.load(saved) as f:
+    np.testing.assert_array_equal(f["index"], cnn_src)
+    assert len(np.unique(f["index"])) == 6  # each source once: the test set allows it

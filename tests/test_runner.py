@@ -153,6 +153,30 @@ def test_all_gives_every_other_class_per_source(key):
     assert sorted(tgt.tolist()) == [c for c in range(NUM_CLASSES) if c != y[src]]
 
 
+def test_an_eligible_mask_replaces_the_models_predictions(key):
+  """Sources come only from the caller's mask (e.g. correct for every model of a study), each
+  once while the mask allows, and the model is not even evaluated for random targets."""
+  params, x, y, _, _ = labelled_split()
+  mask = np.zeros(len(y), bool)
+  mask[::3] = True
+
+  def never(params, x):
+    raise AssertionError("the model was evaluated")
+
+  pairs = runner.make_pairs(
+    never, params, x, y, strategy="random", num_pairs=int(mask.sum()), key=key,
+    num_classes=NUM_CLASSES, eligible=mask,
+  )  # fmt: skip
+  assert mask[pairs.index].all()
+  assert len(np.unique(pairs.index)) == mask.sum()
+  assert (pairs.target != y[pairs.index]).all()
+  with pytest.raises(ValueError, match="not enough eligible sources"):
+    runner.make_pairs(
+      never, params, x, y, strategy="random", num_pairs=len(y) * NUM_CLASSES, key=key,
+      num_classes=NUM_CLASSES, eligible=mask,
+    )  # fmt: skip
+
+
 def test_fixed_targets(key):
   params, x, y, _, _ = labelled_split()
   pairs = runner.make_pairs(

@@ -222,13 +222,23 @@ def valid_from(
 class EvalSettings(NamedTuple):
   """How an adversarial example is graded: the study's confidence and validity thresholds.
 
-  A bound of None is not checked (see `validity`).
+  A bound of None is not checked (see `validity`). Validity has three definitions (VALIDITY):
+  - "ssim": SSIM(x, x_adv) >= ssim_min at the images' own resolution, plus the norm bounds;
+  - "psnr": PSNR(x, x_adv) >= psnr_min, plus the norm bounds. PSNR is a function of the
+    per-pixel mean squared error, so the same per-pixel perturbation gets the same PSNR at any
+    number of pixels;
+  - "ssim_common": SSIM >= ssim_min of the two images' luminance resized to
+    common_size x common_size (antialiased), plus the norm bounds: SSIM at one common scale,
+    as Wang et al. (2004) advise SSIM be taken at the scale the viewer sees (their reference
+    code downsamples large images first).
   """
 
   confidence_min: float = 0.5
   ssim_min: float | None = 0.8
   linf_max: float | None = None
   l2_max: float | None = None
+  psnr_min: float | None = 30.0
+  common_size: int = 28
 
   @classmethod
   def from_config(cls, ecfg) -> "EvalSettings":
@@ -238,7 +248,31 @@ class EvalSettings(NamedTuple):
       ssim_min=float(ecfg["ssim_min"]),
       linf_max=float(ecfg["linf_max"]) or None,
       l2_max=float(ecfg["l2_max"]) or None,
+      psnr_min=float(ecfg.get("psnr_min", cls._field_defaults["psnr_min"])),
+      common_size=int(ecfg.get("common_size", cls._field_defaults["common_size"])),
     )
+
+
+# The validity definitions of `EvalSettings`; "ssim" is the study's primary one.
+VALIDITY = ("ssim", "psnr", "ssim_common")
+
+
+def psnr(x: Array, y: Array, *, max_val: float = 1.0) -> Array:
+  """Peak signal-to-noise ratio 10 log10(max_val^2 / MSE) in dB (inf for identical images)."""
+  mse = jnp.mean(jnp.square(jnp.asarray(x, jnp.float32) - y))
+  return 10.0 * jnp.log10(max_val**2 / mse)
+
+
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601
+
+
+def luminance_at(x: Array, size: int) -> Array:
+  """The image's luminance (BT.601 weights for RGB) resized to [size, size, 1], antialiased."""
+  if x.shape[-1] == 3:
+    x = jnp.tensordot(x, _LUMA, axes=([-1], [0]))[..., None]
+  if x.shape[:2] == (size, size):
+    return x
+  return jax.image.resize(x, (size, size, 1), method="linear", antialias=True)
 
 
 class PairMeasures(NamedTuple):
@@ -248,13 +282,17 @@ class PairMeasures(NamedTuple):
   target_prob: Array  # []: the (judging) classifier's probability of the target
   prediction: Array  # int32[]: the (judging) classifier's class for x_adv (-1: not given)
   ssim: Array  # []: SSIM(x, x_adv)
-  valid: Array  # bool[]: `validity` under the settings
+  valid: Array  # bool[]: `validity` under the settings (definition "ssim", the primary)
   confident: Array  # bool[]: target_prob >= confidence_min
-  level: Array  # int32[]: effectiveness level (index into LEVELS)
+  level: Array  # int32[]: effectiveness level (index into LEVELS) under the primary validity
   l0: Array  # []: distortion norms of x_adv - x
   l1: Array
   l2: Array
   linf: Array
+  psnr: Array  # []: PSNR(x, x_adv) in dB
+  ssim_common: Array  # []: SSIM of the luminances at common_size
+  valid_psnr: Array  # bool[]: validity, definition "psnr"
+  valid_ssim_common: Array  # bool[]: validity, definition "ssim_common"
 
 
 def pair_measures(
@@ -268,9 +306,15 @@ def pair_measures(
   """
   d = result.distortion
   s = ssim(x, result.x_adv)
-  valid = valid_from(
-    s, d.linf, d.l2, ssim_min=settings.ssim_min, linf_max=settings.linf_max, l2_max=settings.l2_max
-  )
+  bounds = dict(linf_max=settings.linf_max, l2_max=settings.l2_max)
+  valid = valid_from(s, d.linf, d.l2, ssim_min=settings.ssim_min, **bounds)
+  p = psnr(x, result.x_adv)
+  by_psnr = valid_from(None, d.linf, d.l2, ssim_min=None, **bounds)
+  if settings.psnr_min is not None:
+    by_psnr = by_psnr & (p >= settings.psnr_min)
+  size = settings.common_size
+  s_common = ssim(luminance_at(x, size), luminance_at(result.x_adv, size))
+  by_common = valid_from(s_common, d.linf, d.l2, ssim_min=settings.ssim_min, **bounds)
   conf = confident(result.target_prob, confidence_min=settings.confidence_min)
   return PairMeasures(
     success=jnp.asarray(result.success, bool),
@@ -284,6 +328,10 @@ def pair_measures(
     l1=d.l1,
     l2=d.l2,
     linf=d.linf,
+    psnr=p,
+    ssim_common=s_common,
+    valid_psnr=by_psnr,
+    valid_ssim_common=by_common,
   )
 
 
@@ -307,6 +355,16 @@ def row_stats(m: PairMeasures) -> dict:
     mean_ssim=float(np.mean(m.ssim)),
     effectiveness=dict(effectiveness_counts(levels), modal=modal_level(levels)),
   )
+  # The other validity definitions (EvalSettings): rates and effectiveness under each.
+  for name in VALIDITY[1:]:
+    valid = np.asarray(getattr(m, f"valid_{name}"), bool)
+    rate, lo, hi = success_rate(valid)
+    row[f"validity_rate_{name}"] = rate
+    row[f"validity_rate_{name}_ci"] = [lo, hi]
+    alt = np.asarray(effectiveness(valid, np.asarray(m.confident, bool)))
+    row[f"effectiveness_{name}"] = dict(effectiveness_counts(alt), modal=modal_level(alt))
+  row["median_psnr"] = float(np.median(np.asarray(m.psnr, np.float64)))  # inf (no change): null
+  row["mean_ssim_common"] = float(np.mean(m.ssim_common))
   for norm in ("l0", "l1", "l2", "linf"):
     mean, lo, hi = mean_interval(np.asarray(getattr(m, norm), np.float64))
     row[f"mean_{norm}"] = mean

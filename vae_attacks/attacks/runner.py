@@ -79,7 +79,12 @@ def _jitted_map(fn: Callable, in_axes: tuple) -> Callable:
 
 
 def batched_map(
-  fn: Callable, params: Any, *arrays: Array, batch_size: int = 256, pad: bool = True
+  fn: Callable,
+  params: Any,
+  *arrays: Array,
+  batch_size: int = 256,
+  pad: bool = True,
+  exact: bool = False,
 ) -> Any:
   """fn(params, *one_example) over every example of `arrays`, in equal-sized jitted batches.
 
@@ -98,6 +103,9 @@ def batched_map(
       them (e.g. a batched AttackResult), mapped over their leading axis.
     batch_size: examples per jitted call.
     pad: False cuts the last batch short instead (a second compilation for its shape).
+    exact: every call has `batch_size` examples even when there are fewer (padded), so the
+      values do not depend on how many examples one call maps (the measured sweep: chunks of
+      any size give bit-identical measures).
 
   Returns:
     The pytree of `fn`'s outputs with a leading axis [N, ...], as host numpy arrays.
@@ -108,7 +116,7 @@ def batched_map(
     raise ValueError("no examples to map over")
   if any(m != n for m in lengths):
     raise ValueError(f"arrays differ in length: {lengths}")
-  batch = min(batch_size, n)
+  batch = batch_size if exact and pad else min(batch_size, n)
   mapped = _jitted_map(fn, (None,) + (0,) * len(arrays))
   parts = []
   for start in range(0, n, batch):
@@ -145,6 +153,7 @@ def make_pairs(
   only_correct: bool = True,
   targets: Sequence[int] | None = None,
   batch_size: int = 256,
+  eligible: np.ndarray | None = None,
 ) -> Pairs:
   """Chooses (source, target) pairs from a data split for a targeted attack.
 
@@ -175,6 +184,10 @@ def make_pairs(
     only_correct: attack only sources whose prediction equals their label.
     targets: the class ids for strategy "fixed" (and only then).
     batch_size: examples per batch when computing predictions.
+    eligible: bool[N], the sources that may be attacked, given by the caller instead of the
+      model's correct predictions (e.g. the examples EVERY model of a study classifies
+      correctly, so that all of them are attacked on the same pairs); `only_correct` is then
+      not used, and `logits_fn` only by strategy "least_likely".
 
   Returns:
     Pairs(index int32[P], source_label int32[P], target int32[P]) as numpy arrays; for "all" and
@@ -206,7 +219,12 @@ def make_pairs(
     raise ValueError(f"labels must lie in [0, {num_classes})")
 
   logits = None
-  if only_correct:
+  if eligible is not None:
+    eligible = np.asarray(eligible, bool).reshape(-1)
+    if len(eligible) != len(y):
+      raise ValueError(f"eligible has {len(eligible)} entries for {len(y)} examples")
+    eligible = np.flatnonzero(eligible)
+  elif only_correct:
     logits = batched_logits(logits_fn, params, x, batch_size=batch_size)
     eligible = np.flatnonzero(np.argmax(logits, axis=-1) == y)
   else:
@@ -251,7 +269,7 @@ def make_pairs(
     what = (
       f"{len(eligible)} of {len(y)} examples are correctly classified"
       if only_correct
-      else f"the split has {len(y)} examples"
+      else f"the split has {len(y)} examples, {len(eligible)} eligible"
     )
     raise ValueError(
       f"not enough eligible sources: num_pairs={num_pairs} requested with strategy="
@@ -661,7 +679,12 @@ def iter_measured_chunks(
   for sl, res in iter_attack_chunks(attack, logits_fn, params, x, target, eps_grid, **kwargs):
     by_pair = jax.tree.map(lambda a: np.swapaxes(a, 0, 1), res)  # [B, E, ...]
     m = batched_map(
-      per_pair, measure_params, *(a[sl] for a in inputs), by_pair, batch_size=MEASURE_BLOCK
+      per_pair,
+      measure_params,
+      *(a[sl] for a in inputs),
+      by_pair,
+      batch_size=MEASURE_BLOCK,
+      exact=True,
     )
     yield sl, res, jax.tree.map(lambda a: np.swapaxes(a, 0, 1), m)
 
