@@ -207,6 +207,8 @@ def test_median_ci_is_exact_on_tiny_cases_and_handles_inf():
   r = stats.median_ci([0.1, 0.3, np.inf, np.inf])  # between 0.3 and inf: inf
   assert (r.median, r.q25) == (np.inf, pytest.approx(0.25))
   x = np.random.default_rng(0).exponential(size=25)
+  r = stats.median_ci(x)  # finite values: numpy's default (linear) quantiles
+  assert (r.median, r.q25, r.q75) == pytest.approx(tuple(np.quantile(x, [0.5, 0.25, 0.75])))
   assert stats.median_ci(x, seed=1) == stats.median_ci(x, seed=1)  # deterministic given seed
   assert stats.median_ci(x, seed=1) != stats.median_ci(x, seed=2)
 

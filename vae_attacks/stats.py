@@ -88,8 +88,11 @@ class Trend(NamedTuple):
 # Helpers.
 
 
-def _bool(x) -> np.ndarray:
-  return np.asarray(x, bool).ravel()
+def _pair(a, b, dtype=bool) -> tuple[np.ndarray, np.ndarray]:
+  a, b = np.asarray(a, dtype).ravel(), np.asarray(b, dtype).ravel()
+  if a.shape != b.shape:
+    raise ValueError(f"a and b must pair up; got {a.shape} and {b.shape}")
+  return a, b
 
 
 def _wilson(k: int, n: int, confidence: float) -> tuple[float, float]:
@@ -165,9 +168,7 @@ def mcnemar_exact(a, b) -> McNemar:
   Under H0 the discordant pairs split 1:1, so n10 ~ Binomial(n01 + n10, 1/2); the p-value is
   scipy's two-sided exact binomial test. p = 1 when no pair is discordant.
   """
-  a, b = _bool(a), _bool(b)
-  if a.shape != b.shape:
-    raise ValueError(f"a and b must pair up; got {a.shape} and {b.shape}")
+  a, b = _pair(a, b)
   n01, n10 = int(np.sum(~a & b)), int(np.sum(a & ~b))
   if n01 + n10 == 0:
     return McNemar(n01, n10, 1.0)
@@ -251,9 +252,7 @@ def paired_difference(
     (resampling whole clusters with replacement; Davison & Hinkley 1997, sec. 3.8),
     deterministic given seed.
   """
-  a, b = _bool(a), _bool(b)
-  if a.shape != b.shape:
-    raise ValueError(f"a and b must pair up; got {a.shape} and {b.shape}")
+  a, b = _pair(a, b)
   n = a.size
   c = _clusters(clusters, n)
   k = n if c is None else int(np.unique(c).size)
@@ -297,13 +296,7 @@ def _hodges_lehmann(d: np.ndarray) -> np.ndarray:
 
 
 def wilcoxon_paired(
-  a,
-  b,
-  clusters=None,
-  *,
-  confidence: float = 0.95,
-  n_boot: int = 1000,
-  seed: int = 0,
+  a, b, clusters=None, *, confidence: float = 0.95, n_boot: int = 1000, seed: int = 0
 ) -> Wilcoxon:
   """Wilcoxon's (1945) signed-rank test of b - a (float[P] each, +inf = never broken).
 
@@ -319,9 +312,7 @@ def wilcoxon_paired(
   bootstrap over pairs, or over clusters when `clusters` repeat. The p-value treats pairs as
   independent.
   """
-  a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-  if a.shape != b.shape:
-    raise ValueError(f"a and b must pair up; got {a.shape} and {b.shape}")
+  a, b = _pair(a, b, np.float64)
   hi_fin, lo_fin = _finite_budgets(a, b)
   big = 4 * hi_fin - 3 * lo_fin + 1
   d = np.where(np.isinf(b), big, b) - np.where(np.isinf(a), big, a)  # [P]
