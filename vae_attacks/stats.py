@@ -223,7 +223,7 @@ def _newcombe(p1, l1, u1, p2, l2, u2, phi=0.0) -> Difference:
   return Difference(float(d), float(max(d - dl, -1.0)), float(min(d + du, 1.0)))
 
 
-def newcombe_difference(k1: int, n1: int, k2: int, n2: int, confidence: float = 0.95):
+def newcombe_difference(k1: int, n1: int, k2: int, n2: int, confidence: float = 0.95) -> Difference:
   """p2 - p1 = k2/n2 - k1/n1 of two independent proportions, Newcombe's (1998a) method 10.
 
   The hybrid score ("square-and-add") interval from the Wilson intervals (l_i, u_i) of each:
