@@ -119,13 +119,17 @@ def _plan(acfg, key, family: str) -> list[_Sweep]:
 
 
 def _row_base(config, model_name: str) -> dict:
-  return dict(dataset=config.data.name, model=model_name, settings=keys.attack_settings(config))
+  return dict(dataset=config.data.name, model=model_name)
 
 
-def _done(log, base_row: dict, sweep: _Sweep) -> bool:
-  return all(
-    log.has(dict(base_row, attack=sweep.spec.name, norm=sweep.norm, eps=e)) for e in sweep.eps
-  )
+def _row(config, base_row: dict, sweep: _Sweep, eps: float) -> dict:
+  """A row's key fields (its settings hash is its attack's: `keys.attack_settings`)."""
+  settings = keys.attack_settings(config, sweep.spec.name)
+  return dict(base_row, attack=sweep.spec.name, norm=sweep.norm, eps=eps, settings=settings)
+
+
+def _done(log, config, base_row: dict, sweep: _Sweep) -> bool:
+  return all(log.has(_row(config, base_row, sweep, e)) for e in sweep.eps)
 
 
 def run_all(config, data, trained, log) -> None:
@@ -162,7 +166,7 @@ def run_all(config, data, trained, log) -> None:
         todo = [
           w
           for w in _plan(acfg, vae_key, "vae")
-          if w.spec.cost_pass == k and not _done(log, base_row, w)
+          if w.spec.cost_pass == k and not _done(log, config, base_row, w)
         ]
         if todo:
           chosen = _prefix(shared, acfg.vae.num_pairs)
@@ -171,7 +175,7 @@ def run_all(config, data, trained, log) -> None:
       todo = [
         w
         for w in _plan(acfg, key, "classifier")
-        if w.spec.cost_pass == k and not _done(log, base_row, w)
+        if w.spec.cost_pass == k and not _done(log, config, base_row, w)
       ]
       if not todo:
         if k == registry.NUM_PASSES - 1:
@@ -198,7 +202,7 @@ def _shared_pairs(config, data, trained, root, out_dir: pathlib.Path):
   there on a rerun (the record of which pairs the rows were made on).
   """
   acfg = config.attacks
-  path = out_dir / PAIRS_DIR / f"{keys.attack_settings(config)}.npz"
+  path = out_dir / PAIRS_DIR / f"{keys.pairs_settings(config)}.npz"
   if path.exists():
     with np.load(path) as f:
       pairs = runner.Pairs(f["index"], f["source_label"], f["target"])
@@ -365,7 +369,7 @@ def _run_sweeps(config, t: _Target, todo, log, base_row, out_dir, runner_kwargs)
     else:
       _save_examples(out_dir / "examples" / f"{t.name}_{name}.npz", t.x, t.pairs, examples, w.eps)
     for e, eps_value in enumerate(w.eps):
-      row = dict(base_row, attack=name, norm=w.norm, eps=eps_value)
+      row = _row(config, base_row, w, eps_value)
       if log.has(row):
         continue
       flags = {k: v[e] for k, v in nonfinite.items()}

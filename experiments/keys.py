@@ -8,6 +8,8 @@ import hashlib
 import json
 from collections.abc import Mapping
 
+from vae_attacks.attacks import registry
+
 # results.jsonl: one row per (dataset, model, attack, norm, eps) under one attack/eval setting.
 RESULT_KEY = ("dataset", "model", "attack", "norm", "eps", "settings")
 # defenses.jsonl: one row per (kind, dataset, defence, attack, eps, source, target) and setting.
@@ -25,9 +27,38 @@ def config_hash(section) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def attack_settings(config: Mapping) -> str:
-  """The `settings` hash of the attack rows made under a run config (its attacks and eval)."""
-  return config_hash({"attacks": to_dict(config["attacks"]), "eval": to_dict(config["eval"])})
+# What decides a run's shared pairs besides the models: attacks fields (and attacks.vae.num_pairs).
+PAIR_FIELDS = ("num_pairs", "target_strategy", "fixed_targets", "only_correct", "shared_pairs")
+
+
+def pairs_settings(config: Mapping) -> str:
+  """The hash of what decides a run's pairs and how every pair is measured: the models (every
+  one must classify a source correctly), the pair settings and the eval section."""
+  a = to_dict(config["attacks"])
+  pairs = {k: a.get(k) for k in PAIR_FIELDS}
+  pairs["vae_num_pairs"] = a["vae"]["num_pairs"]
+  return config_hash(
+    {"models": list(config["models"]), "pairs": pairs, "eval": to_dict(config["eval"])}
+  )
+
+
+def attack_settings(config: Mapping, attack: str | None = None) -> str:
+  """The `settings` hash of `attack`'s rows under a run config.
+
+  With shared pairs (`attacks.shared_pairs` in the config): the pairs' settings and the
+  attack's own config section, so that enabling another attack, or changing another's grid,
+  keeps finished rows (and runner settings such as chunk_size, which change no number, are
+  not in it). Configs from before (no `shared_pairs`), or `attack` None: one hash over the
+  whole attacks and eval sections, as their rows were written.
+  """
+  a = to_dict(config["attacks"])
+  if attack is None or "shared_pairs" not in a or attack not in registry.ATTACKS:
+    return config_hash({"attacks": a, "eval": to_dict(config["eval"])})
+  spec = registry.ATTACKS[attack]
+  sections = a["vae"] if spec.family == "vae" else a
+  return config_hash(
+    {"pairs": pairs_settings(config), "attack": sections[spec.section or spec.name]}
+  )
 
 
 def transfer_settings(config: Mapping) -> str:

@@ -103,8 +103,11 @@ def row_key(row: Mapping) -> tuple:
   )
 
 
-def select_rows(rows: Sequence[Mapping], settings: str | None = None) -> tuple[list, int]:
+def select_rows(rows: Sequence[Mapping], settings=None) -> tuple[list, int]:
   """One row per cell: those made under `settings` when any are, the last one of each key.
+
+  `settings`: a hash, or a function row -> the hash expected on that row (each attack's rows
+  carry their own, `keys.attack_settings`).
 
   A rerun with changed attack / eval settings appends rows with another `settings` hash; the
   report shows only the current settings' rows so that every number in it is comparable.
@@ -113,8 +116,9 @@ def select_rows(rows: Sequence[Mapping], settings: str | None = None) -> tuple[l
     (rows, number of rows left out).
   """
   rows = list(rows)
-  if settings is not None and any(r.get("settings") == settings for r in rows):
-    chosen = [r for r in rows if r.get("settings") == settings]
+  expected = settings if callable(settings) else (lambda r: settings)
+  if settings is not None and any(r.get("settings") == expected(r) for r in rows):
+    chosen = [r for r in rows if r.get("settings") == expected(r)]
   else:
     chosen = rows
   last = {}
@@ -129,7 +133,10 @@ def load_run(workdir: os.PathLike) -> RunFiles:
   workdir = pathlib.Path(workdir)
   config = _read_json(workdir / "config.json")
   train = _read_json(workdir / "train_metrics.json")
-  rows, left_out = select_rows(read_rows(workdir / "results.jsonl"), settings_hash(config))
+  expected = None
+  if "attacks" in config and "eval" in config:
+    expected = lambda r: keys.attack_settings(config, r.get("attack"))  # noqa: E731
+  rows, left_out = select_rows(read_rows(workdir / "results.jsonl"), expected)
   dataset = (config.get("data") or {}).get("name")
   if dataset is None:
     names = sorted({r.get("dataset") for r in rows if r.get("dataset")})
