@@ -111,7 +111,7 @@ def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_coll
   # step_size_rel: step size / eps; 2.5 / steps lets a walk reach the ball's edge and move
   # along it (Madry et al. 2018).
   c.attacks = ml_collections.ConfigDict()
-  c.attacks.enabled = registry.configurable("classifier")
+  c.attacks.enabled = registry.enabled_by_default("classifier")
   c.attacks.num_pairs = 500
   c.attacks.target_strategy = "random"  # random | next | least_likely | all | fixed
   c.attacks.fixed_targets = ()
@@ -141,7 +141,7 @@ def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_coll
   # For the L2-optimisation variants eps is the penalty C on ||d||^2 (larger C, smaller d); the
   # latent_l2 grid is log-spaced so that its AUDDC curve spans the trade-off.
   c.attacks.vae = ml_collections.ConfigDict()
-  c.attacks.vae.enabled = registry.configurable("vae")
+  c.attacks.vae.enabled = registry.enabled_by_default("vae")
   c.attacks.vae.num_pairs = 500
   c.attacks.vae.latent_l2 = dict(eps=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0), max_iters=50)
   c.attacks.vae.latent_fgsm = dict(eps=(0.05, 0.1, 0.2, 0.3))
@@ -198,6 +198,54 @@ def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_coll
   return c
 
 
+# Sections of the attacks a config asks for by name (`add_attacks`), absent otherwise, so the
+# configs without them are as before (registry.AttackSpec.default_enabled). MNIST values;
+# `add_attacks` carries them to LFW as `_scale_to_pixels` does every other grid.
+# - bim_min, bim_l1_min (issue 13: the grid-independent endpoint): eps is the upper end of the
+#   bisection's range, so one row per model; 8 probes after the first give a resolution of
+#   eps / 256 (L-inf 0.3: 0.0012). Each probe is a full BIM, so a pair costs 9 BIM attacks.
+# - latent_kl: Tabacof et al.'s KL divergence between the posteriors; a C grid from near 0
+#   (the latent loss dominates: the attack reaches the target) to past 1 (the penalty
+#   dominates: d stays near 0), so the AUDDC curve spans the trade-off; iterations up to 200,
+#   the solves stopping on ftol (their convergence) well before on most pairs.
+OPTIONAL_SECTIONS = {
+  "bim_min": dict(
+    norm="linf", eps=(0.3,), steps=40, step_size_rel=2.5 / 40, random_start=False, bisect_steps=8
+  ),
+  "bim_l1_min": dict(
+    norm="l1", eps=(20.0,), steps=40, step_size_rel=2.5 / 40, sparsity=0.99, bisect_steps=8
+  ),
+  "latent_kl": dict(
+    eps=(1e-4, 3e-4, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
+    max_iters=200,
+    ftol=1e-7,
+  ),
+}
+
+
+def add_attacks(c: ml_collections.ConfigDict, *names: str) -> ml_collections.ConfigDict:
+  """Enables the attacks `names` of `OPTIONAL_SECTIONS` in config `c`, in place; returns `c`.
+
+  Adds each one's section (under `attacks`, or `attacks.vae` for a VAE attack; the LFW grid
+  scaled as `_scale_to_pixels` scales the others) and appends its name to the family's
+  `enabled`. Configs call it; an attack already present is left as it is.
+  """
+  for name in names:
+    if name not in OPTIONAL_SECTIONS:
+      raise ValueError(f"{name!r} is not an optional attack; allowed: {tuple(OPTIONAL_SECTIONS)}")
+    spec = registry.ATTACKS[name]
+    sections = c.attacks.vae if spec.family == "vae" else c.attacks
+    if name in sections:
+      continue
+    with sections.unlocked():
+      sections[name] = ml_collections.ConfigDict(OPTIONAL_SECTIONS[name])
+    if c.data.name != "mnist":
+      ratio = data_lib.DATASETS[c.data.name].pixels / data_lib.DATASETS["mnist"].pixels
+      _scale_section(name, spec, sections[name], ratio)
+    sections.enabled = (*sections.enabled, name)
+  return c
+
+
 # L-inf grids of the classifier attacks at 154x154x3, chosen so that their adversarial inputs
 # stay mostly valid (SSIM falls faster with the budget at this size); every other grid is scaled.
 LFW_LINF_EPS = {"fgsm": (0.01, 0.02, 0.05, 0.1), "bim": (0.01, 0.02, 0.05, 0.1)}
@@ -212,19 +260,23 @@ def _scale_to_pixels(attacks: ml_collections.ConfigDict, ratio: float) -> None:
   `LFW_LINF_EPS` are set as they are; other L-inf budgets are per pixel and stay.
   """
   for name, spec in registry.ATTACKS.items():
-    if spec.enabled_by is not None:
-      continue
-    sec = registry.section_of(spec, attacks)
-    norm = registry.norm_of(spec, sec)
-    if name in LFW_LINF_EPS:
-      sec.eps = LFW_LINF_EPS[name]
-    elif spec.eps_kind == "penalty":
-      sec.eps = tuple(float(f"{e / ratio:.3g}") for e in sec.eps)
-    elif norm == "l2":
-      sec.eps = tuple(round(e * ratio**0.5, 2) for e in sec.eps)
-    elif norm == "l1":
-      scale = ratio**0.5  # (sqrt r)^2, not r: the grid as first published (453.7, not 453.8)
-      sec.eps = tuple(round(e * scale * scale, 1) for e in sec.eps)
+    sections = attacks.vae if spec.family == "vae" else attacks
+    if spec.enabled_by is None and (spec.section or name) in sections:
+      _scale_section(name, spec, registry.section_of(spec, attacks), ratio)
+
+
+def _scale_section(name: str, spec, sec, ratio: float) -> None:
+  """One attack's eps grid carried to `ratio` times the pixels, in place (`_scale_to_pixels`)."""
+  norm = registry.norm_of(spec, sec)
+  if name in LFW_LINF_EPS:
+    sec.eps = LFW_LINF_EPS[name]
+  elif spec.eps_kind == "penalty":
+    sec.eps = tuple(float(f"{e / ratio:.3g}") for e in sec.eps)
+  elif norm == "l2":
+    sec.eps = tuple(round(e * ratio**0.5, 2) for e in sec.eps)
+  elif norm == "l1":
+    scale = ratio**0.5  # (sqrt r)^2, not r: the grid as first published (453.7, not 453.8)
+    sec.eps = tuple(round(e * scale * scale, 1) for e in sec.eps)
 
 
 def cpu_attack_budget(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

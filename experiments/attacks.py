@@ -295,7 +295,7 @@ def _vae_target(config, data, model, judge, key, settings, shared=None) -> _Targ
   """A VAE under the Tabacof et al. (2016) and Kos et al. (2017) attacks, judged by the CNN.
 
   Pairs: a source the judge classifies correctly from its reconstruction, and a target image
-  of another class. Rows as for classifier attacks; the latent L2 attack's rows also carry its
+  of another class. Rows as for classifier attacks; the latent L-BFGS attacks' rows also carry their
   AUDDC over the C grid (Gondim-Ribeiro et al. 2018), and its per-pair curves go to
   curves/<model>_<attack>.npz.
   """
@@ -401,12 +401,13 @@ def _run_sweeps(config, t: _Target, todo, log, base_row, out_dir, runner_kwargs)
 
 
 def _vae_outputs(out_dir, t: _Target, w: _Sweep, quality_xy, examples) -> dict:
-  """A VAE sweep's example file, and for the latent L2 attack over a C grid its per-pair AUDDC
-  curves (curves/<model>_<attack>.npz) and the rows' AUDDC fields."""
+  """A VAE sweep's example file, and for a latent L-BFGS attack (either divergence,
+  `registry.auddc_attacks`) over a C grid its per-pair AUDDC curves
+  (curves/<model>_<attack>.npz) and the rows' AUDDC fields."""
   name, x_target = w.spec.name, t.row_extra["x_target"]
   qx, qy = quality_xy  # [E, P]
   extra = {}
-  if name == "latent_l2" and len(w.eps) > 1:
+  if name in registry.auddc_attacks() and len(w.eps) > 1:
     areas = np.asarray(jax.vmap(metrics.auddc, in_axes=(1, 1))(qx, qy))  # per pair
     mean, std, lo, hi = metrics.auddc_summary(areas)
     extra = dict(

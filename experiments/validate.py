@@ -46,8 +46,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     ("classifier", "attacks", a.enabled),
     ("vae", "attacks.vae", a.vae.enabled),
   ):
+    sections = a.vae if family == "vae" else a
     for name in names:
       _one_of(f"{where}.enabled[]", name, registry.configurable(family))
+      spec = registry.ATTACKS[name]
+      if (spec.section or name) not in sections:
+        raise ConfigError(
+          f"{where}.enabled names {name!r}, which has no section {where}.{spec.section or name}; "
+          f"a config adds it with configs.base.add_attacks(config, {name!r})"
+        )
       _attack_section(
         f"{where}.{name}", registry.ATTACKS[name], registry.section_of(registry.ATTACKS[name], a)
       )
@@ -139,6 +146,7 @@ _KNOB_CHECKS = {
   "steps": lambda f, v: _int_at_least(f, v, 1),
   "max_iters": lambda f, v: _int_at_least(f, v, 1),
   "search_steps": lambda f, v: _int_at_least(f, v, 1),
+  "bisect_steps": lambda f, v: _int_at_least(f, v, 0),
   "memory": lambda f, v: _int_at_least(f, v, 1),
   "num_trials": lambda f, v: _int_at_least(f, v, 1),
   "step_size_rel": lambda f, v: _positive(f, v),

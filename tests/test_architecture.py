@@ -101,7 +101,7 @@ def test_configs_validation_and_report_take_the_attack_lists_from_the_registry(f
 
   c = base.get_config(dataset="mnist", models=("cnn", "mlp_vae"), quick=True)
   enabled = c.attacks.enabled if family == "classifier" else c.attacks.vae.enabled
-  assert tuple(enabled) == registry.configurable(family)
+  assert tuple(enabled) == registry.enabled_by_default(family)
   validate.validate(c)
   # A name that is not in the table is refused by validation, naming the table's entries.
   if family == "classifier":
@@ -118,8 +118,11 @@ def test_every_registry_attack_has_a_config_section_with_a_valid_norm_and_its_kn
   from configs import base
   from vae_attacks.attacks import registry
 
+  optional = [n for n, s in registry.ATTACKS.items() if not s.default_enabled]
+  assert sorted(optional) == sorted(base.OPTIONAL_SECTIONS)
   for dataset in ("mnist", "lfw"):
     c = base.get_config(dataset=dataset, models=("cnn",), quick=False)
+    base.add_attacks(c, *optional)
     for spec in registry.ATTACKS.values():
       sec = registry.section_of(spec, c.attacks)
       assert registry.norm_of(spec, sec) in spec.norms

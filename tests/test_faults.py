@@ -194,11 +194,12 @@ def test_same_config_and_seed_give_identical_results_across_reruns_and_chunk_siz
 ):
   """Two fresh runs of one config, and a third whose attacks run in chunks of 3 pairs (4 pairs:
   a full chunk and a padded one) instead of one chunk from the memory budget: identical
-  results.jsonl apart from the wall-clock `seconds`. Exactly identical, not close: the attack's randomness is fold_in(key, pair index),
-  the per-pair metrics run in blocks of a fixed size (runner.MEASURE_BLOCK; before that, SSIM
-  computed over a chunk of 3 and of 4 pairs differed in the last bit) and the statistics are
-  reduced on the host in pair order. The attack itself gave bit-identical results at both
-  chunk sizes here; XLA may in principle round another batch shape differently."""
+  results.jsonl apart from the wall-clock `seconds`. Exactly identical, not close: the
+  attack's randomness is fold_in(key, pair index), the per-pair metrics run in blocks of a
+  fixed size (runner.MEASURE_BLOCK; before that, SSIM computed over a chunk of 3 and of 4
+  pairs differed in the last bit) and the statistics are reduced on the host in pair order.
+  The attack itself gave bit-identical results at both chunk sizes here; XLA may in principle
+  round another batch shape differently."""
   config = tiny("mnist_cnn", data_root, attacks=("fgsm", "pgd_l2"))  # pgd_l2: a random start
   config.attacks.fgsm.eps = (0.1, 0.3)
   config.attacks.pgd_l2.steps = 2

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.optimize
+import scipy.stats
 
 from vae_attacks.attacks import base, vae
 
@@ -309,3 +310,86 @@ def test_quality_point_of_no_attack_and_of_the_target(setup):
   assert float(x) == pytest.approx(1.0, abs=1e-6) and float(y) == pytest.approx(0.0, abs=1e-5)
   x, y = vae.quality_point(rec, a, xs[0], xs[1], 0.5 * (xs[0] + xs[1]))
   assert float(x) == pytest.approx(0.5, abs=1e-6) and 0.0 < float(y) < 1.0
+
+
+# ------------------------------------------------------------------------------------------
+# Tabacof et al.'s divergence between the posteriors (divergence="kl").
+
+
+def encode_var(params, x):
+  """A linear-Gaussian encoder whose log-variance also depends on x: (W x + b, U x + e)."""
+  xf = x.reshape(-1)
+  return params["W"] @ xf + params["b"], params["U"] @ xf + params["e"]
+
+
+def _var_params(params):
+  rng = np.random.default_rng(1)
+  u = jnp.asarray(rng.normal(size=(D, N)) / np.sqrt(N), jnp.float32)
+  return dict(params["vae"], U=u, e=jnp.asarray(0.2 * rng.normal(size=D), jnp.float32))
+
+
+def test_gaussian_kl_is_zero_for_identical_posteriors_and_matches_the_closed_form():
+  rng = np.random.default_rng(0)
+  m, lv = rng.normal(size=(2, 5)), rng.normal(size=(2, 5)) * 0.5
+  same = vae.gaussian_kl(*(jnp.asarray(a, jnp.float32) for a in (m[0], lv[0], m[0], lv[0])))
+  assert abs(float(same)) < 1e-6
+  kl = float(vae.gaussian_kl(*(jnp.asarray(a, jnp.float32) for a in (m[0], lv[0], m[1], lv[1]))))
+  # KL(p || q) = sum log(s_q / s_p) + (s_p^2 + (m_p - m_q)^2) / (2 s_q^2) - 1/2, per dimension.
+  sp, sq = np.exp(0.5 * lv[0]), np.exp(0.5 * lv[1])
+  closed = np.sum(np.log(sq / sp) + (sp**2 + (m[0] - m[1]) ** 2) / (2 * sq**2) - 0.5)
+  assert kl == pytest.approx(closed, rel=1e-5)
+  # And a Monte Carlo estimate E_p[log p - log q] from samples of p agrees.
+  z = m[0] + sp * rng.normal(size=(200_000, 5))
+  logp = scipy.stats.norm.logpdf(z, m[0], sp).sum(-1)
+  logq = scipy.stats.norm.logpdf(z, m[1], sq).sum(-1)
+  assert kl == pytest.approx(np.mean(logp - logq), rel=0.02)
+  assert kl >= 0
+
+
+def test_kl_latent_loss_is_zero_at_the_target_and_the_attack_lowers_it(setup):
+  params, xs = setup
+  p = _var_params(params)
+  z_t, lv_t = encode_var(p, xs[1])
+  kl_at = lambda x: float(vae.latent_loss(encode_var, p, x, z_t, lv_t, divergence="kl"))
+  assert abs(kl_at(xs[1])) < 1e-5
+  assert kl_at(xs[0]) > 0.01
+  attack = jax.jit(
+    functools.partial(vae.latent_attack, encode_var, divergence="kl", max_iters=ITERS)
+  )
+  sol = attack(p, xs[0], z_t, eps=1e-4, logvar_target=lv_t)
+  x_adv = np.asarray(sol.x)
+  assert np.all((x_adv >= 0) & (x_adv <= 1))
+  assert kl_at(sol.x) < 0.1 * kl_at(xs[0])
+  # The L2 loss ignores the variances; the KL one does not.
+  l2 = float(vae.latent_loss(encode_var, p, xs[0], z_t, lv_t, divergence="l2"))
+  assert l2 == pytest.approx(float(np.sum((np.asarray(encode_var(p, xs[0])[0]) - z_t) ** 2)))
+  with pytest.raises(ValueError, match="divergence"):
+    vae.latent_loss(encode_var, p, xs[0], z_t, lv_t, divergence="js")
+  with pytest.raises(ValueError, match="logvar_target"):
+    vae.latent_attack(encode_var, p, xs[0], z_t, eps=1.0, divergence="kl")
+
+
+def test_latent_kl_registry_entry_is_judged_and_vmaps(setup):
+  from vae_attacks.attacks import registry
+
+  params, xs = setup
+  spec = registry.ATTACKS["latent_kl"]
+  assert spec.family == "vae" and spec.eps_kind == "penalty" and not spec.default_enabled
+  assert "latent_kl" in registry.auddc_attacks()
+  # The test VAE's log-variance is 0 everywhere, where KL = ||mean - z_t||^2 / 2: the KL
+  # attack's objective at C is half the L2 attack's at 2C, so it has the same minimiser.
+  xx = jnp.stack([xs[:3], xs[jnp.array([1, 4, 0])]], axis=1)  # [3, 2, H, W, C]
+  tgt = jnp.array([1, 4, 0])
+  run = jax.jit(
+    jax.vmap(lambda x2, t: spec.run(MODEL, params, x2, t, eps=jnp.float32(1e-3), max_iters=ITERS))
+  )
+  r = run(xx, tgt)
+  assert r.budget is None and r.success.shape == (3,)
+  l2 = jax.jit(
+    jax.vmap(
+      lambda x2, t: registry.ATTACKS["latent_l2"].run(
+        MODEL, params, x2, t, eps=jnp.float32(2e-3), max_iters=ITERS
+      )
+    )
+  )(xx, tgt)
+  np.testing.assert_allclose(np.asarray(r.x_adv), np.asarray(l2.x_adv), atol=2e-3)

@@ -293,6 +293,9 @@ class PairMeasures(NamedTuple):
   ssim_common: Array  # []: SSIM of the luminances at common_size
   valid_psnr: Array  # bool[]: validity, definition "psnr"
   valid_ssim_common: Array  # bool[]: validity, definition "ssim_common"
+  # []: the minimal budget a search found (`AttackResult.budget`: +inf when the pair was not
+  # broken); NaN for an attack that searches none
+  budget: Array
 
 
 def pair_measures(
@@ -332,6 +335,7 @@ def pair_measures(
     ssim_common=s_common,
     valid_psnr=by_psnr,
     valid_ssim_common=by_common,
+    budget=jnp.asarray(jnp.nan if result.budget is None else result.budget, jnp.float32),
   )
 
 
@@ -369,7 +373,27 @@ def row_stats(m: PairMeasures) -> dict:
     mean, lo, hi = mean_interval(np.asarray(getattr(m, norm), np.float64))
     row[f"mean_{norm}"] = mean
     row[f"mean_{norm}_ci"] = [lo, hi]
+  row.update(budget_stats(m.budget))
   return {k: finite(v) for k, v in row.items()}
+
+
+def budget_stats(budget: Array) -> dict:
+  """A row's fields for the pairs' minimal budgets [P] (`PairMeasures.budget`), or {} when
+  the attack searched none (all NaN), so the rows of other attacks are unchanged.
+
+  median_budget: the median over every pair, an unbroken pair (+inf) counting as above every
+  budget (None when half the pairs or more were not broken); mean_budget_broken: the mean over
+  the broken pairs (None when none); unbroken_rate: the fraction not broken within the range.
+  """
+  b = np.asarray(budget, np.float64).reshape(-1)
+  if b.size == 0 or np.isnan(b).all():
+    return {}
+  broken = np.isfinite(b)
+  return dict(
+    median_budget=float(np.median(b)),
+    mean_budget_broken=float(b[broken].mean()) if broken.any() else np.nan,
+    unbroken_rate=float(1.0 - broken.mean()),
+  )
 
 
 def finite(v):

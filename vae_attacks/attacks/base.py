@@ -27,7 +27,16 @@ class Distortion(NamedTuple):
 
 
 class AttackResult(NamedTuple):
-  """Outcome of one attack on one (source, target) pair; batched by vmap."""
+  """Outcome of one attack on one (source, target) pair; batched by vmap.
+
+  `budget` is set only by the minimal-budget searches, and is None (an empty pytree node, so
+  vmap, tree maps and the runner carry it through) for every other attack: the smallest norm
+  at which the search saw the attack succeed, +inf when no probe succeeded. For the bisection
+  over eps (`minimal.bim_min_eps`) it is the smallest successful eps (the radius of the ball
+  in the attack's norm); for Szegedy's c search (`lbfgs.lbfgs_c_search`) the L2 norm of the
+  smallest successful perturbation. Either way an upper bound on the pair's true minimal
+  budget in that norm.
+  """
 
   x_adv: Array  # [H, W, C], inside the box [0, 1] and the attack's ball
   success: Array  # bool[]: argmax == target (targeted) or != label (untargeted)
@@ -35,6 +44,7 @@ class AttackResult(NamedTuple):
   distortion: Distortion
   iterations: Array  # int32[] steps actually taken (early stop, L-BFGS)
   loss_trace: Array  # [steps] the attack's objective after each step
+  budget: Array | None = None  # [] minimal budget found by a search (+inf: none); else None
 
 
 def distortion(x: Array, x_adv: Array) -> Distortion:

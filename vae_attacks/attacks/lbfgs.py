@@ -735,7 +735,9 @@ def lbfgs_c_search(
   Returns:
     AttackResult of the successful solve with the smallest L2 perturbation (or of the last
     solve, with success=False, if none succeeded); `iterations` counts iterations over all
-    solves.
+    solves; `budget` is that smallest successful perturbation's L2 norm (+inf when no solve
+    succeeded): an upper bound on the pair's minimal L2 budget, comparable with the
+    bisection's `minimal.bim_min_eps` in L2 units, where the largest successful c is not.
   """
   if search_steps < 1:
     raise ValueError(f"search_steps must be >= 1, got {search_steps}")
@@ -772,4 +774,5 @@ def lbfgs_c_search(
 
   state, _ = jax.lax.scan(body, state, None, length=search_steps - 1)
   chex.assert_rank(state.best.x_adv, x.ndim)
-  return state.best
+  budget = jnp.where(state.found, state.best.distortion.l2, jnp.inf)
+  return state.best._replace(budget=budget.astype(x.dtype))

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import jax
 
-from vae_attacks.attacks import bim, fgsm, lbfgs
+from vae_attacks.attacks import bim, fgsm, lbfgs, minimal
 from vae_attacks.attacks import vae as vae_lib
 
 # Cost passes of the runs (experiments/attacks.py): gradient-step attacks on every model first,
@@ -52,6 +52,10 @@ class AttackSpec(NamedTuple):
     `batched=`), used by the runs instead of the compiled vmap of `run`: benchmarks/attacks.py
     measures it faster for the L-BFGS attack at MNIST and LFW sizes (README, "Performance").
   cite: the paper it implements.
+  default_enabled: False for an attack that the configs leave out unless they ask for it
+    (`configs.base.add_attacks` adds its section and its name to `enabled`): the base
+    config's `enabled` lists the entries with True, and a config without the attack has no
+    section for it, so the JSON (and the settings hash) of every earlier config is unchanged.
   """
 
   name: str
@@ -66,6 +70,7 @@ class AttackSpec(NamedTuple):
   grid: Callable[[tuple[float, ...]], tuple[float, ...]] = tuple
   batched: Callable | None = None
   cite: str = ""
+  default_enabled: bool = True
 
 
 def _fgsm(logits_fn, params, x, target, *, eps, norm):
@@ -85,6 +90,14 @@ def _bim(logits_fn, params, x, target, *, eps, norm, steps, step_size_rel, **kno
     step_size=step_size_rel * eps,
     **knobs,
   )
+
+
+def _bim_min(logits_fn, params, x, target, *, eps, norm, steps, step_size_rel, **knobs):
+  """The minimal BIM budget of one pair by bisection over [0, eps] (`minimal.bim_min_eps`)."""
+  return minimal.bim_min_eps(
+    logits_fn, params, x, target, eps=eps, norm=norm, steps=steps, step_size_rel=step_size_rel,
+    **knobs,
+  )  # fmt: skip
 
 
 def _lbfgs(logits_fn, params, x, target, *, eps, max_iters):
@@ -109,6 +122,7 @@ def _pairwise(attack):
 
 
 _BIM_KNOBS = ("norm", "steps", "step_size_rel", "random_start", "sparsity")
+_BIM_MIN_KNOBS = (*_BIM_KNOBS, "bisect_steps")
 _SOLVER_KNOBS = ("max_iters", "memory", "num_trials", "tol", "ftol")
 _KURAKIN = "Kurakin, Goodfellow and Bengio 2016 (BIM); Madry et al. 2018 (PGD)"
 _SZEGEDY = "Szegedy et al. 2014 (box-constrained L-BFGS)"
@@ -134,6 +148,16 @@ ATTACKS: dict[str, AttackSpec] = {
       cite=_KURAKIN,
     ),
     AttackSpec(
+      "bim_min", _bim_min, ("linf", "l2"), "budget", "classifier", GRADIENT_PASS, _BIM_MIN_KNOBS,
+      cite=_KURAKIN + "; the minimal budget per pair by bisection over eps",
+      default_enabled=False,
+    ),
+    AttackSpec(
+      "bim_l1_min", _bim_min, ("l1",), "budget", "classifier", GRADIENT_PASS, _BIM_MIN_KNOBS,
+      cite="Tramer and Boneh 2019 (SLIDE); the minimal budget per pair by bisection over eps",
+      default_enabled=False,
+    ),
+    AttackSpec(
       "lbfgs", _lbfgs, ("l2",), "penalty", "classifier", CLASSIFIER_SOLVER_PASS, ("max_iters",),
       batched=lbfgs.lbfgs_batch, cite=_SZEGEDY,
     ),
@@ -145,6 +169,11 @@ ATTACKS: dict[str, AttackSpec] = {
     AttackSpec(
       "latent_l2", _pairwise(vae_lib.latent_l2), ("l2",), "penalty", "vae", VAE_SOLVER_PASS,
       _SOLVER_KNOBS, cite=f"{_TABACOF}; {_KOS} (latent attack)",
+    ),
+    AttackSpec(
+      "latent_kl", _pairwise(vae_lib.latent_kl), ("l2",), "penalty", "vae", VAE_SOLVER_PASS,
+      _SOLVER_KNOBS, cite=f"{_TABACOF} (latent attack, KL between the posteriors)",
+      default_enabled=False,
     ),
     AttackSpec(
       "latent_fgsm", _pairwise(vae_lib.latent_fgsm_attack), ("linf",), "budget", "vae",
@@ -168,8 +197,20 @@ def of_family(family: str) -> tuple[str, ...]:
 
 
 def configurable(family: str) -> tuple[str, ...]:
-  """The attacks of a family that have a config section and an entry in `enabled`."""
+  """The attacks of a family that may have a config section and an entry in `enabled`."""
   return tuple(n for n in of_family(family) if ATTACKS[n].enabled_by is None)
+
+
+def enabled_by_default(family: str) -> tuple[str, ...]:
+  """The configurable attacks of a family that the base config enables (and has sections
+  for); the others are added by `configs.base.add_attacks`."""
+  return tuple(n for n in configurable(family) if ATTACKS[n].default_enabled)
+
+
+def auddc_attacks() -> tuple[str, ...]:
+  """The VAE attacks whose rows carry an AUDDC over their C grid (Gondim-Ribeiro et al.
+  2018): the latent L-BFGS attacks, one per latent divergence."""
+  return ("latent_l2", "latent_kl")
 
 
 def is_penalty(name: str) -> bool:
