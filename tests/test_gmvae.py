@@ -198,9 +198,15 @@ def test_adaptive_attack_evades_rejection_where_plain_attack_is_rejected():
   np.testing.assert_array_equal(adaptive.success, (pred == target) & ~rej)
   assert float(jnp.mean(adaptive.success)) >= 0.9  # classified as the target AND accepted
   assert float(jnp.mean(rej)) <= 0.1
-  # In the ball and the box.
-  assert float(jnp.max(jnp.abs(adaptive.x_adv - x))) <= 1.0 + 1e-6
+  # In the box; and, at a budget that binds (eps 0.05, not the 1.0 above, which every image in
+  # [0, 1] meets), in the ball.
   assert float(jnp.min(adaptive.x_adv)) >= 0.0 and float(jnp.max(adaptive.x_adv)) <= 1.0
+  small = dict(knobs, eps=0.05, steps=10, step_size=0.01)
+  tight = jax.jit(jax.vmap(lambda xi, ti: gmvae.adaptive_bim(adaptive_fn, both, xi, ti, **small)))(
+    x, target
+  )
+  assert 0.04 <= float(jnp.max(jnp.abs(tight.x_adv - x))) <= 0.05 + 1e-6
+  assert float(jnp.min(tight.x_adv)) >= 0.0 and float(jnp.max(tight.x_adv)) <= 1.0
 
 
 def test_adaptive_logits_add_exactly_each_class_penalty():

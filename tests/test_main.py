@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from fakedata import make_data_root
 
+from configs import study
 from experiments import attacks as attacks_lib
 from experiments import run as run_lib
 from experiments.errors import UserError
@@ -28,9 +29,11 @@ def data_root(tmp_path_factory):
   return make_data_root(root, n_train=256, n_test=64, counts=counts, size=80)
 
 
-def tiny(name, data_root, *, attacks=("fgsm", "bim")):
-  """The config's :quick variant shrunk further so a whole run takes seconds."""
-  c = importlib.import_module(f"configs.{name}").get_config("quick")
+def tiny(name, data_root, *, attacks=("fgsm", "bim"), config=None):
+  """The config's :quick variant (or `config`) shrunk further so a whole run takes seconds."""
+  c = (
+    config if config is not None else importlib.import_module(f"configs.{name}").get_config("quick")
+  )
   c.data.dir = str(data_root)
   c.data.min_faces_per_person = 10
   c.data.crop_size = 64
@@ -67,20 +70,12 @@ def test_quick_run_writes_metrics_and_one_row_per_point(name, data_root, tmp_pat
   assert saved["data"]["name"] == config.data.name
   metrics = json.loads((tmp_path / "train_metrics.json").read_text())
   assert set(metrics) == set(config.models)
-  for model, m in metrics.items():
-    assert 0.0 <= m["test_accuracy"] <= 1.0
-    assert m["train_seconds"] >= 0
-    if model.endswith("vae"):
-      assert m["test_neg_elbo_nats"] > 0  # a Bernoulli NLL plus a KL: positive nats
 
   rows = read_rows(tmp_path)
   n_eps = len(config.attacks.fgsm.eps) + len(config.attacks.bim.eps)
   vaes = [m for m in config.models if m.endswith("vae")]
   n_vae_eps = sum(len(config.attacks.vae[a].eps) for a in config.attacks.vae.enabled)
   assert len(rows) == len(config.models) * n_eps + len(vaes) * n_vae_eps
-  auddc = [r for r in rows if r["attack"] == "latent_l2"]
-  for r in auddc:  # one area per pair over the C grid; a useless attack scores 1
-    assert 0.0 <= r["auddc"] <= 1.0 and r["n_auddc_pairs"] <= 4
   assert (tmp_path / "summary.md").exists()
   rows = [r for r in rows if r["attack"] in ("fgsm", "bim")]
   keys = {(r["model"], r["attack"], r["eps"]) for r in rows}
@@ -88,11 +83,11 @@ def test_quick_run_writes_metrics_and_one_row_per_point(name, data_root, tmp_pat
   for r in rows:
     assert r["dataset"] == config.data.name
     assert r["n_pairs"] == config.attacks.num_pairs
-    assert 0.0 <= r["success_rate"] <= 1.0
-    lo, hi = r["success_rate_ci"]
-    assert lo <= r["success_rate"] <= hi
     assert r["mean_linf"] <= r["eps"] + 1e-5  # both attacks are L-inf here
-    assert sum(r["effectiveness"][k] for k in ("high", "moderate", "low", "ineffective")) == 4
+    # The kept adversarial examples are inside their eps ball and the box, at every eps.
+    with np.load(tmp_path / "examples" / f"{r['model']}_{r['attack']}.npz") as f:
+      d = np.abs(f["x_adv"] - f["x"][None]).reshape(len(f["eps"]), -1).max(-1)
+      assert (d <= f["eps"] + 1e-5).all() and f["x_adv"].min() >= 0 and f["x_adv"].max() <= 1
 
 
 def test_rerun_reuses_checkpoints_and_rows_and_resumes_identically(data_root, tmp_path):
@@ -278,10 +273,16 @@ def test_training_that_blows_up_names_model_epoch_and_quantity(data_root, tmp_pa
 def test_every_model_is_attacked_on_the_same_pairs_and_records_reproduce_each_row(
   data_root, tmp_path
 ):
-  """Shared pairs: every model's rows of an attack come from the same (source, target) pairs,
-  the VAE attacks' from a prefix of them; each row's per-pair record recomputes its rates and
-  counts exactly (metrics.row_stats), with no rerun."""
-  config = tiny("mnist_vae", data_root)  # only_correct=False: a 1-epoch model gets few right
+  """configs/study.py:quick (its MNIST part, shrunk): every model's rows of an attack come
+  from the same (source, target) pairs, the VAE attacks' from a prefix of them; each row's
+  per-pair record recomputes its rates and counts exactly (metrics.row_stats), with no rerun;
+  the minimal-budget rows record a budget per pair."""
+  study_attacks = ("fgsm", "bim", "bim_l1", "lbfgs", "bim_min", "bim_l1_min")
+  part = study.get_config("quick").mnist_vae
+  config = tiny("mnist_vae", data_root, attacks=study_attacks, config=part)
+  config.attacks.vae.enabled = ("latent_l2", "latent_kl", "latent_fgsm")
+  config.attacks.vae.latent_kl.eps = (0.01, 1.0)
+  config.attacks.vae.latent_kl.max_iters = 3
   config.attacks.num_pairs = 6
   config.attacks.vae.num_pairs = 4
   run_lib.run(config, str(tmp_path))
@@ -304,6 +305,10 @@ def test_every_model_is_attacked_on_the_same_pairs_and_records_reproduce_each_ro
       "effectiveness_psnr",
     ):
       assert again[field] == r[field], (r["model"], r["attack"], field)  # fmt: skip
+    if r["attack"] in ("bim_min", "bim_l1_min"):  # a budget per pair: found, or +inf
+      budget = attacks_lib.read_record(tmp_path, r).budget
+      assert budget.shape == (6,) and not np.isnan(budget).any()
+      assert (np.isinf(budget) | (budget <= r["eps"] * (1 + 1e-6))).all()
   cnn_src, cnn_tgt = pairs_of[("cnn", "fgsm", 0.05)]
   assert len(cnn_src) == 6
   for (model, attack, _), (src, tgt) in pairs_of.items():

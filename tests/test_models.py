@@ -140,23 +140,29 @@ def test_conv_vae_shapes_and_param_count(key, shape, grid, upsample, factor):
 
 
 def test_conv_vae_at_lfw_size_by_eval_shape(key):
-  vae = models.ConvVAE((154, 154, 3), 64, features=(32, 64, 128, 256), hidden=(512,))
+  """The study's LFW conv VAE (configs/base.py's model.conv_vae at 154x154x3), counted by
+  hand: a change of the config or of the module's layers changes the count."""
+  from configs import base
+
+  cfg = base.get_config(dataset="lfw", models=("conv_vae",), quick=False).model.conv_vae
+  vae = models.ConvVAE((154, 154, 3), **cfg)
   x = jax.ShapeDtypeStruct((2, 154, 154, 3), jnp.float32)
   count, params = _count(vae, key, x, key)
   # 154 -> 77 -> 39 -> 20 -> 10; the decoder grows 10 -> 160 and crops to 154
-  flat = 10 * 10 * 256
+  assert tuple(cfg.features) == (32, 64, 128, 128) and tuple(cfg.hidden) == ()
+  latent, flat = cfg.latent_dim, 10 * 10 * 128
   encoder = (
-    _conv(3, 3, 32) + _conv(3, 32, 64) + _conv(3, 64, 128) + _conv(3, 128, 256)
-    + _dense(flat, 512) + 2 * _dense(512, 64)
+    _conv(3, 3, 32) + _conv(3, 32, 64) + _conv(3, 64, 128) + _conv(3, 128, 128)
+    + 2 * _dense(flat, latent)
   )  # fmt: skip
   decoder = (
-    _dense(64, 512) + _dense(512, flat)
-    + _conv(3, 256, 4 * 128) + _conv(3, 128, 4 * 64) + _conv(3, 64, 4 * 32) + _conv(3, 32, 4 * 3)
+    _dense(latent, flat)
+    + _conv(3, 128, 4 * 128) + _conv(3, 128, 4 * 64) + _conv(3, 64, 4 * 32) + _conv(3, 32, 4 * 3)
   )  # fmt: skip
   assert count == encoder + decoder
   logits, mean, _ = jax.eval_shape(vae.apply, params, x, key)
   assert logits.shape == (2, 154, 154, 3)
-  assert mean.shape == (2, 64)
+  assert mean.shape == (2, latent)
 
 
 def test_latent_classifier_param_count(key):
