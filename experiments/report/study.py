@@ -114,7 +114,8 @@ def n_sources(rec: Mapping) -> int:
   return int(np.unique(rec["source_index"]).size)
 
 
-def _budget(rec: Mapping) -> np.ndarray:
+def budgets_of(rec: Mapping) -> np.ndarray:
+  """float[P]: a record's minimal budgets, +inf where never broken (and where NaN)."""
   b = np.asarray(rec["budget"], np.float64)
   return np.where(np.isnan(b), np.inf, b)
 
@@ -173,7 +174,7 @@ def h0_primary(data: Sequence[StudyData], *, baseline: str = BASELINE) -> list[d
       elif not same_pairs(d.record(base), d.record(row)):
         t["skip"] = "not tested (the CNN and the VAE were attacked on different pairs)"
       else:
-        a, b = _budget(d.record(base)), _budget(d.record(row))
+        a, b = budgets_of(d.record(base)), budgets_of(d.record(row))
         src = d.record(row)["source_index"]
         w = stats.wilcoxon_paired(a, b, clusters=src)
         t.update(p=w.pvalue, effect=w.hodges_lehmann, lo=w.lo, hi=w.hi, n=a.size)
@@ -234,7 +235,7 @@ def h1_primary(
       t["skip"] = "not measured"
       tests.append(t)
       continue
-    a, b = _budget(lo_d.record(rl)), _budget(hi_d.record(rh))
+    a, b = budgets_of(lo_d.record(rl)), budgets_of(hi_d.record(rh))
     trend = stats.trend_test([a, b])
     eff, lo, hi = median_difference(
       a, b, lo_d.record(rl)["source_index"], hi_d.record(rh)["source_index"]
@@ -361,7 +362,7 @@ def budget_summaries(data: Sequence[StudyData]) -> list[dict]:
         if row is None:
           continue
         rec = d.record(row)
-        b, src = _budget(rec), rec["source_index"]
+        b, src = budgets_of(rec), rec["source_index"]
         l2 = np.where(np.isfinite(b), np.asarray(rec["l2"], float), np.inf)
         l2n = l2 / math.sqrt(d.pixels) if d.pixels else None
         out.append(

@@ -40,7 +40,7 @@ def plot_survival(d: StudyData, attack: str, path: pathlib.Path) -> pathlib.Path
       recs[model] = d.record(row)
   if not recs:
     return None
-  budgets = {m: study._budget(r) for m, r in recs.items()}
+  budgets = {m: study.budgets_of(r) for m, r in recs.items()}
   finite = np.concatenate([b[np.isfinite(b)] for b in budgets.values()])
   top = float(finite.max()) * 1.05 if finite.size else 1.0
   grid = np.linspace(0.0, top, 200)
@@ -70,7 +70,7 @@ def plot_shares(d: StudyData, path: pathlib.Path) -> pathlib.Path | None:
   if not cols:
     return None
   width = 0.8 / max(len(models), 1)
-  fig = _new_figure(max(6.0, 0.9 * len(cols) * max(len(models), 1) * 0.6 + 2), 4.6)
+  fig = _new_figure(max(6.0, 0.3 * len(cols) * max(len(models), 1) + 2), 4.6)
   ax = fig.subplots()
   ns = set()
   for j, model in enumerate(models):
