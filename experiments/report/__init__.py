@@ -15,6 +15,9 @@ Data flows one way, and no module here imports the runs (experiments.run, .attac
   markdown   summary.md: how to read it, the verdicts, one section per dataset
   defenses   the defence tables
   figures    the PNGs (matplotlib, imported when drawing)
+  study      the primary endpoints, paired cell tests, minimal budgets, Tables 2 and 3 from the
+             rows' per-pair records (study_markdown, study_figures draw them; shown only when
+             records exist)
   cli        the absl command line (`python -m experiments.report`)
 """
 
@@ -23,6 +26,7 @@ import pathlib
 from collections.abc import Sequence
 
 from experiments import store
+from experiments.report import study
 from experiments.report.defenses import defense_markdown
 from experiments.report.figures import (
   DEFENSE_PLOTS,
@@ -50,6 +54,8 @@ from experiments.report.rows import (
   select_rows,
   settings_hash,
 )
+from experiments.report.study_figures import write_study_figures
+from experiments.report.study_markdown import study_markdown
 from experiments.report.tables import DASH, DEFENCE_FIGURES, fmt_ci, fmt_int, fmt_num, fmt_rate
 from experiments.report.verdicts import (
   BASELINE,
@@ -111,23 +117,39 @@ __all__ = [
   "write_combined_report",
   "write_figures",
   "write_report",
+  "write_study_figures",
+  "study_markdown",
 ]
 
 
 def _write(
-  runs: Sequence[RunFiles], out_dir: pathlib.Path, title: str, figures: bool
+  runs: Sequence[RunFiles],
+  out_dir: pathlib.Path,
+  title: str,
+  figures: bool,
+  weak_floor: float = study.WEAK_FLOOR,
 ) -> pathlib.Path:
-  """Builds the dataset views of `runs`, draws their figures if asked, writes summary.md."""
+  """Builds the dataset views of `runs`, draws their figures if asked, writes summary.md (with
+  the study section first when the rows have per-pair records)."""
   views = build_views(runs)
   figs = {v.name: write_figures(v, out_dir / "figures") for v in views} if figures else {}
-  text = render_summary(views, title=title, out_dir=out_dir, figures=figs)
+  data = [study.load(v) for v in views if v.records]
+  top = ""
+  if data:
+    study_figs = write_study_figures(data, out_dir / "figures") if figures else []
+    top = study_markdown(data, floor=weak_floor, figures=study_figs, out_dir=out_dir)
+  text = render_summary(views, title=title, out_dir=out_dir, figures=figs, top=top)
   path = out_dir / "summary.md"
   store.write_text_atomic(path, text)
   return path
 
 
 def write_report(
-  workdir: os.PathLike, *, title: str | None = None, figures: bool | None = None
+  workdir: os.PathLike,
+  *,
+  title: str | None = None,
+  figures: bool | None = None,
+  weak_floor: float = study.WEAK_FLOOR,
 ) -> pathlib.Path:
   """Writes `workdir/summary.md` and `workdir/figures/*.png` for one run's work directory.
 
@@ -137,6 +159,8 @@ def write_report(
     workdir: the run's work directory.
     title: the report's heading; default from the config's name.
     figures: draw figures; default the config's `output.figures` (True when absent).
+    weak_floor: a model whose clean accuracy is below this fraction of the dataset's best is
+      marked weak in the study section (verdicts with and without it).
 
   Returns:
     The path of summary.md.
@@ -145,7 +169,7 @@ def write_report(
   if figures is None:
     figures = bool((run.config.get("output") or {}).get("figures", True))
   title = title or f"vae_attacks: {run.config.get('name') or run.workdir.name}"
-  return _write([run], run.workdir, title, figures)
+  return _write([run], run.workdir, title, figures, weak_floor)
 
 
 def write_combined_report(
@@ -154,6 +178,7 @@ def write_combined_report(
   *,
   title: str | None = None,
   figures: bool = True,
+  weak_floor: float = study.WEAK_FLOOR,
 ) -> pathlib.Path:
   """One summary.md over several work directories (e.g. MNIST and LFW runs), with H1.
 
@@ -166,4 +191,4 @@ def write_combined_report(
   out_dir = pathlib.Path(out_dir)
   runs = [load_run(w) for w in workdirs]
   title = title or "vae_attacks: " + ", ".join(r.config.get("name") or r.workdir.name for r in runs)
-  return _write(runs, out_dir, title, figures)
+  return _write(runs, out_dir, title, figures, weak_floor)

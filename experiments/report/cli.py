@@ -9,13 +9,20 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from experiments.report import write_combined_report, write_report
+from experiments.report import study, write_combined_report, write_report
 
 FLAGS = flags.FLAGS
 _OUT = flags.DEFINE_string("out", None, "Folder of a combined report (default: the one WORKDIR).")
 _TITLE = flags.DEFINE_string("title", None, "The report's heading (default: the configs' names).")
 _FIGURES = flags.DEFINE_bool(
   "figures", None, "Draw the figures (default: the config's output.figures; --nofigures: none)."
+)
+
+_WEAK_FLOOR = flags.DEFINE_float(
+  "weak_floor",
+  study.WEAK_FLOOR,
+  "A model whose clean accuracy is below this fraction of its dataset's best is marked weak "
+  "(the study section gives verdicts with and without it).",
 )
 
 
@@ -31,10 +38,14 @@ def report_from_flags(argv: Sequence[str]) -> pathlib.Path:
   if _OUT.value is None and len(workdirs) > 1:
     raise app.UsageError("several work directories need --out=DIR for the combined report")
   if _OUT.value is None:
-    path = write_report(workdirs[0], title=_TITLE.value, figures=_FIGURES.value)
+    path = write_report(
+      workdirs[0], title=_TITLE.value, figures=_FIGURES.value, weak_floor=_WEAK_FLOOR.value
+    )
   else:
     figures = True if _FIGURES.value is None else _FIGURES.value
-    path = write_combined_report(_OUT.value, workdirs, title=_TITLE.value, figures=figures)
+    path = write_combined_report(
+      _OUT.value, workdirs, title=_TITLE.value, figures=figures, weak_floor=_WEAK_FLOOR.value
+    )
   print(path)
   return path
 

@@ -303,10 +303,13 @@ def render_summary(
   title: str,
   out_dir: pathlib.Path,
   figures: Mapping[str, Mapping[str, list]] | None = None,
+  top: str = "",
 ) -> str:
-  """The markdown of summary.md for `views` (figures: {dataset: {model: [png paths]}})."""
+  """The markdown of summary.md for `views` (figures: {dataset: {model: [png paths]}}); `top`
+  (the study section, when the rows have per-pair records) goes right under the title."""
   figures = figures or {}
-  parts = [f"# {title}", "", how_to_read(), "## Verdicts", "", *_verdicts(views)]
+  parts = [f"# {title}", "", *([top.rstrip(), ""] if top else [])]
+  parts += [how_to_read(), "## Verdicts", "", *_verdicts(views)]
   for v in views:
     parts += _dataset_section(v, out_dir, figures.get(v.name, {}))
   return "\n".join(parts).rstrip() + "\n"

@@ -174,6 +174,17 @@ def select_defense_rows(rows: Sequence[Mapping], config: Mapping) -> list:
   return list(last.values())
 
 
+def read_record(path: os.PathLike) -> dict[str, np.ndarray] | None:
+  """Every array of a row's per-pair record (experiments/attacks.py writes it: the fields of
+  `metrics.PairMeasures` per pair, source_index, source_label, target, and for a VAE attack
+  quality_x / quality_y), or None when it cannot be read."""
+  try:
+    with np.load(path) as f:
+      return {k: np.asarray(f[k]) for k in f.files}
+  except (OSError, ValueError, KeyError):
+    return None
+
+
 @dataclasses.dataclass
 class DatasetView:
   """Everything the report shows for one dataset, merged over work directories."""
@@ -189,6 +200,7 @@ class DatasetView:
   overridden: int = 0  # rows of a cell that a later work directory also has
   defense_rows: list = dataclasses.field(default_factory=list)  # defenses.jsonl rows
   defense_examples: dict = dataclasses.field(default_factory=dict)  # {defence: npz path}
+  records: dict = dataclasses.field(default_factory=dict)  # {row_key: per-pair record path}
 
 
 def _pixels(run: RunFiles, examples: Iterable[pathlib.Path]) -> int | None:
@@ -228,6 +240,9 @@ def build_views(runs: Sequence[RunFiles]) -> list[DatasetView]:
       view.left_out += run.left_out
       cells = {row_key(r): i for i, r in enumerate(view.rows)}
       for r in rows:
+        view.records.pop(row_key(r), None)
+        if r.get("record"):
+          view.records[row_key(r)] = run.workdir / str(r["record"])
         if row_key(r) in cells:
           view.rows[cells[row_key(r)]] = r
           view.overridden += 1

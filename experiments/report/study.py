@@ -1,0 +1,409 @@
+"""The study's statistics from the per-pair records: primary endpoints, paired cell tests,
+minimal budgets, effectiveness shares (Tables 2 and 3). Pure functions over `StudyData`; the
+only I/O is `load` reading each row's record (`rows.read_record`).
+
+Every model of a run is attacked on the same pairs, so a pair's outcomes line up across models
+by position (checked: source index and target must agree, else the comparison is skipped).
+
+- `h0_primary`: per dataset and VAE classifier, the paired difference VAE - CNN in the
+  per-pair minimal L-inf BIM budget (`bim_min`), Wilcoxon signed-rank with the Hodges-Lehmann
+  estimate and its cluster-bootstrap CI, Holm over the (dataset, VAE) family.
+- `h1_primary`: per model, the minimal L-inf BIM budget on LFW vs MNIST (Mann-Whitney, the
+  two-group Jonckheere-Terpstra test), difference of medians with a cluster-bootstrap CI, Holm
+  over the models; the CNN's is the primary endpoint.
+- `h0_cells`, `h1_cells`: the secondary cell tests (success and high-effectiveness rates under
+  each validity definition), Holm per measure over the family.
+- `budget_summaries`, `effectiveness_shares`: the minimal budgets and Tables 2 and 3.
+"""
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import scipy.stats
+
+from experiments.report.rows import DatasetView, num, read_record, row_key
+from experiments.report.verdicts import BASELINE, h1_verdict, reference_eps
+from vae_attacks import metrics, stats
+
+PRIMARY_ATTACK = "bim_min"  # L-inf BIM, minimal budget per pair by bisection
+BUDGET_ATTACKS = ("bim_min", "bim_l1_min", "lbfgs_c_search")
+BUDGET_NORMS = {"bim_min": "L∞", "bim_l1_min": "L1", "lbfgs_c_search": "L2"}
+WEAK_FLOOR = 0.9  # a model below this fraction of the best model's clean accuracy is weak
+ALPHA = 0.05
+H0_ENDPOINT = (
+  "H0: per dataset and VAE classifier (mlp_vae, conv_vae), the paired difference VAE − CNN in "
+  "the per-pair minimal L-inf BIM budget (`bim_min` rows' budget), by a paired Wilcoxon "
+  "signed-rank test with the Hodges–Lehmann estimate and its bootstrap CI (clusters = source "
+  "index), Holm-corrected over the family of (dataset, VAE) comparisons; H0 is supported for a "
+  "VAE when the VAE needs a significantly LARGER budget, rejected when significantly smaller."
+)
+H1_ENDPOINT = (
+  "H1: the CNN's minimal L-inf BIM budget on LFW vs MNIST (unpaired: Mann–Whitney; effect: "
+  "difference of medians LFW − MNIST with a cluster-bootstrap CI), H1 supported when LFW's "
+  "budget is significantly SMALLER; also per VAE model, Holm over the H1 family."
+)
+
+
+@dataclasses.dataclass
+class StudyData:
+  """One dataset's current rows with their per-pair records and the models' clean accuracy."""
+
+  name: str
+  rows: list
+  records: dict  # {row_key: {field: array[P]}}
+  accuracy: dict  # {model: clean test accuracy}
+  pixels: int | None = None
+
+  def record(self, row: Mapping) -> dict | None:
+    return self.records.get(row_key(row))
+
+  def models(self) -> list[str]:
+    return list(dict.fromkeys(r.get("model") for r in self.rows if self.record(r) is not None))
+
+  def budget_row(self, model: str, attack: str) -> Mapping | None:
+    """The model's row of a budget-search attack with a record (the widest range if several)."""
+    mine = [
+      r
+      for r in self.rows
+      if (r.get("model"), r.get("attack")) == (model, attack) and self.record(r) is not None
+    ]
+    return max(mine, key=lambda r: num(r.get("eps")) or 0.0) if mine else None
+
+
+def load(view: DatasetView) -> StudyData:
+  """Reads every record of a dataset view (records that cannot be read are left out)."""
+  recs = {}
+  for key, path in view.records.items():
+    rec = read_record(path)
+    if rec is not None and "success" in rec:
+      recs[key] = rec
+  acc = {m: num((t or {}).get("test_accuracy")) for m, t in view.train.items()}
+  return StudyData(view.name, list(view.rows), recs, acc, view.pixels)
+
+
+def weak_models(data: Sequence[StudyData], floor: float = WEAK_FLOOR) -> dict[tuple, float]:
+  """{(dataset, model): accuracy} of the models below `floor` x the dataset's best accuracy."""
+  out = {}
+  for d in data:
+    accs = {m: a for m, a in d.accuracy.items() if a is not None}
+    best = max(accs.values(), default=None)
+    for m, a in accs.items():
+      if best is not None and a < floor * best:
+        out[(d.name, m)] = a
+  return out
+
+
+def is_vae(model) -> bool:
+  return str(model).endswith("vae")
+
+
+def same_pairs(a: Mapping, b: Mapping) -> bool:
+  """Whether two records are of the same pairs in the same order."""
+  return all(k in a and k in b and np.array_equal(a[k], b[k]) for k in ("source_index", "target"))
+
+
+def high(rec: Mapping, validity: str = "ssim") -> np.ndarray:
+  """bool[P]: high effectiveness (valid under `validity` and confident)."""
+  valid = rec["valid"] if validity == "ssim" else rec[f"valid_{validity}"]
+  return np.asarray(valid, bool) & np.asarray(rec["confident"], bool)
+
+
+def n_sources(rec: Mapping) -> int:
+  return int(np.unique(rec["source_index"]).size)
+
+
+def budgets_of(rec: Mapping) -> np.ndarray:
+  """float[P]: a record's minimal budgets, +inf where never broken (and where NaN)."""
+  b = np.asarray(rec["budget"], np.float64)
+  return np.where(np.isnan(b), np.inf, b)
+
+
+# --------------------------------------------------------------------------------------------
+# Families: Holm, then the directional verdict of each member.
+
+
+def weak_test(weak: Mapping, baseline: str = BASELINE):
+  """A predicate: the test or cell involves a weak model (its own, or the CNN it is compared
+  with, on its dataset; for "lfw vs mnist" on either dataset)."""
+
+  def involves(t: Mapping) -> bool:
+    names = ("lfw", "mnist") if t["dataset"] == "lfw vs mnist" else (t["dataset"],)
+    models = (t["model"],) if t["dataset"] == "lfw vs mnist" else (t["model"], baseline)
+    return any((n, m) in weak for n in names for m in models)
+
+  return involves
+
+
+def decide_family(tests: list[dict], direction: str, excluded=None) -> list[dict]:
+  """Copies of the tests ({effect, lo, hi, p, dataset, model}) with `p_holm` and `verdict`:
+  Holm over the tests measured and not `excluded` (a predicate), `stats.family_verdict` in
+  `direction`; the others get their `skip` reason or "excluded (weak model)"."""
+  out = [dict(t) for t in tests]
+  live = [i for i, t in enumerate(out) if not t.get("skip") and not (excluded and excluded(t))]
+  adjusted = stats.holm([out[i]["p"] for i in live]) if live else []
+  for t in out:
+    t["p_holm"], t["verdict"] = math.nan, t.get("skip") or "excluded (weak model)"
+  for i, p in zip(live, adjusted, strict=True):
+    t = out[i]
+    t["p_holm"] = float(p)
+    t["verdict"] = stats.family_verdict(
+      t["effect"], t["lo"], t["hi"], float(p), direction=direction, alpha=ALPHA
+    )
+  return out
+
+
+# --------------------------------------------------------------------------------------------
+# Primary endpoints.
+
+
+def h0_primary(data: Sequence[StudyData], *, baseline: str = BASELINE) -> list[dict]:
+  """The H0 family's tests: per dataset and VAE, Wilcoxon of budget VAE - CNN (see module)."""
+  tests = []
+  for d in data:
+    base = d.budget_row(baseline, PRIMARY_ATTACK)
+    for model in d.models():
+      if not is_vae(model):
+        continue
+      row = d.budget_row(model, PRIMARY_ATTACK)
+      t = dict(dataset=d.name, model=model, p=math.nan, effect=math.nan, lo=math.nan)
+      t.update(hi=math.nan, n=0, n_sources=0)
+      if base is None or row is None:
+        t["skip"] = "not measured"
+      elif not same_pairs(d.record(base), d.record(row)):
+        t["skip"] = "not tested (the CNN and the VAE were attacked on different pairs)"
+      else:
+        a, b = budgets_of(d.record(base)), budgets_of(d.record(row))
+        src = d.record(row)["source_index"]
+        w = stats.wilcoxon_paired(a, b, clusters=src)
+        t.update(p=w.pvalue, effect=w.hodges_lehmann, lo=w.lo, hi=w.hi, n=a.size)
+        t.update(n_sources=n_sources(d.record(row)), n_nonzero=w.n_nonzero)
+        t.update(median_cnn=float(np.median(a)), median_vae=float(np.median(b)))
+      tests.append(t)
+  return tests
+
+
+def median_difference(a, b, ca, cb, *, n_boot: int = 2000, seed: int = 0, confidence=0.95):
+  """median(b) - median(a) of two independent samples (+inf allowed) with a percentile
+  bootstrap CI resampling each sample's clusters (ca, cb: source indices) with replacement.
+  NaN where the difference is undefined (both medians +inf)."""
+  rng = np.random.default_rng(seed)
+
+  def groups(x, c):
+    _, inv = np.unique(c, return_inverse=True)
+    return [x[inv == k] for k in range(inv.max() + 1)] if x.size else []
+
+  def med_diff(xa, xb):
+    with np.errstate(invalid="ignore"):
+      return float(np.median(xb) - np.median(xa))
+
+  ga, gb = groups(np.asarray(a, float), ca), groups(np.asarray(b, float), cb)
+  if not ga or not gb:
+    return math.nan, math.nan, math.nan
+  point = med_diff(np.asarray(a, float), np.asarray(b, float))
+  boot = np.empty(n_boot)
+  for i in range(n_boot):
+    xa = np.concatenate([ga[k] for k in rng.integers(0, len(ga), len(ga))])
+    xb = np.concatenate([gb[k] for k in rng.integers(0, len(gb), len(gb))])
+    boot[i] = med_diff(xa, xb)
+  if np.isnan(boot).any() or math.isnan(point):
+    return point, math.nan, math.nan
+  alpha = 1 - confidence
+  lo = float(np.quantile(boot, alpha / 2, method="lower"))
+  return point, lo, float(np.quantile(boot, 1 - alpha / 2, method="higher"))
+
+
+def h1_primary(
+  data: Sequence[StudyData], *, high_name="lfw", low_name="mnist", baseline=BASELINE
+) -> list[dict]:
+  """The H1 family's tests: per model with `bim_min` records on both datasets, LFW vs MNIST
+  (Mann-Whitney p, difference of medians LFW - MNIST); the baseline's test first."""
+  by = {d.name: d for d in data}
+  if high_name not in by or low_name not in by:
+    return []
+  hi_d, lo_d = by[high_name], by[low_name]
+  models = [m for m in dict.fromkeys([baseline, *lo_d.models(), *hi_d.models()])]
+  tests = []
+  for model in models:
+    if model != baseline and not is_vae(model):
+      continue
+    rl, rh = lo_d.budget_row(model, PRIMARY_ATTACK), hi_d.budget_row(model, PRIMARY_ATTACK)
+    t = dict(dataset="lfw vs mnist", model=model, p=math.nan, effect=math.nan, lo=math.nan)
+    t.update(hi=math.nan, n_low=0, n_high=0, primary=model == baseline)
+    if rl is None or rh is None:
+      t["skip"] = "not measured"
+      tests.append(t)
+      continue
+    a, b = budgets_of(lo_d.record(rl)), budgets_of(hi_d.record(rh))
+    trend = stats.trend_test([a, b])
+    eff, lo, hi = median_difference(
+      a, b, lo_d.record(rl)["source_index"], hi_d.record(rh)["source_index"]
+    )
+    t.update(p=trend.pvalue, effect=eff, lo=lo, hi=hi, n_low=a.size, n_high=b.size)
+    t.update(median_low=float(np.median(a)), median_high=float(np.median(b)))
+    t.update(src_low=n_sources(lo_d.record(rl)), src_high=n_sources(hi_d.record(rh)))
+    tests.append(t)
+  return tests
+
+
+# --------------------------------------------------------------------------------------------
+# Secondary: the cells.
+
+
+def _paired(a, b, src) -> dict:
+  pd = stats.paired_difference(a, b, clusters=src)
+  return dict(effect=pd.difference, lo=pd.lo, hi=pd.hi, p=stats.mcnemar_exact(a, b).pvalue)
+
+
+def h0_cells(data: Sequence[StudyData], *, baseline: str = BASELINE) -> list[dict]:
+  """Per (dataset, attack, norm, eps) and VAE with records of the same pairs as the CNN's: the
+  difference VAE - CNN in success rate and in each validity's high-effectiveness rate (paired
+  CI, exact McNemar p), and Cochran's Q (success) over every model with those pairs."""
+  cells = []
+  for d in data:
+    base = {row_key(r)[2:]: r for r in d.rows if r.get("model") == baseline and d.record(r)}
+    for r in d.rows:
+      cnn = base.get(row_key(r)[2:])
+      if not is_vae(r.get("model")) or cnn is None or d.record(r) is None:
+        continue
+      a, b = d.record(cnn), d.record(r)
+      if not same_pairs(a, b):
+        continue
+      src = b["source_index"]
+      together = [
+        d.record(o)
+        for o in d.rows
+        if row_key(o)[2:] == row_key(r)[2:] and d.record(o) and same_pairs(a, d.record(o))
+      ]
+      q = stats.cochran_q(np.stack([np.asarray(x["success"], bool) for x in together], 1))
+      cell = dict(dataset=d.name, model=r.get("model"), attack=r.get("attack"))
+      cell.update(norm=r.get("norm"), eps=r.get("eps"), n=int(src.size), n_sources=n_sources(b))
+      cell.update(cochran_p=q.pvalue, cochran_m=len(together))
+      cell["success"] = _paired(np.asarray(a["success"], bool), np.asarray(b["success"], bool), src)
+      for v in metrics.VALIDITY:
+        cell[f"high_{v}"] = _paired(high(a, v), high(b, v), src)
+      cells.append(cell)
+  return cells
+
+
+def h1_cells(data: Sequence[StudyData], *, high_name="lfw", low_name="mnist") -> list[dict]:
+  """The H1 cells of `verdicts.h1_verdict` (same model and attack, comparable budgets) with
+  records on both sides: Newcombe's difference LFW - MNIST and Fisher's exact p per measure."""
+  by = {d.name: d for d in data}
+  if high_name not in by or low_name not in by:
+    return []
+  lo_d, hi_d = by[low_name], by[high_name]
+  pixels = {d.name: d.pixels for d in data if d.pixels}
+  v = h1_verdict(lo_d.rows + hi_d.rows, high=high_name, low=low_name, pixels=pixels)
+  cells = []
+  for c in v["cells"]:
+    find = {
+      name: next(
+        (
+          d.record(r)
+          for r in d.rows
+          if (r.get("model"), r.get("attack"), r.get("norm"))
+          == (c["model"], c["attack"], c["norm"])
+          and r.get("eps") == eps
+        ),
+        None,
+      )
+      for name, d, eps in (("low", lo_d, c["eps"]), ("high", hi_d, c["eps_high"]))
+    }
+    if find["low"] is None or find["high"] is None:
+      continue
+    cell = {k: c[k] for k in ("model", "attack", "norm", "eps", "eps_high")}
+    cell.update(dataset="lfw vs mnist", n_low=find["low"]["success"].size)
+    cell.update(n_high=find["high"]["success"].size, src_low=n_sources(find["low"]))
+    cell["src_high"] = n_sources(find["high"])
+    measures = {"success": lambda x: np.asarray(x["success"], bool)}
+    measures.update({f"high_{v}": (lambda x, v=v: high(x, v)) for v in metrics.VALIDITY})
+    for m, f in measures.items():
+      k1, n1 = int(f(find["low"]).sum()), f(find["low"]).size
+      k2, n2 = int(f(find["high"]).sum()), f(find["high"]).size
+      nd = stats.newcombe_difference(k1, n1, k2, n2)
+      p = scipy.stats.fisher_exact([[k2, n2 - k2], [k1, n1 - k1]]).pvalue
+      cell[m] = dict(effect=nd.difference, lo=nd.lo, hi=nd.hi, p=float(p))
+    cells.append(cell)
+  return cells
+
+
+def decide_cells(cells: list[dict], measure: str, direction: str, excluded=None) -> list[str]:
+  """Each cell's verdict on `measure` (Holm over the cells not `excluded`), in order."""
+  tests = [dict(c[measure], dataset=c["dataset"], model=c["model"]) for c in cells]
+  return [t["verdict"] for t in decide_family(tests, direction, excluded)]
+
+
+def validity_flips(cells: list[dict], direction: str, excluded=None) -> list[tuple[dict, dict]]:
+  """The cells whose high-effectiveness verdict differs between validity definitions:
+  [(cell, {validity: verdict})]."""
+  verdicts = {v: decide_cells(cells, f"high_{v}", direction, excluded) for v in metrics.VALIDITY}
+  out = []
+  for i, c in enumerate(cells):
+    by = {v: verdicts[v][i] for v in metrics.VALIDITY}
+    if len(set(by.values())) > 1:
+      out.append((c, by))
+  return out
+
+
+# --------------------------------------------------------------------------------------------
+# Minimal budgets and the effectiveness shares.
+
+
+def budget_summaries(data: Sequence[StudyData]) -> list[dict]:
+  """Per dataset x model x budget attack: quartiles of the budget in the attack's norm and of
+  L2 / sqrt(D) at the minimal budget (cluster-bootstrap CIs), the fraction never broken."""
+  out = []
+  for d in data:
+    for model in d.models():
+      for attack in BUDGET_ATTACKS:
+        row = d.budget_row(model, attack)
+        if row is None:
+          continue
+        rec = d.record(row)
+        b, src = budgets_of(rec), rec["source_index"]
+        l2 = np.where(np.isfinite(b), np.asarray(rec["l2"], float), np.inf)
+        l2n = l2 / math.sqrt(d.pixels) if d.pixels else None
+        out.append(
+          dict(
+            dataset=d.name,
+            model=model,
+            attack=attack,
+            eps=row.get("eps"),
+            n=int(b.size),
+            n_sources=n_sources(rec),
+            budget=stats.median_ci(b, clusters=src),
+            l2n=None if l2n is None else stats.median_ci(l2n, clusters=src),
+            never=float(np.mean(np.isinf(b))),
+            budgets=b,
+          )
+        )
+  return out
+
+
+def effectiveness_shares(d: StudyData) -> tuple[list[str], dict, dict]:
+  """Tables 2 and 3 of one dataset at the reference eps (`verdicts.reference_eps`).
+
+  Returns:
+    (columns "attack" or "attack (norm)", {column: eps}, {(model, column): (shares[4], n)}),
+    shares in metrics.LEVELS order, from the records' levels (primary validity).
+  """
+  ref = reference_eps(d.rows)
+  norms: dict[str, set] = {}
+  for r in d.rows:
+    norms.setdefault(r.get("attack"), set()).add(r.get("norm"))
+  cols, eps_of, cells = [], {}, {}
+  for r in d.rows:
+    k = row_key(r)
+    rec = d.record(r)
+    if rec is None or num(r.get("eps")) != ref.get((k[0], k[2], k[3])):
+      continue
+    col = r.get("attack") if len(norms[r.get("attack")]) == 1 else f"{r.get('attack')} ({k[3]})"
+    if col not in eps_of:
+      cols.append(col)
+      eps_of[col] = r.get("eps")
+    levels = np.asarray(rec["level"]).ravel()
+    counts = np.bincount(levels.astype(np.int64), minlength=len(metrics.LEVELS))
+    cells[(r.get("model"), col)] = (counts / max(levels.size, 1), int(levels.size))
+  return cols, eps_of, cells

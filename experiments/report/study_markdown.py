@@ -1,0 +1,299 @@
+"""The markdown of the study section (top of summary.md when the rows have per-pair records):
+the primary endpoints and their verdicts, the secondary cell tests under every validity
+definition, the minimal budgets, and Tables 2 and 3 (`experiments.report.study`)."""
+
+import math
+import pathlib
+from collections.abc import Mapping, Sequence
+
+from experiments.report import study
+from experiments.report.study import BUDGET_NORMS, H0_ENDPOINT, H1_ENDPOINT, StudyData
+from experiments.report.tables import DASH, details, rel, table
+from vae_attacks import metrics
+
+WEAK_MARK = "†"
+MEASURES = ("success", *(f"high_{v}" for v in metrics.VALIDITY))
+MEASURE_NAMES = {
+  "success": "success",
+  **{f"high_{v}": f"high-eff. ({v})" for v in metrics.VALIDITY},
+}
+
+
+def fmt(v, digits: int = 3) -> str:
+  """A number with `digits` significant digits, ∞ / −∞, or a dash (None, NaN)."""
+  if v is None or (isinstance(v, float) and math.isnan(v)):
+    return DASH
+  if math.isinf(v):
+    return "∞" if v > 0 else "−∞"
+  return f"{v:.{digits}g}"
+
+
+def fmt_eci(effect, lo, hi) -> str:
+  return f"{fmt(effect)} [{fmt(lo)}, {fmt(hi)}]"
+
+
+def _model(name: str, dataset: str, weak: Mapping) -> str:
+  pair = dataset.split(" vs ") if " vs " in dataset else [dataset]
+  return f"{name}{WEAK_MARK}" if any((d, name) in weak for d in pair) else str(name)
+
+
+def _tally(verdicts: Sequence[str]) -> str:
+  n = len([v for v in verdicts if v in ("supported", "rejected", "not significant")])
+  s, r = verdicts.count("supported"), verdicts.count("rejected")
+  return f"{s} supported, {r} rejected, {n - s - r} not significant of {n}"
+
+
+def _family_lines(tests, direction, weak_pred, key_cells, extra_cells, header) -> tuple:
+  """A family's table (with and without weak models) and its two verdict lists."""
+  every = study.decide_family(tests, direction)
+  strong = study.decide_family(tests, direction, weak_pred)
+  lines = []
+  for t, s in zip(every, strong, strict=True):
+    lines.append(
+      [*key_cells(t), *extra_cells(t), fmt_eci(t["effect"], t["lo"], t["hi"])]
+      + [fmt(t["p"]), fmt(t["p_holm"]), f"**{t['verdict']}**", s["verdict"]]
+    )
+  head = [*header, "p", "Holm p", "verdict", "verdict without weak models"]
+  return table(head, lines), [t["verdict"] for t in every], [t["verdict"] for t in strong]
+
+
+def _h0_primary(data, weak) -> list[str]:
+  tests = study.h0_primary(data)
+  parts = ["### H0: primary endpoint", ""]
+  if not tests:
+    return parts + ["**H0** (primary): **not measured** — no VAE classifier has rows.", ""]
+  pred = study.weak_test(weak)
+  text, every, strong = _family_lines(
+    tests,
+    "greater",
+    pred,
+    lambda t: [t["dataset"], _model(t["model"], t["dataset"], weak)],
+    lambda t: [
+      f"{t['n']} ({t['n_sources']})",
+      fmt(t.get("median_cnn")),
+      fmt(t.get("median_vae")),
+    ],
+    ("dataset", "VAE", "pairs (sources)", "CNN median", "VAE median", "HL VAE − CNN [95% CI]"),
+  )
+  parts += [
+    f"**H0** (primary, Holm over {len(every)} (dataset, VAE) comparisons): {_tally(every)}; "
+    f"without weak models: {_tally(strong)}. Budgets are L∞ per pixel; ∞ = never broken "
+    "within the search range; p: Wilcoxon signed-rank.",
+    "",
+    text,
+    "",
+  ]
+  return parts
+
+
+def _h1_primary(data, weak) -> list[str]:
+  names = sorted(d.name for d in data)
+  parts = ["### H1: primary endpoint", ""]
+  if not {"lfw", "mnist"} <= set(names):
+    return parts + [
+      f"**H1** (primary): **not tested** — needs `{study.PRIMARY_ATTACK}` records of both MNIST "
+      f"and LFW (this report has: {', '.join(names) or 'none'}).",
+      "",
+    ]
+  tests = study.h1_primary(data)
+  text, every, strong = _family_lines(
+    tests,
+    "less",
+    study.weak_test(weak),
+    lambda t: [_model(t["model"], t["dataset"], weak) + (" (primary)" if t["primary"] else "")],
+    lambda t: [
+      f"{t['n_low']} ({t.get('src_low', 0)})",
+      f"{t['n_high']} ({t.get('src_high', 0)})",
+      fmt(t.get("median_low")),
+      fmt(t.get("median_high")),
+    ],
+    ("model", "MNIST pairs (sources)", "LFW pairs (sources)", "MNIST median", "LFW median")
+    + ("median LFW − MNIST [95% CI]",),
+  )
+  primary = next((t for t in tests if t["primary"]), None)
+  verdict = every[tests.index(primary)] if primary else "not measured"
+  parts += [
+    f"**H1** (primary, the CNN): **{verdict}**. The family (Holm over {len(every)} models): "
+    f"{_tally(every)}; without weak models: {_tally(strong)}. p: Mann–Whitney.",
+    "",
+    text,
+    "",
+  ]
+  return parts
+
+
+def _cells(cells, direction, weak, keys, header, title) -> list[str]:
+  """A secondary family: tallies per measure with and without weak models, the flips between
+  validity definitions, and every cell (collapsed)."""
+  if not cells:
+    return [f"{title}: no cells with per-pair records on both sides.", ""]
+  pred = study.weak_test(weak)
+  every = {m: study.decide_cells(cells, m, direction) for m in MEASURES}
+  strong = {m: study.decide_cells(cells, m, direction, pred) for m in MEASURES}
+  tallies = [[MEASURE_NAMES[m], _tally(every[m]), _tally(strong[m])] for m in MEASURES]
+  parts = [table(("measure", "all models", "without weak models"), tallies), ""]
+  flips = study.validity_flips(cells, direction)
+  if flips:
+    listed = "; ".join(
+      ", ".join(k(c) for _, k in keys) + ": " + ", ".join(f"{v} {w}" for v, w in by.items())
+      for c, by in flips
+    )
+    parts += [f"Validity flips (the high-effectiveness verdict differs): {listed}.", ""]
+  else:
+    parts += ["Validity flips: none (every high-effectiveness verdict is the same under "
+              f"{', '.join(metrics.VALIDITY)}).", ""]  # fmt: skip
+  lines = []
+  for i, c in enumerate(cells):
+    line = [k(c) for _, k in keys]
+    for m in MEASURES:
+      line += [fmt_eci(c[m]["effect"], c[m]["lo"], c[m]["hi"]), fmt(c[m]["p"]), every[m][i]]
+    lines.append(line)
+  head = [h for h, _ in keys]
+  for m in MEASURES:
+    head += [f"{MEASURE_NAMES[m]} {header} [CI]", "p", "verdict"]
+  parts += [details(f"{title}: every cell ({len(cells)})", table(head, lines)), ""]
+  return parts
+
+
+def _h0_cells(data, weak) -> list[str]:
+  keys = [
+    ("dataset", lambda c: c["dataset"]),
+    ("VAE", lambda c: _model(c["model"], c["dataset"], weak)),
+    ("attack", lambda c: c["attack"]),
+    ("norm", lambda c: c["norm"]),
+    ("eps", lambda c: fmt(c["eps"], 4)),
+    ("pairs (sources)", lambda c: f"{c['n']} ({c['n_sources']})"),
+    ("Cochran Q p (models)", lambda c: f"{fmt(c['cochran_p'])} ({c['cochran_m']})"),
+  ]
+  intro = (
+    "Secondary (H0 cells): per (dataset, attack, norm, eps) and VAE, the difference VAE − CNN "
+    "in success rate and in high-effectiveness rate under each validity definition on the same "
+    "pairs (95% CI: Newcombe's paired interval, a cluster bootstrap over sources when a source "
+    "is reused), exact McNemar p, Holm over the cells per measure; a cell supports H0 when the "
+    "VAE's rate is significantly lower. Cochran's Q compares every model of the run on the pairs."
+  )
+  return ["### Secondary: the cells", "", intro, ""] + _cells(
+    study.h0_cells(data), "less", weak, keys, "VAE − CNN", "H0 cells"
+  )
+
+
+def _h1_cells(data, weak) -> list[str]:
+  if not {"lfw", "mnist"} <= {d.name for d in data}:
+    return []
+  keys = [
+    ("model", lambda c: _model(c["model"], c["dataset"], weak)),
+    ("attack", lambda c: c["attack"]),
+    ("norm", lambda c: c["norm"]),
+    ("eps MNIST", lambda c: fmt(c["eps"], 4)),
+    ("eps LFW", lambda c: fmt(c["eps_high"], 4)),
+    ("pairs (sources) MNIST / LFW", lambda c: f"{c['n_low']} ({c['src_low']}) / "
+     f"{c['n_high']} ({c['src_high']})"),
+  ]  # fmt: skip
+  intro = (
+    "Secondary (H1 cells): LFW vs MNIST at comparable budgets (as in the H1 verdict below), "
+    "Newcombe's difference LFW − MNIST, Fisher's exact p, Holm per measure; a cell supports H1 "
+    "when LFW's rate is significantly higher."
+  )
+  return [intro, ""] + _cells(
+    study.h1_cells(data), "greater", weak, keys, "LFW − MNIST", "H1 cells"
+  )
+
+
+def _budgets(data, weak) -> list[str]:
+  rows = study.budget_summaries(data)
+  if not rows:
+    return []
+  lines = []
+  for b in rows:
+    s, l2 = b["budget"], b["l2n"]
+    lines.append(
+      [
+        b["dataset"],
+        _model(b["model"], b["dataset"], weak),
+        f"{b['attack']} ({BUDGET_NORMS[b['attack']]})",
+        fmt(b["eps"], 4),
+        f"{b['n']} ({b['n_sources']})",
+        fmt_eci(s.median, s.median_lo, s.median_hi),
+        fmt_eci(s.q25, s.q25_lo, s.q25_hi),
+        fmt_eci(s.q75, s.q75_lo, s.q75_hi),
+        DASH if l2 is None else fmt_eci(l2.median, l2.median_lo, l2.median_hi),
+        fmt(b["never"]),
+      ]
+    )
+  head = ("dataset", "model", "attack (norm)", "search range / C", "pairs (sources)")
+  head += ("median [95% CI]", "q25 [CI]", "q75 [CI]", "L2/√D median [CI]", "never broken")
+  return [
+    "### Minimal budgets",
+    "",
+    "Per pair, the smallest budget that broke it (bim_min, bim_l1_min: bisection, an upper "
+    "bound within eps/2^n; lbfgs_c_search: the L2 norm of the smallest successful "
+    "perturbation), in the attack's norm and as L2/√D (D pixel values), ∞ = never broken; "
+    "intervals: cluster bootstrap over sources.",
+    "",
+    table(head, lines),
+    "",
+  ]
+
+
+def _shares(data, weak) -> list[str]:
+  parts = []
+  for number, d in enumerate(data, start=2):
+    cols, eps_of, cells = study.effectiveness_shares(d)
+    if not cols:
+      continue
+    point = ", ".join(f"{c} {fmt(eps_of[c], 4)}" for c in cols)
+    lines = []
+    for m in dict.fromkeys(m for m, _ in cells):
+      line = [_model(m, d.name, weak)]
+      for c in cols:
+        sh = cells.get((m, c))
+        line.append(DASH if sh is None else " / ".join(f"{s:.2f}" for s in sh[0]) + f" ({sh[1]})")
+      lines.append(line)
+    parts += [
+      f"**Table {number} ({d.name.upper()})**: shares high / moderate / low / ineffective "
+      f"(validity: SSIM) of each model x attack, (pairs), at the operating point: each "
+      f"attack's reference eps ({point}).",
+      "",
+      table(("model", *cols), lines),
+      "",
+    ]
+  return ["### Tables 2 and 3: effectiveness at the operating point", "", *parts] if parts else []
+
+
+def study_markdown(
+  data: Sequence[StudyData],
+  *,
+  floor: float = study.WEAK_FLOOR,
+  figures: Sequence[pathlib.Path] = (),
+  out_dir: pathlib.Path | None = None,
+) -> str:
+  """The study section for datasets with per-pair records."""
+  weak = study.weak_models(data, floor)
+  if weak:
+    listed = ", ".join(f"{d}: {m} ({a:.3g})" for (d, m), a in weak.items())
+  else:
+    listed = "none"
+  parts = [
+    "## The study: primary endpoints and statistics",
+    "",
+    "Each hypothesis' verdict is the test of one primary endpoint declared in advance (README "
+    '"The study: primary endpoints and statistics"); the cell tables are secondary evidence.',
+    "",
+    f"- {H0_ENDPOINT}",
+    f"- {H1_ENDPOINT}",
+    "",
+    f"Weak models (clean accuracy below {floor:g} x the dataset's best; marked {WEAK_MARK} in "
+    f"every table, verdicts given with and without them): {listed}.",
+    "",
+    *_h0_primary(data, weak),
+    *_h1_primary(data, weak),
+    *_h0_cells(data, weak),
+    *_h1_cells(data, weak),
+    *_budgets(data, weak),
+    *_shares(data, weak),
+  ]
+  if figures:
+    parts += ["### Study figures", ""]
+    for p in figures:
+      parts += [f"![{p.stem}]({rel(p, out_dir) if out_dir else p})", ""]
+  return "\n".join(parts)

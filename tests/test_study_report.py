@@ -1,0 +1,227 @@
+"""The study section of the report (experiments/report/study*.py) on synthetic rows and
+per-pair records: primary endpoints, Holm, the weak-model floor, validity flips, Tables 2/3."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from experiments import report
+from experiments.report import study
+from vae_attacks import metrics, stats
+
+P = 30
+CNN_BUDGET = np.linspace(0.05, 0.2, P)
+
+
+def make_record(budget=None, *, success=None, valid=None, confident=None, psnr_valid=None):
+  """A per-pair record as experiments/attacks.py writes it (numpy only)."""
+  success = np.ones(P, bool) if success is None else np.asarray(success, bool)
+  valid = np.ones(P, bool) if valid is None else np.asarray(valid, bool)
+  confident = success if confident is None else np.asarray(confident, bool)
+  psnr_valid = valid if psnr_valid is None else np.asarray(psnr_valid, bool)
+  level = np.where(confident, np.where(valid, 0, 1), np.where(valid, 2, 3)).astype(np.int32)
+  budget = np.full(P, np.nan, np.float32) if budget is None else np.asarray(budget, np.float32)
+  z = np.zeros(P, np.float32)
+  return dict(
+    success=success, target_prob=confident * 0.9, prediction=np.zeros(P, np.int32),
+    ssim=z + 0.9, valid=valid, confident=confident, level=level, l0=z + 10, l1=z + 2,
+    l2=np.where(np.isfinite(budget), budget * 5, 3.0).astype(np.float32), linf=z + 0.1,
+    psnr=z + 35, ssim_common=z + 0.9, valid_psnr=psnr_valid, valid_ssim_common=valid,
+    budget=budget, source_index=np.arange(P) + 100, source_label=np.arange(P) % 10,
+    target=(np.arange(P) + 1) % 10,
+  )  # fmt: skip
+
+
+def write_run(root: pathlib.Path, dataset: str, cells: dict, accuracy: dict) -> pathlib.Path:
+  """A work directory: {(model, attack, norm, eps): record} as rows + records/*.npz."""
+  root.mkdir(parents=True)
+  (root / "config.json").write_text(json.dumps({"data": {"name": dataset}}))
+  train = {m: {"test_accuracy": a, "kind": "vae" if m.endswith("vae") else "classifier"}
+           for m, a in accuracy.items()}  # fmt: skip
+  (root / "train_metrics.json").write_text(json.dumps(train))
+  lines = []
+  for (model, attack, norm, eps), rec in cells.items():
+    rel = f"records/{model}/{attack}_{norm}_{eps}.npz"
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(root / rel, **rec)
+    counts = metrics.effectiveness_counts(rec["level"])
+    row = dict(dataset=dataset, model=model, attack=attack, norm=norm, eps=eps, n_pairs=P)
+    row.update(success_rate=float(rec["success"].mean()), validity_rate=float(rec["valid"].mean()))
+    row.update(effectiveness=dict(counts, modal="high"), record=rel)
+    lines.append(json.dumps(row))
+  (root / "results.jsonl").write_text("\n".join(lines) + "\n")
+  return root
+
+
+ACC = {"cnn": 0.99, "mlp_vae": 0.98, "conv_vae": 0.97}
+
+
+def budgets_run(tmp_path, dataset="mnist", cnn=CNN_BUDGET, up=None, down=None, acc=ACC):
+  up = CNN_BUDGET + 0.05 if up is None else up
+  down = CNN_BUDGET * 0.5 if down is None else down
+  cells = {
+    ("cnn", "bim_min", "linf", 0.3): make_record(cnn),
+    ("mlp_vae", "bim_min", "linf", 0.3): make_record(up),
+    ("conv_vae", "bim_min", "linf", 0.3): make_record(down),
+  }
+  return write_run(tmp_path / dataset, dataset, cells, acc)
+
+
+def data_of(*workdirs):
+  return [study.load(v) for v in report.build_views([report.load_run(w) for w in workdirs])]
+
+
+def test_primary_h0_goes_the_right_way_and_holm_is_applied(tmp_path):
+  d = data_of(budgets_run(tmp_path))
+  tests = study.h0_primary(d)
+  decided = {t["model"]: t for t in study.decide_family(tests, "greater")}
+  assert decided["mlp_vae"]["verdict"] == "supported"  # larger budget on every pair
+  assert decided["conv_vae"]["verdict"] == "rejected"  # smaller on every pair
+  assert decided["mlp_vae"]["effect"] > 0 > decided["conv_vae"]["effect"]
+  raw = [t["p"] for t in tests]
+  want = stats.holm(raw)
+  assert [decided[t["model"]]["p_holm"] for t in tests] == pytest.approx(list(want))
+  assert all(decided[t["model"]]["p_holm"] >= t["p"] for t in tests)
+
+
+def test_primary_h0_equal_budgets_not_significant(tmp_path):
+  d = data_of(budgets_run(tmp_path, up=CNN_BUDGET, down=CNN_BUDGET))
+  verdicts = [t["verdict"] for t in study.decide_family(study.h0_primary(d), "greater")]
+  assert verdicts == ["not significant", "not significant"]
+
+
+def test_holm_over_the_family_can_undo_a_raw_significance():
+  tests = [dict(dataset="mnist", model=f"m{i}_vae", effect=1.0, lo=0.5, hi=2.0, p=p)
+           for i, p in enumerate((0.03, 0.04))]  # fmt: skip
+  out = study.decide_family(tests, "greater")
+  assert [t["p_holm"] for t in out] == pytest.approx([0.06, 0.06])
+  assert [t["verdict"] for t in out] == ["not significant"] * 2
+
+
+def test_summary_states_endpoints_and_verdicts_at_the_top(tmp_path):
+  path = report.write_report(budgets_run(tmp_path), figures=False)
+  text = path.read_text()
+  assert text.index("## The study: primary endpoints and statistics") < text.index("How to read")
+  assert study.H0_ENDPOINT in text and study.H1_ENDPOINT in text
+  assert "| mnist | mlp_vae | 30 (30) |" in text and "**supported**" in text
+  assert "**rejected**" in text
+  assert "**H1** (primary): **not tested**" in text
+
+
+def test_no_records_no_study_section(tmp_path):
+  run = budgets_run(tmp_path)
+  lines = [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines()]
+  for r in lines:
+    del r["record"]
+  (run / "results.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+  text = report.write_report(run, figures=False).read_text()
+  assert "## The study" not in text
+
+
+def test_weak_model_is_marked_and_excluded(tmp_path):
+  run = budgets_run(tmp_path, acc={"cnn": 0.99, "mlp_vae": 0.5, "conv_vae": 0.97})
+  d = data_of(run)
+  assert study.weak_models(d) == {("mnist", "mlp_vae"): 0.5}
+  assert study.weak_models(d, 0.4) == {}
+  weak = study.weak_models(d)
+  out = study.decide_family(study.h0_primary(d), "greater", study.weak_test(weak))
+  by = {t["model"]: t for t in out}
+  assert by["mlp_vae"]["verdict"] == "excluded (weak model)"
+  assert by["conv_vae"]["verdict"] == "rejected"
+  # one test left in the family: its Holm p is its raw p
+  assert by["conv_vae"]["p_holm"] == pytest.approx(by["conv_vae"]["p"])
+  text = report.write_report(run, figures=False).read_text()
+  assert "mnist: mlp_vae (0.5)" in text and "| mnist | mlp_vae† |" in text
+  assert "excluded (weak model)" in text
+  lenient = report.write_report(run, figures=False, weak_floor=0.4).read_text()
+  assert "mlp_vae†" not in lenient and "verdicts given with and without them): none" in lenient
+
+
+def test_weak_cnn_excludes_every_comparison_of_its_dataset(tmp_path):
+  d = data_of(budgets_run(tmp_path, acc={"cnn": 0.5, "mlp_vae": 0.98, "conv_vae": 0.97}))
+  weak = study.weak_models(d)
+  out = study.decide_family(study.h0_primary(d), "greater", study.weak_test(weak))
+  assert {t["verdict"] for t in out} == {"excluded (weak model)"}
+
+
+def test_validity_flip_is_reported(tmp_path):
+  yes, no = np.ones(P, bool), np.zeros(P, bool)
+  cells = {
+    # SSIM: the CNN's examples are valid, the VAE's are not -> VAE significantly fewer high;
+    # PSNR: both invalid -> no difference. The verdict flips between the definitions.
+    ("cnn", "bim", "linf", 0.1): make_record(valid=yes, psnr_valid=no),
+    ("mlp_vae", "bim", "linf", 0.1): make_record(valid=no, psnr_valid=no),
+  }
+  run = write_run(tmp_path / "mnist", "mnist", cells, ACC)
+  d = data_of(run)
+  flips = study.validity_flips(study.h0_cells(d), "less")
+  assert len(flips) == 1
+  cell, by = flips[0]
+  assert (cell["model"], cell["attack"]) == ("mlp_vae", "bim")
+  assert by["ssim"] == "supported" and by["psnr"] == "not significant"
+  text = report.write_report(run, figures=False).read_text()
+  assert "Validity flips (the high-effectiveness verdict differs): mnist, mlp_vae, bim" in text
+
+
+def test_tables_2_3_shares_sum_to_one_and_equal_level_counts(tmp_path):
+  rng = np.random.default_rng(0)
+  cells = {}
+  for model in ACC:
+    for attack, norm in (("fgsm", "linf"), ("lbfgs", "l2")):
+      valid, conf = rng.random(P) < 0.6, rng.random(P) < 0.5
+      cells[(model, attack, norm, 0.1)] = make_record(success=conf, valid=valid, confident=conf)
+  d = data_of(write_run(tmp_path / "mnist", "mnist", cells, ACC))[0]
+  cols, eps_of, shares = study.effectiveness_shares(d)
+  assert cols == ["fgsm", "lbfgs"] and eps_of == {"fgsm": 0.1, "lbfgs": 0.1}
+  for (model, col), (sh, n) in shares.items():
+    rec = cells[(model, col, "linf" if col == "fgsm" else "l2", 0.1)]
+    counts = metrics.effectiveness_counts(rec["level"])
+    assert n == P and sh.sum() == pytest.approx(1.0)
+    assert list(sh * P) == pytest.approx([counts[k] for k in metrics.LEVELS])
+
+
+def test_h1_primary_lfw_smaller_budget_supported(tmp_path):
+  mnist = budgets_run(tmp_path, "mnist")
+  lfw = budgets_run(tmp_path, "lfw", cnn=CNN_BUDGET * 0.3, up=CNN_BUDGET * 5, down=CNN_BUDGET)
+  d = data_of(mnist, lfw)
+  out = {t["model"]: t for t in study.decide_family(study.h1_primary(d), "less")}
+  assert out["cnn"]["primary"] and out["cnn"]["verdict"] == "supported"
+  assert out["cnn"]["effect"] < 0
+  assert out["mlp_vae"]["verdict"] == "rejected"  # LFW's budget larger
+  text = report.write_combined_report(tmp_path / "out", [mnist, lfw], figures=False).read_text()
+  assert "**H1** (primary, the CNN): **supported**" in text
+
+
+def test_h1_not_measured_without_bim_min_on_lfw(tmp_path):
+  mnist = budgets_run(tmp_path, "mnist")
+  lfw = write_run(tmp_path / "lfw", "lfw", {("cnn", "fgsm", "linf", 0.1): make_record()}, ACC)
+  out = study.decide_family(study.h1_primary(data_of(mnist, lfw)), "less")
+  assert {t["verdict"] for t in out} == {"not measured"}
+
+
+def test_budget_summary_and_figures(tmp_path):
+  never = CNN_BUDGET.copy()
+  never[:10] = np.inf
+  cells = {
+    ("cnn", "bim_min", "linf", 0.3): make_record(never),
+    ("mlp_vae", "bim_min", "linf", 0.3): make_record(CNN_BUDGET),
+  }
+  run = write_run(tmp_path / "mnist", "mnist", cells, ACC)
+  (b,) = [x for x in study.budget_summaries(data_of(run)) if x["model"] == "cnn"]
+  assert b["never"] == pytest.approx(10 / P) and b["n_sources"] == P
+  assert b["budget"].median == pytest.approx(np.median(never), rel=1e-6)
+  text = report.write_report(run, figures=True).read_text()
+  png = run / "figures" / "mnist_study_survival_bim_min.png"
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "figures/mnist_study_survival_bim_min.png" in text
+  assert "the same 30 pairs (30 sources) for cnn, mlp_vae" in study_figures_title(run)
+
+
+def study_figures_title(run) -> str:
+  from experiments.report import study_figures  # noqa: PLC0415
+
+  (d,) = data_of(run)
+  recs = {m: d.record(d.budget_row(m, "bim_min")) for m in ("cnn", "mlp_vae")}
+  return study_figures.pairs_text(recs)
