@@ -2,7 +2,7 @@
 
 import math
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from experiments.report.defenses import defense_markdown
 from experiments.report.rows import (
@@ -10,7 +10,6 @@ from experiments.report.rows import (
   DatasetView,
   attack_family,
   num,
-  penalty_attacks,
   row_key,
 )
 from experiments.report.tables import (
@@ -44,13 +43,17 @@ FAMILY_TITLES = {"classifier": "classifier attacks", "vae": "VAE attacks"}
 UNKNOWN_TITLE = "attacks not in the registry"
 
 
-def how_to_read() -> str:
-  """The report's reading notes (the attack lists come from the registry)."""
-  vae_attacks = ", ".join(registry.of_family("vae"))
+def how_to_read(present: Iterable[str] = ()) -> str:
+  """The report's reading notes. The attack lists come from the registry: the attacks the
+  configs run by default, and any other the report's rows hold (`present`)."""
+  present = set(present)
+  listed = [n for n, spec in registry.ATTACKS.items() if spec.default_enabled or n in present]
+  vae_attacks = ", ".join(n for n in listed if registry.ATTACKS[n].family == "vae")
+  penalties = ", ".join(n for n in listed if registry.is_penalty(n))
   return f"""\
 How to read this report:
 - **Reference eps** (model x attack tables): per (dataset, attack, norm), the strongest setting
-  -- the largest budget eps, or for penalty attacks ({", ".join(penalty_attacks())},
+  -- the largest budget eps, or for penalty attacks ({penalties},
   {", ".join(p + "*" for p in PENALTY_PREFIXES)}: eps is the weight C on the distortion) the
   smallest C -- at which every model with a row there has
   validity rate >= {MIN_REFERENCE_VALIDITY}; the weakest setting when none does. Every eps is in
@@ -309,7 +312,8 @@ def render_summary(
   (the study section, when the rows have per-pair records) goes right under the title."""
   figures = figures or {}
   parts = [f"# {title}", "", *([top.rstrip(), ""] if top else [])]
-  parts += [how_to_read(), "## Verdicts", "", *_verdicts(views)]
+  present = {r.get("attack") for v in views for r in v.rows}
+  parts += [how_to_read(present), "## Verdicts", "", *_verdicts(views)]
   for v in views:
     parts += _dataset_section(v, out_dir, figures.get(v.name, {}))
   return "\n".join(parts).rstrip() + "\n"
