@@ -612,6 +612,17 @@ def _save(fig, path: pathlib.Path) -> pathlib.Path:
   return path
 
 
+def _style(ax, xlabel: str, title: str, legend: float | None) -> None:
+  """Log BLER axis, labels and grid; a legend of font size `legend` (None: none)."""
+  ax.set_yscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel("BLER")
+  ax.set_title(title)
+  ax.grid(True, which="both", alpha=0.3)
+  if legend is not None:
+    ax.legend(fontsize=legend)
+
+
 def _curve(ax, rs, x_field, label, **kw):
   rs = sorted((r for r in rs if r is not None), key=lambda r: r[x_field])
   rs = [r for r in rs if r["block_errors"] > 0]  # log axis: a zero count is left out
@@ -634,13 +645,7 @@ def write_figures(workdir, rows, models, attacks, grid, psrs, op) -> list[pathli
       _curve(ax, [idx.get((m, "none", None, e)) for e in grid], "ebn0_db", "no attack", color="k")
       for att in attacks:
         _curve(ax, [idx.get((m, att, psr, e)) for e in grid], "ebn0_db", att)
-      ax.set_yscale("log")
-      ax.set_xlabel("Eb/N0 (dB)")
-      ax.set_ylabel("BLER")
-      ax.set_title(f"{m}, PSR {psr:g} dB")
-      ax.grid(True, which="both", alpha=0.3)
-      if i == 0:
-        ax.legend(fontsize=7)
+      _style(ax, "Eb/N0 (dB)", f"{m}, PSR {psr:g} dB", 7 if i == 0 else None)
     fig.tight_layout()
     out.append(_save(fig, workdir / "figures" / f"bler_vs_ebn0_{m}.png"))
   fig = _new_figure(4.2 * len(models), 3.8)
@@ -652,13 +657,7 @@ def write_figures(workdir, rows, models, attacks, grid, psrs, op) -> list[pathli
     none = idx.get((m, "none", None, op))
     if none is not None and none["block_errors"] > 0:
       ax.axhline(none["bler"], color="k", ls="--", label="no attack")
-    ax.set_yscale("log")
-    ax.set_xlabel("PSR (dB)")
-    ax.set_ylabel("BLER")
-    ax.set_title(f"{m}, Eb/N0 {op:g} dB")
-    ax.grid(True, which="both", alpha=0.3)
-    if i == 0:
-      ax.legend(fontsize=7)
+    _style(ax, "PSR (dB)", f"{m}, Eb/N0 {op:g} dB", 7 if i == 0 else None)
   fig.tight_layout()
   out.append(_save(fig, workdir / "figures" / "bler_vs_psr.png"))
   versus = [m for m in ("mlp_ae", "mlp_ae_iq", "hamming74_ml", "hamming74_hard") if m in models]
@@ -672,13 +671,9 @@ def write_figures(workdir, rows, models, attacks, grid, psrs, op) -> list[pathli
         for att in comp:
           _curve(ax, [idx.get((m, att, psr, e)) for e in grid], "ebn0_db", f"{m} {att}",
                  color=f"C{j}", ls=styles[att])  # fmt: skip
-      ax.set_yscale("log")
-      ax.set_xlabel("Eb/N0 (dB)")
-      ax.set_ylabel("BLER")
-      ax.set_title(f"autoencoder vs Hamming(7,4), PSR {psr:g} dB")
-      ax.grid(True, which="both", alpha=0.3)
-      if i == 0:
-        ax.legend(fontsize=6)
+      _style(
+        ax, "Eb/N0 (dB)", f"autoencoder vs Hamming(7,4), PSR {psr:g} dB", 6 if i == 0 else None
+      )
     fig.tight_layout()
     out.append(_save(fig, workdir / "figures" / "ae_vs_hamming.png"))
   return out

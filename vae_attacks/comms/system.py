@@ -130,8 +130,21 @@ class Receiver(nn.Module):
 # Systems.
 
 
+class _Receives:
+  """What a system with a learned receiver (params["rx"]) does with a received block."""
+
+  def logits(self, params: Params, y: Array) -> Array:  # [n] -> [M]
+    return self.receiver.apply(params["rx"], y)
+
+  def decide(self, params: Params, y: Array) -> Array:  # [n] -> int32[]
+    return jnp.argmax(self.logits(params, y)).astype(jnp.int32)
+
+  def __call__(self, params: Params, y: Array) -> Array:
+    return self.logits(params, y)
+
+
 @dataclasses.dataclass(frozen=True)
-class AutoencoderSystem:
+class AutoencoderSystem(_Receives):
   """An autoencoder (transmitter + receiver); params = {"tx": ..., "rx": ...}."""
 
   name: str
@@ -165,18 +178,9 @@ class AutoencoderSystem:
     onehot = jax.nn.one_hot(message, self.num_messages, dtype=jnp.float32)
     return self.transmitter.apply(params["tx"], onehot)
 
-  def logits(self, params: Params, y: Array) -> Array:  # [n] -> [M]
-    return self.receiver.apply(params["rx"], y)
-
-  def decide(self, params: Params, y: Array) -> Array:  # [n] -> int32[]
-    return jnp.argmax(self.logits(params, y)).astype(jnp.int32)
-
-  def __call__(self, params: Params, y: Array) -> Array:
-    return self.logits(params, y)
-
 
 @dataclasses.dataclass(frozen=True)
-class ReceiverOnly:
+class ReceiverOnly(_Receives):
   """A receiver on its own (the black-box attacker's substitute); params = {"rx": ...}."""
 
   name: str
@@ -185,15 +189,6 @@ class ReceiverOnly:
 
   def init(self, key: PRNGKey) -> Params:
     return {"rx": self.receiver.init(key, jnp.zeros((self.n,), jnp.float32))}
-
-  def logits(self, params: Params, y: Array) -> Array:  # [n] -> [M]
-    return self.receiver.apply(params["rx"], y)
-
-  def decide(self, params: Params, y: Array) -> Array:  # [n] -> int32[]
-    return jnp.argmax(self.logits(params, y)).astype(jnp.int32)
-
-  def __call__(self, params: Params, y: Array) -> Array:
-    return self.logits(params, y)
 
 
 @dataclasses.dataclass(frozen=True)
