@@ -130,6 +130,18 @@ class Receiver(nn.Module):
 # Systems.
 
 
+class _Code:
+  """k bits per block over n channel uses: M = 2^k messages at rate k / n."""
+
+  @property
+  def num_messages(self) -> int:
+    return 2**self.k
+
+  @property
+  def rate(self) -> float:
+    return self.k / self.n
+
+
 class _Receives:
   """What a system with a learned receiver (params["rx"]) does with a received block."""
 
@@ -144,7 +156,7 @@ class _Receives:
 
 
 @dataclasses.dataclass(frozen=True)
-class AutoencoderSystem(_Receives):
+class AutoencoderSystem(_Code, _Receives):
   """An autoencoder (transmitter + receiver); params = {"tx": ..., "rx": ...}."""
 
   name: str
@@ -153,14 +165,6 @@ class AutoencoderSystem(_Receives):
   transmitter: Transmitter
   receiver: Receiver
   symbol_dim: int = 1  # real dimensions per channel use: 1 (real), 2 (complex, I/Q)
-
-  @property
-  def num_messages(self) -> int:
-    return 2**self.k
-
-  @property
-  def rate(self) -> float:
-    return self.k / self.n
 
   @property
   def dims(self) -> int:
@@ -192,7 +196,7 @@ class ReceiverOnly(_Receives):
 
 
 @dataclasses.dataclass(frozen=True)
-class CodeSystem:
+class CodeSystem(_Code):
   """A classical block code over BPSK: Hamming(7,4) or k uncoded bits; params = {} (none).
 
   `logits` are the ML soft scores -||y - c_m||^2 / (2 sigma^2) at `logit_ebn0_db` (so a
@@ -210,14 +214,6 @@ class CodeSystem:
   @property
   def n(self) -> int:
     return baselines.HAMMING_N if self.code == "hamming74" else self.k
-
-  @property
-  def num_messages(self) -> int:
-    return 2**self.k
-
-  @property
-  def rate(self) -> float:
-    return self.k / self.n
 
   @property
   def symbol_dim(self) -> int:
