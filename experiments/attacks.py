@@ -12,6 +12,7 @@ import numpy as np
 from absl import logging
 
 from experiments import run as run_lib
+from experiments import store
 from vae_attacks import metrics
 from vae_attacks.attacks import bim, fgsm, lbfgs, runner
 from vae_attacks.attacks import vae as vae_attacks
@@ -467,11 +468,8 @@ def _target_images(y, pairs, key) -> np.ndarray:
 
 
 def _save_npz(path: pathlib.Path, **arrays) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp")
-  with open(tmp, "wb") as f:
-    np.savez_compressed(f, **arrays)
-  tmp.replace(path)
+  """np.savez in memory, then written atomically (store.write_with): never half a file."""
+  store.write_with(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def _cat(parts):
@@ -525,15 +523,11 @@ def _finite(v):
 def _save_examples(path: pathlib.Path, x, pairs, x_adv, eps) -> None:
   """A few (source, adversarial) examples per eps for the figures, written atomically."""
   n = x_adv.shape[1]
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp")
-  with open(tmp, "wb") as f:
-    np.savez_compressed(
-      f,
-      x=x[:n],
-      x_adv=x_adv,
-      source_label=pairs.source_label[:n],
-      target=pairs.target[:n],
-      eps=np.asarray(eps),
-    )
-  tmp.replace(path)
+  _save_npz(
+    path,
+    x=x[:n],
+    x_adv=x_adv,
+    source_label=pairs.source_label[:n],
+    target=pairs.target[:n],
+    eps=np.asarray(eps),
+  )

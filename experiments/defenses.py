@@ -35,6 +35,7 @@ from absl import logging
 from experiments import models as models_lib
 from experiments import run as run_lib
 from experiments import store
+from experiments import workdir as workdir_lib
 from vae_attacks import metrics, models, train
 from vae_attacks.attacks import bim, fgsm, runner
 from vae_attacks.defenses import adversarial, distillation, transfer
@@ -626,7 +627,7 @@ def run(config, workdir: str) -> dict:
   from vae_attacks import data as data_lib  # noqa: PLC0415
 
   workdir = pathlib.Path(workdir)
-  run_lib._claim_workdir(config, workdir)
+  workdir_lib.claim(config, workdir)  # run.run holds the workdir's lock
   try:
     data = data_lib.load(config.data)
   except data_lib.DataError as e:
@@ -637,7 +638,7 @@ def run(config, workdir: str) -> dict:
   ctx = Context(config, data, workdir)
   # Transfer rows depend on every model; a defence's rows only on its own section.
   settings = run_lib.config_hash({"defenses": d.to_dict(), "attacks": config.attacks.to_dict()})
-  log = store.ResultsLog(workdir / RESULTS_FILE, RESULT_KEY)
+  log = store.ResultsLog(workdir / RESULTS_FILE, RESULT_KEY, store.DEFENSES_KINDS)
   mesh = runner.pairs_mesh() if config.attacks.shard and jax.device_count() > 1 else None
   runner_kwargs = dict(
     chunk_size=config.attacks.chunk_size or None,
@@ -648,10 +649,7 @@ def run(config, workdir: str) -> dict:
 
   built: dict[str, Defended] = {}
   for name in d.enabled:
-    try:
-      defended = DEFENSES[name](ctx)
-    except (ValueError, FloatingPointError) as e:  # another config's checkpoint; NaN training
-      raise run_lib.UserError(f"defence {name}: {e}") from None
+    defended = _build(name, ctx)
     built[name] = defended
     store.write_json_atomic(
       workdir / "train_metrics.json", {k: v.metrics for k, v in built.items()}
@@ -702,13 +700,19 @@ def run(config, workdir: str) -> dict:
   return {"train": {k: v.metrics for k, v in built.items()}, "results": log.rows}
 
 
+def _build(name: str, ctx) -> Defended:
+  """DEFENSES[name](ctx), its failures as one line: a full disk names the checkpoint folder;
+  another config's checkpoint or NaN in training names the defence."""
+  try:
+    with models_lib.checkpoint_space((ctx.workdir / "checkpoints").resolve()):
+      return DEFENSES[name](ctx)
+  except (ValueError, FloatingPointError) as e:
+    raise run_lib.UserError(f"defence {name}: {e}") from None
+
+
 def _save_npz(path: pathlib.Path, **arrays) -> None:
-  """np.savez to a temporary name, then renamed: readers never see half a file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp")
-  with open(tmp, "wb") as f:
-    np.savez_compressed(f, **arrays)
-  tmp.replace(path)
+  """np.savez in memory, then written atomically (store.write_with): never half a file."""
+  store.write_with(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def _run_transfer(config, ctx, built, x, y, log, settings, attack_root, runner_kwargs) -> None:
@@ -717,7 +721,7 @@ def _run_transfer(config, ctx, built, x, y, log, settings, attack_root, runner_k
   eps = float(t.eps)
   for name in t.sources:
     if name not in built:
-      built[name] = DEFENSES[name](ctx)
+      built[name] = _build(name, ctx)
   targets = {k: transfer.Classifier(v.logits_fn, v.params) for k, v in built.items()}
   base = dict(kind="transfer", dataset=config.data.name, attack="pgd", eps=eps, settings=settings)
   row_of = lambda s, tg: dict(base, defense=tg, source=s, target=tg)  # noqa: E731

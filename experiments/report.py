@@ -30,13 +30,13 @@ differs significantly in the hypothesis' direction, "rejected" when a strict maj
 significantly against it, "inconclusive" otherwise ("not tested" with no cell).
 """
 
+import collections
 import dataclasses
 import html
 import json
 import math
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -85,24 +85,27 @@ class RunFiles:
   left_out: int  # rows of other attack settings, or superseded by a later row of the same key
   dataset: str | None
   defense_rows: list = dataclasses.field(default_factory=list)  # defenses.jsonl (current settings)
+  rejected: list = dataclasses.field(default_factory=list)  # why each unusable row was left out
 
 
-def read_rows(path: os.PathLike) -> list[dict]:
-  """The rows of a results.jsonl; a torn line (a run killed mid-write) is skipped, not fixed."""
+def read_rows(
+  path: os.PathLike, kinds: Sequence[str] = store.RESULTS_KINDS, rejected: list | None = None
+) -> list[dict]:
+  """The usable rows of a results.jsonl (or, with `kinds`, defenses.jsonl), in the current
+  format.
+
+  A torn line (a run killed mid-write) is skipped, not fixed; rows of an older format are
+  migrated in memory; a row that fails the schema check (`store.check_rows`: a missing or
+  renamed field, a newer format) is never used, and why is appended to `rejected`.
+  """
   path = pathlib.Path(path)
   if not path.exists():
     return []
-  rows = []
-  for line in path.read_text().splitlines():
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if isinstance(row, dict):
-      rows.append(row)
-  return rows
+  values, _ = store.parse_lines(path.read_bytes())
+  good, bad, _ = store.check_rows(values, kinds)
+  if rejected is not None:
+    rejected += [why for _, why in bad]
+  return good
 
 
 def _read_json(path: pathlib.Path) -> dict:
@@ -160,13 +163,16 @@ def load_run(workdir: os.PathLike) -> RunFiles:
   workdir = pathlib.Path(workdir)
   config = _read_json(workdir / "config.json")
   train = _read_json(workdir / "train_metrics.json")
-  rows, left_out = select_rows(read_rows(workdir / "results.jsonl"), _settings_hash(config))
+  rejected: list[str] = []
+  rows = read_rows(workdir / "results.jsonl", rejected=rejected)
+  rows, left_out = select_rows(rows, _settings_hash(config))
   dataset = (config.get("data") or {}).get("name")
   if dataset is None:
     names = sorted({r.get("dataset") for r in rows if r.get("dataset")})
     dataset = names[0] if len(names) == 1 else None
-  defense_rows = select_defense_rows(read_rows(workdir / DEFENSES_FILE), config)
-  return RunFiles(workdir, config, train, rows, left_out, dataset, defense_rows)
+  defense_rows = read_rows(workdir / DEFENSES_FILE, store.DEFENSES_KINDS, rejected)
+  defense_rows = select_defense_rows(defense_rows, config)
+  return RunFiles(workdir, config, train, rows, left_out, dataset, defense_rows, rejected)
 
 
 def select_defense_rows(rows: Sequence[Mapping], config: Mapping) -> list:
@@ -213,6 +219,7 @@ class DatasetView:
   workdirs: list = dataclasses.field(default_factory=list)
   left_out: int = 0
   overridden: int = 0  # rows of a cell that a later work directory also has
+  rejected: list = dataclasses.field(default_factory=list)  # why unusable rows were left out
   defense_rows: list = dataclasses.field(default_factory=list)  # defenses.jsonl rows
   defense_examples: dict = dataclasses.field(default_factory=dict)  # {defence: npz path}
 
@@ -250,6 +257,7 @@ def build_views(runs: Sequence[RunFiles]) -> list[DatasetView]:
       view = views.setdefault(name, DatasetView(name))
       view.workdirs.append(run.workdir)
       view.left_out += run.left_out
+      view.rejected += run.rejected
       cells = {row_key(r): i for i, r in enumerate(view.rows)}
       for r in rows:
         if row_key(r) in cells:
@@ -974,6 +982,12 @@ def render_summary(
       notes.append(f"; {v.left_out} rows of other attack settings or superseded left out")
     if v.overridden:
       notes.append(f"; {v.overridden} cells taken from the later of two work directories")
+    if v.rejected:
+      why = collections.Counter(v.rejected).most_common(1)[0][0]
+      notes.append(
+        f"; {len(v.rejected)} rows that fail the format check left out (e.g. {why}; a rerun "
+        "recomputes them)"
+      )
     parts += ["".join(notes) + ".", ""]
     parts += ["### Trained models", "", _train_table(v.train) if v.train else "(none yet)", ""]
     ref = reference_eps(v.rows)
@@ -1196,17 +1210,9 @@ def _margins(fig, *, left, right, bottom, top, wspace, hspace):
 
 
 def _save_figure(fig, path: pathlib.Path) -> pathlib.Path:
-  """Saves to a temporary name in the same folder, then renames: never a half-written PNG."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-  os.close(fd)
-  try:
-    fig.savefig(tmp, format="png")
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a figure is for everyone to read
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  """Renders the PNG in memory, then writes it atomically (store.write_with): never a
+  half-written PNG, and a full disk is one OutOfSpace naming the figure."""
+  store.write_with(path, lambda f: fig.savefig(f, format="png"))
   return path
 
 

@@ -1,6 +1,7 @@
 """One experiment run: data -> trained models -> attacks -> results files.
 
 Files in the work directory (all written atomically; a rerun resumes):
+  .lock                held by the one run writing here (experiments/workdir.py)
   config.json          the config of the run; a workdir holding another config is refused
   checkpoints/<model>/ orbax checkpoints, reused on rerun, resumed after a kill
   train_metrics.json   one entry per trained model
@@ -14,14 +15,13 @@ import pathlib
 import ml_collections
 from absl import logging
 
-from experiments import store, validate
+from experiments import errors, store, validate
+from experiments import workdir as workdir_lib
 from vae_attacks import data as data_lib
 
 RESULT_KEY = ("dataset", "model", "attack", "norm", "eps", "settings")
 
-
-class UserError(Exception):
-  """A problem the user can fix (settings, data, workdir): reported as one message."""
+UserError = errors.UserError  # its home is experiments/errors.py; kept here for callers
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -36,12 +36,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate.validate(config)
   except validate.ConfigError as e:
     raise UserError(str(e)) from None
-  if config.get("experiment") == "defenses":
-    from experiments import defenses  # noqa: PLC0415  (configs/mnist_defenses.py)
+  # One writer per workdir: two runs would train into one checkpoint folder and append every
+  # row twice.
+  with workdir_lib.locked(workdir):
+    if config.get("experiment") == "defenses":
+      from experiments import defenses  # noqa: PLC0415  (configs/mnist_defenses.py)
 
-    return defenses.run(config, workdir)
-  workdir = pathlib.Path(workdir)
-  _claim_workdir(config, workdir)
+      return defenses.run(config, workdir)
+    return _run_locked(config, pathlib.Path(workdir))
+
+
+def _run_locked(config, workdir: pathlib.Path) -> dict:
+  """`run` of a validated attacks config, holding the workdir's lock."""
+  workdir_lib.claim(config, workdir)
 
   try:
     data = data_lib.load(config.data)
@@ -59,7 +66,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from vae_attacks import train as train_lib  # noqa: PLC0415
 
   try:
-    trained = models_lib.train_all(config, data, workdir)
+    trained = models_lib.train_all(config, data, workdir)  # a full disk: store.OutOfSpace
   except (train_lib.CheckpointError, train_lib.NonFiniteError) as e:  # names model and folder
     raise UserError(str(e)) from None
   train_metrics = {name: m.metrics for name, m in trained.items()}
@@ -83,8 +90,10 @@ def _run_study(config, workdir: pathlib.Path) -> dict:
       validate.validate(config[part])
     except validate.ConfigError as e:
       raise UserError(f"{part}: {e}") from None
-  out = {part: run(config[part], str(workdir / part)) for part in config.runs}
-  _report(workdir, parts=[workdir / part for part in config.runs])
+  # The study's own folder (its combined report) has one writer too; each part locks its own.
+  with workdir_lib.locked(workdir):
+    out = {part: run(config[part], str(workdir / part)) for part in config.runs}
+    _report(workdir, parts=[workdir / part for part in config.runs])
   return out
 
 
@@ -126,26 +135,3 @@ def defence_settings(defenses, attacks, name: str) -> str:
 
 def _to_dict(c):
   return json.loads(c.to_json()) if hasattr(c, "to_json") else c
-
-
-def _claim_workdir(config, workdir: pathlib.Path) -> None:
-  """Writes config.json, or checks that the workdir's run trains the same models."""
-  new = _to_dict(config)
-  path = workdir / "config.json"
-  if path.exists():
-    try:
-      old = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-      raise UserError(
-        f"{path} is not valid JSON ({e}); delete it or use another --workdir"
-      ) from None
-    # What decides the trained models must match; attacks/eval/output may change between runs
-    # (result rows carry a hash of those settings in their key).
-    fixed = ("seed", "models", "data", "model", "train")
-    changed = validate.diff({k: old.get(k) for k in fixed}, {k: new.get(k) for k in fixed})
-    if changed:
-      raise UserError(
-        f"workdir {workdir} belongs to a different config (differs in: {', '.join(changed)}); "
-        "use another --workdir or delete that folder"
-      )
-  store.write_json_atomic(path, new)
