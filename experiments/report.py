@@ -37,6 +37,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -1613,10 +1614,15 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
   args = parser.parse_args(argv)
   if args.out is None and len(args.workdirs) > 1:
     parser.error("several work directories need --out=DIR for the combined report")
-  if args.out is None:
-    path = write_report(args.workdirs[0], title=args.title, figures=None if args.figures else False)
-  else:
-    path = write_combined_report(args.out, args.workdirs, title=args.title, figures=args.figures)
+  try:
+    if args.out is None:
+      figures = None if args.figures else False
+      path = write_report(args.workdirs[0], title=args.title, figures=figures)
+    else:
+      path = write_combined_report(args.out, args.workdirs, title=args.title, figures=args.figures)
+  except store.OutOfSpace as e:  # one line naming the file, as experiments.main does
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   print(path)
   return path
 
