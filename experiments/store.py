@@ -12,10 +12,10 @@ is never torn: a whole file is written to a temporary name and renamed only when
 a log row that did not fit is cut off again (`ftruncate`) before the error is raised.
 
 Rows carry `format_version` (`FORMAT_VERSION`). On open, a log migrates rows of an older
-version, and sets aside (into `<log>.rejected`) rows that fail its schema (`SCHEMAS`), come from
-a newer version, or repeat the key of a later row, with one log line saying how many and why; a
-rerun then recomputes them. The report applies the same check (`check_rows`) and never uses a
-row that fails it.
+version, and sets aside (into `<log>.rejected`) rows that fail its schema (`SCHEMAS`) or come
+from a newer version, with one log line saying how many and why; a rerun then recomputes them.
+Rows that repeat the key of a later row are set aside too (the last is kept). The report applies
+the same check (`check_rows`) and never uses a row that fails it.
 """
 
 import contextlib
@@ -321,11 +321,11 @@ class ResultsLog:
   `key_fields`.
 
   On open: a torn line (a kill mid-write) is dropped; rows of an older format are migrated; rows
-  that fail the schema of `kinds` (`SCHEMAS`; None: any JSON object), come from a newer format,
-  or repeat a key that a later row also has (a hand edit, two files concatenated) are moved to
-  `<log>.rejected`, with one log line saying how many and why; the file is then rewritten
-  atomically with the good rows.
-  A rerun recomputes the points that were set aside.
+  that fail the schema of `kinds` (`SCHEMAS`; None: any JSON object) or come from a newer
+  format are moved to `<log>.rejected` with one log line saying how many and why, and a rerun
+  recomputes their points; rows that repeat the key of a later row (a hand edit, two files
+  concatenated) are moved there too, with a line of their own: the last row of a key is kept,
+  as the report shows it. The file is then rewritten atomically with the rows kept.
 
   `append` writes one whole line with a single O_APPEND write (looping on a short write) and
   fsyncs it, so a row is either fully there or absent; a full disk cuts the partial line off
@@ -356,14 +356,23 @@ class ResultsLog:
     if migrated:
       olds = ", ".join(f"{n} of format {v}" for v, n in sorted(migrated.items()))
       logging.warning("%s: migrated %s to format %d", name, olds, FORMAT_VERSION)
-    if bad or repeated:
+    if bad:
       logging.warning(
         "%s: %d rows set aside in %s.rejected, to be recomputed: %s",
         name,
-        len(bad) + len(repeated),
+        len(bad),
         name,
-        _summary(why for _, why in bad + repeated),
+        _summary(why for _, why in bad),
       )
+    if repeated:  # nothing to recompute: the key stays, with its last row
+      logging.warning(
+        "%s: %d rows repeat the key of a later row (a hand edit? two files joined?); kept the "
+        "last row of each key, set the others aside in %s.rejected",
+        name,
+        len(repeated),
+        name,
+      )
+    if bad or repeated:
       rejected = self.path.with_name(f"{name}.rejected")
       old = rejected.read_text() if rejected.exists() else ""
       lines = "".join(_line({"reason": why, "row": r}) for r, why in bad + repeated)

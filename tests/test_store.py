@@ -215,6 +215,8 @@ def test_hand_edited_duplicate_rows_keep_the_last_as_the_report_does(tmp_path, c
   log = store.ResultsLog(path, RESULT_KEY)
   assert log.rows == [dict(r, format_version=2) for r in (a2, b)]
   assert [r["success_rate"] for r in shown] == [r["success_rate"] for r in (a2, b)]
-  assert any("2 rows set aside" in m and "a later row has the same key (2)" in m
-             for m in caplog.messages)  # fmt: skip
+  assert [m for m in caplog.messages if "repeat" in m] == [
+    "results.jsonl: 2 rows repeat the key of a later row (a hand edit? two files joined?); kept "
+    "the last row of each key, set the others aside in results.jsonl.rejected"
+  ]
   assert len(path.read_text().splitlines()) == 2
