@@ -13,6 +13,7 @@ from fakedata import make_data_root
 
 from experiments import attacks as attacks_lib
 from experiments import run as run_lib
+from experiments import workdir as workdir_lib
 
 CONFIGS = ("mnist_cnn", "mnist_vae", "lfw_cnn", "lfw_vae")
 
@@ -275,3 +276,5 @@ def test_training_that_blows_up_names_model_epoch_and_quantity(data_root, tmp_pa
   assert "at epoch 1/1; nothing was checkpointed" in message
   assert not list((tmp_path / "checkpoints" / "cnn").glob("[0-9]*"))
   assert not (tmp_path / "results.jsonl").exists()
+  config.train.cnn.learning_rate = 1e-3  # the corrected command is not refused: nothing was made
+  workdir_lib.claim(config, tmp_path)
