@@ -14,6 +14,7 @@ from fakedata import make_data_root
 
 from experiments import attacks as attacks_lib
 from experiments import run as run_lib
+from experiments import workdir as workdir_lib
 from experiments.errors import UserError
 from vae_attacks import metrics
 from vae_attacks.attacks import registry
@@ -168,7 +169,7 @@ def test_workdir_of_another_config_is_refused(data_root, tmp_path):
     ("data.source", "web", "data.source='web' is not allowed"),
     ("eval.ssim_min", 1.5, "eval.ssim_min=1.5; allowed: a number in [0, 1]"),
     ("eval.confidence_min", -0.1, "eval.confidence_min=-0.1; allowed: a number in [0, 1]"),
-    ("attacks.bim.eps", (0.1, -0.1), "attacks.bim.eps contains -0.1; allowed: numbers >= 0"),
+    ("attacks.bim.eps", (0.1, -0.1), "attacks.bim.eps contains -0.1; allowed: finite numbers >= 0"),
     ("attacks.enabled", ("fgsm", "bimm"), "attacks.enabled[]='bimm' is not allowed; allowed: fgsm"),
     ("data.image_size", 32, "data.image_size=32: MNIST images are 28x28; allowed: 28"),
   ],
@@ -244,7 +245,10 @@ def test_corrupt_data_file_is_one_line_naming_it(tmp_path):
 
 
 def test_corrupt_config_json_in_workdir_is_refused(data_root, tmp_path):
+  """Refused when something was made under it (here train_metrics.json); with nothing made, it
+  is replaced (tests/test_faults.py)."""
   (tmp_path / "config.json").write_text('{"seed": 0, "data": {"na')
+  (tmp_path / "train_metrics.json").write_text("{}")
   with pytest.raises(UserError, match="config.json is not valid JSON"):
     run_lib.run(tiny("mnist_cnn", data_root), str(tmp_path))
 
@@ -273,6 +277,8 @@ def test_training_that_blows_up_names_model_epoch_and_quantity(data_root, tmp_pa
   assert "at epoch 1/1; nothing was checkpointed" in message
   assert not list((tmp_path / "checkpoints" / "cnn").glob("[0-9]*"))
   assert not (tmp_path / "results.jsonl").exists()
+  config.train.cnn.learning_rate = 1e-3  # the corrected command is not refused: nothing was made
+  workdir_lib.claim_workdir(config, tmp_path)
 
 
 def test_every_model_is_attacked_on_the_same_pairs_and_records_reproduce_each_row(
