@@ -24,6 +24,8 @@ from experiments import attacks as attacks_lib
 from experiments import keys, report, store
 from experiments import models as models_lib
 from experiments import run as run_lib
+from experiments import workdir as workdir_lib
+from experiments.errors import UserError
 
 SHAPE = (28, 28, 1)
 
@@ -289,8 +291,6 @@ def test_two_runs_started_at_once_one_writes_the_other_stops_naming_it(data_root
 def test_lock_names_its_holder_and_is_taken_over_from_a_dead_one(data_root, tmp_path, caplog):
   """A held lock refuses a run before it touches the workdir; a lock file left by a process
   that died (SIGKILL: the kernel dropped its flock, its holder line stays) is taken over."""
-  from experiments import workdir as workdir_lib  # noqa: PLC0415
-
   wd = tmp_path / "w"
   with workdir_lib.locked(wd) as lock:
     assert f"pid {os.getpid()} on " in lock.read_text()
@@ -322,10 +322,11 @@ def _enospc_on(monkeypatch, match):
 def test_full_disk_at_each_file_is_one_error_naming_it_and_the_rerun_completes(
   data_root, tmp_path, monkeypatch
 ):
-  """ENOSPC injected into the writes of train_metrics.json, the second result row, a per-pair
-  record (examples/*.npz), a figure and summary.md, one run each on one workdir: each run stops
-  with OutOfSpace naming that file and leaves no torn row and no temporary file; a run with
-  space again ends with every row once."""
+  """ENOSPC injected into the writes of train_metrics.json, the shared pairs (pairs/*.npz), a
+  row's per-pair record (records/<model>/*.npz), the second result row, the examples
+  (examples/*.npz), a figure and summary.md, one run each on one workdir: each run stops with
+  OutOfSpace naming that file and leaves no torn row and no temporary file; a run with space
+  again ends with every row once."""
   config = small_config(data_root)
   config.attacks.enabled = ("fgsm", "bim")
   config.output.figures = True
@@ -342,6 +343,8 @@ def test_full_disk_at_each_file_is_one_error_naming_it_and_the_rerun_completes(
 
   cases = [
     ("train_metrics.json", lambda p: ".train_metrics.json." in p),
+    ("pairs/", lambda p: "/pairs/." in p),
+    ("records/cnn/", lambda p: "/records/cnn/." in p),
     ("results.jsonl", second_row),
     ("examples/cnn_bim.npz", lambda p: ".cnn_bim.npz." in p),
     ("figures/", lambda p: "/figures/." in p and p.endswith(".tmp")),
@@ -492,31 +495,70 @@ def test_config_comparison_is_nan_safe_and_a_failed_start_never_blocks(data_root
   """A config.json holding NaN (written before validation rejected it) does not make the
   identical config "different"; and a run that failed before producing anything (a wrong data
   folder) leaves nothing that refuses the corrected command."""
-  from experiments import validate  # noqa: PLC0415
-  from experiments import workdir as workdir_lib  # noqa: PLC0415
-
   nan = float("nan")
-  assert validate.diff({"train": {"lr": nan, "eps": [nan, 1.0]}},
-                       {"train": {"lr": nan, "eps": [nan, 1.0]}}) == []  # fmt: skip
-  assert validate.diff({"lr": nan}, {"lr": 0.1}) == ["lr"]
+  assert keys.diff({"train": {"lr": nan, "eps": [nan, 1.0]}},
+                   {"train": {"lr": nan, "eps": [nan, 1.0]}}) == []  # fmt: skip
+  assert keys.diff({"lr": nan}, {"lr": 0.1}) == ["lr"]
   made = tmp_path / "made"
   made.mkdir()
   config = {"seed": 0, "train": {"cnn": {"learning_rate": nan}}}
   (made / "config.json").write_text(json.dumps(config))
   (made / "train_metrics.json").write_text("{}")  # something was made under it
-  workdir_lib.claim(config, made)
-  with pytest.raises(run_lib.UserError, match="differs in: train.cnn.learning_rate"):
-    workdir_lib.claim({"seed": 0, "train": {"cnn": {"learning_rate": 0.1}}}, made)
+  workdir_lib.claim_workdir(config, made)
+  with pytest.raises(UserError, match="differs in: train.cnn.learning_rate"):
+    workdir_lib.claim_workdir({"seed": 0, "train": {"cnn": {"learning_rate": 0.1}}}, made)
 
   wd = tmp_path / "w"
   wrong = small_config(data_root)
   wrong.data.dir = str(tmp_path / "no_such_folder")
   wrong.data.source = "local"
-  with pytest.raises(run_lib.UserError):
+  with pytest.raises(UserError):
     run_lib.run(wrong, str(wd))
   assert not workdir_lib.has_products(wd)
   right = small_config(data_root)
-  workdir_lib.claim(right, wd)  # what the corrected run does first: accepted
+  workdir_lib.claim_workdir(right, wd)  # what the corrected run does first: accepted
   assert json.loads((wd / "config.json").read_text())["data"]["dir"] == str(data_root)
   (wd / "config.json").write_text('{"seed": 0, "da')  # a kill mid-write by hand: replaced too
-  workdir_lib.claim(right, wd)
+  workdir_lib.claim_workdir(right, wd)
+
+
+@pytest.mark.parametrize("name", ["mnist_defenses", "lfw_defenses", "study", "comm_ae"])
+def test_every_kind_of_run_takes_the_workdir_lock(name, tmp_path):
+  """Defences, the study (its own folder; each part locks its own) and the comm experiment
+  stop at once on a workdir another process holds, naming it, before touching it."""
+  config = importlib.import_module(f"configs.{name}").get_config("quick")
+  wd = tmp_path / "w"
+  with workdir_lib.locked(wd):
+    with pytest.raises(workdir_lib.WorkdirBusy, match=f"is in use by pid {os.getpid()} on "):
+      run_lib.run(config, str(wd))
+  assert sorted(p.name for p in wd.iterdir()) == [".lock"]
+
+
+def test_comm_settings_reject_nan_and_inf_in_every_number():
+  """The comm experiment's own validation walks every number too (dB values may be negative):
+  NaN and inf anywhere are one line naming the field."""
+  from experiments import comm, validate  # noqa: PLC0415
+
+  base = importlib.import_module("configs.comm_ae").get_config("quick")
+  fields = list(validate._numeric_leaves(base, ""))
+  assert len(fields) > 10
+  for field, _ in fields:
+    for bad in (float("nan"), float("inf")):
+      config = importlib.import_module("configs.comm_ae").get_config("quick")
+      path, _, index = field.partition("[")
+      section, _, attr = path.rpartition(".")
+      node = config
+      for p in filter(None, section.split(".")):
+        node = node[p]
+      try:
+        if index:
+          items = list(node[attr])
+          items[int(index[:-1])] = bad
+          node[attr] = tuple(items)
+        else:
+          node[attr] = bad
+      except TypeError:  # an int field refuses a float
+        continue
+      with pytest.raises(UserError) as err:
+        comm.validate(config)
+      assert str(err.value).startswith(path), (field, bad, str(err.value))

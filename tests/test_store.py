@@ -4,6 +4,7 @@ every write checked for a full disk, and versioned rows checked against a schema
 import errno
 import json
 import os
+import pathlib
 
 import pytest
 from test_report import make_row
@@ -220,3 +221,36 @@ def test_hand_edited_duplicate_rows_keep_the_last_as_the_report_does(tmp_path, c
     "the last row of each key, set the others aside in results.jsonl.rejected"
   ]
   assert len(path.read_text().splitlines()) == 2
+
+
+def test_committed_rows_pass_their_schema_and_later_fields_are_optional_but_typed(tmp_path):
+  """The committed records (format 1, before `record`, `validity_rate_psnr`, ... existed) all
+  load through the one reader, none rejected; a later field is checked when present."""
+  repo = pathlib.Path(__file__).resolve().parent.parent
+  for path, kinds in (
+    (repo / "results/study/mnist_vae/results.jsonl", store.RESULTS_KINDS),
+    (repo / "results/study/lfw_vae/results.jsonl", store.RESULTS_KINDS),
+    (repo / "results/comm_ae/results.jsonl", store.COMM_KINDS),
+  ):
+    rejected = []
+    rows = store.read_jsonl(path, kinds, rejected)
+    assert rows and rejected == [], (path, rejected[:3])
+    assert all(r["format_version"] == store.FORMAT_VERSION for r in rows)
+  row = make_row("mnist", "cnn", "fgsm", "linf", 0.1)
+  later = dict(
+    record="records/cnn/x.npz",
+    validity_rate_psnr=0.5,
+    validity_rate_psnr_ci=[0.4, 0.6],
+    effectiveness_psnr={"high": 1, "modal": "high"},
+  )
+  ok = dict(row, **later)
+  bad = dict(row, eps=0.2, validity_rate_psnr="half")
+  _write_lines(tmp_path / "results.jsonl", [ok, bad])
+  rejected = []
+  assert store.read_jsonl(tmp_path / "results.jsonl", store.RESULTS_KINDS, rejected) == [
+    dict(ok, format_version=2)
+  ]
+  assert rejected == ["field 'validity_rate_psnr' is not a finite number or null"]
+  # Without kinds: any JSON object, as main's reader did; a torn line and a list are skipped.
+  (tmp_path / "any.jsonl").write_text('{"a": 1}\n[1]\n{"b": ')
+  assert store.read_jsonl(tmp_path / "any.jsonl") == [{"a": 1, "format_version": 2}]
