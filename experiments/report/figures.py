@@ -2,13 +2,12 @@
 state), imported inside the drawing functions so that `import experiments.report` stays light.
 """
 
-import os
 import pathlib
-import tempfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from experiments import store
 from experiments.report.rows import DatasetView, interval, is_penalty_attack, num
 from experiments.report.tables import DEFENCE_FIGURES, fmt_rate, sort_rows
 from experiments.report.verdicts import strength
@@ -37,17 +36,9 @@ def _margins(fig, *, left, right, bottom, top, wspace, hspace):
 
 
 def _save_figure(fig, path: pathlib.Path) -> pathlib.Path:
-  """Saves to a temporary name in the same folder, then renames: never a half-written PNG."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-  os.close(fd)
-  try:
-    fig.savefig(tmp, format="png")
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a figure is for everyone to read
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  """Renders the PNG in memory, then writes it atomically (store.write_with): never a
+  half-written PNG, and a full disk is one OutOfSpace naming the figure."""
+  store.write_with(path, lambda f: fig.savefig(f, format="png"))
   return path
 
 
