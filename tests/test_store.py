@@ -228,8 +228,8 @@ def test_committed_rows_pass_their_schema_and_later_fields_are_optional_but_type
   load through the one reader, none rejected; a later field is checked when present."""
   repo = pathlib.Path(__file__).resolve().parent.parent
   for path, kinds in (
-    (repo / "results/study/mnist_vae/results.jsonl", store.RESULTS_KINDS),
-    (repo / "results/study/lfw_vae/results.jsonl", store.RESULTS_KINDS),
+    (repo / "results/study_2026-12-01/mnist_vae/results.jsonl", store.RESULTS_KINDS),
+    (repo / "results/study_2026-12-01/lfw_vae/results.jsonl", store.RESULTS_KINDS),
     (repo / "results/comm_ae/results.jsonl", store.COMM_KINDS),
   ):
     rejected = []
