@@ -13,7 +13,7 @@ from experiments.report.tables import DEFENCE_FIGURES, fmt_rate, sort_rows
 from experiments.report.verdicts import strength
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
   from matplotlib.figure import Figure  # noqa: PLC0415
 
@@ -22,7 +22,7 @@ def _new_figure(width: float, height: float):
   return fig
 
 
-def _margins(fig, *, left, right, bottom, top, wspace, hspace):
+def set_margins(fig, *, left, right, bottom, top, wspace, hspace):
   """Fixed margins in inches (tight_layout costs more than the drawing on a small CPU)."""
   w, h = fig.get_size_inches()
   fig.subplots_adjust(
@@ -35,7 +35,7 @@ def _margins(fig, *, left, right, bottom, top, wspace, hspace):
   )
 
 
-def _save_figure(fig, path: pathlib.Path) -> pathlib.Path:
+def save_figure(fig, path: pathlib.Path) -> pathlib.Path:
   """Renders the PNG in memory, then writes it atomically (store.write_with): never a
   half-written PNG, and a full disk is one OutOfSpace naming the figure."""
   store.write_with(path, lambda f: fig.savefig(f, format="png"))
@@ -66,7 +66,7 @@ def plot_rates(rows: Sequence[Mapping], path: pathlib.Path, title: str) -> pathl
     fam = families.setdefault(_family(r.get("attack"), r.get("norm")), {})
     fam.setdefault(str(r.get("attack")), []).append(r)
   cols = max(len(families), 1)
-  fig = _new_figure(4.2 * cols, 6.4)
+  fig = new_figure(4.2 * cols, 6.4)
   axes = fig.subplots(2, cols, squeeze=False)
   for j, (fam, by_attack) in enumerate(sorted(families.items())):
     for a_index, (attack, rs) in enumerate(sorted(by_attack.items())):
@@ -102,11 +102,11 @@ def plot_rates(rows: Sequence[Mapping], path: pathlib.Path, title: str) -> pathl
       ax.set_title(fam)
       ax.legend(fontsize=8)
   fig.suptitle(title)
-  _margins(fig, left=0.75, right=0.2, bottom=0.6, top=0.65, wspace=0.3, hspace=0.45)
-  return _save_figure(fig, path)
+  set_margins(fig, left=0.75, right=0.2, bottom=0.6, top=0.65, wspace=0.3, hspace=0.45)
+  return save_figure(fig, path)
 
 
-def _image(a: np.ndarray) -> tuple[np.ndarray, dict]:
+def as_image(a: np.ndarray) -> tuple[np.ndarray, dict]:
   a = np.asarray(a, np.float32)
   if a.ndim == 3 and a.shape[-1] == 1:
     return a[..., 0], dict(cmap="gray", vmin=0.0, vmax=1.0)
@@ -150,13 +150,13 @@ def plot_examples(
   ]
   if rec is not None and rec.shape[:2] == x_adv.shape[:2]:
     columns.append(("reconstruction of adv.", lambda i: rec[e, i]))
-  fig = _new_figure(1.9 * len(columns), 1.9 * n + 0.6)
+  fig = new_figure(1.9 * len(columns), 1.9 * n + 0.6)
   axes = fig.subplots(n, len(columns), squeeze=False)
   src_label, target = data.get("source_label"), data.get("target")
   for i in range(n):
     for j, (name, image) in enumerate(columns):
       ax = axes[i, j]
-      arr, kw = _image(image(i))
+      arr, kw = as_image(image(i))
       ax.imshow(arr, interpolation="nearest", **kw)
       ax.set_xticks([])
       ax.set_yticks([])
@@ -171,8 +171,8 @@ def plot_examples(
       label.append(f"→ {int(target[i])}")
     axes[i, 0].set_ylabel(" ".join(label), fontsize=8)
   fig.suptitle(f"{title}, eps {float(eps[e]):.4g}", fontsize=9)
-  _margins(fig, left=0.35, right=0.1, bottom=0.25, top=0.6, wspace=0.08, hspace=0.2)
-  return _save_figure(fig, path)
+  set_margins(fig, left=0.35, right=0.1, bottom=0.25, top=0.6, wspace=0.08, hspace=0.2)
+  return save_figure(fig, path)
 
 
 def plot_curves(
@@ -192,7 +192,7 @@ def plot_curves(
   if xs.ndim != 2 or xs.shape != ys.shape or xs.size == 0:
     return None
   xs, ys = np.clip(xs, 0.0, 1.0), np.clip(ys, 0.0, 1.0)
-  fig = _new_figure(5.0, 4.4)
+  fig = new_figure(5.0, 4.4)
   ax = fig.subplots()
   alpha = float(np.clip(3.0 / xs.shape[0], 0.05, 0.5))
   for px, py in zip(xs, ys, strict=True):
@@ -222,8 +222,8 @@ def plot_curves(
   ax.set_ylabel("normalised distance of reconstruction to target")
   ax.grid(alpha=0.3)
   ax.set_title(f"{title} ({xs.shape[0]} pairs){auddc_text}", fontsize=9)
-  _margins(fig, left=0.7, right=0.2, bottom=0.6, top=0.4, wspace=0.0, hspace=0.0)
-  return _save_figure(fig, path)
+  set_margins(fig, left=0.7, right=0.2, bottom=0.6, top=0.4, wspace=0.0, hspace=0.0)
+  return save_figure(fig, path)
 
 
 def _auddc_text(rows: Sequence[Mapping], attack: str) -> str:
@@ -282,12 +282,12 @@ def plot_projection(npz: pathlib.Path, path: pathlib.Path, title: str) -> pathli
   if n == 0:
     return None
   rows = (("clean", x), (f"adversarial (eps {eps:.3g})", x_adv), ("its projection", x_proj))
-  fig = _new_figure(1.3 * n + 0.6, 1.4 * len(rows) + 0.6)
+  fig = new_figure(1.3 * n + 0.6, 1.4 * len(rows) + 0.6)
   axes = fig.subplots(len(rows), n, squeeze=False)
   for i, (name, images) in enumerate(rows):
     for j in range(n):
       ax = axes[i, j]
-      arr, kw = _image(images[j])
+      arr, kw = as_image(images[j])
       ax.imshow(arr, interpolation="nearest", **kw)
       ax.set_xticks([])
       ax.set_yticks([])
@@ -295,8 +295,8 @@ def plot_projection(npz: pathlib.Path, path: pathlib.Path, title: str) -> pathli
         ax.set_xlabel(f"y {int(label[j])} → {int(pred[j])}", fontsize=7)
     axes[i, 0].set_ylabel(name, fontsize=7)
   fig.suptitle(f"{title}: input, attack through the projection, projection", fontsize=9)
-  _margins(fig, left=0.4, right=0.1, bottom=0.3, top=0.45, wspace=0.08, hspace=0.1)
-  return _save_figure(fig, path)
+  set_margins(fig, left=0.4, right=0.1, bottom=0.3, top=0.45, wspace=0.08, hspace=0.1)
+  return save_figure(fig, path)
 
 
 def pca_2d(z: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -329,7 +329,7 @@ def plot_gmvae_latent(npz: pathlib.Path, path: pathlib.Path, title: str) -> path
   from matplotlib import colormaps  # noqa: PLC0415
 
   cmap = colormaps["tab10" if len(means) <= 10 else "tab20"]
-  fig = _new_figure(6.0, 5.0)
+  fig = new_figure(6.0, 5.0)
   ax = fig.subplots()
   for k in range(len(means)):
     c = cmap(k % cmap.N)
@@ -354,8 +354,8 @@ def plot_gmvae_latent(npz: pathlib.Path, path: pathlib.Path, title: str) -> path
   ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
   eps = float(data["eps"]) if "eps" in data else float("nan")
   ax.set_title(f"{title}: latent means (stars: class means), attacks at eps {eps:.3g}", fontsize=8)
-  _margins(fig, left=0.6, right=1.6, bottom=0.5, top=0.4, wspace=0.0, hspace=0.0)
-  return _save_figure(fig, path)
+  set_margins(fig, left=0.6, right=1.6, bottom=0.5, top=0.4, wspace=0.0, hspace=0.0)
+  return save_figure(fig, path)
 
 
 # The figure of a defence's defense_examples/<defence>.npz, by the kind the run wrote into it

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from experiments.report import study
-from experiments.report.figures import _image, _margins, _new_figure, _save_figure, amplified
+from experiments.report.figures import amplified, as_image, new_figure, save_figure, set_margins
 from experiments.report.study import BUDGET_NORMS, StudyData
 from vae_attacks import metrics, stats
 
@@ -44,7 +44,7 @@ def plot_survival(d: StudyData, attack: str, path: pathlib.Path) -> pathlib.Path
   finite = np.concatenate([b[np.isfinite(b)] for b in budgets.values()])
   top = float(finite.max()) * 1.05 if finite.size else 1.0
   grid = np.linspace(0.0, top, 200)
-  fig = _new_figure(5.6, 4.2)
+  fig = new_figure(5.6, 4.2)
   ax = fig.subplots()
   for i, (model, b) in enumerate(budgets.items()):
     s = stats.survival(b, grid)
@@ -58,8 +58,8 @@ def plot_survival(d: StudyData, attack: str, path: pathlib.Path) -> pathlib.Path
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, loc="lower right")
   ax.set_title(f"{d.name}: {attack} minimal budget\n{pairs_text(recs)}", fontsize=8)
-  _margins(fig, left=0.7, right=0.2, bottom=0.6, top=0.55, wspace=0.0, hspace=0.0)
-  return _save_figure(fig, path)
+  set_margins(fig, left=0.7, right=0.2, bottom=0.6, top=0.55, wspace=0.0, hspace=0.0)
+  return save_figure(fig, path)
 
 
 def plot_shares(d: StudyData, path: pathlib.Path) -> pathlib.Path | None:
@@ -70,7 +70,7 @@ def plot_shares(d: StudyData, path: pathlib.Path) -> pathlib.Path | None:
   if not cols:
     return None
   width = 0.8 / max(len(models), 1)
-  fig = _new_figure(max(6.0, 0.3 * len(cols) * max(len(models), 1) + 2), 4.6)
+  fig = new_figure(max(6.0, 0.3 * len(cols) * max(len(models), 1) + 2), 4.6)
   ax = fig.subplots()
   ns = set()
   for j, model in enumerate(models):
@@ -97,8 +97,8 @@ def plot_shares(d: StudyData, path: pathlib.Path) -> pathlib.Path | None:
     "bars: " + ", ".join(models) + ")",
     fontsize=8,
   )
-  _margins(fig, left=0.7, right=0.2, bottom=1.0, top=0.4, wspace=0.0, hspace=0.0)
-  return _save_figure(fig, path)
+  set_margins(fig, left=0.7, right=0.2, bottom=1.0, top=0.4, wspace=0.0, hspace=0.0)
+  return save_figure(fig, path)
 
 
 # The study's three attacks, whose examples are shown on every model for the same pairs.
@@ -139,23 +139,23 @@ def plot_same_pairs(
   if any(not np.array_equal(p[1][:n], x[:n]) for p in panels):
     return None  # not the same pairs: a per-model run (attacks.shared_pairs=False)
   rows = 1 + 2 * len(panels)
-  fig = _new_figure(1.6 * n + 0.8, 1.55 * rows + 0.7)
+  fig = new_figure(1.6 * n + 0.8, 1.55 * rows + 0.7)
   axes = fig.subplots(rows, n, squeeze=False)
   target = panels[0][3]["target"]
   for i in range(n):
-    arr, kw = _image(x[i])
+    arr, kw = as_image(x[i])
     axes[0, i].imshow(arr, interpolation="nearest", **kw)
     axes[0, i].set_title(f"source {int(panels[0][3]['source_label'][i])} → {int(target[i])}",
                          fontsize=7)  # fmt: skip
     for j, (model, _, x_adv, rec) in enumerate(panels):
       ok = bool(rec["success"][i])
-      arr, kw = _image(x_adv[i])
+      arr, kw = as_image(x_adv[i])
       axes[1 + 2 * j, i].imshow(arr, interpolation="nearest", **kw)
       axes[1 + 2 * j, i].set_title(
         f"pred {int(rec['prediction'][i])} {'✓' if ok else '✗'}", fontsize=7,
         color="tab:red" if ok else "black",
       )  # fmt: skip
-      arr, kw = _image(amplified(x_adv[i] - x[i]))
+      arr, kw = as_image(amplified(x_adv[i] - x[i]))
       axes[2 + 2 * j, i].imshow(arr, interpolation="nearest", **kw)
       axes[2 + 2 * j, i].set_xlabel(f"max|δ| {float(np.max(np.abs(x_adv[i] - x[i]))):.3g}",
                                     fontsize=6)  # fmt: skip
@@ -171,8 +171,8 @@ def plot_same_pairs(
     + " (✓: the model gives the target)",
     fontsize=8,
   )
-  _margins(fig, left=0.55, right=0.1, bottom=0.3, top=0.6, wspace=0.08, hspace=0.35)
-  return _save_figure(fig, path)
+  set_margins(fig, left=0.55, right=0.1, bottom=0.3, top=0.6, wspace=0.08, hspace=0.35)
+  return save_figure(fig, path)
 
 
 def write_study_figures(data: Sequence[StudyData], fig_dir: pathlib.Path) -> list[pathlib.Path]:
