@@ -24,9 +24,12 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import run as run_lib  # noqa: E402
+from experiments import userio  # noqa: E402
 from experiments.errors import UserError  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file[:arg].")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Path to a config file[:arg].\n" + userio.configs_help()
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config.name>).")
 flags.mark_flags_as_required(["config"])
 
@@ -63,6 +66,10 @@ def _explain_override_error(argv, error) -> str:
 
 
 def _parse_flags(argv):
+  problem = userio.config_file_error(argv[1:])
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    sys.exit(2)
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001  (config_flags raises AttributeError, KeyError, ...)
@@ -116,6 +123,12 @@ def main(argv):
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except OSError as e:  # a read-only workdir or parent, a full disk
+    print(f"error: {userio.os_error(e, workdir)}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:  # Ctrl-C: what is kept, and that a rerun resumes
+    print(f"\n{userio.interrupted(workdir)}", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

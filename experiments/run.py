@@ -11,7 +11,7 @@ import pathlib
 
 import ml_collections
 
-from experiments import keys, store, validate
+from experiments import keys, progress, store, validate
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
 
@@ -38,12 +38,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return defenses.run(config, workdir)
   workdir = pathlib.Path(workdir)
   data = workdir_lib.open_run(config, workdir)
+  job = progress.Job(progress.plan(config, len(data.x_train)))
+  job.show_plan(f"{config.name} in {workdir}")
 
   from experiments import models as models_lib  # noqa: PLC0415  (keeps --help fast)
   from vae_attacks import train as train_lib  # noqa: PLC0415
 
   try:
-    trained = models_lib.train_all(config, data, workdir)
+    trained = models_lib.train_all(config, data, workdir, job=job)
   except (train_lib.CheckpointError, train_lib.NonFiniteError) as e:  # names model and folder
     raise UserError(str(e)) from None
   train_metrics = {name: m.metrics for name, m in trained.items()}
@@ -52,8 +54,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from experiments import attacks as attacks_lib  # noqa: PLC0415
 
   log = store.ResultsLog(workdir / "results.jsonl", keys.RESULT_KEY)
-  attacks_lib.run_all(config, data, trained, log)
+  attacks_lib.run_all(config, data, trained, log, job=job)
   _report(workdir)
+  job.last_line(workdir)
   return {"train": train_metrics, "results": log.rows}
 
 
@@ -69,6 +72,7 @@ def _run_study(config, workdir: pathlib.Path) -> dict:
       raise UserError(f"{part}: {e}") from None
   out = {part: run(config[part], str(workdir / part)) for part in config.runs}
   _report(workdir, parts=[workdir / part for part in config.runs])
+  progress.Job([]).last_line(workdir)
   return out
 
 
