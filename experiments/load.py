@@ -50,7 +50,7 @@ def load_run(workdir: str | os.PathLike, *, data_dir: str | None = None) -> Run:
   for path in (config_path, metrics_path):
     if not path.is_file():
       raise UserError(f"{workdir} is not a finished run's workdir: it has no {path.name}")
-  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  config = ml_collections.ConfigDict(_tuples(json.loads(config_path.read_text())))
   if "runs" in config or config.get("experiment") in ("comm", "defenses"):
     raise UserError(f"{workdir}: load_run reads an image run's workdir (mnist_*, lfw_* configs)")
   from experiments import identity  # noqa: PLC0415
@@ -74,3 +74,12 @@ def load_run(workdir: str | os.PathLike, *, data_dir: str | None = None) -> Run:
   results = workdir / "results.jsonl"
   rows = store.read_jsonl(results) if results.exists() else []
   return Run(workdir, config, data, models, train_metrics, rows)
+
+
+def _tuples(obj):
+  """JSON's lists back to the configs' tuples (the models' hyper-parameters compare equal)."""
+  if isinstance(obj, dict):
+    return {k: _tuples(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return tuple(_tuples(v) for v in obj)
+  return obj

@@ -12,7 +12,7 @@ import os
 import sys
 
 # One XLA host device per core, so attack sweeps shard their pairs over all cores
-# (PERFORMANCE.md: ~2x on 2 cores). Must be set before jax is imported; it changes nothing
+# (docs/performance.md: ~2x on 2 cores). Must be set before jax is imported; it changes nothing
 # on accelerators, whose devices jax prefers.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (

@@ -1,8 +1,8 @@
 """Progress bars on stderr that read well both on a terminal and in a log file.
 
 On a terminal: tqdm's live bar. When stderr is not a terminal (a log file, CI, `nohup`): one
-plain line per update, at most every `LOG_INTERVAL_S` seconds, and the final count, instead of
-carriage-return redraws that a log shows as one unreadable line.
+plain line per update, at most every `LOG_INTERVAL_S` seconds (none for a bar that ends
+sooner), instead of carriage-return redraws that a log shows as one unreadable line.
 """
 
 import sys
@@ -33,13 +33,16 @@ def bar(total: int, *, desc: str, unit: str, disable: bool = False, leave: bool 
   if disable or stream is None:
     return tqdm.tqdm(total=total, disable=True)
   if stream.isatty():
-    return tqdm.tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=leave)
+    return tqdm.tqdm(
+      total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=leave, delay=0 if leave else 1
+    )
   return tqdm.tqdm(
     total=total,
     desc=desc,
     unit=unit,
     file=_Lines(stream),
     mininterval=LOG_INTERVAL_S,
+    delay=LOG_INTERVAL_S,  # a stage shorter than that leaves no line
     ascii=True,
     ncols=100,
   )

@@ -2,7 +2,7 @@
 
 Every attack in this package is written for ONE pair and ONE epsilon,
 `attack(logits_fn, params, x[H, W, C], target[], *, eps, <knobs>) -> AttackResult`.
-This module is the one place where batching happens (STYLE.md, "Batching lives in one place"):
+This module is the one place where batching happens (docs/style.md, "Batching lives in one place"):
 
 - `make_pairs` picks the (source, target) pairs of an experiment from a data split, with the
   target-selection strategies of the adversarial-examples literature (random other class, next
@@ -302,7 +302,7 @@ def pairs_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
   On a CPU, `XLA_FLAGS=--xla_force_host_platform_device_count=<cores>` (set before jax is
   imported) makes one host device per core; sharding pairs over them nearly doubles attack
-  throughput on 2 cores (PERFORMANCE.md). On GPUs the same mesh spreads pairs over the GPUs.
+  throughput on 2 cores (docs/performance.md). On GPUs the same mesh spreads pairs over the GPUs.
   """
   devices = list(jax.devices() if devices is None else devices)
   return Mesh(np.array(devices), (PAIRS_AXIS,))
