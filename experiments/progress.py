@@ -22,6 +22,7 @@ class Stage(NamedTuple):
   label: str  # what the plan and the header say
   units: float  # examples x epochs (train), pairs x eps (attack)
   rate_key: str  # stages that share a measured rate
+  group: str  # stages of a similar cost: "train", or "attack:<cost pass>"
 
 
 def _fmt(seconds: float) -> str:
@@ -45,7 +46,7 @@ def plan(config, n_train: int) -> list[Stage]:
     e = _epochs(config, name)
     what = "CNN" if name == "cnn" else "VAE + latent classifier"
     stages.append(Stage("train", name, "", f"train {name} ({what}): {e} epochs of {n_train} "
-                        "examples", e * n_train, f"train:{name}"))  # fmt: skip
+                        "examples", e * n_train, f"train:{name}", "train"))  # fmt: skip
   acfg = config.attacks
   for k in range(registry.NUM_PASSES):
     for name in config.models:
@@ -63,7 +64,7 @@ def plan(config, n_train: int) -> list[Stage]:
           label = (f"attack {name} {spec.name} {registry.norm_of(spec, sec)}: "
                    f"{pairs} pairs x {n_eps} {'C' if family == 'vae' else 'eps'}")  # fmt: skip
           stages.append(Stage("attack", name, spec.name, label, pairs * n_eps,
-                              f"attack:{spec.name}"))  # fmt: skip
+                              f"attack:{spec.name}", f"attack:{k}"))  # fmt: skip
   return stages
 
 
@@ -83,8 +84,9 @@ class Job:
 
   def show_plan(self, title: str) -> None:
     n_train = sum(s.kind == "train" for s in self.stages)
-    self._say(f"plan of {title}: {n_train} models to train, "
-              f"{len(self.stages) - n_train} attack sweeps")  # fmt: skip
+    n_sweeps = len(self.stages) - n_train
+    self._say(f"plan of {title}: {n_train} model{'s' * (n_train != 1)} to train, "
+              f"{n_sweeps} attack sweep{'s' * (n_sweeps != 1)}")  # fmt: skip
     for i, s in enumerate(self.stages, 1):
       self._say(f"  {i:>2}. {s.label}")
 
@@ -95,20 +97,26 @@ class Job:
     return None
 
   def eta(self) -> str:
-    """The remaining stages at the rates measured in this job (a stage whose kind has not been
-    measured yet counts at the mean rate of its kind, else is left out and counted)."""
+    """The remaining stages at the rates measured in this job: a stage's own rate (its model's
+    training, its attack on an earlier model), else the mean rate of its group (trainings; the
+    attacks of its cost pass), else it is left out and counted."""
     left, unknown = 0.0, 0
+    groups: dict[str, list[float]] = {}
+    for s in self.stages:
+      if s.rate_key in self.rates:
+        groups.setdefault(s.group, []).append(self.rates[s.rate_key])
     for i, s in enumerate(self.stages):
       if i in self.done:
         continue
       rate = self.rates.get(s.rate_key)
-      if rate is None:
-        same_kind = [r for k, r in self.rates.items() if k.startswith(s.kind + ":")]
-        rate = sum(same_kind) / len(same_kind) if same_kind and s.kind == "train" else None
+      if rate is None and groups.get(s.group):
+        rate = sum(groups[s.group]) / len(groups[s.group])
       if rate is None:
         unknown += 1
       else:
         left += rate * s.units
+    if not self.rates:
+      return "after the first stage"
     more = f" + {unknown} stages not yet measured" if unknown else ""
     return f"~{_fmt(left)}{more}"
 

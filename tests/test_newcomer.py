@@ -172,5 +172,8 @@ def test_plan_lists_models_then_sweeps_with_counts():
   assert "attack cnn fgsm linf: 16 pairs x 4 eps" in [s.label for s in stages]
   assert all(s.kind == "attack" for s in stages[3:])
   job = progress.Job(stages, stream=open(os.devnull, "w"))  # noqa: SIM115
-  job.rates["attack:fgsm"] = 0.5
-  assert "stages not yet measured" in job.eta()
+  assert job.eta() == "after the first stage"
+  job.rates["attack:fgsm"] = 0.5  # 0.5 s per pair x eps: the gradient pass is estimated
+  gradient_pass = [s for s in stages if s.group == "attack:0"]
+  eta = job.eta()  # the trainings and the L-BFGS passes are not measured yet
+  assert eta.startswith("~") and f"+ {len(stages) - len(gradient_pass)} stages" in eta
