@@ -33,6 +33,7 @@ from absl import logging
 from flax import serialization
 
 from experiments import keys, store
+from experiments import validate as validate_lib
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
 from vae_attacks import metrics
@@ -75,6 +76,10 @@ def validate(c) -> None:
   def bad(field, value, allowed):
     raise UserError(f"{field}={value!r}: allowed {allowed}")
 
+  try:  # every number finite first (dB values may be negative), so int() below cannot fail
+    validate_lib.numbers(c, negative=True)
+  except validate_lib.ConfigError as e:
+    raise UserError(str(e)) from None
   n, k = c.system.n, c.system.k
   if not isinstance(n, int) or isinstance(n, bool) or n < 1:
     bad("system.n", n, "a positive integer (channel uses)")
@@ -158,7 +163,7 @@ def run(config, workdir) -> dict:
   settings = settings_hash(config)
   metrics_path = workdir / "train_metrics.json"
   train_metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-  log = store.ResultsLog(workdir / "results.jsonl", ROW_KEY)
+  log = store.ResultsLog(workdir / "results.jsonl", ROW_KEY, store.COMM_KINDS)
   a = config.attacks
   mesh = runner.pairs_mesh() if a.shard and jax.device_count() > 1 else None
   ebn0_grid = tuple(float(e) for e in config.eval.ebn0_db)
@@ -197,11 +202,10 @@ def run(config, workdir) -> dict:
     if sub_metrics:
       train_metrics[name] = {**train_metrics.get(name, {}), "substitute": sub_metrics}
       store.write_json_atomic(metrics_path, train_metrics)
-    np.savez(
-      _tmp_path(workdir / "perturbations" / f"{name}.npz"),
-      **{f"{att}_psr{psr:g}": np.asarray(t) for (att, psr), t in tables.items()},
+    arrays = {f"{att}_psr{psr:g}": np.asarray(t) for (att, psr), t in tables.items()}
+    store.write_with(
+      workdir / "perturbations" / f"{name}.npz", lambda f, a=arrays: np.savez(f, **a)
     )
-    _finish_tmp(workdir / "perturbations" / f"{name}.npz")
     eval_key = jax.random.fold_in(model_key, 2)
     for (attack, psr, _), grid in todo:
       rows = evaluate(
@@ -232,15 +236,6 @@ def run(config, workdir) -> dict:
   return {"train": train_metrics, "results": rows}
 
 
-def _tmp_path(path: pathlib.Path) -> pathlib.Path:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  return path.with_name(f".{path.name}.tmp.npz")
-
-
-def _finish_tmp(path: pathlib.Path) -> None:
-  path.with_name(f".{path.name}.tmp.npz").replace(path)
-
-
 def _trained(config, system, key, workdir: pathlib.Path):
   """(params, metrics or None): trained (or reloaded) autoencoder params; {} for a code."""
   if not isinstance(system, system_lib.AutoencoderSystem):
@@ -265,10 +260,7 @@ def _trained(config, system, key, workdir: pathlib.Path):
     decay_at=tuple(t.decay_at),
   )
   seconds = time.perf_counter() - start
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_bytes(serialization.to_bytes(params))
-  tmp.replace(path)
+  store.write_bytes_atomic(path, serialization.to_bytes(params))
   store.write_json_atomic(meta, {"hash": train_hash})
   count = sum(int(np.size(x)) for x in jax.tree.leaves(params))
   logging.info("%s trained in %.1f s, final loss %.2e", system.name, seconds, hist["loss"][-1])
@@ -605,11 +597,20 @@ def _new_figure(width, height):
 
 
 def _save(fig, path: pathlib.Path) -> pathlib.Path:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.stem}.tmp.png")
-  fig.savefig(tmp, format="png")
-  tmp.replace(path)
+  """The PNG rendered in memory, then written atomically: a full disk is one OutOfSpace."""
+  store.write_with(path, lambda f: fig.savefig(f, format="png"))
   return path
+
+
+def _style(ax, xlabel: str, title: str, legend: float | None) -> None:
+  """Log BLER axis, labels and grid; a legend of font size `legend` (None: none)."""
+  ax.set_yscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel("BLER")
+  ax.set_title(title)
+  ax.grid(True, which="both", alpha=0.3)
+  if legend is not None:
+    ax.legend(fontsize=legend)
 
 
 def _curve(ax, rs, x_field, label, **kw):
@@ -634,13 +635,7 @@ def write_figures(workdir, rows, models, attacks, grid, psrs, op) -> list[pathli
       _curve(ax, [idx.get((m, "none", None, e)) for e in grid], "ebn0_db", "no attack", color="k")
       for att in attacks:
         _curve(ax, [idx.get((m, att, psr, e)) for e in grid], "ebn0_db", att)
-      ax.set_yscale("log")
-      ax.set_xlabel("Eb/N0 (dB)")
-      ax.set_ylabel("BLER")
-      ax.set_title(f"{m}, PSR {psr:g} dB")
-      ax.grid(True, which="both", alpha=0.3)
-      if i == 0:
-        ax.legend(fontsize=7)
+      _style(ax, "Eb/N0 (dB)", f"{m}, PSR {psr:g} dB", 7 if i == 0 else None)
     fig.tight_layout()
     out.append(_save(fig, workdir / "figures" / f"bler_vs_ebn0_{m}.png"))
   fig = _new_figure(4.2 * len(models), 3.8)
@@ -652,13 +647,7 @@ def write_figures(workdir, rows, models, attacks, grid, psrs, op) -> list[pathli
     none = idx.get((m, "none", None, op))
     if none is not None and none["block_errors"] > 0:
       ax.axhline(none["bler"], color="k", ls="--", label="no attack")
-    ax.set_yscale("log")
-    ax.set_xlabel("PSR (dB)")
-    ax.set_ylabel("BLER")
-    ax.set_title(f"{m}, Eb/N0 {op:g} dB")
-    ax.grid(True, which="both", alpha=0.3)
-    if i == 0:
-      ax.legend(fontsize=7)
+    _style(ax, "PSR (dB)", f"{m}, Eb/N0 {op:g} dB", 7 if i == 0 else None)
   fig.tight_layout()
   out.append(_save(fig, workdir / "figures" / "bler_vs_psr.png"))
   versus = [m for m in ("mlp_ae", "mlp_ae_iq", "hamming74_ml", "hamming74_hard") if m in models]
@@ -672,13 +661,9 @@ def write_figures(workdir, rows, models, attacks, grid, psrs, op) -> list[pathli
         for att in comp:
           _curve(ax, [idx.get((m, att, psr, e)) for e in grid], "ebn0_db", f"{m} {att}",
                  color=f"C{j}", ls=styles[att])  # fmt: skip
-      ax.set_yscale("log")
-      ax.set_xlabel("Eb/N0 (dB)")
-      ax.set_ylabel("BLER")
-      ax.set_title(f"autoencoder vs Hamming(7,4), PSR {psr:g} dB")
-      ax.grid(True, which="both", alpha=0.3)
-      if i == 0:
-        ax.legend(fontsize=6)
+      _style(
+        ax, "Eb/N0 (dB)", f"autoencoder vs Hamming(7,4), PSR {psr:g} dB", 6 if i == 0 else None
+      )
     fig.tight_layout()
     out.append(_save(fig, workdir / "figures" / "ae_vs_hamming.png"))
   return out

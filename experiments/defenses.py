@@ -623,7 +623,9 @@ def defense_settings(config, name: str) -> str:
 
 
 def run(config, workdir: str) -> dict:
-  """Trains every enabled defence, attacks it, and writes defenses.jsonl and summary.md."""
+  """Trains every enabled defence, attacks it, and writes defenses.jsonl and summary.md.
+
+  Call it holding the workdir's lock (`experiments.run.run` takes it)."""
   workdir = pathlib.Path(workdir)
   data = workdir_lib.open_run(config, workdir)
   d = config.defenses
@@ -632,7 +634,7 @@ def run(config, workdir: str) -> dict:
   ctx = Context(config, data, workdir)
   # Transfer rows depend on every model; a defence's rows only on its own section.
   settings = keys.transfer_settings(config)
-  log = store.ResultsLog(workdir / RESULTS_FILE, RESULT_KEY)
+  log = store.ResultsLog(workdir / RESULTS_FILE, RESULT_KEY, store.DEFENSES_KINDS)
   mesh = runner.pairs_mesh() if config.attacks.shard and jax.device_count() > 1 else None
   runner_kwargs = dict(
     chunk_size=config.attacks.chunk_size or None,
@@ -643,10 +645,7 @@ def run(config, workdir: str) -> dict:
 
   built: dict[str, Defended] = {}
   for name in d.enabled:
-    try:
-      defended = DEFENSES[name].build(ctx)
-    except (ValueError, FloatingPointError) as e:  # another config's checkpoint; NaN training
-      raise UserError(f"defence {name}: {e}") from None
+    defended = _build(name, ctx)
     built[name] = defended
     store.write_json_atomic(
       workdir / "train_metrics.json", {k: v.metrics for k, v in built.items()}
@@ -700,13 +699,23 @@ def run(config, workdir: str) -> dict:
   return {"train": {k: v.metrics for k, v in built.items()}, "results": log.rows}
 
 
+def _build(name: str, ctx) -> Defended:
+  """DEFENSES[name].build(ctx), its failures as one line: a full disk names the checkpoint
+  folder; another config's checkpoint or NaN in training names the defence."""
+  try:
+    with models_lib.checkpoint_space((ctx.workdir / "checkpoints").resolve()):
+      return DEFENSES[name].build(ctx)
+  except (ValueError, FloatingPointError) as e:
+    raise UserError(f"defence {name}: {e}") from None
+
+
 def _run_transfer(config, ctx, built, x, y, log, settings, attack_root, runner_kwargs) -> None:
   """The black-box transfer matrix: rows (source, target) at `defenses.transfer.eps`."""
   t = config.defenses.transfer
   eps = float(t.eps)
   for name in t.sources:
     if name not in built:
-      built[name] = DEFENSES[name].build(ctx)
+      built[name] = _build(name, ctx)
   targets = {k: transfer.Classifier(v.logits_fn, v.params) for k, v in built.items()}
   base = dict(kind="transfer", dataset=config.data.name, attack="pgd", eps=eps, settings=settings)
   row_of = lambda s, tg: dict(base, defense=tg, source=s, target=tg)  # noqa: E731

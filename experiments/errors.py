@@ -1,5 +1,5 @@
-"""The one exception the experiments layer reports to the user as a single line (exit 2)."""
+"""Errors a user can fix, reported by `experiments.main` as one line and exit status 2."""
 
 
 class UserError(Exception):
-  """A problem the user can fix (settings, data, workdir): reported as one message."""
+  """A problem the user can fix (settings, data, workdir, disk space): reported as one message."""

@@ -12,6 +12,7 @@ import os
 import pathlib
 
 import numpy as np
+from absl import logging
 
 from experiments import store
 from experiments.errors import UserError
@@ -70,19 +71,29 @@ def _recorded(workdir: pathlib.Path) -> dict | None:
   if not path.exists():
     return None
   try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise UserError(f"{path} is not valid JSON ({e}); delete it or use another --workdir") from None
+    recorded = json.loads(path.read_text())
+  except ValueError:  # a torn or foreign file: the fingerprint is recomputed and rewritten
+    logging.warning("%s is not valid JSON: ignored", path)
+    return None
+  return recorded if isinstance(recorded, dict) else None
 
 
 def check_data(
-  workdir: pathlib.Path, data: data_lib.Dataset, *, record: bool = False, folder: str = ""
+  workdir: pathlib.Path,
+  data: data_lib.Dataset,
+  *,
+  record: bool = False,
+  folder: str = "",
+  products: bool = True,
 ) -> None:
-  """Refuses data whose fingerprint differs from the one the workdir's run recorded; with
-  `record`, records it (and `folder`, where they were read) when none is: the first run that
-  loads data in this workdir."""
+  """Refuses data whose fingerprint differs from the one the workdir's run recorded, unless
+  that run made nothing (`products` False: workdir.has_products); with `record`, records it
+  (and `folder`, where they were read) when none is, or when it is replaced."""
   workdir = pathlib.Path(workdir)
   old, new = _recorded(workdir), _record(data, folder)
+  if old is not None and old.get("fingerprint") != new["fingerprint"] and not products:
+    logging.warning("%s: replacing the data identity of a run that made nothing", workdir)
+    old = None
   if old is None:
     if record:
       store.write_json_atomic(workdir / IDENTITY_FILE, new)

@@ -6,6 +6,7 @@ report that selects them, so that both compute one hash from one definition.
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 
 from vae_attacks.attacks import registry
@@ -89,12 +90,22 @@ def defense_settings(defenses, attacks, name: str) -> str:
 
 
 def diff(a: Mapping, b: Mapping, prefix="") -> list[str]:
-  """Dotted names of the fields where two config dicts differ."""
+  """Dotted names of the fields where two config dicts differ (NaN equals NaN here)."""
   out = []
   for k in sorted(set(a) | set(b)):
     va, vb = a.get(k), b.get(k)
     if isinstance(va, Mapping) and isinstance(vb, Mapping):
       out += diff(va, vb, f"{prefix}{k}.")
-    elif va != vb:
+    elif not same(va, vb):
       out.append(f"{prefix}{k}")
   return out
+
+
+def same(a, b) -> bool:
+  """a == b, except that NaN equals NaN, also inside lists and tuples: a config.json written
+  with NaN in it must not make the identical command a "different config"."""
+  if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+    return True
+  if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+  return a == b

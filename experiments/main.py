@@ -24,7 +24,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import run as run_lib  # noqa: E402
-from experiments import userio  # noqa: E402
+from experiments import store, userio  # noqa: E402
 from experiments.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -78,10 +78,15 @@ def _parse_flags(argv):
 
 
 class _QuietLibraries(pylogging.Filter):
-  """Drops INFO records of orbax (a dozen lines per checkpoint) from absl's log."""
+  """Drops INFO records of orbax (a dozen lines per checkpoint) from absl's log, and its errors
+  about a full disk (each with a long traceback), which the run reports in one line."""
 
   def filter(self, record):
-    return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+    if "orbax" not in record.pathname:
+      return True
+    return record.levelno >= pylogging.WARNING and not store.is_out_of_space(
+      Exception(record.getMessage())
+    )
 
 
 def _wants_distributed(config) -> bool:
@@ -119,16 +124,35 @@ def main(argv):
     if _wants_distributed(config):
       _init_distributed()
     run_lib.run(config, workdir)
-  except UserError as e:  # bad settings or data: one clear message, no traceback
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except OSError as e:  # a read-only workdir or parent, a full disk
-    print(f"error: {userio.os_error(e, workdir)}", file=sys.stderr)
-    sys.exit(2)
+  except UserError as e:  # settings, data, a busy workdir, a full disk: one line
+    _fail(e)
   except KeyboardInterrupt:  # Ctrl-C: what is kept, and that a rerun resumes
     print(f"\n{userio.interrupted(workdir)}", file=sys.stderr)
     sys.exit(130)
+  except Exception as e:
+    # A full disk met by a writer that is not ours (a library's file): the same one line.
+    if store.is_out_of_space(e):
+      _fail(store.OutOfSpace(getattr(e, "filename", None) or workdir))
+    if not isinstance(e, OSError):
+      raise
+    print(f"error: {userio.os_error(e, workdir)}", file=sys.stderr)  # a read-only workdir
+    sys.exit(2)
+
+
+def _fail(e: UserError) -> None:
+  """Reports `e` as one line on stderr and exits with status 2."""
+  logging.error("%s", e)
+  print(f"error: {e}", file=sys.stderr)
+  if isinstance(e, store.OutOfSpace):
+    # orbax's writer threads and coroutines, cut short by the full disk, each print a traceback
+    # at interpreter shutdown ("Exception ignored in ..."): dozens of lines after ours. Leave
+    # without that shutdown, so that this error stays the last line. Our files are complete
+    # and fsynced, and the workdir's lock was released when run() unwound.
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
+  sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,17 @@ Flax module from `config.model[name]`, how to train it); its names and kinds are
 same functions (`train_cnn`, `train_vae`, `train_latent_classifier`).
 """
 
+import contextlib
 import pathlib
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 from absl import logging
 
+from experiments import store
 from vae_attacks import models, train
 from vae_attacks.types import LogitsFn, Params
 
@@ -186,7 +189,28 @@ def train_all(config, data, workdir, job=None) -> dict[str, Trained]:
     ckpt = (pathlib.Path(workdir) / "checkpoints" / name).resolve()
     if job is not None:
       job.start("train", name)
-    out[name] = MODELS[name].train(name, config, data, key, ckpt)
+    with checkpoint_space(ckpt):
+      out[name] = MODELS[name].train(name, config, data, key, ckpt)
     if job is not None:
       job.finish(skipped=out[name].metrics.get("train_seconds_this_run", 1.0) == 0.0)
   return out
+
+
+@contextlib.contextmanager
+def checkpoint_space(ckpt: pathlib.Path) -> Iterator[None]:
+  """Turns a full disk while training into store.OutOfSpace naming the checkpoint folder.
+
+  orbax writes in its own threads and re-raises a full disk as a ValueError (tensorstore's
+  RESOURCE_EXHAUSTED) on the caller's thread; the half-written save it leaves
+  (`<step>.orbax-checkpoint-tmp*`) is never restored, and is removed here to free its space.
+  """
+  try:
+    yield
+  except store.OutOfSpace:
+    raise
+  except Exception as e:
+    if not store.is_out_of_space(e):
+      raise
+    for tmp in sorted(ckpt.rglob("*.orbax-checkpoint-tmp*"), reverse=True):
+      shutil.rmtree(tmp, ignore_errors=True)
+    raise store.OutOfSpace(ckpt, "saving a checkpoint") from None

@@ -1,6 +1,7 @@
 """One experiment run: data -> trained models -> attacks -> results files.
 
 Files in the work directory (all written atomically; a rerun resumes):
+  .lock                held by the one run writing here (experiments/workdir.py)
   config.json          the config of the run; a workdir holding another config is refused
   checkpoints/<model>/ orbax checkpoints, reused on rerun, resumed after a kill
   train_metrics.json   one entry per trained model
@@ -27,16 +28,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.get("experiment") == "comm":
     from experiments import comm  # noqa: PLC0415  (configs/comm_ae.py; validates itself)
 
-    return comm.run(config, workdir)
+    comm.validate(config)  # before the lock, as the others: bad settings touch no workdir
+    with workdir_lib.locked(workdir):
+      return comm.run(config, workdir)
   try:
     validate.validate(config)
   except validate.ConfigError as e:
     raise UserError(str(e)) from None
-  if config.get("experiment") == "defenses":
-    from experiments import defenses  # noqa: PLC0415  (configs/mnist_defenses.py)
+  # One writer per workdir: two runs would train into one checkpoint folder and append every
+  # row twice.
+  with workdir_lib.locked(workdir):
+    if config.get("experiment") == "defenses":
+      from experiments import defenses  # noqa: PLC0415  (configs/mnist_defenses.py)
 
-    return defenses.run(config, workdir)
-  workdir = pathlib.Path(workdir)
+      return defenses.run(config, workdir)
+    return _run_locked(config, pathlib.Path(workdir))
+
+
+def _run_locked(config, workdir: pathlib.Path) -> dict:
+  """`run` of a validated attacks config, holding the workdir's lock."""
   data = workdir_lib.open_run(config, workdir)
   job = progress.Job(progress.plan(config, len(data.x_train)))
   job.show_plan(f"{config.name} in {workdir}")
@@ -45,7 +55,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from vae_attacks import train as train_lib  # noqa: PLC0415
 
   try:
-    trained = models_lib.train_all(config, data, workdir, job=job)
+    trained = models_lib.train_all(config, data, workdir, job=job)  # full disk: OutOfSpace
   except (train_lib.CheckpointError, train_lib.NonFiniteError) as e:  # names model and folder
     raise UserError(str(e)) from None
   train_metrics = {name: m.metrics for name, m in trained.items()}
@@ -70,8 +80,10 @@ def _run_study(config, workdir: pathlib.Path) -> dict:
       validate.validate(config[part])
     except validate.ConfigError as e:
       raise UserError(f"{part}: {e}") from None
-  out = {part: run(config[part], str(workdir / part)) for part in config.runs}
-  _report(workdir, parts=[workdir / part for part in config.runs])
+  # The study's own folder (its combined report) has one writer too; each part locks its own.
+  with workdir_lib.locked(workdir):
+    out = {part: run(config[part], str(workdir / part)) for part in config.runs}
+    _report(workdir, parts=[workdir / part for part in config.runs])
   progress.Job([]).last_line(workdir)
   return out
 

@@ -1,4 +1,14 @@
-"""Checks every config field before any work starts; one clear line per problem."""
+"""Checks every config field before any work starts; one clear line per problem.
+
+Two layers: per-field checks (`validate`: allowed names, ranges, integer types), and a walk over
+every number of the config (`numbers`), nested sections and tuples included, that rejects NaN,
+inf and negative values. The walk catches what a per-field check forgets (`nan <= 0` is False,
+so `x <= 0` alone lets NaN through) and fields no per-field check names (model widths, strides);
+no field of our configs means anything when negative.
+"""
+
+import math
+from collections.abc import Iterator, Mapping
 
 import ml_collections
 
@@ -14,6 +24,39 @@ class ConfigError(ValueError):
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first bad field and what is allowed."""
+  _validate_fields(c)
+  numbers(c)
+
+
+def numbers(c: Mapping, prefix: str = "", *, negative: bool = False) -> None:
+  """Raises ConfigError naming the first number of `c` (at any depth, in tuples too) that is
+  NaN, infinite or (unless `negative`: the comm experiment's dB settings) negative."""
+  for field, value in _numeric_leaves(c, prefix):
+    if not math.isfinite(value) or (value < 0 and not negative):
+      allowed = "a finite number" if negative else "a finite number >= 0"
+      raise ConfigError(f"{field}={value!r}; allowed: {allowed}")
+
+
+def _numeric_leaves(c: Mapping, prefix: str) -> Iterator[tuple[str, float]]:
+  """(dotted name, number) for every int/float leaf of `c`; tuple items as name[i]."""
+  for key, value in c.items():
+    field = f"{prefix}{key}"
+    if isinstance(value, Mapping) or hasattr(value, "items"):
+      yield from _numeric_leaves(value, f"{field}.")
+    elif isinstance(value, (tuple, list)):
+      for i, item in enumerate(value):
+        if _is_number(item):
+          yield f"{field}[{i}]", item
+    elif _is_number(value):
+      yield field, value
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _validate_fields(c: ml_collections.ConfigDict) -> None:
+  """The per-field checks of `validate`."""
   _one_of("data.name", c.data.name, base.DATASETS)
   _one_of("data.source", c.data.source, data_lib.SOURCES)
   for m in c.models:
@@ -178,8 +221,8 @@ def _eps_grid(field, eps):
   if not eps:
     raise ConfigError(f"{field} is empty; allowed: a tuple of numbers >= 0")
   for e in eps:
-    if isinstance(e, bool) or not isinstance(e, (int, float)) or e < 0:
-      raise ConfigError(f"{field} contains {e!r}; allowed: numbers >= 0")
+    if not _is_number(e) or not math.isfinite(e) or e < 0:
+      raise ConfigError(f"{field} contains {e!r}; allowed: finite numbers >= 0")
 
 
 def _one_of(field, value, allowed):
@@ -193,8 +236,8 @@ def _int_at_least(field, value, low):
 
 
 def _positive(field, value):
-  if not isinstance(value, (int, float)) or value <= 0:
-    raise ConfigError(f"{field}={value!r}; allowed: a number > 0")
+  if not _is_number(value) or not math.isfinite(value) or value <= 0:
+    raise ConfigError(f"{field}={value!r}; allowed: a finite number > 0")
 
 
 def _open_unit(field, value, closed_low=False):

@@ -4,6 +4,7 @@ every list of attacks, defences, datasets and models comes from its table."""
 import ast
 import pathlib
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -129,3 +130,40 @@ def test_every_registry_attack_has_a_config_section_with_a_valid_norm_and_its_kn
       assert registry.eps_grid(spec, sec)
       knobs = registry.knobs_of(spec, sec)
       assert set(knobs) <= set(spec.knobs) | {"key"}
+
+
+def test_every_attack_grid_on_lfw_is_the_mnist_grid_scaled_by_its_rule():
+  """Per attack of the study's design: an L-inf budget is per pixel (LFW_LINF_EPS, or the same
+  grid), an L2 budget grows as sqrt(D ratio), an L1 budget as the ratio, a penalty on
+  ||d||^2 shrinks by it (`base.scale_section`). Fails for an attack left at MNIST's grid on LFW
+  (the VAE FGSM variants were, until 2026-12-05)."""
+  from configs import base, study
+  from vae_attacks.attacks import registry
+
+  c = study.get_config()
+  ratio = (154 * 154 * 3) / (28 * 28)
+  for spec in registry.ATTACKS.values():
+    if spec.enabled_by is not None:
+      continue
+    sections = [registry.section_of(spec, c[p].attacks) if (spec.section or spec.name) in
+                (c[p].attacks.vae if spec.family == "vae" else c[p].attacks) else None
+                for p in ("mnist_vae", "lfw_vae")]  # fmt: skip
+    if None in sections:
+      continue
+    mnist, lfw = (tuple(s["eps"]) for s in sections)
+    norm = registry.norm_of(spec, sections[0])
+    if spec.name in base.LFW_LINF_EPS:
+      want = base.LFW_LINF_EPS[spec.name]
+    elif spec.eps_kind == "penalty":
+      want = tuple(e / ratio for e in mnist)
+    elif norm == "l2":
+      want = tuple(e * ratio**0.5 for e in mnist)
+    elif norm == "l1":
+      want = tuple(e * ratio for e in mnist)
+    else:
+      want = mnist
+    np.testing.assert_allclose(lfw, want, rtol=0.02, err_msg=spec.name)
+    if norm == "linf" and spec.eps_kind == "budget" and len(mnist) > 1:
+      # An L-inf grid takes the LFW grid (valid at 154x154x3), which meets MNIST's at some eps
+      # so that H1 has cells to compare; a single search bound (bim_min) stays per pixel.
+      assert spec.name in base.LFW_LINF_EPS and set(lfw) & set(mnist), spec.name

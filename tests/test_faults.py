@@ -1,7 +1,10 @@
 """Faults lose nothing: NaN/inf in an attack or in training is reported where it happened and
 never written as a result."""
 
+import errno
+import importlib
 import json
+import os
 import pathlib
 import shutil
 import signal
@@ -18,9 +21,11 @@ from test_main import tiny
 
 from configs import mnist_cnn
 from experiments import attacks as attacks_lib
-from experiments import keys, store
+from experiments import keys, report, store
 from experiments import models as models_lib
 from experiments import run as run_lib
+from experiments import workdir as workdir_lib
+from experiments.errors import UserError
 
 SHAPE = (28, 28, 1)
 
@@ -224,3 +229,332 @@ def test_same_config_and_seed_give_identical_results_across_reruns_and_chunk_siz
   # chunk_size changes no number, so it is not part of a row's settings hash either: the
   # chunked run's rows are the same rows, field for field.
   assert _without_timing(c) == _without_timing(a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two writers, a full disk, rows of an older format, non-finite settings, a failed start.
+
+
+def small_config(data_root):
+  """The tiny MNIST CNN run with one attack and no figures: seconds."""
+  c = tiny("mnist_cnn", data_root, attacks=("fgsm",))
+  c.attacks.fgsm.eps = (0.1, 0.3)
+  c.output.figures = False
+  return c
+
+
+def _small_config_file(tmp_path, data_root) -> pathlib.Path:
+  path = tmp_path / "small_config.py"
+  path.write_text(
+    "import pathlib, sys\n"
+    f"sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})\n"
+    "from test_faults import small_config\n\n\n"
+    "def get_config(arg=None):\n"
+    f"  return small_config(pathlib.Path({str(data_root)!r}))\n"
+  )
+  return path
+
+
+def _main(*args) -> list[str]:
+  return [sys.executable, "-m", "experiments.main", *map(str, args)]
+
+
+def _errors(stderr: str) -> list[str]:
+  return [x for x in stderr.splitlines() if x.startswith("error: ")]
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once_one_writes_the_other_stops_naming_it(data_root, tmp_path):
+  """Two `experiments.main` on one fresh workdir, started together: one runs to the end, the
+  other stops at once (exit 2) with one line naming the holder's pid; every row once."""
+  config_file, workdir = _small_config_file(tmp_path, data_root), tmp_path / "w"
+  cmd = _main(f"--config={config_file}", f"--workdir={workdir}")
+  procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True) for _ in range(2)]  # fmt: skip
+  outs = [p.communicate(timeout=600)[1] for p in procs]
+  codes = [p.returncode for p in procs]
+  assert sorted(codes) == [0, 2], outs
+  winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+  assert "Traceback" not in outs[loser]
+  (line,) = _errors(outs[loser])
+  assert line == outs[loser].strip().splitlines()[-1]
+  assert f"workdir {workdir} is in use by pid {procs[winner].pid} on " in line
+  rows = _rows(workdir)
+  assert len(rows) == len(_by_key(rows)) == 2
+  assert (workdir / ".lock").read_text() == ""  # released at exit
+
+
+def test_lock_names_its_holder_and_is_taken_over_from_a_dead_one(data_root, tmp_path, caplog):
+  """A held lock refuses a run before it touches the workdir; a lock file left by a process
+  that died (SIGKILL: the kernel dropped its flock, its holder line stays) is taken over."""
+  wd = tmp_path / "w"
+  with workdir_lib.locked(wd) as lock:
+    assert f"pid {os.getpid()} on " in lock.read_text()
+    with pytest.raises(workdir_lib.WorkdirBusy, match=f"is in use by pid {os.getpid()} on "):
+      run_lib.run(small_config(data_root), str(wd))
+  assert sorted(p.name for p in wd.iterdir()) == [".lock"]
+  dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  dead.kill()
+  dead.wait()
+  (wd / ".lock").write_text(f"pid {dead.pid} on host, started 2026-01-01T00:00:00+00:00: x\n")
+  caplog.set_level("WARNING")
+  with workdir_lib.locked(wd):
+    pass
+  assert any(f"took over the lock left by pid {dead.pid} on host" in m for m in caplog.messages)
+
+
+def _enospc_on(monkeypatch, match):
+  """os.write fails with ENOSPC for files whose path (temporary names included) `match`es."""
+  real = os.write
+
+  def write(fd, data):
+    if match(os.readlink(f"/proc/self/fd/{fd}")):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real(fd, data)
+
+  monkeypatch.setattr(os, "write", write)
+
+
+def test_full_disk_at_each_file_is_one_error_naming_it_and_the_rerun_completes(
+  data_root, tmp_path, monkeypatch
+):
+  """ENOSPC injected into the writes of train_metrics.json, the shared pairs (pairs/*.npz), a
+  row's per-pair record (records/<model>/*.npz), the second result row, the examples
+  (examples/*.npz), a figure and summary.md, one run each on one workdir: each run stops with
+  OutOfSpace naming that file and leaves no torn row and no temporary file; a run with space
+  again ends with every row once."""
+  config = small_config(data_root)
+  config.attacks.enabled = ("fgsm", "bim")
+  config.output.figures = True
+  wd = tmp_path / "w"
+  results = str(wd / "results.jsonl")
+  appended = []
+  real_write = os.write
+
+  def second_row(path):  # the first row goes through, the second does not fit
+    if path == results:
+      appended.append(path)
+      return len(appended) > 1
+    return False
+
+  cases = [
+    ("train_metrics.json", lambda p: ".train_metrics.json." in p),
+    ("pairs/", lambda p: "/pairs/." in p),
+    ("records/cnn/", lambda p: "/records/cnn/." in p),
+    ("results.jsonl", second_row),
+    ("examples/cnn_bim.npz", lambda p: ".cnn_bim.npz." in p),
+    ("figures/", lambda p: "/figures/." in p and p.endswith(".tmp")),
+    ("summary.md", lambda p: ".summary.md." in p),
+  ]
+  for name, match in cases:
+    _enospc_on(monkeypatch, match)
+    with pytest.raises(store.OutOfSpace) as err:
+      run_lib.run(config, str(wd))
+    monkeypatch.setattr(os, "write", real_write)
+    assert str(err.value).startswith(f"out of disk space writing {wd / name}"), name
+    assert not [p for p in wd.rglob("*") if p.name.endswith(".tmp")], name
+    _rows(wd)  # every line whole
+  run_lib.run(config, str(wd))
+  rows = _rows(wd)
+  assert len(rows) == len(_by_key(rows)) == 4
+  assert (wd / "summary.md").exists() and list((wd / "figures").glob("*.png"))
+
+
+UNSHARE = shutil.which("unshare")
+
+
+def _can_mount_tmpfs() -> bool:
+  if UNSHARE is None:
+    return False
+  probe = "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d && umount $d"
+  return subprocess.run([UNSHARE, "-rm", "sh", "-c", probe], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs `unshare -rm` to mount a small tmpfs")
+def test_full_disk_at_a_checkpoint_on_a_real_small_filesystem(data_root, tmp_path):
+  """A 120 KiB tmpfs: config.json fits, the CNN's first checkpoint (orbax, ~300 KB) does not.
+  The command ends with one line naming the checkpoint folder, exit 2, and leaves no
+  half-written checkpoint. (That a rerun with space again completes is shown in-process by
+  test_full_disk_at_each_file_is_one_error_naming_it_and_the_rerun_completes.)"""
+  config_file, mnt = _small_config_file(tmp_path, data_root), tmp_path / "fs"
+  mnt.mkdir()
+  workdir = mnt / "w"
+  cmd = " ".join(_main(f"--config={config_file}", f"--workdir={workdir}"))
+  script = (
+    f"mount -t tmpfs -o size=120k tmpfs {mnt} && cd {REPO} && "
+    f"{cmd} 2> {tmp_path}/stderr.txt; echo $? > {tmp_path}/rc; "
+    f"find {workdir} > {tmp_path}/files.txt"
+  )
+  subprocess.run([UNSHARE, "-rm", "sh", "-c", script], timeout=600, check=True)
+  stderr = (tmp_path / "stderr.txt").read_text()
+  assert (tmp_path / "rc").read_text().strip() == "2", stderr[-3000:]
+  last = stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: out of disk space writing {workdir}/checkpoints/cnn"), last
+  assert len(_errors(stderr)) == 1
+  files = (tmp_path / "files.txt").read_text()
+  assert "orbax-checkpoint-tmp" not in files and "results.jsonl" not in files
+
+
+def test_rows_of_an_older_format_and_broken_rows_on_a_rerun(data_root, tmp_path, caplog):
+  """results.jsonl as an older version wrote it (no format_version), one row lacking
+  `validity_rate` and one with it renamed: the rerun says so in one line each, migrates the
+  old rows, recomputes exactly the two broken ones (the same numbers), and the report shows
+  validity for every row again."""
+  config = small_config(data_root)
+  config.attacks.fgsm.eps = (0.05, 0.1, 0.2, 0.3)
+  wd = tmp_path / "w"
+  run_lib.run(config, str(wd))
+  reference = _rows(wd)
+  old = [{k: v for k, v in r.items() if k != "format_version"} for r in reference]
+  del old[0]["validity_rate"]
+  old[1]["valid_rate"] = old[1].pop("validity_rate")
+  (wd / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+  caplog.set_level("WARNING")
+  run_lib.run(config, str(wd))
+  said = [m for m in caplog.messages if "results.jsonl" in m]
+  assert said == [
+    "results.jsonl: migrated 2 of format 1 to format 2",
+    "results.jsonl: 2 rows set aside in results.jsonl.rejected, to be recomputed: "
+    "missing field 'validity_rate' (2)",
+  ]
+  rows = _rows(wd)
+  assert len(rows) == len(_by_key(rows)) == 4
+  assert _by_key(_without_timing(rows)) == _by_key(_without_timing(reference))
+  shown = report.load_run(wd).rows
+  assert len(shown) == 4 and all(r["validity_rate"] is not None for r in shown)
+
+
+@pytest.mark.parametrize("name", ["mnist_cnn", "study", "mnist_defenses", "lfw_defenses"])
+def test_every_numeric_setting_rejects_nan_inf_and_negative(name):
+  """For every number of the :quick config (tuples item by item, every section), NaN, inf and
+  -1 are rejected by validation with one line naming the field. A float cannot be set into an
+  int field at all (ml_collections' typed fields; from the command line: 'bad command line')."""
+  from experiments import validate  # noqa: PLC0415
+
+  base = importlib.import_module(f"configs.{name}").get_config("quick")
+  parts = [base[p] for p in base.runs] if "runs" in base else [base]
+  fields = [(i, f, v) for i, part in enumerate(parts)
+            for f, v in validate._numeric_leaves(part, "")]  # fmt: skip
+  assert len(fields) > 40
+  tried = 0
+  for i, field, _ in fields:
+    for bad in (float("nan"), float("inf"), -1):
+      config = importlib.import_module(f"configs.{name}").get_config("quick")
+      part = config[config.runs[i]] if "runs" in config else config
+      path, _, index = field.partition("[")
+      section, _, attr = path.rpartition(".")
+      node = part
+      for p in filter(None, section.split(".")):
+        node = node[p]
+      try:
+        if index:
+          items = list(node[attr])
+          items[int(index[:-1])] = bad
+          node[attr] = tuple(items)
+        else:
+          node[attr] = bad
+      except TypeError:  # an int field refuses a float: it can never hold NaN
+        assert isinstance(bad, float) and isinstance(node[attr], int)
+        continue
+      with pytest.raises(validate.ConfigError) as err:
+        validate.validate(part)
+      assert str(err.value).startswith(path), (field, bad, str(err.value))
+      assert "\n" not in str(err.value)
+      tried += 1
+  assert tried >= len(fields)  # at least one bad value per field
+
+
+@pytest.mark.parametrize(
+  "override, message",
+  [
+    ("--config.attacks.fgsm.eps=(1e999,)", "attacks.fgsm.eps contains inf; allowed: finite"),
+    ("--config.attacks.bim.step_size_rel=nan", "attacks.bim.step_size_rel=nan; allowed: a fin"),
+    ("--config.train.cnn.learning_rate=nan", "train.cnn.learning_rate=nan; allowed: a finite"),
+  ],
+)
+def test_non_finite_setting_on_the_command_line_is_one_line_before_any_work(
+  override, message, tmp_path
+):
+  proc = subprocess.run(
+    _main("--config=configs/mnist_cnn.py:quick", f"--workdir={tmp_path / 'w'}", override),
+    capture_output=True, text=True, timeout=300, cwd=REPO,
+  )  # fmt: skip
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  (line,) = _errors(proc.stderr)
+  assert message in line
+  assert not (tmp_path / "w").exists()
+
+
+def test_config_comparison_is_nan_safe_and_a_failed_start_never_blocks(data_root, tmp_path):
+  """A config.json holding NaN (written before validation rejected it) does not make the
+  identical config "different"; and a run that failed before producing anything (a wrong data
+  folder) leaves nothing that refuses the corrected command."""
+  nan = float("nan")
+  assert keys.diff({"train": {"lr": nan, "eps": [nan, 1.0]}},
+                   {"train": {"lr": nan, "eps": [nan, 1.0]}}) == []  # fmt: skip
+  assert keys.diff({"lr": nan}, {"lr": 0.1}) == ["lr"]
+  made = tmp_path / "made"
+  made.mkdir()
+  config = {"seed": 0, "train": {"cnn": {"learning_rate": nan}}}
+  (made / "config.json").write_text(json.dumps(config))
+  (made / "train_metrics.json").write_text("{}")  # something was made under it
+  workdir_lib.claim_workdir(config, made)
+  with pytest.raises(UserError, match="differs in: train.cnn.learning_rate"):
+    workdir_lib.claim_workdir({"seed": 0, "train": {"cnn": {"learning_rate": 0.1}}}, made)
+
+  wd = tmp_path / "w"
+  wrong = small_config(data_root)
+  wrong.data.dir = str(tmp_path / "no_such_folder")
+  wrong.data.source = "local"
+  with pytest.raises(UserError):
+    run_lib.run(wrong, str(wd))
+  assert not workdir_lib.has_products(wd)
+  right = small_config(data_root)
+  workdir_lib.claim_workdir(right, wd)  # what the corrected run does first: accepted
+  assert json.loads((wd / "config.json").read_text())["data"]["dir"] == str(data_root)
+  (wd / "config.json").write_text('{"seed": 0, "da')  # a kill mid-write by hand: replaced too
+  workdir_lib.claim_workdir(right, wd)
+
+
+@pytest.mark.parametrize("name", ["mnist_defenses", "lfw_defenses", "study", "comm_ae"])
+def test_every_kind_of_run_takes_the_workdir_lock(name, tmp_path):
+  """Defences, the study (its own folder; each part locks its own) and the comm experiment
+  stop at once on a workdir another process holds, naming it, before touching it."""
+  config = importlib.import_module(f"configs.{name}").get_config("quick")
+  wd = tmp_path / "w"
+  with workdir_lib.locked(wd):
+    with pytest.raises(workdir_lib.WorkdirBusy, match=f"is in use by pid {os.getpid()} on "):
+      run_lib.run(config, str(wd))
+  assert sorted(p.name for p in wd.iterdir()) == [".lock"]
+
+
+def test_comm_settings_reject_nan_and_inf_in_every_number():
+  """The comm experiment's own validation walks every number too (dB values may be negative):
+  NaN and inf anywhere are one line naming the field."""
+  from experiments import comm, validate  # noqa: PLC0415
+
+  base = importlib.import_module("configs.comm_ae").get_config("quick")
+  fields = list(validate._numeric_leaves(base, ""))
+  assert len(fields) > 10
+  for field, _ in fields:
+    for bad in (float("nan"), float("inf")):
+      config = importlib.import_module("configs.comm_ae").get_config("quick")
+      path, _, index = field.partition("[")
+      section, _, attr = path.rpartition(".")
+      node = config
+      for p in filter(None, section.split(".")):
+        node = node[p]
+      try:
+        if index:
+          items = list(node[attr])
+          items[int(index[:-1])] = bad
+          node[attr] = tuple(items)
+        else:
+          node[attr] = bad
+      except TypeError:  # an int field refuses a float
+        continue
+      with pytest.raises(UserError) as err:
+        comm.validate(config)
+      assert str(err.value).startswith(path), (field, bad, str(err.value))

@@ -15,6 +15,7 @@ from fakedata import make_data_root
 from configs import study
 from experiments import attacks as attacks_lib
 from experiments import run as run_lib
+from experiments import workdir as workdir_lib
 from experiments.errors import UserError
 from vae_attacks import metrics
 from vae_attacks.attacks import registry
@@ -124,7 +125,7 @@ def test_solver_attacks_run_last_and_their_numbers_do_not_depend_on_it(data_root
   alone = tiny("mnist_vae", data_root, attacks=("lbfgs",))
   alone.attacks.vae.enabled = ("latent_l2",)
   run_lib.run(alone, str(tmp_path / "alone"))
-  drop = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "settings")}
+  drop = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "settings", "record")}
   expected = [drop(r) for r in read_rows(tmp_path / "alone")]
   assert [drop(r) for r, s in zip(rows, solver, strict=True) if s] == expected
 
@@ -163,7 +164,7 @@ def test_workdir_of_another_config_is_refused(data_root, tmp_path):
     ("data.source", "web", "data.source='web' is not allowed"),
     ("eval.ssim_min", 1.5, "eval.ssim_min=1.5; allowed: a number in [0, 1]"),
     ("eval.confidence_min", -0.1, "eval.confidence_min=-0.1; allowed: a number in [0, 1]"),
-    ("attacks.bim.eps", (0.1, -0.1), "attacks.bim.eps contains -0.1; allowed: numbers >= 0"),
+    ("attacks.bim.eps", (0.1, -0.1), "attacks.bim.eps contains -0.1; allowed: finite numbers >= 0"),
     ("attacks.enabled", ("fgsm", "bimm"), "attacks.enabled[]='bimm' is not allowed; allowed: fgsm"),
     ("data.image_size", 32, "data.image_size=32: MNIST images are 28x28; allowed: 28"),
   ],
@@ -239,7 +240,10 @@ def test_corrupt_data_file_is_one_line_naming_it(tmp_path):
 
 
 def test_corrupt_config_json_in_workdir_is_refused(data_root, tmp_path):
+  """Refused when something was made under it (here train_metrics.json); with nothing made, it
+  is replaced (tests/test_faults.py)."""
   (tmp_path / "config.json").write_text('{"seed": 0, "data": {"na')
+  (tmp_path / "train_metrics.json").write_text("{}")
   with pytest.raises(UserError, match="config.json is not valid JSON"):
     run_lib.run(tiny("mnist_cnn", data_root), str(tmp_path))
 
@@ -268,6 +272,8 @@ def test_training_that_blows_up_names_model_epoch_and_quantity(data_root, tmp_pa
   assert "at epoch 1/1; nothing was checkpointed" in message
   assert not list((tmp_path / "checkpoints" / "cnn").glob("[0-9]*"))
   assert not (tmp_path / "results.jsonl").exists()
+  config.train.cnn.learning_rate = 1e-3  # the corrected command is not refused: nothing was made
+  workdir_lib.claim_workdir(config, tmp_path)
 
 
 def test_every_model_is_attacked_on_the_same_pairs_and_records_reproduce_each_row(

@@ -177,3 +177,14 @@ def test_plan_lists_models_then_sweeps_with_counts():
   gradient_pass = [s for s in stages if s.group == "attack:0"]
   eta = job.eta()  # the trainings and the L-BFGS passes are not measured yet
   assert eta.startswith("~") and f"+ {len(stages) - len(gradient_pass)} stages" in eta
+
+
+def test_report_warns_of_a_chance_level_or_weak_model():
+  from experiments.report.tables import weak_model_warnings  # noqa: PLC0415
+
+  train = {"cnn": {"test_accuracy": 0.99}, "mlp_vae": {"test_accuracy": 0.092},
+           "conv_vae": {"test_accuracy": 0.8}}  # fmt: skip
+  chance, weak = weak_model_warnings(train, "mnist", 0.9)
+  assert "mlp_vae is at chance level" in chance and "guessing gives 0.100" in chance
+  assert "conv_vae is weak" in weak and "0.9 x that of cnn (0.990)" in weak
+  assert weak_model_warnings({"cnn": {"test_accuracy": 0.99}}, "mnist", 0.9) == []

@@ -479,8 +479,9 @@ def test_attack_families_come_from_the_registry(tmp_path, monkeypatch):
 
 
 def _study_copy(tmp_path):
-  """The committed study records (results/study) copied into tmp_path, or a skip."""
-  study = pathlib.Path(__file__).resolve().parents[1] / "results" / "study"
+  """The committed records of the 2026-12-01 study (results/study_2026-12-01), copied into
+  tmp_path, or a skip."""
+  study = pathlib.Path(__file__).resolve().parents[1] / "results" / "study_2026-12-01"
   parts = [study / "mnist_vae", study / "lfw_vae"]
   if not (study / "summary.md").is_file() or not all(
     (p / "results.jsonl").is_file() for p in parts

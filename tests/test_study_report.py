@@ -46,10 +46,9 @@ def write_run(root: pathlib.Path, dataset: str, cells: dict, accuracy: dict) -> 
     rel = f"records/{model}/{attack}_{norm}_{eps}.npz"
     (root / rel).parent.mkdir(parents=True, exist_ok=True)
     np.savez(root / rel, **rec)
-    counts = metrics.effectiveness_counts(rec["level"])
-    row = dict(dataset=dataset, model=model, attack=attack, norm=norm, eps=eps, n_pairs=P)
-    row.update(success_rate=float(rec["success"].mean()), validity_rate=float(rec["valid"].mean()))
-    row.update(effectiveness=dict(counts, modal="high"), record=rel)
+    row = dict(dataset=dataset, model=model, attack=attack, norm=norm, eps=eps, settings="s")
+    measures = metrics.PairMeasures(**{k: rec[k] for k in metrics.PairMeasures._fields})
+    row.update(metrics.row_stats(measures), record=rel)  # a row as the runs write it
     lines.append(json.dumps(row))
   (root / "results.jsonl").write_text("\n".join(lines) + "\n")
   return root

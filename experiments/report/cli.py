@@ -5,10 +5,12 @@ Without --figures / --nofigures a single work directory follows its config's
 """
 
 import pathlib
+import sys
 from collections.abc import Sequence
 
 from absl import app, flags
 
+from experiments import store
 from experiments.report import study, write_combined_report, write_report
 
 FLAGS = flags.FLAGS
@@ -37,15 +39,19 @@ def report_from_flags(argv: Sequence[str]) -> pathlib.Path:
     raise app.UsageError("name a run work directory (or several, with --out=DIR)")
   if _OUT.value is None and len(workdirs) > 1:
     raise app.UsageError("several work directories need --out=DIR for the combined report")
-  if _OUT.value is None:
-    path = write_report(
-      workdirs[0], title=_TITLE.value, figures=_FIGURES.value, weak_floor=_WEAK_FLOOR.value
-    )
-  else:
-    figures = True if _FIGURES.value is None else _FIGURES.value
-    path = write_combined_report(
-      _OUT.value, workdirs, title=_TITLE.value, figures=figures, weak_floor=_WEAK_FLOOR.value
-    )
+  try:
+    if _OUT.value is None:
+      path = write_report(
+        workdirs[0], title=_TITLE.value, figures=_FIGURES.value, weak_floor=_WEAK_FLOOR.value
+      )
+    else:
+      figures = True if _FIGURES.value is None else _FIGURES.value
+      path = write_combined_report(
+        _OUT.value, workdirs, title=_TITLE.value, figures=figures, weak_floor=_WEAK_FLOOR.value
+      )
+  except store.OutOfSpace as e:  # one line naming the file, as experiments.main does
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   print(path)
   return path
 

@@ -2,19 +2,18 @@
 state), imported inside the drawing functions so that `import experiments.report` stays light.
 """
 
-import os
 import pathlib
-import tempfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from experiments import store
 from experiments.report.rows import DatasetView, interval, is_penalty_attack, num
 from experiments.report.tables import DEFENCE_FIGURES, fmt_rate, sort_rows
 from experiments.report.verdicts import strength
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
   from matplotlib.figure import Figure  # noqa: PLC0415
 
@@ -23,7 +22,7 @@ def _new_figure(width: float, height: float):
   return fig
 
 
-def _margins(fig, *, left, right, bottom, top, wspace, hspace):
+def set_margins(fig, *, left, right, bottom, top, wspace, hspace):
   """Fixed margins in inches (tight_layout costs more than the drawing on a small CPU)."""
   w, h = fig.get_size_inches()
   fig.subplots_adjust(
@@ -36,18 +35,10 @@ def _margins(fig, *, left, right, bottom, top, wspace, hspace):
   )
 
 
-def _save_figure(fig, path: pathlib.Path) -> pathlib.Path:
-  """Saves to a temporary name in the same folder, then renames: never a half-written PNG."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-  os.close(fd)
-  try:
-    fig.savefig(tmp, format="png")
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a figure is for everyone to read
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+def save_figure(fig, path: pathlib.Path) -> pathlib.Path:
+  """Renders the PNG in memory, then writes it atomically (store.write_with): never a
+  half-written PNG, and a full disk is one OutOfSpace naming the figure."""
+  store.write_with(path, lambda f: fig.savefig(f, format="png"))
   return path
 
 
@@ -83,7 +74,7 @@ def plot_rates(rows: Sequence[Mapping], path: pathlib.Path, title: str) -> pathl
     fam = families.setdefault(_family(r.get("attack"), r.get("norm")), {})
     fam.setdefault(str(r.get("attack")), []).append(r)
   cols = max(len(families), 1)
-  fig = _new_figure(4.2 * cols, 6.4)
+  fig = new_figure(4.2 * cols, 6.4)
   axes = fig.subplots(2, cols, squeeze=False)
   for j, (fam, by_attack) in enumerate(sorted(families.items())):
     for a_index, (attack, rs) in enumerate(sorted(by_attack.items())):
@@ -119,11 +110,11 @@ def plot_rates(rows: Sequence[Mapping], path: pathlib.Path, title: str) -> pathl
       ax.set_title(fam)
       ax.legend(fontsize=8)
   fig.suptitle(f"{title} ({_pairs_text(rows)})")
-  _margins(fig, left=0.75, right=0.2, bottom=0.6, top=0.65, wspace=0.3, hspace=0.45)
-  return _save_figure(fig, path)
+  set_margins(fig, left=0.75, right=0.2, bottom=0.6, top=0.65, wspace=0.3, hspace=0.45)
+  return save_figure(fig, path)
 
 
-def _image(a: np.ndarray) -> tuple[np.ndarray, dict]:
+def as_image(a: np.ndarray) -> tuple[np.ndarray, dict]:
   a = np.asarray(a, np.float32)
   if a.ndim == 3 and a.shape[-1] == 1:
     return a[..., 0], dict(cmap="gray", vmin=0.0, vmax=1.0)
@@ -167,13 +158,13 @@ def plot_examples(
   ]
   if rec is not None and rec.shape[:2] == x_adv.shape[:2]:
     columns.append(("reconstruction of adv.", lambda i: rec[e, i]))
-  fig = _new_figure(1.9 * len(columns), 1.9 * n + 0.6)
+  fig = new_figure(1.9 * len(columns), 1.9 * n + 0.6)
   axes = fig.subplots(n, len(columns), squeeze=False)
   src_label, target = data.get("source_label"), data.get("target")
   for i in range(n):
     for j, (name, image) in enumerate(columns):
       ax = axes[i, j]
-      arr, kw = _image(image(i))
+      arr, kw = as_image(image(i))
       ax.imshow(arr, interpolation="nearest", **kw)
       ax.set_xticks([])
       ax.set_yticks([])
@@ -188,8 +179,8 @@ def plot_examples(
       label.append(f"→ {int(target[i])}")
     axes[i, 0].set_ylabel(" ".join(label), fontsize=8)
   fig.suptitle(f"{title}, eps {float(eps[e]):.4g}: the first {n} of the sweep's pairs", fontsize=9)
-  _margins(fig, left=0.35, right=0.1, bottom=0.25, top=0.6, wspace=0.08, hspace=0.2)
-  return _save_figure(fig, path)
+  set_margins(fig, left=0.35, right=0.1, bottom=0.25, top=0.6, wspace=0.08, hspace=0.2)
+  return save_figure(fig, path)
 
 
 def plot_curves(
@@ -209,7 +200,7 @@ def plot_curves(
   if xs.ndim != 2 or xs.shape != ys.shape or xs.size == 0:
     return None
   xs, ys = np.clip(xs, 0.0, 1.0), np.clip(ys, 0.0, 1.0)
-  fig = _new_figure(5.0, 4.4)
+  fig = new_figure(5.0, 4.4)
   ax = fig.subplots()
   alpha = float(np.clip(3.0 / xs.shape[0], 0.05, 0.5))
   for px, py in zip(xs, ys, strict=True):
@@ -239,8 +230,8 @@ def plot_curves(
   ax.set_ylabel("normalised distance of reconstruction to target")
   ax.grid(alpha=0.3)
   ax.set_title(f"{title} ({xs.shape[0]} pairs){auddc_text}", fontsize=9)
-  _margins(fig, left=0.7, right=0.2, bottom=0.6, top=0.4, wspace=0.0, hspace=0.0)
-  return _save_figure(fig, path)
+  set_margins(fig, left=0.7, right=0.2, bottom=0.6, top=0.4, wspace=0.0, hspace=0.0)
+  return save_figure(fig, path)
 
 
 def _auddc_text(rows: Sequence[Mapping], attack: str) -> str:
@@ -299,12 +290,12 @@ def plot_projection(npz: pathlib.Path, path: pathlib.Path, title: str) -> pathli
   if n == 0:
     return None
   rows = (("clean", x), (f"adversarial (eps {eps:.3g})", x_adv), ("its projection", x_proj))
-  fig = _new_figure(1.3 * n + 0.6, 1.4 * len(rows) + 0.6)
+  fig = new_figure(1.3 * n + 0.6, 1.4 * len(rows) + 0.6)
   axes = fig.subplots(len(rows), n, squeeze=False)
   for i, (name, images) in enumerate(rows):
     for j in range(n):
       ax = axes[i, j]
-      arr, kw = _image(images[j])
+      arr, kw = as_image(images[j])
       ax.imshow(arr, interpolation="nearest", **kw)
       ax.set_xticks([])
       ax.set_yticks([])
@@ -312,8 +303,8 @@ def plot_projection(npz: pathlib.Path, path: pathlib.Path, title: str) -> pathli
         ax.set_xlabel(f"y {int(label[j])} → {int(pred[j])}", fontsize=7)
     axes[i, 0].set_ylabel(name, fontsize=7)
   fig.suptitle(f"{title}: input, attack through the projection, projection", fontsize=9)
-  _margins(fig, left=0.4, right=0.1, bottom=0.3, top=0.45, wspace=0.08, hspace=0.1)
-  return _save_figure(fig, path)
+  set_margins(fig, left=0.4, right=0.1, bottom=0.3, top=0.45, wspace=0.08, hspace=0.1)
+  return save_figure(fig, path)
 
 
 def pca_2d(z: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -346,7 +337,7 @@ def plot_gmvae_latent(npz: pathlib.Path, path: pathlib.Path, title: str) -> path
   from matplotlib import colormaps  # noqa: PLC0415
 
   cmap = colormaps["tab10" if len(means) <= 10 else "tab20"]
-  fig = _new_figure(6.0, 5.0)
+  fig = new_figure(6.0, 5.0)
   ax = fig.subplots()
   for k in range(len(means)):
     c = cmap(k % cmap.N)
@@ -371,8 +362,8 @@ def plot_gmvae_latent(npz: pathlib.Path, path: pathlib.Path, title: str) -> path
   ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
   eps = float(data["eps"]) if "eps" in data else float("nan")
   ax.set_title(f"{title}: latent means (stars: class means), attacks at eps {eps:.3g}", fontsize=8)
-  _margins(fig, left=0.6, right=1.6, bottom=0.5, top=0.4, wspace=0.0, hspace=0.0)
-  return _save_figure(fig, path)
+  set_margins(fig, left=0.6, right=1.6, bottom=0.5, top=0.4, wspace=0.0, hspace=0.0)
+  return save_figure(fig, path)
 
 
 # The figure of a defence's defense_examples/<defence>.npz, by the kind the run wrote into it

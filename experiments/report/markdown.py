@@ -1,5 +1,6 @@
 """The markdown of summary.md: how to read it, the verdicts, and one section per dataset."""
 
+import collections
 import math
 import pathlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -285,6 +286,12 @@ def _dataset_section(
     notes.append(f"; {v.left_out} rows of other attack settings or superseded left out")
   if v.overridden:
     notes.append(f"; {v.overridden} cells taken from the later of two work directories")
+  if v.rejected:
+    why = collections.Counter(v.rejected).most_common(1)[0][0]
+    notes.append(
+      f"; {len(v.rejected)} rows that fail the format check left out (e.g. {why}; a rerun "
+      "recomputes them)"
+    )
   parts += ["".join(notes) + ".", ""]
   parts += ["### Trained models", "", train_table(v.train) if v.train else "(none yet)", ""]
   warnings = weak_model_warnings(v.train or {}, v.name, weak_floor)

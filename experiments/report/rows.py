@@ -69,11 +69,16 @@ class RunFiles:
   left_out: int  # rows of other attack settings, or superseded by a later row of the same key
   dataset: str | None
   defense_rows: list = dataclasses.field(default_factory=list)  # defenses.jsonl (current settings)
+  rejected: list = dataclasses.field(default_factory=list)  # why each unusable row was left out
 
 
-def read_rows(path: os.PathLike) -> list[dict]:
-  """The rows of a results.jsonl; a torn line (a run killed mid-write) is skipped, not fixed."""
-  return store.read_jsonl(path)
+def read_rows(
+  path: os.PathLike, kinds: Sequence[str] = store.RESULTS_KINDS, rejected: list | None = None
+) -> list[dict]:
+  """The usable rows of a results.jsonl (or, with `kinds`, defenses.jsonl), in the current
+  format (`store.read_jsonl`): a torn line is skipped, not fixed; a row that fails the format
+  check is never used, and why is appended to `rejected`."""
+  return store.read_jsonl(path, kinds, rejected)
 
 
 def _read_json(path: pathlib.Path) -> dict:
@@ -136,13 +141,16 @@ def load_run(workdir: os.PathLike) -> RunFiles:
   expected = None
   if "attacks" in config and "eval" in config:
     expected = lambda r: keys.attack_settings(config, r.get("attack"))  # noqa: E731
-  rows, left_out = select_rows(read_rows(workdir / "results.jsonl"), expected)
+  rejected: list[str] = []
+  rows = read_rows(workdir / "results.jsonl", rejected=rejected)
+  rows, left_out = select_rows(rows, expected)
   dataset = (config.get("data") or {}).get("name")
   if dataset is None:
     names = sorted({r.get("dataset") for r in rows if r.get("dataset")})
     dataset = names[0] if len(names) == 1 else None
-  defense_rows = select_defense_rows(read_rows(workdir / DEFENSES_FILE), config)
-  return RunFiles(workdir, config, train, rows, left_out, dataset, defense_rows)
+  defense_rows = read_rows(workdir / DEFENSES_FILE, store.DEFENSES_KINDS, rejected)
+  defense_rows = select_defense_rows(defense_rows, config)
+  return RunFiles(workdir, config, train, rows, left_out, dataset, defense_rows, rejected)
 
 
 def select_defense_rows(rows: Sequence[Mapping], config: Mapping) -> list:
@@ -198,6 +206,7 @@ class DatasetView:
   workdirs: list = dataclasses.field(default_factory=list)
   left_out: int = 0
   overridden: int = 0  # rows of a cell that a later work directory also has
+  rejected: list = dataclasses.field(default_factory=list)  # why unusable rows were left out
   defense_rows: list = dataclasses.field(default_factory=list)  # defenses.jsonl rows
   defense_examples: dict = dataclasses.field(default_factory=dict)  # {defence: npz path}
   records: dict = dataclasses.field(default_factory=dict)  # {row_key: per-pair record path}
@@ -238,6 +247,7 @@ def build_views(runs: Sequence[RunFiles]) -> list[DatasetView]:
       view = views.setdefault(name, DatasetView(name))
       view.workdirs.append(run.workdir)
       view.left_out += run.left_out
+      view.rejected += run.rejected
       cells = {row_key(r): i for i, r in enumerate(view.rows)}
       for r in rows:
         view.records.pop(row_key(r), None)

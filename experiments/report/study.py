@@ -55,6 +55,7 @@ class StudyData:
   records: dict  # {row_key: {field: array[P]}}
   accuracy: dict  # {model: clean test accuracy}
   pixels: int | None = None
+  examples: dict = dataclasses.field(default_factory=dict)  # {(model, attack): npz path}
 
   def record(self, row: Mapping) -> dict | None:
     return self.records.get(row_key(row))
@@ -80,7 +81,7 @@ def load(view: DatasetView) -> StudyData:
     if rec is not None and "success" in rec:
       recs[key] = rec
   acc = {m: num((t or {}).get("test_accuracy")) for m, t in view.train.items()}
-  return StudyData(view.name, list(view.rows), recs, acc, view.pixels)
+  return StudyData(view.name, list(view.rows), recs, acc, view.pixels, dict(view.examples))
 
 
 def weak_models(data: Sequence[StudyData], floor: float = WEAK_FLOOR) -> dict[tuple, float]:

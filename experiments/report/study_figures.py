@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from experiments.report import study
-from experiments.report.figures import _margins, _new_figure, _save_figure
+from experiments.report.figures import amplified, as_image, new_figure, save_figure, set_margins
 from experiments.report.study import BUDGET_NORMS, StudyData
 from vae_attacks import metrics, stats
 
@@ -44,7 +44,7 @@ def plot_survival(d: StudyData, attack: str, path: pathlib.Path) -> pathlib.Path
   finite = np.concatenate([b[np.isfinite(b)] for b in budgets.values()])
   top = float(finite.max()) * 1.05 if finite.size else 1.0
   grid = np.linspace(0.0, top, 200)
-  fig = _new_figure(5.6, 4.2)
+  fig = new_figure(5.6, 4.2)
   ax = fig.subplots()
   for i, (model, b) in enumerate(budgets.items()):
     s = stats.survival(b, grid)
@@ -58,8 +58,8 @@ def plot_survival(d: StudyData, attack: str, path: pathlib.Path) -> pathlib.Path
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, loc="lower right")
   ax.set_title(f"{d.name}: {attack} minimal budget\n{pairs_text(recs)}", fontsize=8)
-  _margins(fig, left=0.7, right=0.2, bottom=0.6, top=0.55, wspace=0.0, hspace=0.0)
-  return _save_figure(fig, path)
+  set_margins(fig, left=0.7, right=0.2, bottom=0.6, top=0.55, wspace=0.0, hspace=0.0)
+  return save_figure(fig, path)
 
 
 def plot_shares(d: StudyData, path: pathlib.Path) -> pathlib.Path | None:
@@ -70,7 +70,7 @@ def plot_shares(d: StudyData, path: pathlib.Path) -> pathlib.Path | None:
   if not cols:
     return None
   width = 0.8 / max(len(models), 1)
-  fig = _new_figure(max(6.0, 0.3 * len(cols) * max(len(models), 1) + 2), 4.6)
+  fig = new_figure(max(6.0, 0.3 * len(cols) * max(len(models), 1) + 2), 4.6)
   ax = fig.subplots()
   ns = set()
   for j, model in enumerate(models):
@@ -97,8 +97,82 @@ def plot_shares(d: StudyData, path: pathlib.Path) -> pathlib.Path | None:
     "bars: " + ", ".join(models) + ")",
     fontsize=8,
   )
-  _margins(fig, left=0.7, right=0.2, bottom=1.0, top=0.4, wspace=0.0, hspace=0.0)
-  return _save_figure(fig, path)
+  set_margins(fig, left=0.7, right=0.2, bottom=1.0, top=0.4, wspace=0.0, hspace=0.0)
+  return save_figure(fig, path)
+
+
+# The study's three attacks, whose examples are shown on every model for the same pairs.
+EXAMPLE_ATTACKS = ("bim", "bim_l1", "lbfgs")
+
+
+def plot_same_pairs(
+  d: StudyData, attack: str, path: pathlib.Path, *, max_pairs: int = 6
+) -> pathlib.Path | None:
+  """The same pairs on every model: the sources (top row), then per model the adversarial
+  input at the attack's reference eps, titled with the model's prediction, the target and
+  whether the attack succeeded, and its perturbation amplified. From the runs' examples/*.npz
+  (the first pairs of the shared list, so the same on every model) and the rows' records.
+  None when a model lacks the file or its row at that eps."""
+  _, eps_of, _ = study.effectiveness_shares(d)
+  eps = eps_of.get(attack)
+  if eps is None:
+    return None
+  panels = []  # (model, x, x_adv at eps, record)
+  for model in d.models():
+    npz, row = d.examples.get((model, attack)), None
+    for r in d.rows:
+      if (r.get("model"), r.get("attack")) == (model, attack) and np.isclose(r.get("eps"), eps):
+        row = r
+    if npz is None or row is None or d.record(row) is None:
+      continue
+    try:
+      with np.load(npz) as f:
+        grid = np.atleast_1d(f["eps"])
+        e = int(np.argmin(np.abs(grid - eps)))
+        panels.append((model, f["x"], f["x_adv"][e], d.record(row)))
+    except (OSError, KeyError, ValueError):
+      continue
+  if not panels:
+    return None
+  x = panels[0][1]
+  n = min(max_pairs, *(len(p[1]) for p in panels))
+  if any(not np.array_equal(p[1][:n], x[:n]) for p in panels):
+    return None  # not the same pairs: a per-model run (attacks.shared_pairs=False)
+  rows = 1 + 2 * len(panels)
+  fig = new_figure(1.6 * n + 0.8, 1.55 * rows + 0.7)
+  axes = fig.subplots(rows, n, squeeze=False)
+  target = panels[0][3]["target"]
+  for i in range(n):
+    arr, kw = as_image(x[i])
+    axes[0, i].imshow(arr, interpolation="nearest", **kw)
+    axes[0, i].set_title(f"source {int(panels[0][3]['source_label'][i])} → {int(target[i])}",
+                         fontsize=7)  # fmt: skip
+    for j, (model, _, x_adv, rec) in enumerate(panels):
+      ok = bool(rec["success"][i])
+      arr, kw = as_image(x_adv[i])
+      axes[1 + 2 * j, i].imshow(arr, interpolation="nearest", **kw)
+      axes[1 + 2 * j, i].set_title(
+        f"pred {int(rec['prediction'][i])} {'✓' if ok else '✗'}", fontsize=7,
+        color="tab:red" if ok else "black",
+      )  # fmt: skip
+      arr, kw = as_image(amplified(x_adv[i] - x[i]))
+      axes[2 + 2 * j, i].imshow(arr, interpolation="nearest", **kw)
+      axes[2 + 2 * j, i].set_xlabel(f"max|δ| {float(np.max(np.abs(x_adv[i] - x[i]))):.3g}",
+                                    fontsize=6)  # fmt: skip
+      if i == 0:
+        axes[1 + 2 * j, 0].set_ylabel(f"{model}\nadversarial", fontsize=7)
+        axes[2 + 2 * j, 0].set_ylabel("δ (amplified)", fontsize=7)
+  for ax in axes.flat:
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.suptitle(
+    f"{d.name}: {attack} at eps {eps:.4g}, the same first {n} pairs on "
+    + ", ".join(p[0] for p in panels)
+    + " (✓: the model gives the target)",
+    fontsize=8,
+  )
+  set_margins(fig, left=0.55, right=0.1, bottom=0.3, top=0.6, wspace=0.08, hspace=0.35)
+  return save_figure(fig, path)
 
 
 def write_study_figures(data: Sequence[StudyData], fig_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -111,4 +185,7 @@ def write_study_figures(data: Sequence[StudyData], fig_dir: pathlib.Path) -> lis
       out += [p] if p else []
     p = plot_shares(d, fig_dir / f"{d.name}_study_effectiveness.png")
     out += [p] if p else []
+    for attack in EXAMPLE_ATTACKS:
+      p = plot_same_pairs(d, attack, fig_dir / f"{d.name}_study_examples_{attack}.png")
+      out += [p] if p else []
   return out

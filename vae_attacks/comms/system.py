@@ -130,16 +130,8 @@ class Receiver(nn.Module):
 # Systems.
 
 
-@dataclasses.dataclass(frozen=True)
-class AutoencoderSystem:
-  """An autoencoder (transmitter + receiver); params = {"tx": ..., "rx": ...}."""
-
-  name: str
-  k: int
-  n: int
-  transmitter: Transmitter
-  receiver: Receiver
-  symbol_dim: int = 1  # real dimensions per channel use: 1 (real), 2 (complex, I/Q)
+class _Code:
+  """k bits per block over n channel uses: M = 2^k messages at rate k / n."""
 
   @property
   def num_messages(self) -> int:
@@ -148,6 +140,31 @@ class AutoencoderSystem:
   @property
   def rate(self) -> float:
     return self.k / self.n
+
+
+class _Receives:
+  """What a system with a learned receiver (params["rx"]) does with a received block."""
+
+  def logits(self, params: Params, y: Array) -> Array:  # [n] -> [M]
+    return self.receiver.apply(params["rx"], y)
+
+  def decide(self, params: Params, y: Array) -> Array:  # [n] -> int32[]
+    return jnp.argmax(self.logits(params, y)).astype(jnp.int32)
+
+  def __call__(self, params: Params, y: Array) -> Array:
+    return self.logits(params, y)
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderSystem(_Code, _Receives):
+  """An autoencoder (transmitter + receiver); params = {"tx": ..., "rx": ...}."""
+
+  name: str
+  k: int
+  n: int
+  transmitter: Transmitter
+  receiver: Receiver
+  symbol_dim: int = 1  # real dimensions per channel use: 1 (real), 2 (complex, I/Q)
 
   @property
   def dims(self) -> int:
@@ -165,18 +182,9 @@ class AutoencoderSystem:
     onehot = jax.nn.one_hot(message, self.num_messages, dtype=jnp.float32)
     return self.transmitter.apply(params["tx"], onehot)
 
-  def logits(self, params: Params, y: Array) -> Array:  # [n] -> [M]
-    return self.receiver.apply(params["rx"], y)
-
-  def decide(self, params: Params, y: Array) -> Array:  # [n] -> int32[]
-    return jnp.argmax(self.logits(params, y)).astype(jnp.int32)
-
-  def __call__(self, params: Params, y: Array) -> Array:
-    return self.logits(params, y)
-
 
 @dataclasses.dataclass(frozen=True)
-class ReceiverOnly:
+class ReceiverOnly(_Receives):
   """A receiver on its own (the black-box attacker's substitute); params = {"rx": ...}."""
 
   name: str
@@ -186,18 +194,9 @@ class ReceiverOnly:
   def init(self, key: PRNGKey) -> Params:
     return {"rx": self.receiver.init(key, jnp.zeros((self.n,), jnp.float32))}
 
-  def logits(self, params: Params, y: Array) -> Array:  # [n] -> [M]
-    return self.receiver.apply(params["rx"], y)
-
-  def decide(self, params: Params, y: Array) -> Array:  # [n] -> int32[]
-    return jnp.argmax(self.logits(params, y)).astype(jnp.int32)
-
-  def __call__(self, params: Params, y: Array) -> Array:
-    return self.logits(params, y)
-
 
 @dataclasses.dataclass(frozen=True)
-class CodeSystem:
+class CodeSystem(_Code):
   """A classical block code over BPSK: Hamming(7,4) or k uncoded bits; params = {} (none).
 
   `logits` are the ML soft scores -||y - c_m||^2 / (2 sigma^2) at `logit_ebn0_db` (so a
@@ -215,14 +214,6 @@ class CodeSystem:
   @property
   def n(self) -> int:
     return baselines.HAMMING_N if self.code == "hamming74" else self.k
-
-  @property
-  def num_messages(self) -> int:
-    return 2**self.k
-
-  @property
-  def rate(self) -> float:
-    return self.k / self.n
 
   @property
   def symbol_dim(self) -> int:
