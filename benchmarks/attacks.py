@@ -1,4 +1,4 @@
-"""Batched attacks against per-example loops, side by side in one run (PERFORMANCE.md workload).
+"""Batched attacks against per-example loops, side by side (workload: docs/performance.md).
 
   python -m benchmarks.attacks [--n=256] [--steps=40] [--lbfgs_iters=50] [--json=PATH]
   python -m benchmarks.attacks --size=lfw --n=16 --skip=bim --scipy_n=4   # 154x154x3

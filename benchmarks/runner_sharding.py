@@ -1,6 +1,6 @@
 """Throughput of `run_attack` with pairs on 1 device vs sharded over N host devices.
 
-Workload of PERFORMANCE.md: targeted L-inf BIM (`bim.bim`, 40 unrolled steps, step eps/4) on the
+Workload (docs/performance.md): targeted L-inf BIM (`bim.bim`, 40 unrolled steps, step eps/4) on the
 MNIST CNN (`models.CNN`: conv32-conv64-fc128-fc10, 3x3 SAME convs, ReLU, 2x2 average pooling),
 random weights and inputs (throughput does not depend on them), one eps. Run it twice:
 

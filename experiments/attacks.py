@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from experiments import keys, store
+from experiments import keys, progress, store
 from experiments.errors import UserError
 from vae_attacks import metrics
 from vae_attacks.attacks import registry, runner
@@ -132,7 +132,7 @@ def _done(log, config, base_row: dict, sweep: _Sweep) -> bool:
   return all(log.has(_row(config, base_row, sweep, e)) for e in sweep.eps)
 
 
-def run_all(config, data, trained, log) -> None:
+def run_all(config, data, trained, log, job=None) -> None:
   """Attacks every model in `trained` with every attack of the config; resumable via `log`.
 
   Three passes over the models (`registry.AttackSpec.cost_pass`): the gradient-step attacks
@@ -144,8 +144,9 @@ def run_all(config, data, trained, log) -> None:
 
   A point (model, attack, eps) whose loss, adversarial images, confidence or distortion hold
   NaN or inf is reported and not written; the other points are, and then NonFiniteError lists
-  the bad ones.
+  the bad ones. `job` (experiments.progress.Job) shows each sweep as a stage of the whole job.
   """
+  job = job or progress.NoJob()
   problems: list[str] = []
   acfg = config.attacks
   root = jax.random.fold_in(jax.random.key(config.seed), 1_000_003)
@@ -157,33 +158,41 @@ def run_all(config, data, trained, log) -> None:
   settings = metrics.EvalSettings.from_config(config.eval)
   out_dir = pathlib.Path(log.path).parent
   shared = _shared_pairs(config, data, trained, root, out_dir) if acfg.shared_pairs else None
+  finished_before = {  # models whose every sweep was already in the log when this run began
+    name: all(
+      _done(log, config, _row_base(config, name), w) for w in _plan(acfg, root, "classifier")
+    )
+    for name in trained
+  }
   for k in range(registry.NUM_PASSES):
     for m_index, (model_name, model) in enumerate(trained.items()):
       key = jax.random.fold_in(root, m_index)
       base_row = _row_base(config, model_name)
       if model.kind == "vae" and "cnn" in trained and acfg.vae.enabled:
         vae_key = jax.random.fold_in(key, 7)
-        todo = [
-          w
-          for w in _plan(acfg, vae_key, "vae")
-          if w.spec.cost_pass == k and not _done(log, config, base_row, w)
-        ]
+        todo = []
+        for w in _plan(acfg, vae_key, "vae"):
+          if w.spec.cost_pass == k and _done(log, config, base_row, w):
+            job.skip("attack", model_name, w.spec.name)
+          elif w.spec.cost_pass == k:
+            todo.append(w)
         if todo:
           chosen = _prefix(shared, acfg.vae.num_pairs)
           target = _vae_target(config, data, model, trained["cnn"], vae_key, settings, chosen)
-          problems += _run_sweeps(config, target, todo, log, base_row, out_dir, runner_kwargs)
-      todo = [
-        w
-        for w in _plan(acfg, key, "classifier")
-        if w.spec.cost_pass == k and not _done(log, config, base_row, w)
-      ]
+          problems += _run_sweeps(config, target, todo, log, base_row, out_dir, runner_kwargs, job)
+      todo = []
+      for w in _plan(acfg, key, "classifier"):
+        if w.spec.cost_pass == k and _done(log, config, base_row, w):
+          job.skip("attack", model_name, w.spec.name)
+        elif w.spec.cost_pass == k:
+          todo.append(w)
       if not todo:
-        if k == registry.NUM_PASSES - 1:
-          logging.info("%s: all attacks already in %s", model_name, log.path)
+        if k == 0 and finished_before[model_name]:
+          logging.info("%s: all classifier attacks already in %s", model_name, log.path)
         continue
       chosen = _prefix(shared, acfg.num_pairs)
       target = _classifier_target(config, data, model, key, settings, chosen)
-      problems += _run_sweeps(config, target, todo, log, base_row, out_dir, runner_kwargs)
+      problems += _run_sweeps(config, target, todo, log, base_row, out_dir, runner_kwargs, job)
   if problems:
     raise NonFiniteError("; ".join(problems))
 
@@ -328,14 +337,18 @@ def _vae_target(config, data, model, judge, key, settings, shared=None) -> _Targ
   )
 
 
-def _run_sweeps(config, t: _Target, todo, log, base_row, out_dir, runner_kwargs) -> list[str]:
+def _run_sweeps(
+  config, t: _Target, todo, log, base_row, out_dir, runner_kwargs, job=None
+) -> list[str]:
   """Runs each sweep of `todo` on target `t` and appends its rows; returns the non-finite
   problems found (their rows are not written)."""
   problems: list[str] = []
   n_examples = config.output.num_examples
   vae = "x_target" in t.row_extra
+  job = job or progress.NoJob()
   for w in todo:
     name = w.spec.name
+    job.start("attack", t.name, name)
     t0 = time.perf_counter()
     measures, quality, nonfinite, examples = [], [], [], None
     for _, res, m in runner.iter_measured_chunks(
@@ -349,6 +362,7 @@ def _run_sweeps(config, t: _Target, todo, log, base_row, out_dir, runner_kwargs)
       measure_params=t.measure_params,
       measure_inputs=t.measure_inputs,
       batched=w.spec.batched,
+      desc=f"{t.name} {name} {w.norm} x {len(w.eps)} {'C' if vae else 'eps'}",
       **runner_kwargs,
       **w.knobs,
     ):
@@ -360,6 +374,7 @@ def _run_sweeps(config, t: _Target, todo, log, base_row, out_dir, runner_kwargs)
       if examples is None:
         examples = res.x_adv[:, :n_examples]
     seconds = time.perf_counter() - t0
+    job.finish()
     measures = jax.tree.map(lambda *p: _cat(p), *measures)
     nonfinite = jax.tree.map(lambda *p: _cat(p), *nonfinite)
     extra, quality_xy = {}, None

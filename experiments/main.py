@@ -12,7 +12,7 @@ import os
 import sys
 
 # One XLA host device per core, so attack sweeps shard their pairs over all cores
-# (PERFORMANCE.md: ~2x on 2 cores). Must be set before jax is imported; it changes nothing
+# (docs/performance.md: ~2x on 2 cores). Must be set before jax is imported; it changes nothing
 # on accelerators, whose devices jax prefers.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
@@ -24,10 +24,12 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import run as run_lib  # noqa: E402
-from experiments import store  # noqa: E402
+from experiments import store, userio  # noqa: E402
 from experiments.errors import UserError  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file[:arg].")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Path to a config file[:arg].\n" + userio.configs_help()
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config.name>).")
 flags.mark_flags_as_required(["config"])
 
@@ -64,6 +66,10 @@ def _explain_override_error(argv, error) -> str:
 
 
 def _parse_flags(argv):
+  problem = userio.config_file_error(argv[1:])
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    sys.exit(2)
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001  (config_flags raises AttributeError, KeyError, ...)
@@ -120,11 +126,17 @@ def main(argv):
     run_lib.run(config, workdir)
   except UserError as e:  # settings, data, a busy workdir, a full disk: one line
     _fail(e)
+  except KeyboardInterrupt:  # Ctrl-C: what is kept, and that a rerun resumes
+    print(f"\n{userio.interrupted(workdir)}", file=sys.stderr)
+    sys.exit(130)
   except Exception as e:
     # A full disk met by a writer that is not ours (a library's file): the same one line.
-    if not store.is_out_of_space(e):
+    if store.is_out_of_space(e):
+      _fail(store.OutOfSpace(getattr(e, "filename", None) or workdir))
+    if not isinstance(e, OSError):
       raise
-    _fail(store.OutOfSpace(getattr(e, "filename", None) or workdir))
+    print(f"error: {userio.os_error(e, workdir)}", file=sys.stderr)  # a read-only workdir
+    sys.exit(2)
 
 
 def _fail(e: UserError) -> None:

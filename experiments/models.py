@@ -179,15 +179,20 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def train_all(config, data, workdir) -> dict[str, Trained]:
-  """Trains every model of `config.models`, in order; checkpoints under workdir/checkpoints."""
+def train_all(config, data, workdir, job=None) -> dict[str, Trained]:
+  """Trains every model of `config.models`, in order; checkpoints under workdir/checkpoints.
+  `job` (experiments.progress.Job) shows each training as a stage of the whole job."""
   root = jax.random.key(config.seed)
   out = {}
   for index, name in enumerate(config.models):
     key = jax.random.fold_in(root, index)
-    ckpt = (workdir / "checkpoints" / name).resolve()
+    ckpt = (pathlib.Path(workdir) / "checkpoints" / name).resolve()
+    if job is not None:
+      job.start("train", name)
     with checkpoint_space(ckpt):
       out[name] = MODELS[name].train(name, config, data, key, ckpt)
+    if job is not None:
+      job.finish(skipped=out[name].metrics.get("train_seconds_this_run", 1.0) == 0.0)
   return out
 
 

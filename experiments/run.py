@@ -12,7 +12,7 @@ import pathlib
 
 import ml_collections
 
-from experiments import keys, store, validate
+from experiments import keys, progress, store, validate
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
 
@@ -48,12 +48,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _run_locked(config, workdir: pathlib.Path) -> dict:
   """`run` of a validated attacks config, holding the workdir's lock."""
   data = workdir_lib.open_run(config, workdir)
+  job = progress.Job(progress.plan(config, len(data.x_train)))
+  job.show_plan(f"{config.name} in {workdir}")
 
   from experiments import models as models_lib  # noqa: PLC0415  (keeps --help fast)
   from vae_attacks import train as train_lib  # noqa: PLC0415
 
   try:
-    trained = models_lib.train_all(config, data, workdir)  # a full disk: store.OutOfSpace
+    trained = models_lib.train_all(config, data, workdir, job=job)  # full disk: OutOfSpace
   except (train_lib.CheckpointError, train_lib.NonFiniteError) as e:  # names model and folder
     raise UserError(str(e)) from None
   train_metrics = {name: m.metrics for name, m in trained.items()}
@@ -62,8 +64,9 @@ def _run_locked(config, workdir: pathlib.Path) -> dict:
   from experiments import attacks as attacks_lib  # noqa: PLC0415
 
   log = store.ResultsLog(workdir / "results.jsonl", keys.RESULT_KEY)
-  attacks_lib.run_all(config, data, trained, log)
+  attacks_lib.run_all(config, data, trained, log, job=job)
   _report(workdir)
+  job.last_line(workdir)
   return {"train": train_metrics, "results": log.rows}
 
 
@@ -81,6 +84,7 @@ def _run_study(config, workdir: pathlib.Path) -> dict:
   with workdir_lib.locked(workdir):
     out = {part: run(config[part], str(workdir / part)) for part in config.runs}
     _report(workdir, parts=[workdir / part for part in config.runs])
+  progress.Job([]).last_line(workdir)
   return out
 
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 from absl import logging
 
-from experiments import keys, store
+from experiments import identity, keys, store
 from experiments.errors import UserError
 from vae_attacks import data as data_lib
 
@@ -149,7 +149,9 @@ def claim_workdir(config, workdir: pathlib.Path, fixed=IMAGE_CLAIM_FIELDS) -> No
       old = None
       logging.warning("%s is not valid JSON and nothing was made under it: replaced", path)
     if old is not None:
-      changed = keys.diff({k: old.get(k) for k in fixed}, {k: new.get(k) for k in fixed})
+      # Where the data were read from is not part of a run's identity (experiments/identity.py).
+      old_id, new_id = identity.without_location(old), identity.without_location(new)
+      changed = keys.diff({k: old_id.get(k) for k in fixed}, {k: new_id.get(k) for k in fixed})
       if changed and products:
         raise UserError(
           f"workdir {workdir} belongs to a different config (differs in: "
@@ -172,6 +174,13 @@ def open_run(config, workdir: pathlib.Path) -> data_lib.Dataset:
     data = data_lib.load(config.data)
   except data_lib.DataError as e:
     raise UserError(str(e)) from None
+  identity.check_data(
+    workdir,
+    data,
+    record=True,
+    folder=identity.source_folder(config.data),
+    products=has_products(workdir),
+  )
   logging.info(
     "data %s: train %s, test %s, %d classes",
     data.name,

@@ -445,8 +445,24 @@ def test_progress_line(capsys):
   runner.run_attack(
     tiny_attack, linear_logits, params, x, target, EPS_GRID, chunk_size=3, progress=True, key=KEY
   )
+  assert capsys.readouterr().err == ""  # stderr is no terminal: a sweep under 30 s leaves no line
+
+
+def test_progress_lines_in_a_log_carry_the_label(capsys, monkeypatch):
+  """With stderr not a terminal, the bar is plain lines (no carriage returns), with `desc`."""
+  from vae_attacks import progress  # noqa: PLC0415
+
+  monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
+  params = linear_model()
+  x, target = data(10)
+  runner.run_attack(
+    tiny_attack, linear_logits, params, x, target, EPS_GRID, chunk_size=3, key=KEY,
+    desc="cnn bim linf x 2 eps",
+  )  # fmt: skip
   err = capsys.readouterr().err
-  assert "10/10" in err and "pair/s" in err
+  assert "\r" not in err and err.endswith("\n")
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("cnn bim linf x 2 eps: 100%") and "10/10" in last and "pair/s" in last
 
 
 def test_summarise():

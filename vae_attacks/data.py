@@ -558,7 +558,8 @@ def _tfds_builder(s: _Settings, why: str):
   except ImportError as e:
     raise DataError(
       f"Loading {s.name} through TFDS ({why}) needs tensorflow-datasets, which cannot be "
-      f"imported ({e}). Install it, or: " + _HOW_TO_POINT
+      f"imported ({e}): the core install reads local files only. Add the TFDS extra "
+      "(pip install -e '.[tfds]' in the repository, installs TensorFlow), or: " + _HOW_TO_POINT
     ) from e
   try:
     builder = tfds.builder(s.name, data_dir=s.tfds_data_dir or None)

@@ -353,7 +353,6 @@ def row_stats(m: PairMeasures) -> dict:
     success_rate_ci=[rate_lo, rate_hi],
     mean_target_prob=pmean,
     mean_target_prob_ci=[plo, phi],
-    mean_confidence=pmean,
     validity_rate=vrate,
     validity_rate_ci=[vlo, vhi],
     mean_ssim=float(np.mean(m.ssim)),

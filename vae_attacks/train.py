@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from vae_attacks import losses, models
+from vae_attacks import progress as progress_lib
 from vae_attacks.attacks import runner
 from vae_attacks.types import Array, LogitsFn, Params, PRNGKey
 
@@ -439,11 +440,18 @@ def fit(
     perm = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), n).astype(jnp.int32)
     epoch_key = jax.random.fold_in(step_key, epoch)
     step_losses = []
+    # Progress inside the epoch; the bar follows the step before the last dispatched one.
+    bar = progress_lib.bar(steps, desc=f"{name} epoch {epoch + 1}/{epochs}", unit="step",
+                           leave=False)  # fmt: skip
     for i in range(steps):
       state, loss = train_step(
         state, x_train, y_train, perm, epoch_key, np.int32(i), np.int32(epoch)
       )
       step_losses.append(loss)
+      if i:
+        step_losses[-2].block_until_ready()
+        bar.update(1)
+    bar.close()
     train_loss = float(jnp.mean(jnp.stack(step_losses)))
     epoch_seconds = time.perf_counter() - t0
     seconds += epoch_seconds

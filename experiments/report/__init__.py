@@ -138,7 +138,9 @@ def _write(
   if data:
     study_figs = write_study_figures(data, out_dir / "figures") if figures else []
     top = study_markdown(data, floor=weak_floor, figures=study_figs, out_dir=out_dir)
-  text = render_summary(views, title=title, out_dir=out_dir, figures=figs, top=top)
+  text = render_summary(
+    views, title=title, out_dir=out_dir, figures=figs, top=top, weak_floor=weak_floor
+  )
   path = out_dir / "summary.md"
   store.write_text_atomic(path, text)
   return path

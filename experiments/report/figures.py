@@ -54,6 +54,14 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 _STYLES = ("-", "--", "-.", ":")
 
 
+def _pairs_text(rows: Sequence[Mapping]) -> str:
+  """How many pairs each point of a rates figure is over."""
+  ns = sorted({int(r["n_pairs"]) for r in rows if isinstance(r.get("n_pairs"), int)})
+  if not ns:
+    return "pairs not recorded"
+  return f"{ns[0]} pairs per point" if len(ns) == 1 else f"{ns[0]}-{ns[-1]} pairs per point"
+
+
 def plot_rates(rows: Sequence[Mapping], path: pathlib.Path, title: str) -> pathlib.Path:
   """Success rate and mean target confidence against eps, one column per norm family.
 
@@ -72,8 +80,8 @@ def plot_rates(rows: Sequence[Mapping], path: pathlib.Path, title: str) -> pathl
     for a_index, (attack, rs) in enumerate(sorted(by_attack.items())):
       rs = sorted(rs, key=lambda r: num(r["eps"]))
       eps = np.array([num(r["eps"]) for r in rs])
-      for i, field in enumerate(("success_rate", "mean_confidence")):
-        ci_field = "success_rate" if field == "success_rate" else "mean_target_prob"
+      for i, field in enumerate(("success_rate", "mean_target_prob")):
+        ci_field = field
         y = np.array([num(r.get(field)) if num(r.get(field)) is not None else np.nan for r in rs])
         err = np.zeros((2, len(rs)))
         for k, r in enumerate(rs):
@@ -101,7 +109,7 @@ def plot_rates(rows: Sequence[Mapping], path: pathlib.Path, title: str) -> pathl
       ax.grid(alpha=0.3)
       ax.set_title(fam)
       ax.legend(fontsize=8)
-  fig.suptitle(title)
+  fig.suptitle(f"{title} ({_pairs_text(rows)})")
   set_margins(fig, left=0.75, right=0.2, bottom=0.6, top=0.65, wspace=0.3, hspace=0.45)
   return save_figure(fig, path)
 
@@ -170,7 +178,7 @@ def plot_examples(
     if target is not None and i < len(target):
       label.append(f"→ {int(target[i])}")
     axes[i, 0].set_ylabel(" ".join(label), fontsize=8)
-  fig.suptitle(f"{title}, eps {float(eps[e]):.4g}", fontsize=9)
+  fig.suptitle(f"{title}, eps {float(eps[e]):.4g}: the first {n} of the sweep's pairs", fontsize=9)
   set_margins(fig, left=0.35, right=0.1, bottom=0.25, top=0.6, wspace=0.08, hspace=0.2)
   return save_figure(fig, path)
 

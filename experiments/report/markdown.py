@@ -29,6 +29,7 @@ from experiments.report.tables import (
   sort_rows,
   table,
   train_table,
+  weak_model_warnings,
 )
 from experiments.report.verdicts import (
   H1_TEXT,
@@ -271,7 +272,9 @@ def _figure_links(model_figs: Mapping[str, list], out_dir: pathlib.Path) -> list
   return parts
 
 
-def _dataset_section(v: DatasetView, out_dir: pathlib.Path, model_figs: Mapping) -> list[str]:
+def _dataset_section(
+  v: DatasetView, out_dir: pathlib.Path, model_figs: Mapping, weak_floor: float
+) -> list[str]:
   parts = [f"## {v.name.upper()}", ""]
   where = ", ".join(
     "this folder" if rel(w, out_dir) == "." else f"`{rel(w, out_dir)}`" for w in v.workdirs
@@ -291,11 +294,21 @@ def _dataset_section(v: DatasetView, out_dir: pathlib.Path, model_figs: Mapping)
     )
   parts += ["".join(notes) + ".", ""]
   parts += ["### Trained models", "", train_table(v.train) if v.train else "(none yet)", ""]
+  warnings = weak_model_warnings(v.train or {}, v.name, weak_floor)
+  if warnings:
+    parts += ["\n\n".join(warnings), ""]
   parts += _reference_tables(v.rows)
   auddc = auddc_lines(v.rows)
   if auddc:
-    header = ("model", "attack", "C grid", "AUDDC mean ± std", "95% CI", "n pairs")
+    header = ("model", "attack", "C grid", "AUDDC mean ± std", "95% CI", "n pairs", "left out")
     parts += ["### AUDDC (lower: stronger attack)", "", table(header, auddc), ""]
+    parts += [
+      "n pairs: the pairs with a finite AUDDC, over which the mean is taken; left out: the "
+      "row's other pairs, whose curve is undefined (`metrics.quality_curve_point`): the VAE "
+      "reconstructs the target no closer to it than it reconstructs the source (common for a "
+      "weak VAE), or the source equals the target.",
+      "",
+    ]
   parts += _figure_links(model_figs, out_dir)
   if v.defense_rows:
     parts += [defense_markdown(v.defense_rows), ""]
@@ -314,13 +327,16 @@ def render_summary(
   out_dir: pathlib.Path,
   figures: Mapping[str, Mapping[str, list]] | None = None,
   top: str = "",
+  weak_floor: float = 0.9,
 ) -> str:
   """The markdown of summary.md for `views` (figures: {dataset: {model: [png paths]}}); `top`
-  (the study section, when the rows have per-pair records) goes right under the title."""
+  (the study section, when the rows have per-pair records) goes right under the title; a
+  model at chance level, or below `weak_floor` x its dataset's best, gets a warning under the
+  trained models' table."""
   figures = figures or {}
   parts = [f"# {title}", "", *([top.rstrip(), ""] if top else [])]
   present = {r.get("attack") for v in views for r in v.rows}
   parts += [how_to_read(present), "## Verdicts", "", *_verdicts(views)]
   for v in views:
-    parts += _dataset_section(v, out_dir, figures.get(v.name, {}))
+    parts += _dataset_section(v, out_dir, figures.get(v.name, {}), weak_floor)
   return "\n".join(parts).rstrip() + "\n"

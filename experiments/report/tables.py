@@ -96,7 +96,7 @@ def reference_line(r: Mapping) -> list[str]:
   modal, counts = _effect_cells(r)
   return [
     *_cell_and_success(r),
-    fmt_rate(r.get("mean_confidence")),
+    fmt_rate(r.get("mean_target_prob", r.get("mean_confidence"))),  # older rows: both
     fmt_rate(r.get("validity_rate")),
     modal,
     counts,
@@ -175,6 +175,48 @@ def train_table(train: Mapping) -> str:
   return table(header, lines)
 
 
+# Classes of a dataset when fixed (LFW's depend on data.min_faces_per_person).
+NUM_CLASSES = {"mnist": 10}
+
+
+def weak_model_warnings(train: Mapping, dataset: str, floor: float) -> list[str]:
+  """One warning per model too weak for a verdict: at chance level (test accuracy at most 1.5x
+  that of guessing, for a dataset with a fixed class count), or below `floor` x the best
+  model's test accuracy (the study section's weak-model floor)."""
+  acc = {
+    m: float(v["test_accuracy"])
+    for m, v in train.items()
+    if isinstance(v, dict) and isinstance(v.get("test_accuracy"), (int, float))
+  }
+  if not acc:
+    return []
+  best_model = max(acc, key=acc.get)
+  best, k = acc[best_model], NUM_CLASSES.get(dataset)
+  out = []
+  for m, a in acc.items():
+    if k and a <= 1.5 / k:
+      out.append(
+        f"⚠ **{m} is at chance level**: test accuracy {a:.3f}, guessing gives {1 / k:.3f} "
+        f"({k} classes); its rows say nothing about its robustness, and no verdict should rest "
+        "on them (train it longer: the :quick configs are for trying the pipeline)."
+      )
+    elif a < floor * best:
+      out.append(
+        f"⚠ **{m} is weak**: test accuracy {a:.3f} is below {floor:g} x that of {best_model} "
+        f"({best:.3f}); comparisons involving it are weak evidence (the study section gives "
+        "every verdict with and without it)."
+      )
+  return out
+
+
+def _left_out(r: Mapping) -> str:
+  """Pairs of the row without a finite AUDDC (left out of the mean), or '' when unknown."""
+  n, kept = r.get("n_pairs"), r.get("n_auddc_pairs")
+  if not isinstance(n, int) or not isinstance(kept, int):
+    return ""
+  return str(n - kept)
+
+
 def auddc_lines(rows: Sequence[Mapping]) -> list[list[str]]:
   """One line per (model, attack, AUDDC value): the area is over the C grid, which every row
   of that grid repeats; the grid's C values are listed."""
@@ -193,6 +235,7 @@ def auddc_lines(rows: Sequence[Mapping]) -> list[list[str]]:
         f"{fmt_rate(mean)} ± {fmt_rate(std)}",
         fmt_ci(rs[0].get("auddc_ci")),
         fmt_num(rs[0].get("n_auddc_pairs")),
+        _left_out(rs[0]),
       ]
     )
   return lines

@@ -128,7 +128,7 @@ def bim(
     key: PRNG key for the random start.
     early_stop: freeze a pair once the attack succeeds.
     unroll: `lax.scan` unrolling; True (default) unrolls fully, which XLA on CPU runs
-      ~1.7x faster than a rolled loop of small convolutions (PERFORMANCE.md); pass 1 for
+      ~1.7x faster than a rolled loop of small convolutions (docs/performance.md); pass 1 for
       a rolled loop when compile time matters more (many steps, big models).
     sparsity: SLIDE's percentile q in [0, 1) (l1 only): the top 1 - q fraction of the
       coordinates (at least one) move each step; 0.99 moves the top 1%.

@@ -2,7 +2,7 @@
 
 Every attack in this package is written for ONE pair and ONE epsilon,
 `attack(logits_fn, params, x[H, W, C], target[], *, eps, <knobs>) -> AttackResult`.
-This module is the one place where batching happens (STYLE.md, "Batching lives in one place"):
+This module is the one place where batching happens (docs/style.md, "Batching lives in one place"):
 
 - `make_pairs` picks the (source, target) pairs of an experiment from a data split, with the
   target-selection strategies of the adversarial-examples literature (random other class, next
@@ -31,10 +31,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vae_attacks import progress as progress_lib
 from vae_attacks.attacks.base import AttackResult
 from vae_attacks.types import Array, LogitsFn, Params, PRNGKey
 
@@ -302,7 +302,7 @@ def pairs_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
   On a CPU, `XLA_FLAGS=--xla_force_host_platform_device_count=<cores>` (set before jax is
   imported) makes one host device per core; sharding pairs over them nearly doubles attack
-  throughput on 2 cores (PERFORMANCE.md). On GPUs the same mesh spreads pairs over the GPUs.
+  throughput on 2 cores (docs/performance.md). On GPUs the same mesh spreads pairs over the GPUs.
   """
   devices = list(jax.devices() if devices is None else devices)
   return Mesh(np.array(devices), (PAIRS_AXIS,))
@@ -442,6 +442,7 @@ def iter_attack_chunks(
   memory_budget_bytes: int | None = None,
   mesh: Mesh | None = None,
   progress: bool = True,
+  desc: str | None = None,
   batched: Callable | None = None,
   **attack_kwargs,
 ) -> Iterator[tuple[slice, AttackResult]]:
@@ -477,6 +478,8 @@ def iter_attack_chunks(
       chunk_size is None.
     mesh: a 1-D mesh over axis 'pairs' (see `pairs_mesh`) to shard each chunk's pairs.
     progress: show a tqdm line (pairs/s, ETA) on stderr.
+    desc: the progress line's label (e.g. "cnn bim linf x 3 eps"; default: the attack's
+      function name and the number of eps).
     batched: the host-loop strategy: a batched form of `attack`,
       `batched(logits_fn, params, x[B, ...], target[B], *, eps[B], **knobs) -> AttackResult[B]`
       (e.g. `lbfgs.lbfgs_batch`, a host loop over compiled solver steps) run on the chunk's
@@ -517,7 +520,7 @@ def iter_attack_chunks(
     return _host_loop_chunks(
       batched, logits_fn, params, x, target, eps_grid, dict((n, v) for n, _, v in static),
       chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes, mesh=mesh,
-      progress=progress,
+      progress=progress, desc=desc,
     )  # fmt: skip
   sweep = _sweep(attack, logits_fn, static, dyn_names, has_key, mesh)
   devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
@@ -567,7 +570,7 @@ def iter_attack_chunks(
       chunk = max(n_dev, min(chunk, fit - fit % n_dev))
   executable = sweep.executable(abstract(chunk))
 
-  desc = f"{getattr(attack, '__name__', 'attack')} x {eps_grid.shape[0]} eps"
+  desc = desc or f"{getattr(attack, '__name__', 'attack')} x {eps_grid.shape[0]} eps"
   # Everything above runs now (errors and compilation at the call); the chunks run on iteration.
   return _run_chunks(executable, args_for, n_pairs, chunk, desc=desc, progress=progress)
 
@@ -581,7 +584,7 @@ _HOST_LOOP_BYTES_PER_INPUT = 32
 
 def _host_loop_chunks(
   batched, logits_fn, params, x, target, eps_grid, knobs, *, chunk_size, memory_budget_bytes,
-  mesh, progress,
+  mesh, progress, desc=None,
 ):  # fmt: skip
   """`iter_attack_chunks` with the host-loop strategy: each chunk's pairs x eps problems are
   solved together by `batched`, with the problems sharded over the mesh."""
@@ -611,13 +614,13 @@ def _host_loop_chunks(
     res = batched(logits_fn, params, put(xs), put(ts), eps=put(es), **knobs)
     return jax.tree.map(lambda a: a.reshape(n_eps, len(idx), *a.shape[1:]), res)
 
-  desc = f"{getattr(batched, '__name__', 'attack')} x {n_eps} eps"
+  desc = desc or f"{getattr(batched, '__name__', 'attack')} x {n_eps} eps"
   return _run_chunks(solve, lambda idx: (idx,), n_pairs, chunk, desc=desc, progress=progress)
 
 
 def _run_chunks(executable, args_for, n_pairs, chunk, *, desc, progress):
   """Yields (slice, host result) per chunk, dispatching the next chunk before fetching one."""
-  bar = tqdm.tqdm(total=n_pairs, unit="pair", desc=desc, disable=not progress, dynamic_ncols=True)
+  bar = progress_lib.bar(n_pairs, desc=desc, unit="pair", disable=not progress)
 
   def fetch(pending):
     pairs, out = pending
