@@ -132,6 +132,19 @@ def _done(log, config, base_row: dict, sweep: _Sweep) -> bool:
   return all(log.has(_row(config, base_row, sweep, e)) for e in sweep.eps)
 
 
+def _todo(plan, k: int, log, config, base_row: dict, job, model_name: str) -> list:
+  """The sweeps of pass k still to run (those done are reported to the progress display)."""
+  todo = []
+  for w in plan:
+    if w.spec.cost_pass != k:
+      continue
+    if _done(log, config, base_row, w):
+      job.skip("attack", model_name, w.spec.name)
+    else:
+      todo.append(w)
+  return todo
+
+
 def run_all(config, data, trained, log, job=None) -> None:
   """Attacks every model in `trained` with every attack of the config; resumable via `log`.
 
@@ -170,22 +183,12 @@ def run_all(config, data, trained, log, job=None) -> None:
       base_row = _row_base(config, model_name)
       if model.kind == "vae" and "cnn" in trained and acfg.vae.enabled:
         vae_key = jax.random.fold_in(key, 7)
-        todo = []
-        for w in _plan(acfg, vae_key, "vae"):
-          if w.spec.cost_pass == k and _done(log, config, base_row, w):
-            job.skip("attack", model_name, w.spec.name)
-          elif w.spec.cost_pass == k:
-            todo.append(w)
+        todo = _todo(_plan(acfg, vae_key, "vae"), k, log, config, base_row, job, model_name)
         if todo:
           chosen = _prefix(shared, acfg.vae.num_pairs)
           target = _vae_target(config, data, model, trained["cnn"], vae_key, settings, chosen)
           problems += _run_sweeps(config, target, todo, log, base_row, out_dir, runner_kwargs, job)
-      todo = []
-      for w in _plan(acfg, key, "classifier"):
-        if w.spec.cost_pass == k and _done(log, config, base_row, w):
-          job.skip("attack", model_name, w.spec.name)
-        elif w.spec.cost_pass == k:
-          todo.append(w)
+      todo = _todo(_plan(acfg, key, "classifier"), k, log, config, base_row, job, model_name)
       if not todo:
         if k == 0 and finished_before[model_name]:
           logging.info("%s: all classifier attacks already in %s", model_name, log.path)

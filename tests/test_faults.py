@@ -425,6 +425,21 @@ def test_rows_of_an_older_format_and_broken_rows_on_a_rerun(data_root, tmp_path,
   assert len(shown) == 4 and all(r["validity_rate"] is not None for r in shown)
 
 
+def _set_field(config, field: str, value) -> None:
+  """Sets `field` ('a.b.c' or 'a.b.c[i]' for an item of a tuple) of `config` to `value`."""
+  path, _, index = field.partition("[")
+  section, _, attr = path.rpartition(".")
+  node = config
+  for p in filter(None, section.split(".")):
+    node = node[p]
+  if index:
+    items = list(node[attr])
+    items[int(index[:-1])] = value
+    node[attr] = tuple(items)
+  else:
+    node[attr] = value
+
+
 @pytest.mark.parametrize("name", ["mnist_cnn", "study", "mnist_defenses", "lfw_defenses"])
 def test_every_numeric_setting_rejects_nan_inf_and_negative(name):
   """For every number of the :quick config (tuples item by item, every section), NaN, inf and
@@ -438,24 +453,15 @@ def test_every_numeric_setting_rejects_nan_inf_and_negative(name):
             for f, v in validate._numeric_leaves(part, "")]  # fmt: skip
   assert len(fields) > 40
   tried = 0
-  for i, field, _ in fields:
+  for i, field, value in fields:
     for bad in (float("nan"), float("inf"), -1):
       config = importlib.import_module(f"configs.{name}").get_config("quick")
       part = config[config.runs[i]] if "runs" in config else config
-      path, _, index = field.partition("[")
-      section, _, attr = path.rpartition(".")
-      node = part
-      for p in filter(None, section.split(".")):
-        node = node[p]
+      path = field.partition("[")[0]
       try:
-        if index:
-          items = list(node[attr])
-          items[int(index[:-1])] = bad
-          node[attr] = tuple(items)
-        else:
-          node[attr] = bad
+        _set_field(part, field, bad)
       except TypeError:  # an int field refuses a float: it can never hold NaN
-        assert isinstance(bad, float) and isinstance(node[attr], int)
+        assert isinstance(bad, float) and isinstance(value, int)
         continue
       with pytest.raises(validate.ConfigError) as err:
         validate.validate(part)
@@ -541,18 +547,9 @@ def test_comm_settings_reject_nan_and_inf_in_every_number():
   for field, _ in fields:
     for bad in (float("nan"), float("inf")):
       config = importlib.import_module("configs.comm_ae").get_config("quick")
-      path, _, index = field.partition("[")
-      section, _, attr = path.rpartition(".")
-      node = config
-      for p in filter(None, section.split(".")):
-        node = node[p]
+      path = field.partition("[")[0]
       try:
-        if index:
-          items = list(node[attr])
-          items[int(index[:-1])] = bad
-          node[attr] = tuple(items)
-        else:
-          node[attr] = bad
+        _set_field(config, field, bad)
       except TypeError:  # an int field refuses a float
         continue
       with pytest.raises(UserError) as err:
