@@ -36,9 +36,12 @@ class _VaeMeasure(NamedTuple):
   model: object  # vae_attacks.VAEModel
 
   def __call__(self, params, x, x_target, result):
-    vae = params["vae"]
-    logits = self.model.judge(params["judge"], self.model.reconstruct(vae, result.x_adv))
-    quality = vae_attacks.quality_point(self.model.reconstruct, vae, x, x_target, result.x_adv)
+    vae, rec = params["vae"], self.model.reconstruct
+    rec_adv = rec(vae, result.x_adv)  # one reconstruction: the judge's input and the AUDDC's
+    logits = self.model.judge(params["judge"], rec_adv)
+    quality = metrics.quality_curve_point(
+      x, x_target, result.x_adv - x, rec_adv, rec(vae, x), rec(vae, x_target)
+    )
     return metrics.pair_measures(x, result, self.settings, logits), quality
 
 

@@ -36,6 +36,7 @@ from experiments import keys, store
 from experiments import validate as validate_lib
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
+from experiments.report.figures import new_figure, save_figure
 from vae_attacks import metrics
 from vae_attacks.attacks import runner
 from vae_attacks.comms import attacks as attacks_lib
@@ -165,7 +166,11 @@ def run(config, workdir) -> dict:
   train_metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
   log = store.ResultsLog(workdir / "results.jsonl", ROW_KEY, store.COMM_KINDS)
   a = config.attacks
-  mesh = runner.pairs_mesh() if a.shard and jax.device_count() > 1 else None
+  runner_kwargs = dict(
+    mesh=runner.pairs_mesh() if a.shard and jax.device_count() > 1 else None,
+    chunk_size=int(a.chunk_size) or None,
+    memory_budget_bytes=int(a.memory_budget_mb * 2**20),
+  )
   ebn0_grid = tuple(float(e) for e in config.eval.ebn0_db)
   psrs = sorted({float(p) for p in (*a.psr_db, *a.curve_psr_db)})
 
@@ -217,9 +222,7 @@ def run(config, workdir) -> dict:
         blocks=int(config.eval.blocks),
         table=tables.get((attack, psr)),
         key=eval_key,
-        mesh=mesh,
-        chunk_size=int(a.chunk_size) or None,
-        memory_budget_bytes=int(a.memory_budget_mb * 2**20),
+        runner_kwargs=runner_kwargs,
       )
       for row in rows:
         log.append(dict(row, dataset=DATASET, model=name, settings=settings))
@@ -378,11 +381,10 @@ def evaluate(
   blocks: int,
   table,
   key,
-  mesh=None,
-  chunk_size=None,
-  memory_budget_bytes=None,
+  runner_kwargs: dict | None = None,
 ) -> list[dict]:
-  """BLER rows (one per Eb/N0) of `attack` at `psr_db`: the runner's sweep over blocks x Eb/N0.
+  """BLER rows (one per Eb/N0) of `attack` at `psr_db`: the runner's sweep over blocks x Eb/N0
+  (`runner_kwargs`: mesh, chunk_size, memory_budget_bytes of `runner.iter_attack_chunks`).
 
   Returns:
     dicts with attack, psr_db, ebn0_db, blocks, block_errors, bler, bler_lo, bler_hi (95%
@@ -405,10 +407,8 @@ def evaluate(
     messages,
     messages,
     np.asarray(ebn0_grid, np.float32),
-    chunk_size=chunk_size,
-    memory_budget_bytes=memory_budget_bytes,
-    mesh=mesh,
     progress=False,
+    **(runner_kwargs or {}),
     mode=mode,
     delta=table,
     energy=jnp.asarray(energy, jnp.float32),
@@ -587,21 +587,6 @@ def write_report(workdir: pathlib.Path, rows, config, train_metrics) -> None:
   store.write_text_atomic(workdir / "summary.md", "\n".join(lines) + "\n")
 
 
-def _new_figure(width, height):
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
-  from matplotlib.figure import Figure  # noqa: PLC0415
-
-  fig = Figure(figsize=(width, height), dpi=100)
-  FigureCanvasAgg(fig)
-  return fig
-
-
-def _save(fig, path: pathlib.Path) -> pathlib.Path:
-  """The PNG rendered in memory, then written atomically: a full disk is one OutOfSpace."""
-  store.write_with(path, lambda f: fig.savefig(f, format="png"))
-  return path
-
-
 def _style(ax, xlabel: str, title: str, legend: float | None) -> None:
   """Log BLER axis, labels and grid; a legend of font size `legend` (None: none)."""
   ax.set_yscale("log")
@@ -629,7 +614,7 @@ def write_figures(workdir, rows, models, attacks, grid, psrs, op) -> list[pathli
   idx = _index(rows)
   out = []
   for m in models:
-    fig = _new_figure(4.2 * len(psrs), 3.8)
+    fig = new_figure(4.2 * len(psrs), 3.8)
     for i, psr in enumerate(psrs):
       ax = fig.add_subplot(1, len(psrs), i + 1)
       _curve(ax, [idx.get((m, "none", None, e)) for e in grid], "ebn0_db", "no attack", color="k")
@@ -637,8 +622,8 @@ def write_figures(workdir, rows, models, attacks, grid, psrs, op) -> list[pathli
         _curve(ax, [idx.get((m, att, psr, e)) for e in grid], "ebn0_db", att)
       _style(ax, "Eb/N0 (dB)", f"{m}, PSR {psr:g} dB", 7 if i == 0 else None)
     fig.tight_layout()
-    out.append(_save(fig, workdir / "figures" / f"bler_vs_ebn0_{m}.png"))
-  fig = _new_figure(4.2 * len(models), 3.8)
+    out.append(save_figure(fig, workdir / "figures" / f"bler_vs_ebn0_{m}.png"))
+  fig = new_figure(4.2 * len(models), 3.8)
   all_psrs = sorted({r["psr_db"] for r in rows if r["psr_db"] is not None})
   for i, m in enumerate(models):
     ax = fig.add_subplot(1, len(models), i + 1)
@@ -649,11 +634,11 @@ def write_figures(workdir, rows, models, attacks, grid, psrs, op) -> list[pathli
       ax.axhline(none["bler"], color="k", ls="--", label="no attack")
     _style(ax, "PSR (dB)", f"{m}, Eb/N0 {op:g} dB", 7 if i == 0 else None)
   fig.tight_layout()
-  out.append(_save(fig, workdir / "figures" / "bler_vs_psr.png"))
+  out.append(save_figure(fig, workdir / "figures" / "bler_vs_psr.png"))
   versus = [m for m in ("mlp_ae", "mlp_ae_iq", "hamming74_ml", "hamming74_hard") if m in models]
   if len(versus) > 1:
     comp = [att for att in ("jamming", "uap", "substitute") if att in attacks]
-    fig = _new_figure(4.2 * len(psrs), 3.8)
+    fig = new_figure(4.2 * len(psrs), 3.8)
     styles = dict(jamming=":", uap="-", substitute="--")
     for i, psr in enumerate(psrs):
       ax = fig.add_subplot(1, len(psrs), i + 1)
@@ -665,5 +650,5 @@ def write_figures(workdir, rows, models, attacks, grid, psrs, op) -> list[pathli
         ax, "Eb/N0 (dB)", f"autoencoder vs Hamming(7,4), PSR {psr:g} dB", 6 if i == 0 else None
       )
     fig.tight_layout()
-    out.append(_save(fig, workdir / "figures" / "ae_vs_hamming.png"))
+    out.append(save_figure(fig, workdir / "figures" / "ae_vs_hamming.png"))
   return out

@@ -250,7 +250,7 @@ def test_vmapped_sweep_equals_a_loop(trained_ae):
   for mode, attack in (("shifted", "uap_unsync"), ("jamming", "jamming"), ("table", "uap")):
     rows = comm.evaluate(
       ae, params, attack=attack, psr_db=-3.0, ebn0_grid=grid, blocks=blocks, table=table,
-      key=key, chunk_size=8,
+      key=key, runner_kwargs=dict(chunk_size=8),
     )  # fmt: skip
     energy = jnp.float32(attacks.psr_energy(-3.0, ae.n))
     one = jax.jit(system_lib.transmit_block, static_argnums=0, static_argnames="mode")
