@@ -22,6 +22,7 @@ import os
 import pathlib
 import socket
 import sys
+import time
 from collections.abc import Iterator
 
 from absl import logging
@@ -84,7 +85,15 @@ def locked(workdir: os.PathLike) -> Iterator[pathlib.Path]:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      holder = _read_holder(fd) or "another process (starting up)"
+      # The holder writes its line right after taking the lock: give it a moment, so that the
+      # message names it (two runs started together meet exactly there).
+      holder = _read_holder(fd)
+      for _ in range(20):
+        if holder:
+          break
+        time.sleep(0.1)
+        holder = _read_holder(fd)
+      holder = holder or "another process (starting up)"
       raise WorkdirBusy(
         f"workdir {workdir} is in use by {holder} (lock {path}); wait for that run to end or "
         "use another --workdir"
