@@ -227,10 +227,16 @@ def _shared_pairs(config, data, trained, root, out_dir: pathlib.Path):
   vae_attacks_on = (
     bool(acfg.vae.enabled) and "cnn" in trained and any(m.kind == "vae" for m in trained.values())
   )
+  # Each model's clean prediction of every test example, kept with the pairs: a comparison
+  # across runs on the same pairs (the study's resolution sweep) keeps the pairs every model
+  # classified correctly.
+  predictions = {}
+  for model in trained.values():
+    logits = runner.batched_logits(model.logits_fn, model.params, data.x_test)
+    predictions[f"prediction_{model.name}"] = np.argmax(logits, -1)
   if acfg.only_correct:
     for model in trained.values():
-      logits = runner.batched_logits(model.logits_fn, model.params, data.x_test)
-      eligible &= np.argmax(logits, -1) == y
+      eligible &= predictions[f"prediction_{model.name}"] == y
       if model.kind == "vae" and vae_attacks_on:
         judge = trained["cnn"]
         fn = _ReconstructThen(model.vae.reconstruct, judge.logits_fn)
@@ -259,7 +265,7 @@ def _shared_pairs(config, data, trained, root, out_dir: pathlib.Path):
   )
   store.save_npz_atomic(
     path, index=pairs.index, source_label=pairs.source_label, target=pairs.target,
-    target_image=target_images, eligible=eligible,
+    target_image=target_images, eligible=eligible, **predictions,
   )  # fmt: skip
   logging.info(
     "pairs: %d shared by every model, %d distinct sources (%d of %d test examples eligible)",

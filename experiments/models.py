@@ -9,6 +9,9 @@ same functions (`train_cnn`, `train_vae`, `train_latent_classifier`).
 """
 
 import contextlib
+import json
+import math
+import os
 import pathlib
 import shutil
 from collections.abc import Callable, Iterator
@@ -16,7 +19,9 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import numpy as np
 from absl import logging
+from flax import serialization
 
 from experiments import store
 from vae_attacks import models, train
@@ -119,20 +124,41 @@ def train_latent_classifier(
   return clf, params, kept_metrics(m, params["clf"], "classifier")
 
 
-def _train_classifier(name, config, data, key, checkpoint_dir: pathlib.Path) -> Trained:
-  cnn, params, metrics = train_cnn(
-    name, config.model[name], config.train[name], data, key=key, checkpoint_dir=str(checkpoint_dir)
+def _fit_classifier(name, config, data, key, checkpoint_dir: pathlib.Path, trained) -> tuple:
+  """A CNN of `config.model[name]` trained with `config.train[name]`: (params, kept metrics).
+
+  A train section with `match_to: <model>` is the study's accuracy-matched control: the same
+  training, stopped after the first epoch whose test accuracy reaches that (earlier) model's
+  (`TrainSettings.stop_at_accuracy`)."""
+  section = dict(config.train[name])
+  match_to = section.pop("match_to", "")
+  if match_to:
+    section["stop_at_accuracy"] = float(trained[match_to].metrics["test_accuracy"])
+    logging.info(
+      "%s: trained until its test accuracy reaches %s's %.4f",
+      name, match_to, section["stop_at_accuracy"],
+    )  # fmt: skip
+  _, params, kept = train_cnn(
+    name, config.model[name], section, data, key=key, checkpoint_dir=str(checkpoint_dir)
   )
+  if match_to:
+    kept["matched_to"] = match_to
+  return params, kept
+
+
+def _wrap_classifier(name, config, data, params, metrics) -> Trained:
+  cnn = MODELS[name].build(config.model[name], data)
   return Trained(name, "classifier", models.classifier_fns(cnn), params, None, metrics)
 
 
-def _train_vae_classifier(name, config, data, key, checkpoint_dir: pathlib.Path) -> Trained:
-  """A VAE and the latent classifier on its code: the "VAE as classifier"."""
+def _fit_vae_classifier(name, config, data, key, checkpoint_dir: pathlib.Path, trained) -> tuple:
+  """A VAE and the latent classifier on its code (the "VAE as classifier"): (params, metrics)."""
+  del trained
   vae_key, clf_key = jax.random.split(key)
   vae, vae_params, vae_kept = train_vae(
     name, config, data, key=vae_key, checkpoint_dir=str(checkpoint_dir / "vae")
   )
-  clf, params, clf_kept = train_latent_classifier(
+  _, params, clf_kept = train_latent_classifier(
     config,
     data,
     vae,
@@ -147,7 +173,37 @@ def _train_vae_classifier(name, config, data, key, checkpoint_dir: pathlib.Path)
     metrics["test_neg_elbo_nats"],
     metrics["test_accuracy"],
   )
-  logits_fn = models.latent_classifier_fn(vae, clf)
+  return params, metrics
+
+
+def _fit_joint_vae(name, config, data, key, checkpoint_dir: pathlib.Path, trained) -> tuple:
+  """A VAE trained jointly with its latent classifier (`train.train_joint_vae`): alpha of
+  -ELBO + alpha * CE is the train section's `ce_weight_per_pixel` times the pixels H * W * C."""
+  del trained
+  section = dict(config.train[name])
+  ce_weight = float(section.pop("ce_weight_per_pixel")) * math.prod(_image_shape(data))
+  vae = MODELS[name].build(config.model[name], data)
+  clf = _latent_classifier(config, data)
+  params, m = train.train_joint_vae(
+    vae, clf, data, key=key, settings=train.TrainSettings.from_config(section),
+    ce_weight=ce_weight, checkpoint_dir=str(checkpoint_dir),
+  )  # fmt: skip
+  kept = kept_metrics(m, params, "vae")
+  kept["ce_weight"] = ce_weight
+  logging.info(
+    "%s: test -ELBO %.2f nats, accuracy %.4f", name, kept["test_neg_elbo_nats"],
+    kept["test_accuracy"],
+  )  # fmt: skip
+  return params, kept
+
+
+def _latent_classifier(config, data) -> nn.Module:
+  return models.LatentClassifier(num_classes=_num_classes(data), **config.model.latent_classifier)
+
+
+def _wrap_vae(name, config, data, params, metrics) -> Trained:
+  vae = MODELS[name].build(config.model[name], data)
+  logits_fn = models.latent_classifier_fn(vae, _latent_classifier(config, data))
   return Trained(name, "vae", logits_fn, params, models.vae_fns(vae), metrics)
 
 
@@ -156,44 +212,140 @@ class ModelSpec(NamedTuple):
 
   kind: str  # models.MODEL_KINDS[name]: "classifier" | "vae"
   build: Callable[[Any, Any], nn.Module]  # (config.model[name], data) -> the Flax module
-  # (name, config, data, key, checkpoint folder) -> Trained; checkpoints under the folder
-  train: Callable[..., Trained]
+  # (name, config, data, key, checkpoint folder, models trained before it) -> (params, kept
+  # metrics); checkpoints under the folder
+  fit: Callable[..., tuple[Params, dict]]
+  # (name, config, data, params, metrics) -> Trained: the pure functions the attacks see
+  wrap: Callable[..., Trained]
+
+
+def _cnn(section, data) -> nn.Module:
+  return models.CNN(num_classes=_num_classes(data), **section)
+
+
+def _conv_vae(section, data) -> nn.Module:
+  return models.ConvVAE(image_shape=_image_shape(data), **section)
 
 
 MODELS: dict[str, ModelSpec] = {
-  "cnn": ModelSpec(
-    "classifier",
-    lambda section, data: models.CNN(num_classes=_num_classes(data), **section),
-    _train_classifier,
-  ),
+  "cnn": ModelSpec("classifier", _cnn, _fit_classifier, _wrap_classifier),
   "mlp_vae": ModelSpec(
     "vae",
     lambda section, data: models.MLPVAE(image_shape=_image_shape(data), **section),
-    _train_vae_classifier,
+    _fit_vae_classifier,
+    _wrap_vae,
   ),
-  "conv_vae": ModelSpec(
-    "vae",
-    lambda section, data: models.ConvVAE(image_shape=_image_shape(data), **section),
-    _train_vae_classifier,
-  ),
+  "conv_vae": ModelSpec("vae", _conv_vae, _fit_vae_classifier, _wrap_vae),
+  # Kingma et al. (2014)'s supervised VAE objective; the conv VAE's architecture.
+  "joint_vae": ModelSpec("vae", _conv_vae, _fit_joint_vae, _wrap_vae),
+  # The accuracy-matched control: a CNN stopped at a weaker model's clean accuracy.
+  "cnn_matched": ModelSpec("classifier", _cnn, _fit_classifier, _wrap_classifier),
 }
+
+PARAMS_DIR = "params"  # <workdir>/params/<model>.msgpack: exported trained parameters
 
 
 def train_all(config, data, workdir, job=None) -> dict[str, Trained]:
   """Trains every model of `config.models`, in order; checkpoints under workdir/checkpoints.
-  `job` (experiments.progress.Job) shows each training as a stage of the whole job."""
+
+  A model with no checkpoint is imported instead of trained when a committed record holds its
+  parameters: workdir/params/<name>.msgpack (written by `output.export_params`), or the same
+  under the folder `import_params` names (relative to workdir: another part of a study);
+  its test accuracy is checked against that record's train_metrics.json (`import_model`).
+  With `output.export_params`, each model trained here has its parameters written to
+  workdir/params. `job` (experiments.progress.Job) shows each training as a stage.
+  """
+  workdir = pathlib.Path(workdir)
   root = jax.random.key(config.seed)
+  sources = [workdir]
+  if config.get("import_params", ""):
+    # normpath: "<workdir>/../other" must resolve while <workdir> does not exist yet
+    sources.append(pathlib.Path(os.path.normpath(workdir / config.import_params)))
   out = {}
   for index, name in enumerate(config.models):
     key = jax.random.fold_in(root, index)
-    ckpt = (pathlib.Path(workdir) / "checkpoints" / name).resolve()
+    ckpt = (workdir / "checkpoints" / name).resolve()
     if job is not None:
       job.start("train", name)
-    with checkpoint_space(ckpt):
-      out[name] = MODELS[name].train(name, config, data, key, ckpt)
+    found = [d for d in sources if (d / PARAMS_DIR / f"{name}.msgpack").exists()]
+    if not ckpt.exists() and found:
+      path = found[0] / PARAMS_DIR / f"{name}.msgpack"
+      out[name] = import_model(name, config, data, path, found[0] / "train_metrics.json")
+      skipped = True
+    else:
+      with checkpoint_space(ckpt):
+        params, metrics = MODELS[name].fit(name, config, data, key, ckpt, out)
+      out[name] = MODELS[name].wrap(name, config, data, params, metrics)
+      skipped = metrics.get("train_seconds_this_run", 1.0) == 0.0
+      if config.output.get("export_params", False):
+        store.write_bytes_atomic(
+          workdir / PARAMS_DIR / f"{name}.msgpack", serialization.to_bytes(params)
+        )
     if job is not None:
-      job.finish(skipped=out[name].metrics.get("train_seconds_this_run", 1.0) == 0.0)
+      job.finish(skipped=skipped)
   return out
+
+
+# Largest difference between the test accuracy of imported parameters evaluated here and the
+# one recorded where they were trained: a few borderline examples may flip between machines.
+IMPORT_ACCURACY_TOLERANCE = 0.005
+
+
+def import_model(name, config, data, path: pathlib.Path, metrics_path: pathlib.Path) -> Trained:
+  """The model `name` with parameters read from `path` (flax msgpack), checked.
+
+  The parameters must have the shapes of `config.model[name]`'s module, and their test
+  accuracy on `data` must equal the record's (`metrics_path`, train_metrics.json) within
+  `IMPORT_ACCURACY_TOLERANCE`; otherwise a `UserError` names the model and the difference.
+  The metrics are the record's, with `imported_from` and `test_accuracy_here` added.
+  """
+  from experiments.errors import UserError  # noqa: PLC0415
+
+  try:
+    recorded = json.loads(metrics_path.read_text())[name]
+  except (FileNotFoundError, KeyError):
+    raise UserError(
+      f"{name}: parameters in {path} but no entry for it in {metrics_path}; the record is "
+      "incomplete (delete the parameters to train the model here)"
+    ) from None
+  params = serialization.msgpack_restore(path.read_bytes())
+  template = _template(name, config, data)
+  got = jax.tree.map(lambda a: tuple(a.shape), params)
+  want = jax.tree.map(lambda a: tuple(a.shape), template)
+  if got != want:
+    raise UserError(
+      f"{name}: the parameters in {path} do not fit config.model.{name} (another "
+      "architecture); use the config they were trained with"
+    )
+  params = jax.tree.map(lambda a, t: np.asarray(a, t.dtype), params, template)
+  model = MODELS[name].wrap(name, config, data, params, dict(recorded))
+  here = train.classifier_evaluation(model.logits_fn, data.x_test, data.y_test)(params)
+  there = float(recorded["test_accuracy"])
+  if abs(here["test_accuracy"] - there) > IMPORT_ACCURACY_TOLERANCE:
+    raise UserError(
+      f"{name}: imported parameters ({path}) classify the test set at "
+      f"{here['test_accuracy']:.4f} here, {there:.4f} where they were trained (allowed "
+      f"difference {IMPORT_ACCURACY_TOLERANCE}); the data or the model differ"
+    )
+  logging.info(
+    "%s: imported from %s, test accuracy %.4f (recorded %.4f)",
+    name, path, here["test_accuracy"], there,
+  )  # fmt: skip
+  metrics = dict(recorded, imported_from=str(path), test_accuracy_here=here["test_accuracy"])
+  return model._replace(metrics=metrics)
+
+
+def _template(name, config, data) -> Params:
+  """Shapes and dtypes of `name`'s parameters (nothing is computed: `jax.eval_shape`)."""
+  x = jax.ShapeDtypeStruct((1, *_image_shape(data)), np.float32)
+  key = jax.random.key(0)
+  module = MODELS[name].build(config.model[name], data)
+  if MODELS[name].kind == "classifier":
+    return jax.eval_shape(module.init, key, x)
+  clf = _latent_classifier(config, data)
+  vae = jax.eval_shape(module.init, key, x, key)
+  z = jax.ShapeDtypeStruct((1, module.latent_dim), np.float32)
+  return {"vae": vae, "clf": jax.eval_shape(clf.init, key, z)}
 
 
 @contextlib.contextmanager

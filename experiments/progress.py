@@ -12,6 +12,7 @@ import sys
 import time
 from typing import NamedTuple
 
+from vae_attacks import models as models_lib
 from vae_attacks.attacks import registry
 
 
@@ -39,18 +40,26 @@ def _epochs(config, name: str) -> int:
   return int(t.vae.epochs) + int(t.latent_classifier.epochs)
 
 
+_WHAT = {
+  "cnn": "CNN",
+  "cnn_matched": "CNN, accuracy-matched control",
+  "joint_vae": "VAE trained with its latent classifier",
+}
+
+
 def plan(config, n_train: int) -> list[Stage]:
   """The stages of an image run, in the order experiments.run runs them."""
   stages = []
   for name in config.models:
     e = _epochs(config, name)
-    what = "CNN" if name == "cnn" else "VAE + latent classifier"
+    what = _WHAT.get(name, "VAE + latent classifier")
     stages.append(Stage("train", name, "", f"train {name} ({what}): {e} epochs of {n_train} "
                         "examples", e * n_train, f"train:{name}", "train"))  # fmt: skip
   acfg = config.attacks
   for k in range(registry.NUM_PASSES):
     for name in config.models:
-      families = ["vae", "classifier"] if name != "cnn" and "cnn" in config.models else []
+      is_vae = models_lib.MODEL_KINDS[name] == "vae"
+      families = ["vae", "classifier"] if is_vae and "cnn" in config.models else []
       families = families or ["classifier"]
       for family in families:
         if family == "vae" and not acfg.vae.enabled:

@@ -63,6 +63,19 @@ def _validate_fields(c: ml_collections.ConfigDict) -> None:
     _one_of("models[]", m, base.MODELS)
   if not c.models:
     raise ConfigError(f"models is empty; allowed: a tuple of {base.MODELS}")
+  for i, m in enumerate(c.models):
+    if m not in c.model:
+      raise ConfigError(f"models names {m!r}, which has no section model.{m}")
+    match_to = c.train[m].get("match_to", "") if m in c.train else ""
+    if match_to and match_to not in c.models[:i]:
+      raise ConfigError(
+        f"train.{m}.match_to={match_to!r}; allowed: a model trained before it, one of "
+        f"{tuple(c.models[:i])}"
+      )
+  if "joint_vae" in c.models:
+    if "joint_vae" not in c.train:
+      raise ConfigError("models names 'joint_vae', which has no section train.joint_vae")
+    _positive("train.joint_vae.ce_weight_per_pixel", c.train.joint_vae.get("ce_weight_per_pixel"))
   _int_at_least("seed", c.seed, 0)
   if not isinstance(c.get("distributed", False), bool):
     raise ConfigError(f"distributed={c.distributed!r}; allowed: True or False")

@@ -111,6 +111,11 @@ class _Settings(NamedTuple):
   split_seed: int
   max_train: int
   max_test: int
+  grey: bool
+
+
+# ITU-R BT.601 luma weights of (R, G, B): LFW in grey (`data.grey`), one channel.
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def load(cfg: Any) -> Dataset:
@@ -126,7 +131,8 @@ def load(cfg: Any) -> Dataset:
       to; test_fraction (float in (0, 1), 0.25: LFW's test share of each person); split_seed
       (int, 0: LFW's split); max_train, max_test (int, 0 = all: else a deterministic subset
       stratified by class: the first examples of each class in the set's order, in proportion
-      to the class sizes).
+      to the class sizes); grey (bool, False: LFW only; True turns the faces into one
+      channel of BT.601 luma, `LUMA`, after resizing).
 
   Returns:
     A `Dataset`. MNIST from local files keeps the official order (TFDS holds the same examples
@@ -202,6 +208,11 @@ def _settings(cfg: Any) -> _Settings:
         f"{LFW_SIZE}x{LFW_SIZE}, centre-cropped to crop_size and then resized to image_size; "
         f"allowed: image_size <= crop_size <= {LFW_SIZE}."
       )
+  grey = _field(cfg, "grey", False)
+  if not isinstance(grey, (bool, np.bool_)) or (grey and name == "mnist"):
+    raise DataError(
+      f"data.grey={grey!r} is not allowed: True or False for LFW (MNIST is grey already: False)."
+    )
   test_fraction = _field(cfg, "test_fraction", 0.25)
   if (
     isinstance(test_fraction, bool)
@@ -225,6 +236,7 @@ def _settings(cfg: Any) -> _Settings:
     split_seed=_int(cfg, "split_seed", 0, 0),
     max_train=_int(cfg, "max_train", 0, 0),
     max_test=_int(cfg, "max_test", 0, 0),
+    grey=bool(grey),
   )
 
 
@@ -443,12 +455,14 @@ def _lfw_dataset(people: Mapping[str, Sequence[Any]], where: str, s: _Settings) 
   test = [test[i] for i in rng.permutation(len(test))]
   train = [train[i] for i in _stratified_first(np.array([c for c, _ in train]), s.max_train)]
   test = [test[i] for i in _stratified_first(np.array([c for c, _ in test]), s.max_test)]
-  x = _decode_faces([img for _, img in train + test], s.crop_size, s.image_size)
+  x = _to_unit(_decode_faces([img for _, img in train + test], s.crop_size, s.image_size))
+  if s.grey:
+    x = (x @ LUMA)[..., None]
   return Dataset(
     name="lfw",
-    x_train=_to_unit(x[: len(train)]),
+    x_train=x[: len(train)],
     y_train=np.array([c for c, _ in train], np.int32),
-    x_test=_to_unit(x[len(train) :]),
+    x_test=x[len(train) :],
     y_test=np.array([c for c, _ in test], np.int32),
     class_names=tuple(kept),
   )

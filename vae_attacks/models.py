@@ -26,7 +26,15 @@ from vae_attacks.types import Array, DecodeFn, EncodeFn, LogitsFn, Params, PRNGK
 
 # The study's models by name (config `models`, experiments/models.py's MODELS table) and kind:
 # a classifier is attacked as it is, a VAE through the latent classifier on its code.
-MODEL_KINDS = {"cnn": "classifier", "mlp_vae": "vae", "conv_vae": "vae"}
+# joint_vae: a ConvVAE trained together with its latent classifier; cnn_matched: a CNN stopped
+# at a weaker model's clean accuracy (the study's accuracy-matched control).
+MODEL_KINDS = {
+  "cnn": "classifier",
+  "mlp_vae": "vae",
+  "conv_vae": "vae",
+  "joint_vae": "vae",
+  "cnn_matched": "classifier",
+}
 
 
 def _flatten(x: Array, n_batch: int) -> Array:

@@ -211,6 +211,9 @@ class TrainSettings(NamedTuple):
     augment_flip: random horizontal flips of the training images (faces, not digits).
     augment_shift: random translations up to this many pixels.
     eval_batch_size: examples per jitted call of the per-epoch test evaluation.
+    stop_at_accuracy: when > 0, training ends after the first epoch whose test accuracy
+      reaches this value (the accuracy-matched control of the study: a CNN stopped where its
+      clean accuracy meets a weaker model's; the learning-rate schedule still spans `epochs`).
   """
 
   epochs: int
@@ -221,6 +224,7 @@ class TrainSettings(NamedTuple):
   augment_flip: bool = False
   augment_shift: int = 0
   eval_batch_size: int = 1000
+  stop_at_accuracy: float = 0.0
 
   @classmethod
   def from_config(cls, section: Mapping, *, extra: Sequence[str] = ()) -> "TrainSettings":
@@ -261,7 +265,7 @@ class TrainSettings(NamedTuple):
   def hparams(self) -> dict:
     """The fields a checkpoint must match to be resumed (the length of the run only when the
     learning-rate schedule depends on it; the evaluation's batch size never)."""
-    return {
+    out = {
       "batch_size": self.batch_size,
       "learning_rate": self.learning_rate,
       "weight_decay": self.weight_decay,
@@ -270,6 +274,13 @@ class TrainSettings(NamedTuple):
       "augment_flip": self.augment_flip,
       "augment_shift": self.augment_shift,
     }
+    if self.stop_at_accuracy:  # only when set: older checkpoints resume as before
+      out["stop_at_accuracy"] = self.stop_at_accuracy
+    return out
+
+  def stops_after(self, record: Mapping) -> bool:
+    """Whether an epoch's evaluation `record` ends the training (`stop_at_accuracy`)."""
+    return bool(self.stop_at_accuracy) and record.get("test_accuracy", 0.0) >= self.stop_at_accuracy
 
 
 # Hyper-parameters some checkpoints were written without (the VAEs had no weight decay or
@@ -391,7 +402,7 @@ def fit(
     restored = _restore_state(manager, latest, abstract, name, checkpoint_dir)
     state, history = restored, list(meta["history"])
     start_epoch, previous_seconds = meta["epoch"], meta["train_seconds"]
-    reused = start_epoch == epochs
+    reused = start_epoch == epochs or bool(history and settings.stops_after(history[-1]))
     logging.info("%s: restored epoch %d/%d from %s", name, start_epoch, epochs, checkpoint_dir)
   if state is None:
     state = make_state(init())
@@ -417,7 +428,7 @@ def fit(
     return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
 
   seconds, compile_seconds = 0.0, 0.0
-  if start_epoch < epochs:  # compile ahead, so that epoch times and rates exclude it
+  if start_epoch < epochs and not reused:  # compile ahead, so that epoch times and rates exclude it
     t0 = time.perf_counter()
     train_step = (
       jax.jit(train_step, donate_argnums=0)
@@ -435,7 +446,7 @@ def fit(
     compile_seconds = time.perf_counter() - t0
 
   loop_start = time.perf_counter()
-  for epoch in range(start_epoch, epochs):
+  for epoch in range(start_epoch, start_epoch if reused else epochs):
     t0 = time.perf_counter()
     perm = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), n).astype(jnp.int32)
     epoch_key = jax.random.fold_in(step_key, epoch)
@@ -484,6 +495,10 @@ def fit(
         epoch + 1,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
       )
+    if settings.stops_after(record):
+      logging.info("%s: test accuracy %.4f reached %.4f: stopped after epoch %d",
+                   name, record["test_accuracy"], settings.stop_at_accuracy, epoch + 1)  # fmt: skip
+      break
   if manager is not None:
     manager.wait_until_finished()
     manager.close()
@@ -495,9 +510,12 @@ def fit(
     metrics["train_loss"] = history[-1]["train_loss"]
   metrics.update(
     epochs=epochs,
+    epochs_trained=len(history),  # < epochs when `settings.stop_at_accuracy` ended it
     train_seconds=seconds,
     compile_seconds=compile_seconds,
-    examples_per_second=steps * batch_size * (epochs - start_epoch) / seconds if seconds else 0.0,
+    examples_per_second=(
+      steps * batch_size * (len(history) - start_epoch) / seconds if seconds else 0.0
+    ),
     total_train_seconds=previous_seconds + seconds,
     resumed_from_epoch=start_epoch,
     reused_checkpoint=reused,
@@ -770,3 +788,90 @@ def train_latent_classifier(
     init_params=init_params,
   )
   return {"vae": vae_params, "clf": clf_params}, metrics
+
+
+def train_joint_vae(
+  vae: nn.Module,
+  clf: nn.Module,
+  data: Any,
+  *,
+  key: PRNGKey,
+  settings: TrainSettings,
+  ce_weight: float,
+  checkpoint_dir: str | None = None,
+) -> tuple[Params, dict]:
+  """Trains a VAE and a classifier on its latent mean together: -ELBO + ce_weight * CE.
+
+  The supervised VAE objective of Kingma, Rezende, Mohamed & Welling (2014), "Semi-Supervised
+  Learning with Deep Generative Models", eq. 9 (their alpha is `ce_weight`): the ELBO of the
+  labelled examples plus a weighted classification loss, here with the classifier reading the
+  encoder's mean (the study's "VAE as classifier", `models.latent_classifier_fn`) instead of
+  their separate q(y | x) network, so that the attacked classifier is the VAE's encoder plus a
+  small head whose features are shaped by both terms. Unlike `train_latent_classifier` (an
+  unsupervised VAE, then a probe on its frozen code), the encoder learns features the labels
+  need; the ELBO keeps it a VAE (reported as test -ELBO beside the unsupervised ones).
+
+  Args:
+    vae: `MLPVAE` or `ConvVAE`.
+    clf: `LatentClassifier` on the latent mean.
+    data: has x_train [N, H, W, C] in [0, 1], y_train int [N], x_test, y_test.
+    key: randomness of the whole run (init, shuffles, latent samples, dropout, evaluation).
+    settings: as in `train_classifier` (augmentation applies to the images both terms see).
+    ce_weight: alpha, nats of -ELBO per nat of cross-entropy (-ELBO is summed over pixels).
+    checkpoint_dir: as in `train_classifier`.
+
+  Returns:
+    (params {"vae": ..., "clf": ...}, metrics) with test_accuracy, test_loss (cross-entropy),
+    test_neg_elbo_nats, test_recon_nats, test_kl_nats, train_loss and the rest of `fit`'s.
+  """
+  vae_key, clf_key, sample_key, eval_key, run_key = jax.random.split(key, 5)
+
+  def init():
+    vae_params = jax.jit(vae.init)(vae_key, jnp.asarray(data.x_train[:1]), sample_key)
+    mean, _ = vae.apply(vae_params, jnp.asarray(data.x_train[:1]), method="encode")
+    return {"vae": vae_params, "clf": jax.jit(clf.init)(clf_key, mean)}
+
+  def batch_loss(params, x, y, key):
+    sample_key, dropout_key = jax.random.split(key)
+    pixel_logits, mean, logvar = vae.apply(params["vae"], x, sample_key)
+    neg_elbo = losses.batch_negative_elbo(pixel_logits, x, mean, logvar)
+    logits = clf.apply(params["clf"], mean, train=True, rngs={"dropout": dropout_key})
+    return jnp.mean(neg_elbo + ce_weight * losses.batch_cross_entropy(logits, y)), {}
+
+  @jax.jit
+  def batch_sums(params, x, key):
+    pixel_logits, mean, logvar = vae.apply(params["vae"], x, key)
+    recon = jax.vmap(losses.bernoulli_nll)(pixel_logits, x)
+    kl = jax.vmap(losses.gaussian_kl)(mean, logvar)
+    return jnp.sum(recon), jnp.sum(kl)
+
+  x_test = jnp.asarray(data.x_test)
+  graded = classifier_evaluation(
+    models.latent_classifier_fn(vae, clf), data.x_test, data.y_test,
+    batch_size=settings.eval_batch_size,
+  )  # fmt: skip
+
+  def evaluate(params):
+    sums = sum_over_batches(
+      batch_sums, params, x_test, key=eval_key, batch_size=settings.eval_batch_size
+    )
+    recon, kl = sums / x_test.shape[0]
+    return {
+      **graded(params),
+      "test_neg_elbo_nats": recon + kl,
+      "test_recon_nats": recon,
+      "test_kl_nats": kl,
+    }
+
+  return fit(
+    batch_loss,
+    data.x_train,
+    data.y_train,
+    name="joint_vae",
+    init=init,
+    evaluate=evaluate,
+    key=run_key,
+    settings=settings,
+    hparams={"model": repr(vae), "clf": repr(clf), "ce_weight": ce_weight},
+    checkpoint_dir=checkpoint_dir,
+  )
