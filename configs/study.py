@@ -83,9 +83,11 @@ RESOLUTIONS = (
 )
 
 
-def resolution_part(size: int, grey: bool, quick: bool) -> ml_collections.ConfigDict:
-  """One part of the resolution sweep: LFW at size x size (grey: one luma channel), a CNN."""
+def resolution_part(name: str, size: int, grey: bool, quick: bool) -> ml_collections.ConfigDict:
+  """One part of the resolution sweep: LFW at size x size (grey: one luma channel), a CNN;
+  its rows' dataset is the part's name."""
   c = lfw_vae.get_config("quick" if quick else None)
+  c.dataset_label = name
   c.models = ("cnn",)
   c.data.image_size = size if not quick else min(size, 32)
   c.data.grey = grey
@@ -119,7 +121,7 @@ def get_config(arg=None):
     if quick:
       _shrink(part)
   for name, size, grey in RESOLUTIONS:
-    c[name] = resolution_part(size, grey, quick)
+    c[name] = resolution_part(name, size, grey, quick)
   for name in c.runs:
     c[name].output.export_params = True  # params/<model>.msgpack: later parts attack these
   return c

@@ -122,7 +122,9 @@ def _plan(acfg, key, family: str) -> list[_Sweep]:
 
 
 def _row_base(config, model_name: str) -> dict:
-  return dict(dataset=config.data.name, model=model_name)
+  """A row's dataset and model. The dataset is `dataset_label` where a config sets one (a
+  variant of a dataset, e.g. the study's LFW at 56x56: its own rows, not the full size's)."""
+  return dict(dataset=config.get("dataset_label") or config.data.name, model=model_name)
 
 
 def _row(config, base_row: dict, sweep: _Sweep, eps: float) -> dict:
