@@ -224,3 +224,85 @@ def study_figures_title(run) -> str:
   (d,) = data_of(run)
   recs = {m: d.record(d.budget_row(m, "bim_min")) for m in ("cnn", "mlp_vae")}
   return study_figures.pairs_text(recs)
+
+
+# --- issue 14: H0 at matched accuracy, H1 within LFW (the resolution sweep) ------------------
+
+
+def test_page_trend_matches_pages_l_by_hand_and_finds_a_planted_trend():
+  m = np.array([[1.0, 2.0, 3.0], [1.0, 3.0, 2.0], [np.inf, 1.0, 2.0], [1.0, 2.0, 2.0]])
+  # ranks within rows (ties: mean rank), L = sum_j j * R_j
+  ranks = np.array([[1, 2, 3], [1, 3, 2], [3, 1, 2], [1, 2.5, 2.5]])
+  want = float(np.sum(np.arange(1, 4) * ranks.sum(0)))
+  assert stats.page_trend(m).statistic == want
+  rng = np.random.default_rng(0)
+  base = rng.uniform(0.01, 0.1, (40, 1))
+  rising = base * np.array([1.0, 1.3, 1.7, 2.2]) + rng.normal(0, 1e-3, (40, 4))
+  assert stats.page_trend(rising).pvalue < 1e-6
+  assert stats.page_trend(rising[:, ::-1]).pvalue > 0.99  # the other direction: no evidence
+  with pytest.raises(ValueError, match="budgets"):
+    stats.page_trend(np.array([[np.nan, 1.0]]))
+
+
+def _resolution_run(tmp_path, name, budget, acc, predictions=None):
+  root = write_run(
+    tmp_path / name, name, {("cnn", "bim_min", "linf", 0.3): make_record(budget)}, {"cnn": acc}
+  )
+  if predictions is not None:
+    (root / "pairs").mkdir()
+    np.savez(root / "pairs" / "p.npz", prediction_cnn=predictions)
+  return root
+
+
+def test_h1_within_lfw_orders_resolutions_keeps_pairs_every_cnn_gets_right_and_finds_the_trend(
+  tmp_path,
+):
+  labels = np.arange(P) % 10  # make_record's source_label; sources are 100 + i
+  right = np.zeros(200, np.int64)
+  right[100 + np.arange(P)] = labels
+  wrong = right.copy()
+  wrong[100:105] = (labels[:5] + 1) % 10  # the 28x28 CNN misclassifies the first 5 sources
+  base = CNN_BUDGET
+  runs = [
+    _resolution_run(tmp_path, "lfw_res154", base * 0.5, 0.9, right),
+    _resolution_run(tmp_path, "lfw_res56", base * 0.8, 0.88, right),
+    _resolution_run(tmp_path, "lfw_res28", base, 0.85, wrong),
+    _resolution_run(tmp_path, "lfw_res28g", base * 1.2, 0.8, right),
+  ]
+  r = study.h1_resolution(data_of(*runs))
+  assert r["order"] == [(154, False), (56, False), (28, False)]
+  assert r["n"] == P - 5 and r["n_all"] == P
+  assert r["p"] < 1e-6 and r["effect"] > 0  # budgets grow as the pixels shrink: H1 supported
+  assert r["medians"][(154, False)].median == pytest.approx(np.median(base[5:] * 0.5), rel=1e-6)
+  assert r["grey"]["effect"] > 0 and r["grey"]["p"] < 0.05  # grey needs more
+  text = report.study_markdown(data_of(*runs))
+  assert "**H1 within LFW**" in text and "**supported**" in text.split("H1 within LFW**")[1]
+  # the reverse trend is not support
+  flipped = [
+    _resolution_run(tmp_path / "f", "lfw_res154", base * 2, 0.9, right),
+    _resolution_run(tmp_path / "f", "lfw_res28", base, 0.85, right),
+  ]
+  r2 = study.h1_resolution(data_of(*flipped))
+  assert r2["p"] > 0.5 and r2["effect"] < 0
+
+
+def test_h0_at_matched_accuracy_tests_only_the_model_the_control_was_matched_to(tmp_path):
+  cells = {
+    ("cnn", "bim_min", "linf", 0.3): make_record(CNN_BUDGET),
+    ("conv_vae", "bim_min", "linf", 0.3): make_record(CNN_BUDGET * 0.5),
+    ("joint_vae", "bim_min", "linf", 0.3): make_record(CNN_BUDGET * 0.9),
+    ("cnn_matched", "bim_min", "linf", 0.3): make_record(CNN_BUDGET * 0.4),
+  }
+  acc = {"cnn": 0.92, "conv_vae": 0.75, "joint_vae": 0.88, "cnn_matched": 0.76}
+  root = write_run(tmp_path / "lfw", "lfw", cells, acc)
+  metrics_ = json.loads((root / "train_metrics.json").read_text())
+  metrics_["cnn_matched"]["matched_to"] = "conv_vae"
+  (root / "train_metrics.json").write_text(json.dumps(metrics_))
+  d = data_of(root)
+  primary = {t["model"]: t for t in study.decide_family(study.h0_primary(d), "greater")}
+  assert primary["conv_vae"]["verdict"] == "rejected"  # vs the full CNN: less robust
+  matched = study.decide_family(study.h0_matched(d), "greater")
+  assert [(t["model"], t["baseline"]) for t in matched] == [("conv_vae", "cnn_matched")]
+  assert matched[0]["verdict"] == "supported"  # vs the matched CNN: more robust
+  assert matched[0]["acc_cnn"] == 0.76 and matched[0]["acc_vae"] == 0.75
+  assert "### H0 at matched clean accuracy" in report.study_markdown(d)

@@ -446,3 +446,38 @@ def family_verdict(
   if sign * effect < 0 and max(sign * lo, sign * hi) < 0:
     return "rejected"
   return "not significant"
+
+
+class PageTrend(NamedTuple):
+  statistic: float  # Page's L
+  pvalue: float  # one-sided, for a trend increasing along the columns' order
+  n: int  # rows (blocks: pairs)
+  k: int  # columns (ordered conditions)
+
+
+def page_trend(matrix) -> PageTrend:
+  """Page's (1963) L test for a monotone trend across k ordered conditions measured on the same
+  units: the paired counterpart of `trend_test` (e.g. one pair's minimal budget at resolutions
+  154, 112, 56, 28, ordered so that the hypothesis predicts increasing values).
+
+  Each row (float[k], +inf allowed: ranks only) is ranked within itself, ties given their mean
+  rank; L = sum_j j * R_j with R_j the rank sum of column j; the one-sided p-value is
+  scipy.stats.page_trend_test's (exact for small n and k, else Page's normal approximation).
+  With k = 2 (or a single row) L reduces to the sign test, whose exact one-sided binomial p
+  is given.
+  """
+  m = np.asarray(matrix, np.float64)
+  if m.ndim != 2 or m.shape[1] < 2:
+    raise ValueError(f"matrix must be [n, k >= 2]; got shape {m.shape}")
+  _finite_budgets(m.ravel())
+  if m.shape[0] == 0:
+    return PageTrend(0.0, 1.0, 0, m.shape[1])
+  ranks = scipy.stats.rankdata(m, axis=1)
+  stat = float(np.sum(np.arange(1, m.shape[1] + 1) * ranks.sum(0)))
+  if m.shape[1] == 2 or m.shape[0] == 1:
+    ups = int(np.sum(m[:, -1] > m[:, 0]))
+    moved = int(np.sum(m[:, -1] != m[:, 0]))
+    p = scipy.stats.binomtest(ups, moved, 0.5, alternative="greater").pvalue if moved else 1.0
+    return PageTrend(stat, float(p), m.shape[0], m.shape[1])
+  result = scipy.stats.page_trend_test(ranks, ranked=True)
+  return PageTrend(float(result.statistic), float(result.pvalue), m.shape[0], m.shape[1])

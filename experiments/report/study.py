@@ -18,6 +18,7 @@ by position (checked: source index and target must agree, else the comparison is
 
 import dataclasses
 import math
+import pathlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -56,6 +57,9 @@ class StudyData:
   accuracy: dict  # {model: clean test accuracy}
   pixels: int | None = None
   examples: dict = dataclasses.field(default_factory=dict)  # {(model, attack): npz path}
+  # {model: int[N_test]} clean predictions kept with the run's pairs (pairs/*.npz)
+  predictions: dict = dataclasses.field(default_factory=dict)
+  matched: dict = dataclasses.field(default_factory=dict)  # {control: the model it matches}
 
   def record(self, row: Mapping) -> dict | None:
     return self.records.get(row_key(row))
@@ -81,7 +85,17 @@ def load(view: DatasetView) -> StudyData:
     if rec is not None and "success" in rec:
       recs[key] = rec
   acc = {m: num((t or {}).get("test_accuracy")) for m, t in view.train.items()}
-  return StudyData(view.name, list(view.rows), recs, acc, view.pixels, dict(view.examples))
+  matched = {m: t["matched_to"] for m, t in view.train.items() if (t or {}).get("matched_to")}
+  predictions = {}
+  for workdir in view.workdirs:
+    for path in sorted((pathlib.Path(workdir) / "pairs").glob("*.npz")):
+      with np.load(path) as f:
+        for k in f.files:
+          if k.startswith("prediction_"):
+            predictions[k[len("prediction_") :]] = np.asarray(f[k])
+  return StudyData(
+    view.name, list(view.rows), recs, acc, view.pixels, dict(view.examples), predictions, matched
+  )
 
 
 def weak_models(data: Sequence[StudyData], floor: float = WEAK_FLOOR) -> dict[tuple, float]:
@@ -159,13 +173,14 @@ def decide_family(tests: list[dict], direction: str, excluded=None) -> list[dict
 # Primary endpoints.
 
 
-def h0_primary(data: Sequence[StudyData], *, baseline: str = BASELINE) -> list[dict]:
-  """The H0 family's tests: per dataset and VAE, Wilcoxon of budget VAE - CNN (see module)."""
+def h0_primary(data: Sequence[StudyData], *, baseline: str = BASELINE, pick=None) -> list[dict]:
+  """The H0 family's tests: per dataset and VAE, Wilcoxon of budget VAE - CNN (see module).
+  `pick(dataset, model)`: the VAEs to test (default every one)."""
   tests = []
   for d in data:
     base = d.budget_row(baseline, PRIMARY_ATTACK)
     for model in d.models():
-      if not is_vae(model):
+      if not is_vae(model) or (pick is not None and not pick(d, model)):
         continue
       row = d.budget_row(model, PRIMARY_ATTACK)
       t = dict(dataset=d.name, model=model, p=math.nan, effect=math.nan, lo=math.nan)
@@ -181,8 +196,89 @@ def h0_primary(data: Sequence[StudyData], *, baseline: str = BASELINE) -> list[d
         t.update(p=w.pvalue, effect=w.hodges_lehmann, lo=w.lo, hi=w.hi, n=a.size)
         t.update(n_sources=n_sources(d.record(row)), n_nonzero=w.n_nonzero)
         t.update(median_cnn=float(np.median(a)), median_vae=float(np.median(b)))
+      t.update(baseline=baseline, acc_cnn=d.accuracy.get(baseline), acc_vae=d.accuracy.get(model))
       tests.append(t)
   return tests
+
+
+def h0_matched(data: Sequence[StudyData]) -> list[dict]:
+  """H0 at matched clean accuracy: per dataset, each accuracy-matched control (a CNN trained
+  until its test accuracy reached a VAE classifier's, `train.<control>.match_to`) against
+  that VAE, by `h0_primary`'s test; one Holm family of its own."""
+  tests = []
+  for d in data:
+    for control, model in d.matched.items():
+      tests += h0_primary([d], baseline=control, pick=lambda _, m, model=model: m == model)
+  return tests
+
+
+RESOLUTION_PREFIX = "lfw_res"  # the study's resolution parts: lfw_res154, ..., lfw_res28g
+
+
+def resolution_of(name: str) -> tuple[int, bool] | None:
+  """(size, grey) of a resolution part's dataset name ('lfw_res56' -> (56, False)), else None."""
+  if not name.startswith(RESOLUTION_PREFIX):
+    return None
+  rest = name[len(RESOLUTION_PREFIX) :]
+  grey = rest.endswith("g")
+  digits = rest[:-1] if grey else rest
+  return (int(digits), grey) if digits.isdigit() else None
+
+
+def correct_pairs(d: StudyData, model: str, rec: Mapping) -> np.ndarray:
+  """bool[P]: the pairs whose source the model classified correctly (clean), from the
+  predictions kept with the run's pairs; all True when the run kept none."""
+  pred = d.predictions.get(model)
+  if pred is None:
+    return np.ones(len(rec["source_index"]), bool)
+  return pred[np.asarray(rec["source_index"])] == np.asarray(rec["source_label"])
+
+
+def h1_resolution(data: Sequence[StudyData], *, baseline: str = BASELINE) -> dict | None:
+  """H1 within LFW: the CNN's minimal L-inf budget (`bim_min`) on the same pairs at every
+  colour resolution of the sweep, on the pairs every resolution's CNN classified correctly.
+
+  Primary: Page's L test (`stats.page_trend`) of budgets increasing from the most pixels to
+  the fewest (H1: more pixels, smaller budget); effect: Hodges-Lehmann estimate of the paired
+  difference largest - smallest resolution with its cluster-bootstrap CI (Wilcoxon p).
+  Secondary: 28x28 grey vs 28x28 colour (the same pixel grid with a third of the values),
+  paired Wilcoxon. None when fewer than two colour resolutions have records.
+  """
+  parts = []
+  for d in data:
+    res = resolution_of(d.name)
+    row = d.budget_row(baseline, PRIMARY_ATTACK) if res else None
+    if row is not None:
+      parts.append((res, d, d.record(row)))
+  colour = sorted((p for p in parts if not p[0][1]), key=lambda p: -p[0][0])
+  if len(colour) < 2:
+    return None
+  first = colour[0][2]
+  if not all(same_pairs(first, rec) for _, _, rec in parts):
+    return {"skip": "the resolutions were attacked on different pairs", "parts": []}
+  keep = np.ones(len(first["source_index"]), bool)
+  for _, d, rec in parts:
+    keep &= correct_pairs(d, baseline, rec)
+  budgets = {res: budgets_of(rec)[keep] for res, _, rec in parts}
+  src = np.asarray(first["source_index"])[keep]
+  matrix = np.stack([budgets[res] for res, _, _ in colour], axis=1)
+  page = stats.page_trend(matrix)
+  hi_res, lo_res = colour[0][0], colour[-1][0]
+  w = stats.wilcoxon_paired(budgets[hi_res], budgets[lo_res], clusters=src)  # lo - hi
+  out = dict(
+    order=[res for res, _, _ in colour], n=int(keep.sum()), n_all=int(keep.size),
+    n_sources=int(np.unique(src).size), page_l=page.statistic, p=page.pvalue,
+    effect=w.hodges_lehmann, lo=w.lo, hi=w.hi, p_wilcoxon=w.pvalue,
+    medians={res: stats.median_ci(b, src) for res, b in budgets.items()},
+    accuracy={res: d.accuracy.get(baseline) for res, d, _ in parts},
+  )  # fmt: skip
+  grey = [p for p in parts if p[0][1]]
+  if grey and (grey[0][0][0], False) in budgets:
+    g, c = budgets[grey[0][0]], budgets[(grey[0][0][0], False)]
+    wg = stats.wilcoxon_paired(c, g, clusters=src)
+    out["grey"] = dict(size=grey[0][0][0], effect=wg.hodges_lehmann, lo=wg.lo, hi=wg.hi,
+                       p=wg.pvalue)  # fmt: skip
+  return out
 
 
 def median_difference(a, b, ca, cb, *, n_boot: int = 2000, seed: int = 0, confidence=0.95):
