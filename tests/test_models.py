@@ -148,17 +148,19 @@ def test_conv_vae_at_lfw_size_by_eval_shape(key):
   vae = models.ConvVAE((154, 154, 3), **cfg)
   x = jax.ShapeDtypeStruct((2, 154, 154, 3), jnp.float32)
   count, params = _count(vae, key, x, key)
-  # 154 -> 77 -> 39 -> 20 -> 10; the decoder grows 10 -> 160 and crops to 154
-  assert tuple(cfg.features) == (32, 64, 128, 128) and tuple(cfg.hidden) == ()
-  latent, flat = cfg.latent_dim, 10 * 10 * 128
+  # 154 -> 77 -> 39 -> 20 -> 10 -> 5; the decoder grows 5 -> 160 and crops to 154
+  assert tuple(cfg.features) == (16, 32, 64, 64, 64) and tuple(cfg.hidden) == ()
+  latent, flat = cfg.latent_dim, 5 * 5 * 64
   encoder = (
-    _conv(3, 3, 32) + _conv(3, 32, 64) + _conv(3, 64, 128) + _conv(3, 128, 128)
+    _conv(3, 3, 16) + _conv(3, 16, 32) + _conv(3, 32, 64) + _conv(3, 64, 64) + _conv(3, 64, 64)
     + 2 * _dense(flat, latent)
   )  # fmt: skip
   decoder = (
     _dense(latent, flat)
-    + _conv(3, 128, 4 * 128) + _conv(3, 128, 4 * 64) + _conv(3, 64, 4 * 32) + _conv(3, 32, 4 * 3)
+    + _conv(3, 64, 4 * 64) + _conv(3, 64, 4 * 64) + _conv(3, 64, 4 * 32) + _conv(3, 32, 4 * 16)
+    + _conv(3, 16, 4 * 3)
   )  # fmt: skip
+  assert count < 1.25e6  # 4 bytes each: a parameter file under 5 MB, committed with the record
   assert count == encoder + decoder
   logits, mean, _ = jax.eval_shape(vae.apply, params, x, key)
   assert logits.shape == (2, 154, 154, 3)
