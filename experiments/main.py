@@ -6,6 +6,7 @@
 Everything is in `experiments.run.run`; this file only reads flags (the Flax examples habit).
 """
 
+import _thread
 import os
 import signal
 import sys
@@ -22,7 +23,10 @@ def _interrupted_at_start_up(signum, frame) -> None:
   os._exit(130)  # nothing of this run is written yet: nothing to unwind
 
 
-if __name__ == "__main__":  # the first thing the command does (tests import this module)
+# Ctrl-C's handler as the command was started: ignored (a background job of a shell script)
+# stays ignored, as Python itself leaves it.
+_SIGINT_IGNORED = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+if __name__ == "__main__" and not _SIGINT_IGNORED:  # first thing (tests import this module)
   signal.signal(signal.SIGINT, _interrupted_at_start_up)
 
 import importlib.util  # noqa: E402
@@ -133,7 +137,9 @@ def _init_distributed() -> None:
 
 def main(argv):
   # From here on Ctrl-C is a KeyboardInterrupt, caught below once the workdir is known.
-  signal.signal(signal.SIGINT, signal.default_int_handler)
+  if not _SIGINT_IGNORED:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.unraisablehook = _redeliver_interrupt
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -159,9 +165,19 @@ def main(argv):
     sys.exit(2)
 
 
+def _redeliver_interrupt(unraisable, default=sys.unraisablehook) -> None:
+  """A KeyboardInterrupt raised inside a callback that cannot raise (jax's garbage-collection
+  callback: "Exception ignored in _xla_gc_callback") would be printed and dropped, and the run
+  would go on as if Ctrl-C had not been pressed: deliver it again to the main thread."""
+  if isinstance(unraisable.exc_value, KeyboardInterrupt):
+    _thread.interrupt_main()
+    return
+  default(unraisable)
+
+
 def _fail(e: UserError) -> None:
-  """Reports `e` as one line on stderr and exits with status 2."""
-  logging.error("%s", e)
+  """Reports `e` as one line on stderr and exits with status 2 (not also as an absl log line,
+  which would print the same words a second time)."""
   print(f"error: {e}", file=sys.stderr)
   if isinstance(e, store.OutOfSpace):
     _leave(2)

@@ -147,8 +147,9 @@ def comm_plan(config, n_points: int) -> list[Stage]:
     stages.append(Stage("craft", name, "", f"craft on {name}: {len(a.enabled)} attacks at "
                         f"{n_psr} PSRs from {a.craft_samples} blocks", len(a.enabled) * n_psr,
                         "craft", "craft", unit="tables"))  # fmt: skip
-    stages.append(Stage("evaluate", name, "", f"evaluate {name}: {n_points} points x {blocks} "
-                        "blocks", n_points * blocks, "evaluate", "evaluate", unit="blocks"))  # fmt: skip
+    label = f"evaluate {name}: {n_points} points x {blocks} blocks"
+    stages.append(Stage("evaluate", name, "", label, n_points * blocks, "evaluate", "evaluate",
+                        unit="blocks"))  # fmt: skip
   return stages
 
 
