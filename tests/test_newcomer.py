@@ -348,3 +348,30 @@ def test_an_interrupt_a_callback_swallowed_is_delivered_again():
   other = type("Unraisable", (), {"exc_value": ValueError("x")})()
   main_lib._redeliver_interrupt(other, default=seen.append)  # anything else: the default hook
   assert seen == [other]
+
+
+def test_curves_figure_title_states_the_pairs_it_draws_and_the_auddc_pairs(tmp_path, monkeypatch):
+  import numpy as np  # noqa: PLC0415
+
+  from experiments.report import figures  # noqa: PLC0415
+
+  titles = []
+
+  def keep_title(fig, path):
+    titles.append(fig.axes[0].get_title())
+    return path
+
+  monkeypatch.setattr(figures, "save_figure", keep_title)
+  x = np.array([[0.1, 0.5], [np.nan, np.nan], [0.2, 0.4]])  # [pairs, C]: the 2nd has no curve
+  np.savez(tmp_path / "c.npz", x=x, y=1.0 - x)
+  row = {"attack": "latent_l2", "auddc": 0.1, "auddc_std": 0.02, "n_auddc_pairs": 2}
+  text = figures._auddc_text([row], "latent_l2")
+  figures.plot_curves(tmp_path / "c.npz", tmp_path / "c.png", "mnist: mlp_vae, latent_l2",
+                      auddc_text=text)  # fmt: skip
+  assert titles == [
+    f"mnist: mlp_vae, latent_l2 (2 of 3 pairs drawn), AUDDC over 2 pairs {text.split()[-3]} ± "
+    f"{text.split()[-1]}"
+  ]
+  np.savez(tmp_path / "d.npz", x=x[[0, 2]], y=1.0 - x[[0, 2]])
+  figures.plot_curves(tmp_path / "d.npz", tmp_path / "d.png", "t")
+  assert titles[-1] == "t (2 pairs)"
