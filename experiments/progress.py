@@ -244,8 +244,10 @@ class Job:
         unknown += 1
       else:
         left += rate * s.units * s.scale
-    more = f" + {unknown} stages not yet measured" if unknown else ""
-    return f"~{_fmt(left)}{more}"
+    if not unknown:
+      return f"~{_fmt(left)}"
+    more = f"{_n(unknown, 'stage')} not yet measured"
+    return f"~{_fmt(left)} + {more}" if left >= 0.5 else more
 
   def start(self, kind: str, model: str, attack: str = "", detail: str = "") -> None:
     """Begins a stage: one header line with the stage number, elapsed time and job ETA
