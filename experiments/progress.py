@@ -274,7 +274,7 @@ class Job:
     self.done.add(i)
     s = self.stages[i]
     seconds = time.perf_counter() - t
-    if seconds > 1.0 and s.units:
+    if seconds > 0 and s.units:
       self.rates[(s.part, s.rate_key)] = seconds / (s.units * s.scale)
     self.timings[i] = self._row(i, seconds, "ran")
     self._write_timings()

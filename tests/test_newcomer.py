@@ -268,6 +268,26 @@ def test_study_plan_covers_every_part_and_one_job_eta(tmp_path, capsys):
   assert err[-1].startswith("done in ") and f"report {tmp_path / 'w' / 'summary.md'}" in err[-1]
 
 
+def test_a_part_not_started_is_estimated_from_another_parts_rates_scaled_by_pixels():
+  mnist = [progress.Stage("train", "cnn", "", "m train", 100, "train:cnn", "train", "m", scale=784),
+           progress.Stage("attack", "cnn", "fgsm", "m fgsm", 10, "attack:fgsm", "attack:0", "m",
+                          scale=784)]  # fmt: skip
+  lfw = [progress.Stage("train", "cnn", "", "l train", 20, "train:cnn", "train", "l", scale=3000),
+         progress.Stage("attack", "cnn", "bim", "l bim", 5, "attack:bim", "attack:0", "l",
+                        scale=3000),
+         progress.Stage("attack", "cnn", "lbfgs", "l lbfgs", 5, "attack:lbfgs", "attack:1", "l",
+                        scale=3000)]  # fmt: skip
+  job = progress.Job(mnist + lfw, stream=open(os.devnull, "w"))  # noqa: SIM115
+  job.done |= {0, 1}
+  job.rates[("m", "train:cnn")] = 1.0 / (100 * 784)  # 1 s for the MNIST training
+  job.rates[("m", "attack:fgsm")] = 2.0 / (10 * 784)  # 2 s for the MNIST FGSM sweep
+  # LFW training: the MNIST training's rate per pixel (20 x 3000 / (100 x 784) s); LFW BIM:
+  # no BIM measured anywhere, so the rate of its cost pass (FGSM's); L-BFGS: nothing of its
+  # pass measured yet.
+  want = 20 * 3000 / (100 * 784) + 5 * 3000 * 2.0 / (10 * 784)
+  assert job.eta() == f"~{progress._fmt(want)} + 1 stage not yet measured"
+
+
 def test_defense_and_comm_plans_list_every_stage_with_counts():
   from configs import comm_ae, mnist_defenses  # noqa: PLC0415
   from experiments import comm, defenses  # noqa: PLC0415
