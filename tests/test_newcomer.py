@@ -190,9 +190,17 @@ def test_report_warns_of_a_chance_level_or_weak_model():
   train = {"cnn": {"test_accuracy": 0.99}, "mlp_vae": {"test_accuracy": 0.092},
            "conv_vae": {"test_accuracy": 0.8}}  # fmt: skip
   chance, weak = weak_model_warnings(train, "mnist", 0.9)
-  assert "mlp_vae is at chance level" in chance and "guessing gives 0.100" in chance
+  assert "mlp_vae is at chance level" in chance
+  assert "guessing among 10 classes gives 0.100" in chance
   assert "conv_vae is weak" in weak and "0.9 x that of cnn (0.990)" in weak
   assert weak_model_warnings({"cnn": {"test_accuracy": 0.99}}, "mnist", 0.9) == []
+  # LFW's people are not balanced: a CNN that always answers the most frequent person scores
+  # the run's majority_accuracy (0.41 in the :quick config), far above 1/7.
+  lfw = {"cnn": {"test_accuracy": 0.41, "majority_accuracy": 0.41}}
+  (warning,) = weak_model_warnings(lfw, "lfw", 0.9)
+  assert "cnn is at chance level" in warning and "most frequent class gives 0.410" in warning
+  assert weak_model_warnings({"cnn": {"test_accuracy": 0.85, "majority_accuracy": 0.41}}, "lfw",
+                             0.9) == []  # fmt: skip
 
 
 def check_timings(workdir, labels, *, done_earlier=(), first=None) -> list[dict]:
