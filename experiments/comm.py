@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 from flax import serialization
 
-from experiments import keys, store
+from experiments import keys, progress, store
 from experiments import validate as validate_lib
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
@@ -171,23 +171,24 @@ def run(config, workdir) -> dict:
     chunk_size=int(a.chunk_size) or None,
     memory_budget_bytes=int(a.memory_budget_mb * 2**20),
   )
-  ebn0_grid = tuple(float(e) for e in config.eval.ebn0_db)
   psrs = sorted({float(p) for p in (*a.psr_db, *a.curve_psr_db)})
+  points = _points(config)
+  job = progress.Job(
+    progress.comm_plan(config, sum(len(grid) for _, _, grid in points)),
+    timings_path=workdir / progress.TIMINGS_FILE,
+  )
+  job.show_plan(f"{config.name} in {workdir}")
 
   for name in config.models:
     model_key = jax.random.fold_in(root, system_lib.SYSTEMS.index(name))
     # A code's soft scores (what gradient attacks differentiate) at the training Eb/N0.
     system = system_lib.make_system(name, k=k, n=n, logit_ebn0_db=float(config.train.ebn0_db))
+    job.start("train", name)
     params, tm = _trained(config, system, jax.random.fold_in(model_key, 0), workdir)
+    job.finish(skipped=tm is None)
     if tm is not None:
       train_metrics[name] = {**train_metrics.get(name, {}), **tm}
       store.write_json_atomic(metrics_path, train_metrics)
-
-    points = [("none", None, ebn0_grid)]
-    for attack in a.enabled:
-      for psr in psrs:
-        main = psr in [float(p) for p in a.psr_db]
-        points.append((attack, psr, ebn0_grid if main else (float(a.curve_ebn0_db),)))
 
     def missing(point, name=name):
       attack, psr, grid = point
@@ -202,8 +203,12 @@ def run(config, workdir) -> dict:
     todo = [(p, missing(p)) for p in points]
     todo = [(p, m) for p, m in todo if m]
     if not todo:
+      job.skip("craft", name)
+      job.skip("evaluate", name)
       continue
+    job.start("craft", name)
     tables, sub_metrics = _craft(config, system, params, psrs, jax.random.fold_in(model_key, 1))
+    job.finish()
     if sub_metrics:
       train_metrics[name] = {**train_metrics.get(name, {}), "substitute": sub_metrics}
       store.write_json_atomic(metrics_path, train_metrics)
@@ -212,6 +217,7 @@ def run(config, workdir) -> dict:
       workdir / "perturbations" / f"{name}.npz", lambda f, a=arrays: np.savez(f, **a)
     )
     eval_key = jax.random.fold_in(model_key, 2)
+    job.start("evaluate", name, detail=f"{sum(len(m) for _, m in todo)} points to do")
     for (attack, psr, _), grid in todo:
       rows = evaluate(
         system,
@@ -233,10 +239,26 @@ def run(config, workdir) -> dict:
         psr,
         " ".join(f"{r['ebn0_db']:g}dB:{r['bler']:.2e}" for r in rows),
       )
+    job.finish()
 
   rows = [r for r in log.rows if r.get("settings") == settings]
   write_report(workdir, rows, config, train_metrics)
+  job.last_line(workdir)
   return {"train": train_metrics, "results": rows}
+
+
+def _points(config) -> list[tuple[str, float | None, tuple[float, ...]]]:
+  """(attack, PSR dB, Eb/N0 grid) of every evaluation point of a system: no attack over the
+  whole grid; each attack at the main PSRs over the whole grid, at the curve's PSRs at one
+  Eb/N0."""
+  a = config.attacks
+  ebn0_grid = tuple(float(e) for e in config.eval.ebn0_db)
+  points = [("none", None, ebn0_grid)]
+  for attack in a.enabled:
+    for psr in sorted({float(p) for p in (*a.psr_db, *a.curve_psr_db)}):
+      main = psr in [float(p) for p in a.psr_db]
+      points.append((attack, psr, ebn0_grid if main else (float(a.curve_ebn0_db),)))
+  return points
 
 
 def _trained(config, system, key, workdir: pathlib.Path):

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from experiments import keys, store
+from experiments import keys, progress, store
 from experiments import models as models_lib
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
@@ -642,10 +642,18 @@ def run(config, workdir: str) -> dict:
     mesh=mesh,
   )
   attack_root = jax.random.fold_in(ctx.root, 2_000_003)
+  extra_sources = [s for s in d.transfer.sources if s not in d.enabled]
+  job = progress.Job(
+    progress.defense_plan(
+      config, len(data.x_train), n, {k: v.sections for k, v in DEFENSES.items()}, extra_sources
+    ),
+    timings_path=workdir / progress.TIMINGS_FILE,
+  )
+  job.show_plan(f"{config.name} in {workdir}")
 
   built: dict[str, Defended] = {}
   for name in d.enabled:
-    defended = _build(name, ctx)
+    defended = _build(name, ctx, job)
     built[name] = defended
     store.write_json_atomic(
       workdir / "train_metrics.json", {k: v.metrics for k, v in built.items()}
@@ -653,18 +661,27 @@ def run(config, workdir: str) -> dict:
     clean, adv = None, {}
     n_def = min(n, defended.max_examples or n)
     xd, yd = x[:n_def], y[:n_def]
+
+    def row_base(spec, eps, name=name):
+      return dict(
+        kind="defense",
+        dataset=config.data.name,
+        defense=name,
+        attack=spec.name,
+        eps=eps,
+        source=None,
+        target=None,
+        settings=defense_settings(config, name),
+      )
+
+    all_eps = [float(e) for e in d.attacks.eps]
+    if all(log.has(row_base(spec, eps)) for spec in defended.attacks for eps in all_eps):
+      job.skip("attack", name)
+    else:
+      job.start("attack", name, detail=", ".join(spec.name for spec in defended.attacks))
     for a_index, spec in enumerate(defended.attacks):
-      for eps in (float(e) for e in d.attacks.eps):
-        base = dict(
-          kind="defense",
-          dataset=config.data.name,
-          defense=name,
-          attack=spec.name,
-          eps=eps,
-          source=None,
-          target=None,
-          settings=defense_settings(config, name),
-        )
+      for eps in all_eps:
+        base = row_base(spec, eps)
         if log.has(base):
           continue
         if clean is None:
@@ -686,42 +703,49 @@ def run(config, workdir: str) -> dict:
           spec.restarts,
           row["seconds"],
         )
+    job.finish()  # (nothing when the stage was skipped)
     # Only when this run attacked it at every point (a resumed run keeps the old file).
     if defended.figure_data is not None and len(adv) == len(defended.attacks) * len(d.attacks.eps):
       figure = defended.figure_data(xd, yd, adv)
       figure["figure_kind"] = np.asarray(DEFENSES[name].figure or "")
       store.save_npz_atomic(workdir / EXAMPLES_DIR / f"{name}.npz", **figure)
   if d.transfer.enabled:
-    _run_transfer(config, ctx, built, x, y, log, settings, attack_root, runner_kwargs)
+    _run_transfer(config, ctx, built, x, y, log, settings, attack_root, runner_kwargs, job)
   from experiments import report  # noqa: PLC0415
 
   report.write_report(workdir)
+  job.last_line(workdir, results=RESULTS_FILE)
   return {"train": {k: v.metrics for k, v in built.items()}, "results": log.rows}
 
 
-def _build(name: str, ctx) -> Defended:
-  """DEFENSES[name].build(ctx), its failures as one line: a full disk names the checkpoint
-  folder; another config's checkpoint or NaN in training names the defence."""
+def _build(name: str, ctx, job) -> Defended:
+  """DEFENSES[name].build(ctx), a stage of `job`, its failures as one line: a full disk names
+  the checkpoint folder; another config's checkpoint or NaN in training names the defence."""
+  job.start("train", name)
   try:
     with models_lib.checkpoint_space((ctx.workdir / "checkpoints").resolve()):
-      return DEFENSES[name].build(ctx)
+      defended = DEFENSES[name].build(ctx)
   except (ValueError, FloatingPointError) as e:
     raise UserError(f"defence {name}: {e}") from None
+  job.finish()
+  return defended
 
 
-def _run_transfer(config, ctx, built, x, y, log, settings, attack_root, runner_kwargs) -> None:
+def _run_transfer(config, ctx, built, x, y, log, settings, attack_root, runner_kwargs, job) -> None:
   """The black-box transfer matrix: rows (source, target) at `defenses.transfer.eps`."""
   t = config.defenses.transfer
   eps = float(t.eps)
   for name in t.sources:
     if name not in built:
-      built[name] = _build(name, ctx)
+      built[name] = _build(name, ctx, job)
   targets = {k: transfer.Classifier(v.logits_fn, v.params) for k, v in built.items()}
   base = dict(kind="transfer", dataset=config.data.name, attack="pgd", eps=eps, settings=settings)
   row_of = lambda s, tg: dict(base, defense=tg, source=s, target=tg)  # noqa: E731
   todo = [s for s in t.sources if not all(log.has(row_of(s, tg)) for tg in targets)]
   if not todo:
+    job.skip("transfer", "")
     return
+  job.start("transfer", "")
   x_adv = {}
   for s in todo:
     spec = built[s].transfer_spec
@@ -748,3 +772,4 @@ def _run_transfer(config, ctx, built, x, y, log, settings, attack_root, runner_k
       row.update(white_box=s == tg, crafted_with=built[s].transfer_spec.name)
       log.append(row)
       logging.info("transfer %s -> %s: accuracy %.4f", s, tg, row["robust_accuracy"])
+  job.finish()

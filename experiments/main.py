@@ -6,10 +6,31 @@
 Everything is in `experiments.run.run`; this file only reads flags (the Flax examples habit).
 """
 
-import importlib.util
-import logging as pylogging
+import _thread
 import os
+import signal
 import sys
+
+from experiments import userio  # (standard library only: cheap, before the heavy imports)
+
+
+def _interrupted_at_start_up(signum, frame) -> None:
+  """Ctrl-C before `main` runs (imports, JAX start-up, loading the config): one line and exit
+  130, not a traceback from inside an import."""
+  del signum, frame
+  sys.stderr.write(f"\n{userio.interrupted_at_start_up(sys.argv[1:])}\n")
+  sys.stderr.flush()
+  os._exit(130)  # nothing of this run is written yet: nothing to unwind
+
+
+# Ctrl-C's handler as the command was started: ignored (a background job of a shell script)
+# stays ignored, as Python itself leaves it.
+_SIGINT_IGNORED = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+if __name__ == "__main__" and not _SIGINT_IGNORED:  # first thing (tests import this module)
+  signal.signal(signal.SIGINT, _interrupted_at_start_up)
+
+import importlib.util  # noqa: E402
+import logging as pylogging  # noqa: E402
 
 # One XLA host device per core, so attack sweeps shard their pairs over all cores
 # (docs/performance.md: ~2x on 2 cores). Must be set before jax is imported; it changes nothing
@@ -24,7 +45,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import run as run_lib  # noqa: E402
-from experiments import store, userio  # noqa: E402
+from experiments import store  # noqa: E402
 from experiments.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -115,6 +136,10 @@ def _init_distributed() -> None:
 
 
 def main(argv):
+  # From here on Ctrl-C is a KeyboardInterrupt, caught below once the workdir is known.
+  if not _SIGINT_IGNORED:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.unraisablehook = _redeliver_interrupt
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -127,8 +152,9 @@ def main(argv):
   except UserError as e:  # settings, data, a busy workdir, a full disk: one line
     _fail(e)
   except KeyboardInterrupt:  # Ctrl-C: what is kept, and that a rerun resumes
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while leaving: no traceback
     print(f"\n{userio.interrupted(workdir)}", file=sys.stderr)
-    sys.exit(130)
+    _leave(130)
   except Exception as e:
     # A full disk met by a writer that is not ours (a library's file): the same one line.
     if store.is_out_of_space(e):
@@ -139,20 +165,36 @@ def main(argv):
     sys.exit(2)
 
 
+def _redeliver_interrupt(unraisable, default=sys.unraisablehook) -> None:
+  """A KeyboardInterrupt raised inside a callback that cannot raise (jax's garbage-collection
+  callback: "Exception ignored in _xla_gc_callback") would be printed and dropped, and the run
+  would go on as if Ctrl-C had not been pressed: deliver it again to the main thread."""
+  if isinstance(unraisable.exc_value, KeyboardInterrupt):
+    _thread.interrupt_main()
+    return
+  default(unraisable)
+
+
 def _fail(e: UserError) -> None:
-  """Reports `e` as one line on stderr and exits with status 2."""
-  logging.error("%s", e)
+  """Reports `e` as one line on stderr and exits with status 2 (not also as an absl log line,
+  which would print the same words a second time)."""
   print(f"error: {e}", file=sys.stderr)
   if isinstance(e, store.OutOfSpace):
-    # orbax's writer threads and coroutines, cut short by the full disk, each print a traceback
-    # at interpreter shutdown ("Exception ignored in ..."): dozens of lines after ours. Leave
-    # without that shutdown, so that this error stays the last line. Our files are complete
-    # and fsynced, and the workdir's lock was released when run() unwound.
-    logging.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(2)
+    _leave(2)
   sys.exit(2)
+
+
+def _leave(code: int) -> None:
+  """Exits with `code` without the interpreter's shutdown. orbax's writer threads and
+  coroutines, cut short (by a full disk, by Ctrl-C), each print a traceback at shutdown
+  ("Exception ignored in ...", "cannot schedule new futures after interpreter shutdown"):
+  dozens of lines after our one line. Our files are complete and fsynced (a checkpoint cut
+  short is a temporary folder the rerun ignores, as after a kill), and the workdir's lock was
+  released when run() unwound."""
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,10 @@ def vae_classifier_metrics(vae_kept: dict, clf_kept: dict) -> dict:
     "test_neg_elbo_nats": vae_kept["test_neg_elbo_nats"],
     "test_accuracy": clf_kept["test_accuracy"],
     "train_seconds": vae_kept["train_seconds"] + clf_kept["train_seconds"],
+    # 0 when both were restored from their checkpoints (the progress display's "done earlier")
+    "train_seconds_this_run": sum(
+      m.get("train_seconds_this_run", m["train_seconds"]) for m in (vae_kept, clf_kept)
+    ),
   }
 
 

@@ -5,12 +5,15 @@ Files in the work directory (all written atomically; a rerun resumes):
   config.json          the config of the run; a workdir holding another config is refused
   checkpoints/<model>/ orbax checkpoints, reused on rerun, resumed after a kill
   train_metrics.json   one entry per trained model
+  timings.json         each stage's wall seconds and rate (experiments/progress.py)
   results.jsonl        one row per (dataset, model, attack, norm, eps), appended as produced
 """
 
+import contextlib
 import pathlib
 
 import ml_collections
+import numpy as np
 
 from experiments import keys, progress, store, validate
 from experiments import workdir as workdir_lib
@@ -45,11 +48,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return _run_locked(config, pathlib.Path(workdir))
 
 
-def _run_locked(config, workdir: pathlib.Path) -> dict:
-  """`run` of a validated attacks config, holding the workdir's lock."""
-  data = workdir_lib.open_run(config, workdir)
-  job = progress.Job(progress.plan(config, len(data.x_train)))
-  job.show_plan(f"{config.name} in {workdir}")
+def _run_locked(config, workdir: pathlib.Path, data=None, job=None) -> dict:
+  """`run` of a validated attacks config, holding the workdir's lock. A study passes each
+  part's opened `data` and its whole-job `job`; a run alone opens its data and shows its own
+  plan, timing table and last line."""
+  alone = job is None
+  if data is None:
+    data = workdir_lib.open_run(config, workdir)
+  if alone:
+    job = progress.Job(_plan(config, data), timings_path=workdir / progress.TIMINGS_FILE)
+    job.show_plan(f"{config.name} in {workdir}")
 
   from experiments import models as models_lib  # noqa: PLC0415  (keeps --help fast)
   from vae_attacks import train as train_lib  # noqa: PLC0415
@@ -58,7 +66,11 @@ def _run_locked(config, workdir: pathlib.Path) -> dict:
     trained = models_lib.train_all(config, data, workdir, job=job)  # full disk: OutOfSpace
   except (train_lib.CheckpointError, train_lib.NonFiniteError) as e:  # names model and folder
     raise UserError(str(e)) from None
-  train_metrics = {name: m.metrics for name, m in trained.items()}
+  # What always answering the test set's most frequent class scores: the chance level the
+  # report compares each model's test accuracy with (LFW's classes are far from balanced).
+  counts = np.bincount(np.asarray(data.y_test, np.int64))
+  majority = float(counts.max() / counts.sum()) if counts.size else None
+  train_metrics = {name: dict(m.metrics, majority_accuracy=majority) for name, m in trained.items()}
   store.write_json_atomic(workdir / "train_metrics.json", train_metrics)
 
   from experiments import attacks as attacks_lib  # noqa: PLC0415
@@ -66,8 +78,15 @@ def _run_locked(config, workdir: pathlib.Path) -> dict:
   log = store.ResultsLog(workdir / "results.jsonl", keys.RESULT_KEY)
   attacks_lib.run_all(config, data, trained, log, job=job)
   _report(workdir)
-  job.last_line(workdir)
+  if alone:
+    job.last_line(workdir)
   return {"train": train_metrics, "results": log.rows}
+
+
+def _plan(config, data, part: str = "") -> list[progress.Stage]:
+  """The stages of an image run on its loaded `data` (`progress.plan`)."""
+  pixels = float(data.x_train[0].size) if len(data.x_train) else 1.0
+  return progress.plan(config, len(data.x_train), part=part, pixels=pixels)
 
 
 def _run_study(config, workdir: pathlib.Path) -> dict:
@@ -80,11 +99,24 @@ def _run_study(config, workdir: pathlib.Path) -> dict:
       validate.validate(config[part])
     except validate.ConfigError as e:
       raise UserError(f"{part}: {e}") from None
-  # The study's own folder (its combined report) has one writer too; each part locks its own.
-  with workdir_lib.locked(workdir):
-    out = {part: run(config[part], str(workdir / part)) for part in config.runs}
+  # The study's own folder (its combined report) has one writer too, and so has each part's.
+  # Every part's data is opened first, so that the plan covers the whole study (and a wrong
+  # data folder of the last part stops the run before the first part's work).
+  with contextlib.ExitStack() as held:
+    held.enter_context(workdir_lib.locked(workdir))
+    opened = {}
+    for part in config.runs:
+      held.enter_context(workdir_lib.locked(workdir / part))
+      opened[part] = workdir_lib.open_run(config[part], workdir / part)
+    stages = [s for part in config.runs for s in _plan(config[part], opened[part], part)]
+    job = progress.Job(stages, timings_path=workdir / progress.TIMINGS_FILE)
+    job.show_plan(f"{config.name} in {workdir} (parts: {', '.join(config.runs)})")
+    out = {}
+    for part in config.runs:
+      job.enter(part)
+      out[part] = _run_locked(config[part], workdir / part, opened.pop(part), job)
     _report(workdir, parts=[workdir / part for part in config.runs])
-  progress.Job([]).last_line(workdir)
+  job.last_line(workdir, results="")
   return out
 
 

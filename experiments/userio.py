@@ -40,14 +40,19 @@ def configs_help() -> str:
   return "configs (path[:argument]):\n" + "\n".join(lines)
 
 
-def config_spec(argv) -> str | None:
-  """The value of --config in `argv` (`--config=X` or `--config X`), or None."""
+def flag_value(argv, name: str) -> str | None:
+  """The value of flag `name` in `argv` (`--name=X` or `--name X`), or None."""
   for i, a in enumerate(argv):
-    if a.startswith("--config="):
+    if a.startswith(f"--{name}="):
       return a.split("=", 1)[1]
-    if a == "--config" and i + 1 < len(argv):
+    if a == f"--{name}" and i + 1 < len(argv):
       return argv[i + 1]
   return None
+
+
+def config_spec(argv) -> str | None:
+  """The value of --config in `argv` (`--config=X` or `--config X`), or None."""
+  return flag_value(argv, "config")
 
 
 def config_file_error(argv) -> str | None:
@@ -69,6 +74,16 @@ def interrupted(workdir: str) -> str:
   return (
     f"interrupted: {workdir} keeps every finished checkpoint (one per epoch) and every result row "
     "written so far; rerun the same command to resume from there"
+  )
+
+
+def interrupted_at_start_up(argv) -> str:
+  """The one line after Ctrl-C during the imports, JAX's start-up or the config's loading."""
+  workdir = flag_value(argv, "workdir")
+  kept = f"{workdir} keeps" if workdir else "the workdir keeps"
+  return (
+    f"interrupted while starting up, before any work: nothing was written; {kept} what earlier "
+    "runs saved; rerun the same command to start (or resume) the run"
   )
 
 

@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_newcomer import check_timings
 
 from configs import comm_ae
-from experiments import comm
+from experiments import comm, progress
 from experiments import run as run_lib
 from vae_attacks.comms import attacks, baselines
 from vae_attacks.comms import system as system_lib
@@ -344,7 +345,12 @@ def test_end_to_end_run_and_rerun(tmp_path):
     if r["attack"] != "none":
       assert r["psr_measured_db"] == pytest.approx(r["psr_db"], abs=1e-4)
   assert (tmp_path / "summary.md").exists() and (tmp_path / "figures" / "bler_vs_psr.png").exists()
+  # The timing table: one row per stage of the plan, each with the seconds this run took.
+  stages = progress.comm_plan(cfg, sum(len(g) for _, _, g in comm._points(cfg)))
+  first = check_timings(tmp_path, [s.label for s in stages])
   again = run_lib.run(cfg, str(tmp_path))  # everything done: no new rows
   assert len(again["results"]) == len(rows)
   lines = (tmp_path / "results.jsonl").read_text().splitlines()
   assert len(lines) == len(rows)
+  done = ("train", "craft", "evaluate")  # the autoencoder's parameters reloaded, nothing crafted
+  check_timings(tmp_path, [s.label for s in stages], done_earlier=done, first=first)

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 from fakedata import make_data_root
+from test_newcomer import check_timings
 
 from configs import mnist_defenses
 from experiments import run as run_lib
@@ -84,9 +85,19 @@ def test_quick_defenses_run_writes_rows_report_and_resumes(data_root, tmp_path):
   assert "pgd_bpda" in summary
   _check_defense_figures(config, tmp_path, summary)
 
+  # The timing table: one row per stage of the plan (each defence's build, its attacks, the
+  # transfer matrix), with this run's seconds; the rerun rebuilds (restores) and attacks nothing.
+  from experiments import defenses, progress  # noqa: PLC0415
+  from vae_attacks import data as data_lib  # noqa: PLC0415
+
+  sections = {k: v.sections for k, v in defenses.DEFENSES.items()}
+  n_train = len(data_lib.load(config.data).x_train)
+  labels = [s.label for s in progress.defense_plan(config, n_train, 16, sections)]
+  first = check_timings(tmp_path, labels)
   before = (tmp_path / "defenses.jsonl").read_text()
   run_lib.run(config, str(tmp_path))  # everything done: nothing appended, checkpoints reused
   assert (tmp_path / "defenses.jsonl").read_text() == before
+  check_timings(tmp_path, labels, done_earlier=("attack", "transfer"), first=first)
   reused = json.loads((tmp_path / "train_metrics.json").read_text())
   assert reused["distillation"]["student"]["reused_checkpoint"]
 

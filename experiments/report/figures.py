@@ -203,10 +203,12 @@ def plot_curves(
   fig = new_figure(5.0, 4.4)
   ax = fig.subplots()
   alpha = float(np.clip(3.0 / xs.shape[0], 0.05, 0.5))
+  drawn = 0  # pairs with at least one defined point (the others have no curve)
   for px, py in zip(xs, ys, strict=True):
     ok = np.isfinite(px) & np.isfinite(py)
     if not ok.any():
       continue
+    drawn += 1
     order = np.argsort(px[ok], kind="stable")
     cx = np.concatenate([[0.0], px[ok][order], [1.0]])
     cy = np.concatenate([[1.0], py[ok][order], py[ok][order][-1:]])
@@ -229,7 +231,8 @@ def plot_curves(
   ax.set_xlabel("input distortion / ||x_orig − x_target||")
   ax.set_ylabel("normalised distance of reconstruction to target")
   ax.grid(alpha=0.3)
-  ax.set_title(f"{title} ({xs.shape[0]} pairs){auddc_text}", fontsize=9)
+  shown = f"{drawn} pairs" if drawn == xs.shape[0] else f"{drawn} of {xs.shape[0]} pairs drawn"
+  ax.set_title(f"{title} ({shown}){auddc_text}", fontsize=9)
   set_margins(fig, left=0.7, right=0.2, bottom=0.6, top=0.4, wspace=0.0, hspace=0.0)
   return save_figure(fig, path)
 
@@ -239,7 +242,9 @@ def _auddc_text(rows: Sequence[Mapping], attack: str) -> str:
   rs = [r for r in rows if r.get("attack") == attack and num(r.get("auddc")) is not None]
   if not rs:
     return ""
-  return f", AUDDC {fmt_rate(rs[0]['auddc'])} ± {fmt_rate(rs[0].get('auddc_std'))}"
+  n = rs[0].get("n_auddc_pairs")
+  over = f" over {n} pairs" if isinstance(n, int) else ""
+  return f", AUDDC{over} {fmt_rate(rs[0]['auddc'])} ± {fmt_rate(rs[0].get('auddc_std'))}"
 
 
 def write_figures(view: DatasetView, fig_dir: pathlib.Path) -> dict[str, list]:

@@ -179,10 +179,14 @@ def train_table(train: Mapping) -> str:
 NUM_CLASSES = {"mnist": 10}
 
 
+CHANCE_MARGIN = 0.05  # test accuracy at most chance + this: "at chance level"
+
+
 def weak_model_warnings(train: Mapping, dataset: str, floor: float) -> list[str]:
-  """One warning per model too weak for a verdict: at chance level (test accuracy at most 1.5x
-  that of guessing, for a dataset with a fixed class count), or below `floor` x the best
-  model's test accuracy (the study section's weak-model floor)."""
+  """One warning per model too weak for a verdict: at chance level (test accuracy at most
+  `CHANCE_MARGIN` above chance: always answering the test set's most frequent class, the
+  `majority_accuracy` a run records, else guessing among a fixed class count), or below
+  `floor` x the best model's test accuracy (the study section's weak-model floor)."""
   acc = {
     m: float(v["test_accuracy"])
     for m, v in train.items()
@@ -194,11 +198,18 @@ def weak_model_warnings(train: Mapping, dataset: str, floor: float) -> list[str]
   best, k = acc[best_model], NUM_CLASSES.get(dataset)
   out = []
   for m, a in acc.items():
-    if k and a <= 1.5 / k:
+    majority = train[m].get("majority_accuracy")
+    if isinstance(majority, (int, float)):
+      chance, how = float(majority), "always answering the most frequent class gives"
+    elif k:
+      chance, how = 1.0 / k, f"guessing among {k} classes gives"
+    else:
+      chance, how = None, ""
+    if chance is not None and a <= chance + CHANCE_MARGIN:
       out.append(
-        f"⚠ **{m} is at chance level**: test accuracy {a:.3f}, guessing gives {1 / k:.3f} "
-        f"({k} classes); its rows say nothing about its robustness, and no verdict should rest "
-        "on them (train it longer: the :quick configs are for trying the pipeline)."
+        f"⚠ **{m} is at chance level**: test accuracy {a:.3f}, {how} {chance:.3f}; its rows "
+        "say nothing about its robustness, and no verdict should rest on them (train it "
+        "longer: the :quick configs are for trying the pipeline)."
       )
     elif a < floor * best:
       out.append(
