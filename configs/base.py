@@ -24,6 +24,20 @@ def parse_arg(arg):
   return arg == "quick"
 
 
+def cluster_config() -> ml_collections.ConfigDict:
+  """How the processes of a distributed run find each other. An unset field ('' / 0 / -1) is
+  taken from the environment JAX detects: SLURM, Open MPI, Cloud TPU, JAX_COORDINATOR_ADDRESS."""
+  return ml_collections.ConfigDict(
+    dict(
+      coordinator_address="",  # host:port of process 0's coordinator
+      num_processes=0,
+      process_id=-1,
+      # A process that hears nothing from another for this long ends the run (JAX's heartbeat).
+      heartbeat_timeout_s=100,
+    )
+  )
+
+
 def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_collections.ConfigDict:
   """Base config for `dataset` training `models` (a VAE also gets a latent classifier)."""
   c = ml_collections.ConfigDict()
@@ -31,9 +45,10 @@ def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_coll
   c.seed = 0
   c.quick = quick
   c.models = models
-  # True: jax.distributed.initialize() (JAX's cluster auto-detection: SLURM, Open MPI, Cloud
-  # TPU, ...) before any device is used, so jax.devices() and the pairs mesh span every host.
+  # True: a run of several processes (experiments/cluster.py): jax.distributed.initialize()
+  # before any device is used; process 0 writes, the processes share the attack sweeps out.
   c.distributed = False
+  c.cluster = cluster_config()
 
   # --- data ---------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()

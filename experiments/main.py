@@ -10,6 +10,7 @@ import importlib.util
 import logging as pylogging
 import os
 import sys
+import traceback
 
 # One XLA host device per core, so attack sweeps shard their pairs over all cores
 # (docs/performance.md: ~2x on 2 cores). Must be set before jax is imported; it changes nothing
@@ -23,8 +24,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments import cluster, store, userio  # noqa: E402
 from experiments import run as run_lib  # noqa: E402
-from experiments import store, userio  # noqa: E402
 from experiments.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -89,31 +90,6 @@ class _QuietLibraries(pylogging.Filter):
     )
 
 
-def _wants_distributed(config) -> bool:
-  """config.distributed, or that of any part of a study config."""
-  parts = [config] + [config[p] for p in config.get("runs", ()) if p in config]
-  return any(part.get("distributed", False) is True for part in parts)
-
-
-def _init_distributed() -> None:
-  """jax.distributed.initialize(), before anything touches a device; a failure is one line."""
-  import jax  # noqa: PLC0415
-
-  try:
-    jax.distributed.initialize()
-  except (ValueError, RuntimeError, TypeError) as e:
-    raise UserError(
-      f"distributed=True but jax.distributed.initialize() failed ({e}); run under a cluster "
-      "manager JAX detects (SLURM, Open MPI, Cloud TPU, ...) or set --config.distributed=False"
-    ) from None
-  logging.info(
-    "jax.distributed: process %d of %d, %d devices in all",
-    jax.process_index(),
-    jax.process_count(),
-    jax.device_count(),
-  )
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -121,19 +97,30 @@ def main(argv):
   config = _CONFIG.value
   workdir = _WORKDIR.value or f"runs/{config.name}"
   try:
-    if _wants_distributed(config):
-      _init_distributed()
+    distributed = cluster.settings_of(config)  # config.distributed, or a study part's
+    if distributed is not None:
+      cluster.initialize(distributed)  # before anything touches a device
+      logging.info(
+        "jax.distributed: process %d of %d", cluster.process_index(), cluster.process_count()
+      )
     run_lib.run(config, workdir)
   except UserError as e:  # settings, data, a busy workdir, a full disk: one line
     _fail(e)
   except KeyboardInterrupt:  # Ctrl-C: what is kept, and that a rerun resumes
     print(f"\n{userio.interrupted(workdir)}", file=sys.stderr)
-    sys.exit(130)
+    _exit(130)
   except Exception as e:
+    if cluster.is_lost_process(e):  # another process of a multi-process run is gone
+      logging.error("%s", e)
+      print(f"error: {cluster.lost_process(e, workdir)}", file=sys.stderr)
+      _exit(2)
     # A full disk met by a writer that is not ours (a library's file): the same one line.
     if store.is_out_of_space(e):
       _fail(store.OutOfSpace(getattr(e, "filename", None) or workdir))
     if not isinstance(e, OSError):
+      if cluster.process_count() > 1:  # a bug: its traceback, then leave at once (see _fail)
+        traceback.print_exc()
+        _exit(1)
       raise
     print(f"error: {userio.os_error(e, workdir)}", file=sys.stderr)  # a read-only workdir
     sys.exit(2)
@@ -143,16 +130,26 @@ def _fail(e: UserError) -> None:
   """Reports `e` as one line on stderr and exits with status 2."""
   logging.error("%s", e)
   print(f"error: {e}", file=sys.stderr)
-  if isinstance(e, store.OutOfSpace):
+  if isinstance(e, store.OutOfSpace) or cluster.process_count() > 1:
     # orbax's writer threads and coroutines, cut short by the full disk, each print a traceback
     # at interpreter shutdown ("Exception ignored in ..."): dozens of lines after ours. Leave
     # without that shutdown, so that this error stays the last line. Our files are complete
     # and fsynced, and the workdir's lock was released when run() unwound.
-    logging.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(2)
+    # In a multi-process run, JAX's shutdown would wait for the other processes at a barrier
+    # while they wait for this one at their next collective: leaving at once closes this
+    # process's connections, so that they stop too (cluster.lost_process).
+    _exit(2)
   sys.exit(2)
+
+
+def _exit(status: int) -> None:
+  """Leaves at once (flushing our output first), without the interpreter's shutdown."""
+  if status == 130 and cluster.process_count() == 1:
+    sys.exit(status)
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)
 
 
 if __name__ == "__main__":

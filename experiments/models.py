@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 from absl import logging
 
-from experiments import store
+from experiments import cluster, store
 from vae_attacks import models, train
 from vae_attacks.types import LogitsFn, Params
 
@@ -119,26 +119,32 @@ def train_latent_classifier(
   return clf, params, kept_metrics(m, params["clf"], "classifier")
 
 
-def _train_classifier(name, config, data, key, checkpoint_dir: pathlib.Path) -> Trained:
+def _sub(checkpoint_dir: pathlib.Path | None, name: str = "") -> str | None:
+  """The checkpoint folder (or its subfolder `name`) as train takes it; None writes none."""
+  return None if checkpoint_dir is None else str(checkpoint_dir / name)
+
+
+def _train_classifier(name, config, data, key, checkpoint_dir: pathlib.Path | None) -> Trained:
   cnn, params, metrics = train_cnn(
-    name, config.model[name], config.train[name], data, key=key, checkpoint_dir=str(checkpoint_dir)
+    name, config.model[name], config.train[name], data, key=key, checkpoint_dir=_sub(checkpoint_dir)
   )
   return Trained(name, "classifier", models.classifier_fns(cnn), params, None, metrics)
 
 
-def _train_vae_classifier(name, config, data, key, checkpoint_dir: pathlib.Path) -> Trained:
+def _train_vae_classifier(name, config, data, key, checkpoint_dir: pathlib.Path | None) -> Trained:
   """A VAE and the latent classifier on its code: the "VAE as classifier"."""
   vae_key, clf_key = jax.random.split(key)
   vae, vae_params, vae_kept = train_vae(
-    name, config, data, key=vae_key, checkpoint_dir=str(checkpoint_dir / "vae")
+    name, config, data, key=vae_key, checkpoint_dir=_sub(checkpoint_dir, "vae")
   )
+  vae_params = cluster.same_as_writer(vae_params)  # the latent classifier trains on process 0's
   clf, params, clf_kept = train_latent_classifier(
     config,
     data,
     vae,
     vae_params,
     key=clf_key,
-    checkpoint_dir=str(checkpoint_dir / "latent_classifier"),
+    checkpoint_dir=_sub(checkpoint_dir, "latent_classifier"),
   )
   metrics = vae_classifier_metrics(vae_kept, clf_kept)
   logging.info(
@@ -156,7 +162,7 @@ class ModelSpec(NamedTuple):
 
   kind: str  # models.MODEL_KINDS[name]: "classifier" | "vae"
   build: Callable[[Any, Any], nn.Module]  # (config.model[name], data) -> the Flax module
-  # (name, config, data, key, checkpoint folder) -> Trained; checkpoints under the folder
+  # (name, config, data, key, checkpoint folder or None) -> Trained; checkpoints under the folder
   train: Callable[..., Trained]
 
 
@@ -181,7 +187,12 @@ MODELS: dict[str, ModelSpec] = {
 
 def train_all(config, data, workdir, job=None) -> dict[str, Trained]:
   """Trains every model of `config.models`, in order; checkpoints under workdir/checkpoints.
-  `job` (experiments.progress.Job) shows each training as a stage of the whole job."""
+  `job` (experiments.progress.Job) shows each training as a stage of the whole job.
+
+  In a multi-process run training is replicated: every process trains the same model from the
+  same key, process 0 alone with checkpoints (it alone resumes from them), and then every
+  process takes process 0's parameters (`cluster.same_as_writer`), so that all attack the same
+  weights even where two hosts would round differently."""
   root = jax.random.key(config.seed)
   out = {}
   for index, name in enumerate(config.models):
@@ -190,7 +201,8 @@ def train_all(config, data, workdir, job=None) -> dict[str, Trained]:
     if job is not None:
       job.start("train", name)
     with checkpoint_space(ckpt):
-      out[name] = MODELS[name].train(name, config, data, key, ckpt)
+      trained = MODELS[name].train(name, config, data, key, ckpt if cluster.writes() else None)
+    out[name] = trained._replace(params=cluster.same_as_writer(trained.params))
     if job is not None:
       job.finish(skipped=out[name].metrics.get("train_seconds_this_run", 1.0) == 0.0)
   return out

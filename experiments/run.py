@@ -6,13 +6,16 @@ Files in the work directory (all written atomically; a rerun resumes):
   checkpoints/<model>/ orbax checkpoints, reused on rerun, resumed after a kill
   train_metrics.json   one entry per trained model
   results.jsonl        one row per (dataset, model, attack, norm, eps), appended as produced
+
+In a run of several processes (experiments/cluster.py) process 0 writes all of these; the others
+compute their share of the sweeps and write nothing.
 """
 
 import pathlib
 
 import ml_collections
 
-from experiments import keys, progress, store, validate
+from experiments import cluster, keys, progress, store, validate
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
 
@@ -48,7 +51,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _run_locked(config, workdir: pathlib.Path) -> dict:
   """`run` of a validated attacks config, holding the workdir's lock."""
   data = workdir_lib.open_run(config, workdir)
-  job = progress.Job(progress.plan(config, len(data.x_train)))
+  # The plan and stage lines: process 0's (the others run the same stages).
+  stages = progress.plan(config, len(data.x_train))
+  job = progress.Job(stages) if cluster.writes() else progress.NoJob()
   job.show_plan(f"{config.name} in {workdir}")
 
   from experiments import models as models_lib  # noqa: PLC0415  (keeps --help fast)
@@ -63,7 +68,8 @@ def _run_locked(config, workdir: pathlib.Path) -> dict:
 
   from experiments import attacks as attacks_lib  # noqa: PLC0415
 
-  log = store.ResultsLog(workdir / "results.jsonl", keys.RESULT_KEY)
+  # Every process skips the rows process 0 found done (the others never read the workdir).
+  log = cluster.from_writer(lambda: store.ResultsLog(workdir / "results.jsonl", keys.RESULT_KEY))
   attacks_lib.run_all(config, data, trained, log, job=job)
   _report(workdir)
   job.last_line(workdir)
@@ -84,12 +90,16 @@ def _run_study(config, workdir: pathlib.Path) -> dict:
   with workdir_lib.locked(workdir):
     out = {part: run(config[part], str(workdir / part)) for part in config.runs}
     _report(workdir, parts=[workdir / part for part in config.runs])
-  progress.Job([]).last_line(workdir)
+  if cluster.writes():
+    progress.Job([]).last_line(workdir)
   return out
 
 
 def _report(workdir: pathlib.Path, parts=None) -> None:
-  """summary.md and figures/ for a run (or, with `parts`, one combined study report)."""
+  """summary.md and figures/ for a run (or, with `parts`, one combined study report); process
+  0's work in a multi-process run."""
+  if not cluster.writes():
+    return
   from experiments import report  # noqa: PLC0415  (matplotlib only when reporting)
 
   if parts is None:

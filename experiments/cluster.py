@@ -1,0 +1,198 @@
+"""A run of several processes (`jax.distributed`): joining, who writes, and losing a process.
+
+`--config.distributed=True` makes `experiments.main` call `initialize(config)` before anything
+touches a device. The coordinator address, the number of processes and this process's id come
+from `config.cluster` where set, else from the environment JAX detects (SLURM, Open MPI, Cloud
+TPU, `JAX_COORDINATOR_ADDRESS`). On CPUs the processes talk through gloo over TCP
+(`jax_cpu_collectives_implementation`), so a run of several processes works on one machine.
+
+How a run is shared out (experiments/run.py, attacks.py, defenses.py, models.py):
+- process 0 is the only writer. It takes the workdir's lock, checks and records config.json and
+  the data's identity, writes the checkpoints, the results log, the per-pair records, the pairs,
+  the examples, the report and the figures; `store`'s writers do nothing on the other
+  processes (`writes()`), which never create, lock or write anything in the workdir.
+- what process 0 read from the workdir and decided (the rows already done, the shared pairs, a
+  refusal) reaches the others through `from_writer`, so that every process runs the same
+  sweeps in the same order, whatever the others can see of the workdir.
+- training is replicated: every process trains the same model from the same seed (process 0
+  alone with checkpoints), and process 0's parameters are then broadcast (`same_as_writer`), so
+  that every process attacks the same weights bit for bit.
+- attack sweeps: the runner deals whole chunks of pairs out to the processes and gathers their
+  results back in order on every process (vae_attacks/attacks/runner.py).
+
+A lost process (killed, crashed, its host gone) closes its TCP connections: the others fail at
+their next collective (a chunk's gather, a broadcast) and `main` reports that as one line
+(`lost_process`) and exits without JAX's shutdown barrier, which would abort with a stack trace.
+JAX's heartbeat (`cluster.heartbeat_timeout_s`) ends a process that waits longer than that in
+local work. Each row of the log is one `write` call, so no kill leaves half a row.
+"""
+
+import os
+import pickle
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+
+from experiments.errors import UserError
+
+T = TypeVar("T")
+
+# This process's place in the run: set once by `initialize`, read by the writers of `store`.
+_PROCESS = {"index": 0, "count": 1}
+
+
+def process_index() -> int:
+  """This process's index in the run (0 outside a multi-process run); touches no device."""
+  return _PROCESS["index"]
+
+
+def process_count() -> int:
+  """The number of processes of the run (1 outside a multi-process run)."""
+  return _PROCESS["count"]
+
+
+def writes() -> bool:
+  """True on the one process that writes in the workdir (process 0)."""
+  return _PROCESS["index"] == 0
+
+
+def settings_of(config):
+  """The config section holding `distributed` and `cluster`: the config itself, or the first
+  part of a study config that sets distributed=True."""
+  parts = [config] + [config[p] for p in config.get("runs", ()) if p in config]
+  return next((p for p in parts if p.get("distributed", False) is True), None)
+
+
+def _check(cluster) -> dict:
+  """config.cluster as initialize()'s keyword arguments (unset fields left out), or UserError."""
+  address = cluster.get("coordinator_address", "")
+  n = cluster.get("num_processes", 0)
+  pid = cluster.get("process_id", -1)
+  heartbeat = cluster.get("heartbeat_timeout_s", 100)
+  if not isinstance(address, str) or (address and ":" not in address):
+    raise UserError(
+      f"cluster.coordinator_address={address!r}; allowed: 'host:port', or '' for the "
+      "environment's (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI)"
+    )
+  if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+    raise UserError(
+      f"cluster.num_processes={n!r}; allowed: an int >= 1, or 0 for the environment's"
+    )
+  if not isinstance(pid, int) or isinstance(pid, bool) or pid < -1 or (n and pid >= n):
+    raise UserError(
+      f"cluster.process_id={pid!r}; allowed: 0 .. num_processes - 1, or -1 for the environment's"
+    )
+  if not isinstance(heartbeat, int) or isinstance(heartbeat, bool) or heartbeat < 1:
+    raise UserError(f"cluster.heartbeat_timeout_s={heartbeat!r}; allowed: an int >= 1 (seconds)")
+  kwargs = dict(heartbeat_timeout_seconds=heartbeat)
+  if address:
+    kwargs["coordinator_address"] = address
+  if n:
+    kwargs["num_processes"] = n
+  if pid >= 0:
+    kwargs["process_id"] = pid
+  return kwargs
+
+
+def initialize(config) -> None:
+  """`jax.distributed.initialize` with `config.cluster` (where set) over the environment's
+  settings; before anything touches a device. A failure is one line (UserError)."""
+  import jax  # noqa: PLC0415
+
+  kwargs = _check(config.get("cluster", {}))
+  # Collectives between CPU processes (a chunk's gather, a broadcast) go through gloo over TCP;
+  # JAX's default already, set so that a JAX that changes it still runs here.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, RuntimeError, TypeError) as e:
+    raise UserError(
+      f"distributed=True but jax.distributed.initialize() failed ({e}); set "
+      "--config.cluster.coordinator_address, .num_processes and .process_id, or run under a "
+      "cluster manager JAX detects (SLURM, Open MPI, Cloud TPU, ...), or set "
+      "--config.distributed=False"
+    ) from None
+  _PROCESS.update(index=jax.process_index(), count=jax.process_count())
+
+
+def _broadcast_bytes(data: bytes) -> bytes:
+  """Process 0's `data` on every process (the others' argument is ignored)."""
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  size = int(multihost_utils.broadcast_one_to_all(np.asarray(len(data), np.int64)))
+  buf = np.zeros(size, np.uint8)
+  if writes():
+    buf[:] = np.frombuffer(data, np.uint8)
+  return np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes()
+
+
+def from_writer(fn: Callable[[], T]) -> T:
+  """`fn()` run on process 0 only, its value (pickled) given to every process.
+
+  A UserError of `fn` (a busy workdir, another config's workdir, a full disk) is raised on every
+  process with the same message, so that the others stop too instead of waiting for process 0
+  at the next collective. Outside a multi-process run: `fn()`.
+  """
+  if process_count() == 1:
+    return fn()
+  outcome: tuple[str, Any] = ("ok", None)
+  error = None
+  if writes():
+    try:
+      outcome = ("ok", fn())
+    except UserError as e:
+      error, outcome = e, ("error", str(e))
+  kind, value = pickle.loads(_broadcast_bytes(pickle.dumps(outcome) if writes() else b""))
+  if error is not None:
+    raise error
+  if kind == "error":
+    raise UserError(value)
+  return value
+
+
+def same_as_writer(tree: T) -> T:
+  """Process 0's values of a pytree of arrays (the others pass theirs: the same structure and
+  shapes), as host numpy arrays on every process; `tree` itself outside a multi-process run."""
+  if process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  return multihost_utils.broadcast_one_to_all(tree)
+
+
+# What a collective or the coordination service says when a peer process is gone.
+_LOST = (
+  "Connection closed by peer",
+  "Connection reset by peer",
+  "Gloo",
+  "heartbeat",
+  "coordination service",
+  "UNAVAILABLE",
+  "DEADLINE_EXCEEDED",
+  "Broken pipe",
+)
+
+
+def is_lost_process(e: BaseException) -> bool:
+  """True if `e`, in a multi-process run, says that another process of the run is gone."""
+  if process_count() == 1 or isinstance(e, UserError):
+    return False
+  text = str(e)
+  return any(s in text for s in _LOST)
+
+
+def lost_process(e: BaseException, workdir: str) -> str:
+  """The one line for a lost process: which process saw it, the first line of what JAX said,
+  what is kept and how to resume."""
+  first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+  kept = (
+    f"every finished row is in {os.path.join(workdir, 'results.jsonl')} (or defenses.jsonl)"
+    if writes()
+    else "process 0 keeps every finished row"
+  )
+  return (
+    f"process {process_index()} of {process_count()}: another process of this run stopped "
+    f"(killed, crashed, or its host lost): {first}; {kept}; rerun all {process_count()} "
+    "processes with the same command to resume"
+  )
