@@ -6,6 +6,7 @@ Sections: data, model, train, attacks, eval, output.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from vae_attacks import data as data_lib
 from vae_attacks import models as models_lib
@@ -25,13 +26,13 @@ def parse_arg(arg):
 
 
 def cluster_config() -> ml_collections.ConfigDict:
-  """How the processes of a distributed run find each other. An unset field ('' / 0 / -1) is
-  taken from the environment JAX detects: SLURM, Open MPI, Cloud TPU, JAX_COORDINATOR_ADDRESS."""
+  """How the processes of a distributed run find each other. An unset field (None) is taken
+  from the environment JAX detects: SLURM, Open MPI, Cloud TPU, JAX_COORDINATOR_ADDRESS."""
   return ml_collections.ConfigDict(
     dict(
-      coordinator_address="",  # host:port of process 0's coordinator
-      num_processes=0,
-      process_id=-1,
+      coordinator_address=placeholder(str),  # host:port of process 0's coordinator
+      num_processes=placeholder(int),
+      process_id=placeholder(int),  # 0 .. num_processes - 1; process 0 writes
       # A process that hears nothing from another for this long ends the run (JAX's heartbeat).
       heartbeat_timeout_s=100,
     )

@@ -58,41 +58,30 @@ def writes() -> bool:
 
 
 def settings_of(config):
-  """The config section holding `distributed` and `cluster`: the config itself, or the first
-  part of a study config that sets distributed=True."""
+  """The config section holding `distributed` and `cluster`: the config itself, else the first
+  part of a study config that sets distributed=True; None when nothing asks for it."""
   parts = [config] + [config[p] for p in config.get("runs", ()) if p in config]
   return next((p for p in parts if p.get("distributed", False) is True), None)
 
 
 def _check(cluster) -> dict:
   """config.cluster as initialize()'s keyword arguments (unset fields left out), or UserError."""
-  address = cluster.get("coordinator_address", "")
-  n = cluster.get("num_processes", 0)
-  pid = cluster.get("process_id", -1)
+  address = cluster.get("coordinator_address")
+  n = cluster.get("num_processes")
+  pid = cluster.get("process_id")
   heartbeat = cluster.get("heartbeat_timeout_s", 100)
-  if not isinstance(address, str) or (address and ":" not in address):
-    raise UserError(
-      f"cluster.coordinator_address={address!r}; allowed: 'host:port', or '' for the "
-      "environment's (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI)"
-    )
-  if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-    raise UserError(
-      f"cluster.num_processes={n!r}; allowed: an int >= 1, or 0 for the environment's"
-    )
-  if not isinstance(pid, int) or isinstance(pid, bool) or pid < -1 or (n and pid >= n):
-    raise UserError(
-      f"cluster.process_id={pid!r}; allowed: 0 .. num_processes - 1, or -1 for the environment's"
-    )
-  if not isinstance(heartbeat, int) or isinstance(heartbeat, bool) or heartbeat < 1:
+  env = "unset (None) for the environment's: JAX_COORDINATOR_ADDRESS, SLURM, Open MPI"
+  if address is not None and (not isinstance(address, str) or ":" not in address):
+    raise UserError(f"cluster.coordinator_address={address!r}; allowed: 'host:port', or {env}")
+  if n is not None and n < 1:
+    raise UserError(f"cluster.num_processes={n!r}; allowed: an int >= 1, or {env}")
+  if pid is not None and not 0 <= pid < (n or pid + 1):
+    raise UserError(f"cluster.process_id={pid!r}; allowed: 0 .. num_processes - 1, or {env}")
+  if heartbeat < 1:
     raise UserError(f"cluster.heartbeat_timeout_s={heartbeat!r}; allowed: an int >= 1 (seconds)")
-  kwargs = dict(heartbeat_timeout_seconds=heartbeat)
-  if address:
-    kwargs["coordinator_address"] = address
-  if n:
-    kwargs["num_processes"] = n
-  if pid >= 0:
-    kwargs["process_id"] = pid
-  return kwargs
+  given = dict(coordinator_address=address, num_processes=n, process_id=pid)
+  kwargs = {k: v for k, v in given.items() if v is not None}
+  return dict(kwargs, heartbeat_timeout_seconds=heartbeat)
 
 
 def initialize(config) -> None:

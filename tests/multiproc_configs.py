@@ -3,20 +3,33 @@
 
 - "attacks": the MNIST CNN (one short epoch) under FGSM, BIM and L-BFGS (the runner's two
   strategies: a compiled vmap, and L-BFGS's host loop), 6 pairs in chunks of 2;
-- "defenses": the undefended CNN under FGSM and PGD with 2 restarts, 8 examples.
+- "defenses": the undefended CNN under FGSM and PGD with 2 restarts, 8 examples;
+- "both" (the default): the two as the parts of one study run (workdir/attacks,
+  workdir/defenses).
 
-Both set distributed=True; the data folder, the cluster's address, size and process id come
-from the command line.
+distributed=True; the data folder (`data.dir` of each part), the cluster's address, size and
+process id (`cluster.*`) come from the command line.
 """
 
-from configs import mnist_cnn, mnist_defenses
+import ml_collections
 
-ARGS = ("attacks", "defenses")
+from configs import base, mnist_cnn, mnist_defenses
+
+ARGS = ("both", "attacks", "defenses")
 
 
 def get_config(arg=None):
+  arg = arg or "both"
   if arg not in ARGS:
     raise ValueError(f"config argument {arg!r}; allowed: {', '.join(ARGS)}")
+  if arg == "both":
+    c = ml_collections.ConfigDict()
+    c.name = "multiproc"
+    c.runs = ("attacks", "defenses")
+    c.attacks, c.defenses = get_config("attacks"), get_config("defenses")
+    c.distributed = True
+    c.cluster = base.cluster_config()
+    return c
   c = (mnist_cnn if arg == "attacks" else mnist_defenses).get_config("quick")
   for t in c.train.values():
     t.epochs = 1
