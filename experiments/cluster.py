@@ -24,7 +24,11 @@ A lost process (killed, crashed, its host gone) closes its TCP connections: the 
 their next collective (a chunk's gather, a broadcast) and `main` reports that as one line
 (`lost_process`) and exits without JAX's shutdown barrier, which would abort with a stack trace.
 JAX's heartbeat (`cluster.heartbeat_timeout_s`) ends a process that waits longer than that in
-local work. Each row of the log is one `write` call, so no kill leaves half a row.
+local work. Each row of the log is one `write` call, so no kill leaves half a row. When process
+0 dies, JAX itself ends the others at once (its coordination service lived there), with its
+own message and an abort: jaxlib's client takes a callback for that case, but
+`jax.distributed.initialize` does not pass one through, and a Python callable given to the
+client directly fails with std::bad_cast (jaxlib 0.10.2).
 """
 
 import os

@@ -37,7 +37,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(n, workdir, data_root, *, devices=1, arg="both") -> list:
+# XLA host devices per process: each process also shards its chunks over its own devices. The
+# reference has as many: sharding L-BFGS's host loop over another number of devices rounds
+# differently in the last bits (one process alone too), which is not what is tested here.
+DEVICES = 2
+
+
+def launch(n, workdir, data_root, *, devices=DEVICES, arg="both") -> list:
   """`python -m experiments.main` as processes 0..n-1 of one run; process i > 0 gets the workdir
   `<workdir>.others/<i>`. Returns the Popen objects (stderr in <workdir>.<i>.err)."""
   port = _free_port()
@@ -94,12 +100,16 @@ def rows(path: pathlib.Path) -> dict:
 
 
 def files(workdir: pathlib.Path) -> set[str]:
-  """Every file under workdir, relative (the lock file aside)."""
-  return {str(p.relative_to(workdir)) for p in workdir.rglob("*") if p.is_file()} - {
-    ".lock",
-    "attacks/.lock",
-    "defenses/.lock",
-  }
+  """Every file under workdir, relative (the lock files aside); a checkpoint counts as its step
+  folder (orbax names the files inside at random)."""
+  out = set()
+  for p in workdir.rglob("*"):
+    parts = p.relative_to(workdir).parts
+    if "checkpoints" in parts:
+      out.add("/".join(parts[: parts.index("checkpoints") + 3]))
+    elif p.is_file() and p.name != ".lock":
+      out.add("/".join(parts))
+  return out
 
 
 def same_records(ref: pathlib.Path, got: pathlib.Path) -> None:
@@ -129,12 +139,12 @@ def check_like_reference(workdir: pathlib.Path, reference: pathlib.Path, parts=P
 
 
 @pytest.mark.slow  # ~2 minutes on a 2-core CPU: three runs of 1, 2 and 4 processes
-@pytest.mark.parametrize("n, devices", [(2, 2), (4, 1)])
+@pytest.mark.parametrize("n", [2, 4])
 def test_n_processes_give_the_rows_of_one_and_only_process_0_writes(
-  n, devices, reference, data_root, tmp_path
+  n, reference, data_root, tmp_path
 ):
   workdir = tmp_path / "w"
-  run(n, workdir, data_root, devices=devices)
+  run(n, workdir, data_root)
   check_like_reference(workdir, reference)
   # Process 0 wrote everything a single process writes: results log, per-pair records, pairs,
   # examples, checkpoints, train metrics, the report and the figures ...
