@@ -32,11 +32,8 @@ client directly fails with std::bad_cast (jaxlib 0.10.2).
 """
 
 import os
-import pickle
 from collections.abc import Callable
 from typing import Any, TypeVar
-
-import numpy as np
 
 from experiments.errors import UserError
 
@@ -109,17 +106,6 @@ def initialize(config) -> None:
   _PROCESS.update(index=jax.process_index(), count=jax.process_count())
 
 
-def _broadcast_bytes(data: bytes) -> bytes:
-  """Process 0's `data` on every process (the others' argument is ignored)."""
-  from jax.experimental import multihost_utils  # noqa: PLC0415
-
-  size = int(multihost_utils.broadcast_one_to_all(np.asarray(len(data), np.int64)))
-  buf = np.zeros(size, np.uint8)
-  if writes():
-    buf[:] = np.frombuffer(data, np.uint8)
-  return np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes()
-
-
 def from_writer(fn: Callable[[], T]) -> T:
   """`fn()` run on process 0 only, its value (pickled) given to every process.
 
@@ -136,7 +122,9 @@ def from_writer(fn: Callable[[], T]) -> T:
       outcome = ("ok", fn())
     except UserError as e:
       error, outcome = e, ("error", str(e))
-  kind, value = pickle.loads(_broadcast_bytes(pickle.dumps(outcome) if writes() else b""))
+  from vae_attacks import processes  # noqa: PLC0415  (imports jax)
+
+  kind, value = processes.broadcast(outcome)
   if error is not None:
     raise error
   if kind == "error":
@@ -149,9 +137,9 @@ def same_as_writer(tree: T) -> T:
   shapes), as host numpy arrays on every process; `tree` itself outside a multi-process run."""
   if process_count() == 1:
     return tree
-  from jax.experimental import multihost_utils  # noqa: PLC0415
+  from vae_attacks import processes  # noqa: PLC0415  (imports jax)
 
-  return multihost_utils.broadcast_one_to_all(tree)
+  return processes.broadcast(tree)
 
 
 # What a collective or the coordination service says when a peer process is gone.

@@ -111,8 +111,9 @@ def main(argv):
     _exit(130)
   except Exception as e:
     if cluster.is_lost_process(e):  # another process of a multi-process run is gone
-      logging.error("%s", e)
-      print(f"error: {cluster.lost_process(e, workdir)}", file=sys.stderr)
+      line = cluster.lost_process(e, workdir)
+      logging.error("%s", line)
+      print(f"error: {line}", file=sys.stderr)
       _exit(2)
     # A full disk met by a writer that is not ours (a library's file): the same one line.
     if store.is_out_of_space(e):
@@ -123,28 +124,27 @@ def main(argv):
         _exit(1)
       raise
     print(f"error: {userio.os_error(e, workdir)}", file=sys.stderr)  # a read-only workdir
-    sys.exit(2)
+    _exit(2)
 
 
 def _fail(e: UserError) -> None:
   """Reports `e` as one line on stderr and exits with status 2."""
   logging.error("%s", e)
   print(f"error: {e}", file=sys.stderr)
-  if isinstance(e, store.OutOfSpace) or cluster.process_count() > 1:
-    # orbax's writer threads and coroutines, cut short by the full disk, each print a traceback
-    # at interpreter shutdown ("Exception ignored in ..."): dozens of lines after ours. Leave
-    # without that shutdown, so that this error stays the last line. Our files are complete
-    # and fsynced, and the workdir's lock was released when run() unwound.
-    # In a multi-process run, JAX's shutdown would wait for the other processes at a barrier
-    # while they wait for this one at their next collective: leaving at once closes this
-    # process's connections, so that they stop too (cluster.lost_process).
-    _exit(2)
-  sys.exit(2)
+  # orbax's writer threads and coroutines, cut short by the full disk, each print a traceback
+  # at interpreter shutdown ("Exception ignored in ..."): dozens of lines after ours. Leave
+  # without that shutdown, so that this error stays the last line. Our files are complete
+  # and fsynced, and the workdir's lock was released when run() unwound.
+  _exit(2, now=isinstance(e, store.OutOfSpace))
 
 
-def _exit(status: int) -> None:
-  """Leaves at once (flushing our output first), without the interpreter's shutdown."""
-  if status == 130 and cluster.process_count() == 1:
+def _exit(status: int, now: bool = False) -> None:
+  """sys.exit(status); or, with `now` or in a multi-process run, leaves at once (our output
+  flushed) without the interpreter's shutdown. In a multi-process run JAX's shutdown would wait
+  for the other processes at a barrier while they wait for this one at their next collective;
+  leaving at once closes this process's connections, so that they stop too
+  (cluster.lost_process)."""
+  if not now and cluster.process_count() == 1:
     sys.exit(status)
   logging.flush()
   sys.stdout.flush()

@@ -131,8 +131,8 @@ def reference(tmp_path_factory, data_root):
   return workdir
 
 
-def check_like_reference(workdir: pathlib.Path, reference: pathlib.Path, parts=PARTS) -> None:
-  for part, log in parts.items():
+def check_like_reference(workdir: pathlib.Path, reference: pathlib.Path) -> None:
+  for part, log in PARTS.items():
     want, got = rows(reference / part / log), rows(workdir / part / log)
     assert got == want, part
   same_records(reference / "attacks", workdir / "attacks")
@@ -158,9 +158,10 @@ def test_n_processes_give_the_rows_of_one_and_only_process_0_writes(
 def test_killed_process_ends_the_run_in_one_line_and_a_rerun_resumes(
   reference, data_root, tmp_path
 ):
+  """Process 1 killed while process 0 attacks (the attacks part alone)."""
   workdir = tmp_path / "w"
-  log = workdir / "attacks" / PARTS["attacks"]
-  procs = launch(2, workdir, data_root)
+  log = workdir / PARTS["attacks"]
+  procs = launch(2, workdir, data_root, arg="attacks")
   deadline = time.monotonic() + RUN_TIMEOUT_S
   while not (log.exists() and len(log.read_text().splitlines()) >= 4):  # the FGSM rows
     assert all(p.poll() is None for p in procs), "a process ended before the kill"
@@ -180,11 +181,13 @@ def test_killed_process_ends_the_run_in_one_line_and_a_rerun_resumes(
   # Nothing torn: every line of the log is a whole row whose record exists; no report yet.
   kept = [json.loads(line) for line in log.read_text().splitlines()]
   assert 4 <= len(kept) < len(rows(reference / "attacks" / PARTS["attacks"]))
-  assert all((workdir / "attacks" / r["record"]).exists() for r in kept)
+  assert all((workdir / r["record"]).exists() for r in kept)
   assert not (workdir / "summary.md").exists()
 
-  run(2, workdir, data_root)  # the rerun resumes: the rows written before the kill are kept
+  run(2, workdir, data_root, arg="attacks")  # resumes: the rows made before the kill are kept
   again = {(r["attack"], r["eps"]): r for r in map(json.loads, log.read_text().splitlines())}
   assert all(again[(r["attack"], r["eps"])]["seconds"] == r["seconds"] for r in kept)
-  check_like_reference(workdir, reference)
+  assert rows(log) == rows(reference / "attacks" / PARTS["attacks"])
+  same_records(reference / "attacks", workdir)
+  assert (workdir / "summary.md").exists()
   assert not pathlib.Path(f"{workdir}.others").exists()

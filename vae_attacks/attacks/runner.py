@@ -40,6 +40,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vae_attacks import processes
 from vae_attacks import progress as progress_lib
 from vae_attacks.attacks.base import AttackResult
 from vae_attacks.types import Array, LogitsFn, Params, PRNGKey
@@ -642,9 +643,7 @@ def _agreed_chunk(chunk: int, n_dev: int) -> int:
   multiple of every process's device count (hosts may differ); `chunk` in a single process."""
   if jax.process_count() == 1:
     return chunk
-  from jax.experimental import multihost_utils  # noqa: PLC0415
-
-  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([chunk, n_dev], np.int64)))
+  sizes = np.asarray(processes.allgather((chunk, n_dev)))
   return _round_up(int(sizes[:, 0].min()), math.lcm(*(int(d) for d in sizes[:, 1])))
 
 
@@ -664,13 +663,7 @@ def _run_chunks(executable, args_for, n_pairs, chunk, *, desc, progress):
   def fetch(pending):
     mine, out = pending
     host = jax.tree.map(np.asarray, jax.device_get(out))
-    if n_proc == 1:
-      results = [host]
-    else:
-      from jax.experimental import multihost_utils  # noqa: PLC0415
-
-      every = multihost_utils.process_allgather(host)  # leading axis: the process
-      results = [jax.tree.map(lambda a, p=p: np.asarray(a)[p], every) for p in range(n_proc)]
+    results = processes.allgather(host)  # every process's chunk of this round, in order
     for start, res in zip(mine, results, strict=False):
       stop = min(start + chunk, n_pairs)
       bar.update(stop - start)
