@@ -6,6 +6,7 @@ Sections: data, model, train, attacks, eval, output.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from vae_attacks import data as data_lib
 from vae_attacks import models as models_lib
@@ -24,6 +25,20 @@ def parse_arg(arg):
   return arg == "quick"
 
 
+def cluster_config() -> ml_collections.ConfigDict:
+  """How the processes of a distributed run find each other. An unset field (None) is taken
+  from the environment JAX detects: SLURM, Open MPI, Cloud TPU, JAX_COORDINATOR_ADDRESS."""
+  return ml_collections.ConfigDict(
+    dict(
+      coordinator_address=placeholder(str),  # host:port of process 0's coordinator
+      num_processes=placeholder(int),
+      process_id=placeholder(int),  # 0 .. num_processes - 1; process 0 writes
+      # A process that hears nothing from another for this long ends the run (JAX's heartbeat).
+      heartbeat_timeout_s=100,
+    )
+  )
+
+
 def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_collections.ConfigDict:
   """Base config for `dataset` training `models` (a VAE also gets a latent classifier)."""
   c = ml_collections.ConfigDict()
@@ -31,9 +46,10 @@ def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_coll
   c.seed = 0
   c.quick = quick
   c.models = models
-  # True: jax.distributed.initialize() (JAX's cluster auto-detection: SLURM, Open MPI, Cloud
-  # TPU, ...) before any device is used, so jax.devices() and the pairs mesh span every host.
+  # True: a run of several processes (experiments/cluster.py): jax.distributed.initialize()
+  # before any device is used; process 0 writes, the processes share the attack sweeps out.
   c.distributed = False
+  c.cluster = cluster_config()
 
   # --- data ---------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()

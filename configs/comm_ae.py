@@ -20,6 +20,8 @@ Sections:
 
 import ml_collections
 
+from configs import base
+
 ARGS = ("", "quick")
 
 
@@ -33,6 +35,7 @@ def get_config(arg=None):
   c.experiment = "comm"
   c.seed = 0
   c.distributed = False
+  c.cluster = base.cluster_config()
 
   c.system = ml_collections.ConfigDict(dict(k=4, n=7))
   c.models = ("mlp_ae", "conv_ae", "mlp_ae_iq", "hamming74_hard", "hamming74_ml", "bpsk_uncoded")

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from experiments import keys, progress, store
+from experiments import cluster, keys, progress, store
 from experiments.errors import UserError
 from vae_attacks import metrics
 from vae_attacks.attacks import registry, runner
@@ -171,11 +171,15 @@ def run_all(config, data, trained, log, job=None) -> None:
   runner_kwargs = dict(
     chunk_size=acfg.chunk_size or None,
     memory_budget_bytes=int(acfg.memory_budget_mb * 2**20),
-    mesh=runner.pairs_mesh() if acfg.shard and jax.device_count() > 1 else None,
+    mesh=runner.pairs_mesh() if acfg.shard and jax.local_device_count() > 1 else None,
   )
   settings = metrics.EvalSettings.from_config(config.eval)
   out_dir = pathlib.Path(log.path).parent
-  shared = _shared_pairs(config, data, trained, root, out_dir) if acfg.shared_pairs else None
+  shared = (  # process 0's (read back, or drawn and saved), in a multi-process run
+    cluster.from_writer(lambda: _shared_pairs(config, data, trained, root, out_dir))
+    if acfg.shared_pairs
+    else None
+  )
   finished_before = {  # models whose every sweep was already in the log when this run began
     name: all(
       _done(log, config, _row_base(config, name), w) for w in _plan(acfg, root, "classifier")

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from experiments import keys, progress, store
+from experiments import cluster, keys, progress, store
 from experiments import models as models_lib
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
@@ -86,6 +86,16 @@ class Defended(NamedTuple):
   figure_data: Callable[[np.ndarray, np.ndarray, dict], dict] | None = None
 
 
+class _Trained(dict):
+  """The models trained so far, name -> (module, params, kept metrics). In a multi-process run
+  each process trains them (replicated) and keeps process 0's parameters, so that every process
+  attacks the same weights (`cluster.same_as_writer`)."""
+
+  def __setitem__(self, name: str, trained: tuple) -> None:
+    module, params, *rest = trained
+    super().__setitem__(name, (module, cluster.same_as_writer(params), *rest))
+
+
 class Context:
   """What builders share: config, data, workdir, and the models trained so far (by name)."""
 
@@ -93,15 +103,16 @@ class Context:
     self.config, self.data, self.workdir = config, data, workdir
     self.root = jax.random.key(config.seed)
     self.num_classes = len(data.class_names)
-    self.trained: dict[str, Any] = {}
+    self.trained: dict[str, Any] = _Trained()
 
   def key(self, name: str):
     """The training key of defence `name` (or of a shared model, SHARED_KEY_INDEX)."""
     index = DEFENSES[name].key_index if name in DEFENSES else SHARED_KEY_INDEX[name]
     return jax.random.fold_in(self.root, index)
 
-  def checkpoint(self, name: str) -> str:
-    return str((self.workdir / "checkpoints" / name).resolve())
+  def checkpoint(self, name: str) -> str | None:
+    """The checkpoint folder of `name`; None (no checkpoints) on processes other than 0."""
+    return str((self.workdir / "checkpoints" / name).resolve()) if cluster.writes() else None
 
   def classifier(self, name: str, model_cfg: dict, train_cfg: dict, **extra):
     """A CNN trained with `train_cfg` (cached per name): (module, params, kept metrics)."""
@@ -634,8 +645,10 @@ def run(config, workdir: str) -> dict:
   ctx = Context(config, data, workdir)
   # Transfer rows depend on every model; a defence's rows only on its own section.
   settings = keys.transfer_settings(config)
-  log = store.ResultsLog(workdir / RESULTS_FILE, RESULT_KEY, store.DEFENSES_KINDS)
-  mesh = runner.pairs_mesh() if config.attacks.shard and jax.device_count() > 1 else None
+  log = cluster.from_writer(
+    lambda: store.ResultsLog(workdir / RESULTS_FILE, RESULT_KEY, store.DEFENSES_KINDS)
+  )
+  mesh = runner.pairs_mesh() if config.attacks.shard and jax.local_device_count() > 1 else None
   runner_kwargs = dict(
     chunk_size=config.attacks.chunk_size or None,
     memory_budget_bytes=int(config.attacks.memory_budget_mb * 2**20),
@@ -711,10 +724,11 @@ def run(config, workdir: str) -> dict:
       store.save_npz_atomic(workdir / EXAMPLES_DIR / f"{name}.npz", **figure)
   if d.transfer.enabled:
     _run_transfer(config, ctx, built, x, y, log, settings, attack_root, runner_kwargs, job)
-  from experiments import report  # noqa: PLC0415
+  if cluster.writes():
+    from experiments import report  # noqa: PLC0415
 
-  report.write_report(workdir)
-  job.last_line(workdir, results=RESULTS_FILE)
+    report.write_report(workdir)
+    job.last_line(workdir, results=RESULTS_FILE)
   return {"train": {k: v.metrics for k, v in built.items()}, "results": log.rows}
 
 

@@ -10,6 +10,7 @@ import _thread
 import os
 import signal
 import sys
+import traceback
 
 from experiments import userio  # (standard library only: cheap, before the heavy imports)
 
@@ -44,8 +45,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments import cluster, store, userio  # noqa: E402
 from experiments import run as run_lib  # noqa: E402
-from experiments import store  # noqa: E402
 from experiments.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -110,31 +111,6 @@ class _QuietLibraries(pylogging.Filter):
     )
 
 
-def _wants_distributed(config) -> bool:
-  """config.distributed, or that of any part of a study config."""
-  parts = [config] + [config[p] for p in config.get("runs", ()) if p in config]
-  return any(part.get("distributed", False) is True for part in parts)
-
-
-def _init_distributed() -> None:
-  """jax.distributed.initialize(), before anything touches a device; a failure is one line."""
-  import jax  # noqa: PLC0415
-
-  try:
-    jax.distributed.initialize()
-  except (ValueError, RuntimeError, TypeError) as e:
-    raise UserError(
-      f"distributed=True but jax.distributed.initialize() failed ({e}); run under a cluster "
-      "manager JAX detects (SLURM, Open MPI, Cloud TPU, ...) or set --config.distributed=False"
-    ) from None
-  logging.info(
-    "jax.distributed: process %d of %d, %d devices in all",
-    jax.process_index(),
-    jax.process_count(),
-    jax.device_count(),
-  )
-
-
 def main(argv):
   # From here on Ctrl-C is a KeyboardInterrupt, caught below once the workdir is known.
   if not _SIGINT_IGNORED:
@@ -146,23 +122,35 @@ def main(argv):
   config = _CONFIG.value
   workdir = _WORKDIR.value or f"runs/{config.name}"
   try:
-    if _wants_distributed(config):
-      _init_distributed()
+    distributed = cluster.settings_of(config)  # config.distributed, or a study part's
+    if distributed is not None:
+      cluster.initialize(distributed)  # before anything touches a device
+      logging.info(
+        "jax.distributed: process %d of %d", cluster.process_index(), cluster.process_count()
+      )
     run_lib.run(config, workdir)
   except UserError as e:  # settings, data, a busy workdir, a full disk: one line
     _fail(e)
   except KeyboardInterrupt:  # Ctrl-C: what is kept, and that a rerun resumes
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while leaving: no traceback
     print(f"\n{userio.interrupted(workdir)}", file=sys.stderr)
-    _leave(130)
+    _exit(130, now=True)
   except Exception as e:
+    if cluster.is_lost_process(e):  # another process of a multi-process run is gone
+      line = cluster.lost_process(e, workdir)
+      logging.error("%s", line)
+      print(f"error: {line}", file=sys.stderr)
+      _exit(2)
     # A full disk met by a writer that is not ours (a library's file): the same one line.
     if store.is_out_of_space(e):
       _fail(store.OutOfSpace(getattr(e, "filename", None) or workdir))
     if not isinstance(e, OSError):
+      if cluster.process_count() > 1:  # a bug: its traceback, then leave at once (see _fail)
+        traceback.print_exc()
+        _exit(1)
       raise
     print(f"error: {userio.os_error(e, workdir)}", file=sys.stderr)  # a read-only workdir
-    sys.exit(2)
+    _exit(2)
 
 
 def _redeliver_interrupt(unraisable, default=sys.unraisablehook) -> None:
@@ -179,22 +167,27 @@ def _fail(e: UserError) -> None:
   """Reports `e` as one line on stderr and exits with status 2 (not also as an absl log line,
   which would print the same words a second time)."""
   print(f"error: {e}", file=sys.stderr)
-  if isinstance(e, store.OutOfSpace):
-    _leave(2)
-  sys.exit(2)
+  _exit(2, now=isinstance(e, store.OutOfSpace))
 
 
-def _leave(code: int) -> None:
-  """Exits with `code` without the interpreter's shutdown. orbax's writer threads and
-  coroutines, cut short (by a full disk, by Ctrl-C), each print a traceback at shutdown
-  ("Exception ignored in ...", "cannot schedule new futures after interpreter shutdown"):
-  dozens of lines after our one line. Our files are complete and fsynced (a checkpoint cut
-  short is a temporary folder the rerun ignores, as after a kill), and the workdir's lock was
-  released when run() unwound."""
+def _exit(status: int, now: bool = False) -> None:
+  """sys.exit(status); or, with `now` or in a multi-process run, leaves at once (our output
+  flushed) without the interpreter's shutdown.
+
+  `now`: orbax's writer threads and coroutines, cut short (by a full disk, by Ctrl-C), each
+  print a traceback at shutdown ("Exception ignored in ...", "cannot schedule new futures after
+  interpreter shutdown"): dozens of lines after our one line. Our files are complete and
+  fsynced (a checkpoint cut short is a temporary folder the rerun ignores, as after a kill),
+  and the workdir's lock was released when run() unwound. In a multi-process run JAX's
+  shutdown would wait for the other processes at a barrier while they wait for this one at
+  their next collective; leaving at once closes this process's connections, so that they stop
+  too (cluster.lost_process)."""
+  if not now and cluster.process_count() == 1:
+    sys.exit(status)
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()
-  os._exit(code)
+  os._exit(status)
 
 
 if __name__ == "__main__":

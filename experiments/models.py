@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 from flax import serialization
 
-from experiments import store
+from experiments import cluster, store
 from vae_attacks import models, train
 from vae_attacks.types import LogitsFn, Params
 
@@ -128,7 +128,12 @@ def train_latent_classifier(
   return clf, params, kept_metrics(m, params["clf"], "classifier")
 
 
-def _fit_classifier(name, config, data, key, checkpoint_dir: pathlib.Path, trained) -> tuple:
+def _sub(checkpoint_dir: pathlib.Path | None, name: str = "") -> str | None:
+  """The checkpoint folder (or its subfolder `name`) as train takes it; None writes none."""
+  return None if checkpoint_dir is None else str(checkpoint_dir / name)
+
+
+def _fit_classifier(name, config, data, key, checkpoint_dir: pathlib.Path | None, trained) -> tuple:
   """A CNN of `config.model[name]` trained with `config.train[name]`: (params, kept metrics).
 
   A train section with `match_to: <model>` is the study's accuracy-matched control: the same
@@ -143,7 +148,7 @@ def _fit_classifier(name, config, data, key, checkpoint_dir: pathlib.Path, train
       name, match_to, section["stop_at_accuracy"],
     )  # fmt: skip
   _, params, kept = train_cnn(
-    name, config.model[name], section, data, key=key, checkpoint_dir=str(checkpoint_dir)
+    name, config.model[name], section, data, key=key, checkpoint_dir=_sub(checkpoint_dir)
   )
   if match_to:
     kept["matched_to"] = match_to
@@ -155,20 +160,23 @@ def _wrap_classifier(name, config, data, params, metrics) -> Trained:
   return Trained(name, "classifier", models.classifier_fns(cnn), params, None, metrics)
 
 
-def _fit_vae_classifier(name, config, data, key, checkpoint_dir: pathlib.Path, trained) -> tuple:
+def _fit_vae_classifier(
+  name, config, data, key, checkpoint_dir: pathlib.Path | None, trained
+) -> tuple:
   """A VAE and the latent classifier on its code (the "VAE as classifier"): (params, metrics)."""
   del trained
   vae_key, clf_key = jax.random.split(key)
   vae, vae_params, vae_kept = train_vae(
-    name, config, data, key=vae_key, checkpoint_dir=str(checkpoint_dir / "vae")
+    name, config, data, key=vae_key, checkpoint_dir=_sub(checkpoint_dir, "vae")
   )
+  vae_params = cluster.same_as_writer(vae_params)  # the latent classifier trains on process 0's
   _, params, clf_kept = train_latent_classifier(
     config,
     data,
     vae,
     vae_params,
     key=clf_key,
-    checkpoint_dir=str(checkpoint_dir / "latent_classifier"),
+    checkpoint_dir=_sub(checkpoint_dir, "latent_classifier"),
   )
   metrics = vae_classifier_metrics(vae_kept, clf_kept)
   logging.info(
@@ -180,7 +188,7 @@ def _fit_vae_classifier(name, config, data, key, checkpoint_dir: pathlib.Path, t
   return params, metrics
 
 
-def _fit_joint_vae(name, config, data, key, checkpoint_dir: pathlib.Path, trained) -> tuple:
+def _fit_joint_vae(name, config, data, key, checkpoint_dir: pathlib.Path | None, trained) -> tuple:
   """A VAE trained jointly with its latent classifier (`train.train_joint_vae`): alpha of
   -ELBO + alpha * CE is the train section's `ce_weight_per_pixel` times the pixels H * W * C."""
   del trained
@@ -190,7 +198,7 @@ def _fit_joint_vae(name, config, data, key, checkpoint_dir: pathlib.Path, traine
   clf = _latent_classifier(config, data)
   params, m = train.train_joint_vae(
     vae, clf, data, key=key, settings=train.TrainSettings.from_config(section),
-    ce_weight=ce_weight, checkpoint_dir=str(checkpoint_dir),
+    ce_weight=ce_weight, checkpoint_dir=_sub(checkpoint_dir),
   )  # fmt: skip
   kept = kept_metrics(m, params, "vae")
   kept["ce_weight"] = ce_weight
@@ -216,8 +224,8 @@ class ModelSpec(NamedTuple):
 
   kind: str  # models.MODEL_KINDS[name]: "classifier" | "vae"
   build: Callable[[Any, Any], nn.Module]  # (config.model[name], data) -> the Flax module
-  # (name, config, data, key, checkpoint folder, models trained before it) -> (params, kept
-  # metrics); checkpoints under the folder
+  # (name, config, data, key, checkpoint folder or None, models trained before it) -> (params,
+  # kept metrics); checkpoints under the folder
   fit: Callable[..., tuple[Params, dict]]
   # (name, config, data, params, metrics) -> Trained: the pure functions the attacks see
   wrap: Callable[..., Trained]
@@ -278,10 +286,13 @@ def train_all(config, data, workdir, job=None) -> dict[str, Trained]:
       skipped = True
     else:
       with checkpoint_space(ckpt):
-        params, metrics = MODELS[name].fit(name, config, data, key, ckpt, out)
+        params, metrics = MODELS[name].fit(
+          name, config, data, key, ckpt if cluster.writes() else None, out
+        )
+      params = cluster.same_as_writer(params)
       out[name] = MODELS[name].wrap(name, config, data, params, metrics)
       skipped = metrics.get("train_seconds_this_run", 1.0) == 0.0
-      if config.output.get("export_params", False):
+      if config.output.get("export_params", False) and cluster.writes():
         store.write_bytes_atomic(
           workdir / PARAMS_DIR / f"{name}.msgpack", serialization.to_bytes(params)
         )

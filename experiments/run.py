@@ -7,6 +7,9 @@ Files in the work directory (all written atomically; a rerun resumes):
   train_metrics.json   one entry per trained model
   timings.json         each stage's wall seconds and rate (experiments/progress.py)
   results.jsonl        one row per (dataset, model, attack, norm, eps), appended as produced
+
+In a run of several processes (experiments/cluster.py) process 0 writes all of these; the others
+compute their share of the sweeps and write nothing.
 """
 
 import contextlib
@@ -15,7 +18,7 @@ import pathlib
 import ml_collections
 import numpy as np
 
-from experiments import keys, progress, store, validate
+from experiments import cluster, keys, progress, store, validate
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
 
@@ -51,12 +54,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _run_locked(config, workdir: pathlib.Path, data=None, job=None) -> dict:
   """`run` of a validated attacks config, holding the workdir's lock. A study passes each
   part's opened `data` and its whole-job `job`; a run alone opens its data and shows its own
-  plan, timing table and last line."""
+  plan, timing table and last line (process 0's in a multi-process run: the others run the
+  same stages and show nothing)."""
   alone = job is None
   if data is None:
     data = workdir_lib.open_run(config, workdir)
   if alone:
-    job = progress.Job(_plan(config, data), timings_path=workdir / progress.TIMINGS_FILE)
+    job = _job(_plan(config, data), workdir)
     job.show_plan(f"{config.name} in {workdir}")
 
   from experiments import models as models_lib  # noqa: PLC0415  (keeps --help fast)
@@ -75,12 +79,20 @@ def _run_locked(config, workdir: pathlib.Path, data=None, job=None) -> dict:
 
   from experiments import attacks as attacks_lib  # noqa: PLC0415
 
-  log = store.ResultsLog(workdir / "results.jsonl", keys.RESULT_KEY)
+  # Every process skips the rows process 0 found done (the others never read the workdir).
+  log = cluster.from_writer(lambda: store.ResultsLog(workdir / "results.jsonl", keys.RESULT_KEY))
   attacks_lib.run_all(config, data, trained, log, job=job)
   _report(workdir)
   if alone:
     job.last_line(workdir)
   return {"train": train_metrics, "results": log.rows}
+
+
+def _job(stages, workdir: pathlib.Path) -> progress.Job:
+  """The progress display and timing table of `stages` (process 0's; silent elsewhere)."""
+  if not cluster.writes():
+    return progress.NoJob()
+  return progress.Job(stages, timings_path=workdir / progress.TIMINGS_FILE)
 
 
 def _plan(config, data, part: str = "") -> list[progress.Stage]:
@@ -109,19 +121,23 @@ def _run_study(config, workdir: pathlib.Path) -> dict:
       held.enter_context(workdir_lib.locked(workdir / part))
       opened[part] = workdir_lib.open_run(config[part], workdir / part)
     stages = [s for part in config.runs for s in _plan(config[part], opened[part], part)]
-    job = progress.Job(stages, timings_path=workdir / progress.TIMINGS_FILE)
+    job = _job(stages, workdir)
     job.show_plan(f"{config.name} in {workdir} (parts: {', '.join(config.runs)})")
     out = {}
     for part in config.runs:
       job.enter(part)
       out[part] = _run_locked(config[part], workdir / part, opened.pop(part), job)
     _report(workdir, parts=[workdir / part for part in config.runs])
-  job.last_line(workdir, results="")
+  if cluster.writes():
+    job.last_line(workdir, results="")
   return out
 
 
 def _report(workdir: pathlib.Path, parts=None) -> None:
-  """summary.md and figures/ for a run (or, with `parts`, one combined study report)."""
+  """summary.md and figures/ for a run (or, with `parts`, one combined study report); process
+  0's work in a multi-process run."""
+  if not cluster.writes():
+    return
   from experiments import report  # noqa: PLC0415  (matplotlib only when reporting)
 
   if parts is None:

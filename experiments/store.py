@@ -11,6 +11,9 @@ disk (ENOSPC, EDQUOT) into `OutOfSpace`, a one-line error naming the file. What 
 is never torn: a whole file is written to a temporary name and renamed only when complete, and
 a log row that did not fit is cut off again (`ftruncate`) before the error is raised.
 
+In a run of several processes only process 0 writes (`experiments.cluster`): on the others every
+writer here returns having written nothing.
+
 Rows carry `format_version` (`FORMAT_VERSION`). On open, a log migrates rows of an older
 version, and sets aside (into `<log>.rejected`) rows that fail its schema (`SCHEMAS`) or come
 from a newer version, with one log line saying how many and why; a rerun then recomputes them.
@@ -32,7 +35,7 @@ from typing import Any
 
 from absl import logging
 
-from experiments import errors
+from experiments import cluster, errors
 
 # errno values that mean "no room for these bytes": disk full, quota exceeded.
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -99,7 +102,10 @@ def write_bytes_atomic(path: os.PathLike, data: bytes) -> None:
   """Writes `data` to `path` so that readers see the old file or the new one, never half.
 
   On any failure (a full disk included) the temporary file is removed and `path` is unchanged.
+  Nothing is written on a process other than 0 of a multi-process run (`cluster.writes`).
   """
+  if not cluster.writes():
+    return
   path = pathlib.Path(path)
   with _space_errors(path):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +141,8 @@ def write_with(path: os.PathLike, write: Callable[[io.BytesIO], Any]) -> None:
   Libraries that write to a file object do not all check what each write wrote; a buffer in
   memory cannot be short, and `write_bytes_atomic` checks the one write that matters.
   """
+  if not cluster.writes():
+    return
   buffer = io.BytesIO()
   write(buffer)
   write_bytes_atomic(path, buffer.getvalue())
@@ -458,6 +466,9 @@ class ResultsLog:
     if why is not None:  # a bug of the writer: never leave a row the next run would set aside
       raise ValueError(f"row {self.key(row)} does not fit {self.path.name}'s schema: {why}")
     data = _line(row).encode()
+    if not cluster.writes():  # a process other than 0 keeps the row in memory only
+      self._remember(json.loads(data))
+      return
     with _space_errors(self.path):
       self.path.parent.mkdir(parents=True, exist_ok=True)
       fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

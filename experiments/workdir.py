@@ -12,6 +12,10 @@
   data folder, NaN at the first epoch, a kill at start-up) never blocks a rerun: its
   config.json is replaced.
 - `open_run(config, workdir)`: the claim, then the run's data.
+
+In a run of several processes (experiments/cluster.py) process 0 alone takes the lock, claims the
+workdir and records the data's identity; the others touch nothing in the workdir, and stop with
+process 0's one line when it refuses the workdir.
 """
 
 import contextlib
@@ -27,7 +31,7 @@ from collections.abc import Iterator
 
 from absl import logging
 
-from experiments import identity, keys, store
+from experiments import cluster, identity, keys, store
 from experiments.errors import UserError
 from vae_attacks import data as data_lib
 
@@ -69,7 +73,15 @@ def locked(workdir: os.PathLike) -> Iterator[pathlib.Path]:
 
   Released (and the holder line cleared) when the block ends, by an exception too; the kernel
   releases it when the process dies. Not re-entrant: take it once per workdir and process.
+  In a multi-process run only process 0 takes it; every process gets its refusal.
   """
+  with contextlib.ExitStack() as stack:
+    yield cluster.from_writer(lambda: stack.enter_context(_lock(workdir)))
+
+
+@contextlib.contextmanager
+def _lock(workdir: os.PathLike) -> Iterator[pathlib.Path]:
+  """`locked` in this process."""
   workdir = pathlib.Path(workdir)
   path = workdir / LOCK_FILE
   try:
@@ -178,17 +190,19 @@ def claim_workdir(config, workdir: pathlib.Path, fixed=IMAGE_CLAIM_FIELDS) -> No
 def open_run(config, workdir: pathlib.Path) -> data_lib.Dataset:
   """Claims `workdir` for `config` (`claim_workdir`), then loads the run's data; a data
   problem is a UserError. Call it holding `locked(workdir)`."""
-  claim_workdir(config, workdir)
+  cluster.from_writer(lambda: claim_workdir(config, workdir))
   try:
     data = data_lib.load(config.data)
   except data_lib.DataError as e:
     raise UserError(str(e)) from None
-  identity.check_data(
-    workdir,
-    data,
-    record=True,
-    folder=identity.source_folder(config.data),
-    products=has_products(workdir),
+  cluster.from_writer(
+    lambda: identity.check_data(
+      workdir,
+      data,
+      record=True,
+      folder=identity.source_folder(config.data),
+      products=has_products(workdir),
+    )
   )
   logging.info(
     "data %s: train %s, test %s, %d classes",

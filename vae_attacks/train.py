@@ -125,7 +125,7 @@ def _restore_state(manager, step, abstract, name, checkpoint_dir):
   `abstract`, or CheckpointError naming the directory."""
   try:
     state = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_on_host(abstract)))
     ).state
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(
@@ -139,6 +139,15 @@ def _restore_state(manager, step, abstract, name, checkpoint_dir):
       "this model's; delete it or use another --workdir"
     )
   return state
+
+
+def _on_host(tree):
+  """In a multi-process run, the training state as host numpy arrays (shapes alone: zeros):
+  orbax refuses to save one process's device arrays there, and restores numpy as numpy."""
+  if jax.process_count() == 1:
+    return tree
+  return jax.tree.map(lambda a: np.asarray(a) if hasattr(a, "__array__") else
+                      np.zeros(a.shape, a.dtype), tree)  # fmt: skip
 
 
 def _signature(tree) -> tuple:
@@ -183,14 +192,22 @@ def _format_seconds(s: float) -> str:
 
 
 def _checkpoint_manager(directory: str) -> ocp.CheckpointManager:
+  """The manager of one training's checkpoints, used by the calling process alone: in a
+  multi-process run the processes train independently (replicated), so orbax must neither wait
+  for the others at its barriers nor leave the writing to another process."""
+  me = jax.process_index()
+  os.makedirs(directory, exist_ok=True)  # orbax creates it only for all processes together
   return ocp.CheckpointManager(
     os.path.abspath(directory),
     item_names=("state", "meta"),
     options=ocp.CheckpointManagerOptions(
       max_to_keep=2,
-      create=True,
+      create=False,
       enable_async_checkpointing=False,
       cleanup_tmp_directories=True,  # a save torn by a kill leaves a temporary folder
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}
+      ),
     ),
   )
 
@@ -453,7 +470,7 @@ def fit(
     step_losses = []
     # Progress inside the epoch; the bar follows the step before the last dispatched one.
     bar = progress_lib.bar(steps, desc=f"{name} epoch {epoch + 1}/{epochs}", unit="step",
-                           leave=False)  # fmt: skip
+                           leave=False, disable=jax.process_index() != 0)  # fmt: skip
     for i in range(steps):
       state, loss = train_step(
         state, x_train, y_train, perm, epoch_key, np.int32(i), np.int32(epoch)
@@ -493,7 +510,9 @@ def fit(
       }
       manager.save(
         epoch + 1,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(_on_host(state)), meta=ocp.args.JsonSave(meta)
+        ),
       )
     if settings.stops_after(record):
       logging.info("%s: test accuracy %.4f reached %.4f: stopped after epoch %d",

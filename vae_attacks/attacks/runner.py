@@ -15,6 +15,12 @@ This module is the one place where batching happens (docs/style.md, "Batching li
   same results chunk by chunk so a caller can write them as they are produced.
 - `summarise` reduces a result to one row of statistics per epsilon.
 
+In a multi-process run (`jax.distributed`, e.g. on a cluster) every process calls the runner
+with the same arguments; the chunks are dealt out to the processes in turn (chunk k to process
+k mod n), each process runs its chunks on its own devices (the mesh holds this process's
+devices), and after each round the results are gathered on every process (gloo on CPUs), so
+each process yields every chunk in order, as a single process would.
+
 Keyword knobs of the attack are split by type: hashable Python values (ints, floats, strings,
 bools, tuples, None) are static -- closed over, part of the compilation cache key; jax/numpy
 arrays are traced arguments shared by every pair and epsilon (pass `jnp.asarray(0.01)` to sweep
@@ -34,6 +40,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vae_attacks import processes
 from vae_attacks import progress as progress_lib
 from vae_attacks.attacks.base import AttackResult
 from vae_attacks.types import Array, LogitsFn, Params, PRNGKey
@@ -298,13 +305,14 @@ def _other_offsets(key: PRNGKey, first: np.ndarray, num_classes: int) -> np.ndar
 
 
 def pairs_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh over axis 'pairs' for sharding attack chunks (default: all of jax.devices()).
+  """A 1-D mesh over axis 'pairs' for sharding attack chunks (default: this process's devices,
+  `jax.local_devices()`; in a multi-process run the processes share the chunks out instead).
 
   On a CPU, `XLA_FLAGS=--xla_force_host_platform_device_count=<cores>` (set before jax is
   imported) makes one host device per core; sharding pairs over them nearly doubles attack
   throughput on 2 cores (docs/performance.md). On GPUs the same mesh spreads pairs over the GPUs.
   """
-  devices = list(jax.devices() if devices is None else devices)
+  devices = list(jax.local_devices() if devices is None else devices)
   return Mesh(np.array(devices), (PAIRS_AXIS,))
 
 
@@ -507,6 +515,8 @@ def iter_attack_chunks(
   eps_grid = jnp.asarray(eps_grid, jnp.float32).reshape(-1)
   if mesh is not None and mesh.axis_names != (PAIRS_AXIS,):
     raise ValueError(f"mesh must be 1-D over axis {PAIRS_AXIS!r}, got axes {mesh.axis_names}")
+  if mesh is not None and any(d.process_index != jax.process_index() for d in mesh.devices.flat):
+    raise ValueError("mesh must hold this process's devices only (see `pairs_mesh`)")
   if chunk_size is not None and chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size} must be positive")
 
@@ -523,7 +533,7 @@ def iter_attack_chunks(
       progress=progress, desc=desc,
     )  # fmt: skip
   sweep = _sweep(attack, logits_fn, static, dyn_names, has_key, mesh)
-  devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
+  devices = list(mesh.devices.flat) if mesh is not None else [jax.local_devices()[0]]
   n_dev = len(devices)
 
   if mesh is not None:
@@ -568,6 +578,8 @@ def iter_attack_chunks(
       per_pair = max(need - fixed, 1) / (chunk / n_dev)  # per device
       fit = int((budget - fixed) // per_pair) * n_dev
       chunk = max(n_dev, min(chunk, fit - fit % n_dev))
+    chunk = _share_of_pairs(chunk, n_pairs, n_dev)
+  chunk = _agreed_chunk(chunk, n_dev)
   executable = sweep.executable(abstract(chunk))
 
   desc = desc or f"{getattr(attack, '__name__', 'attack')} x {eps_grid.shape[0]} eps"
@@ -589,16 +601,17 @@ def _host_loop_chunks(
   """`iter_attack_chunks` with the host-loop strategy: each chunk's pairs x eps problems are
   solved together by `batched`, with the problems sharded over the mesh."""
   n_pairs, n_eps = len(x), int(eps_grid.shape[0])
-  devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
+  devices = list(mesh.devices.flat) if mesh is not None else [jax.local_devices()[0]]
   n_dev = len(devices)
   if chunk_size is not None:
     chunk = min(chunk_size, n_pairs)
   else:
     budget = _per_device_budget(memory_budget_bytes or _default_budget(devices), devices)
     per_pair = n_eps * _HOST_LOOP_BYTES_PER_INPUT * int(np.prod(x.shape[1:])) * 4
-    chunk = max(1, min(n_pairs, budget * n_dev // per_pair))
+    chunk = _share_of_pairs(max(1, min(n_pairs, budget * n_dev // per_pair)), n_pairs, 1)
   while (chunk * n_eps) % n_dev:  # problems split evenly over the devices
     chunk += 1
+  chunk = _agreed_chunk(chunk, n_dev)
   if mesh is not None:
     rep, by_problem = NamedSharding(mesh, P()), NamedSharding(mesh, P(PAIRS_AXIS))
   else:
@@ -618,26 +631,54 @@ def _host_loop_chunks(
   return _run_chunks(solve, lambda idx: (idx,), n_pairs, chunk, desc=desc, progress=progress)
 
 
+def _share_of_pairs(chunk: int, n_pairs: int, n_dev: int) -> int:
+  """A chunk size chosen by memory, cut to one process's share of the pairs in a multi-process
+  run, so that every process gets chunks to run."""
+  share = _round_up(-(-n_pairs // jax.process_count()), n_dev)
+  return min(chunk, share)
+
+
+def _agreed_chunk(chunk: int, n_dev: int) -> int:
+  """The chunk size every process of the run uses: the smallest one chosen, rounded up to a
+  multiple of every process's device count (hosts may differ); `chunk` in a single process."""
+  if jax.process_count() == 1:
+    return chunk
+  sizes = np.asarray(processes.allgather((chunk, n_dev)))
+  return _round_up(int(sizes[:, 0].min()), math.lcm(*(int(d) for d in sizes[:, 1])))
+
+
 def _run_chunks(executable, args_for, n_pairs, chunk, *, desc, progress):
-  """Yields (slice, host result) per chunk, dispatching the next chunk before fetching one."""
-  bar = progress_lib.bar(n_pairs, desc=desc, unit="pair", disable=not progress)
+  """Yields (slice, host result) per chunk, dispatching the next chunk before fetching one.
+
+  In a multi-process run, chunk k runs on process k mod n and each round of n chunks is
+  gathered on every process; a process with no chunk left in the last round runs the last
+  chunk again (its copy is dropped), so that every process takes part in every gather."""
+  bar = progress_lib.bar(
+    n_pairs, desc=desc, unit="pair", disable=not progress or jax.process_index() != 0
+  )
+  starts = list(range(0, n_pairs, chunk))
+  n_proc, me = jax.process_count(), jax.process_index()
+  rounds = [starts[r : r + n_proc] for r in range(0, len(starts), n_proc)]
 
   def fetch(pending):
-    pairs, out = pending
-    host = jax.device_get(out)
-    valid = pairs.stop - pairs.start
-    bar.update(valid)
-    return pairs, jax.tree.map(lambda a: np.asarray(a)[:, :valid], host)
+    mine, out = pending
+    host = jax.tree.map(np.asarray, jax.device_get(out))
+    results = processes.allgather(host)  # every process's chunk of this round, in order
+    for start, res in zip(mine, results, strict=False):
+      stop = min(start + chunk, n_pairs)
+      bar.update(stop - start)
+      yield slice(start, stop), jax.tree.map(lambda a, v=stop - start: a[:, :v], res)
 
   try:
     pending = None
-    for start in range(0, n_pairs, chunk):
+    for mine in rounds:
+      start = mine[min(me, len(mine) - 1)]
       stop = min(start + chunk, n_pairs)
       out = executable(*args_for(_padded_indices(start, stop, chunk)))  # dispatched async
       if pending is not None:
-        yield fetch(pending)
-      pending = (slice(start, stop), out)
-    yield fetch(pending)
+        yield from fetch(pending)
+      pending = (mine, out)
+    yield from fetch(pending)
   finally:
     bar.close()
 
