@@ -45,7 +45,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from experiments import cluster, store, userio  # noqa: E402
+from experiments import cluster, store  # noqa: E402
 from experiments import run as run_lib  # noqa: E402
 from experiments.errors import UserError  # noqa: E402
 
