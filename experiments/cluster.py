@@ -31,7 +31,6 @@ own message and an abort: jaxlib's client takes a callback for that case, but
 client directly fails with std::bad_cast (jaxlib 0.10.2).
 """
 
-import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -167,11 +166,7 @@ def lost_process(e: BaseException, workdir: str) -> str:
   """The one line for a lost process: which process saw it, the first line of what JAX said,
   what is kept and how to resume."""
   first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-  kept = (
-    f"every finished row is in {os.path.join(workdir, 'results.jsonl')} (or defenses.jsonl)"
-    if writes()
-    else "process 0 keeps every finished row"
-  )
+  kept = f"every finished row is kept in {workdir}" if writes() else "process 0 keeps the rows"
   return (
     f"process {process_index()} of {process_count()}: another process of this run stopped "
     f"(killed, crashed, or its host lost): {first}; {kept}; rerun all {process_count()} "

@@ -204,10 +204,7 @@ def test_command_line_reports_missing_data_in_one_line(tmp_path):
   "override, expected",
   [
     ("--config.attacks.bim.epz=0.1", "attacks.bim has no field 'epz'; valid: eps, norm,"),
-    (
-      "--config.atacks.num_pairs=3",
-      "the config has no field 'atacks'; valid: attacks, cluster, data,",
-    ),
+    ("--config.atacks.num_pairs=3", "no field 'atacks'; valid: attacks, cluster, data,"),
   ],
 )
 def test_misspelt_override_is_one_line_listing_valid_fields(override, expected, tmp_path):
