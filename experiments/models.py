@@ -16,10 +16,12 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import numpy as np
 from absl import logging
 
 from experiments import store
-from vae_attacks import models, train
+from vae_attacks import genclf, models, train
+from vae_attacks.attacks import runner
 from vae_attacks.types import LogitsFn, Params
 
 
@@ -151,6 +153,59 @@ def _train_vae_classifier(name, config, data, key, checkpoint_dir: pathlib.Path)
   return Trained(name, "vae", logits_fn, params, models.vae_fns(vae), metrics)
 
 
+def _train_abs(name, config, data, key, checkpoint_dir: pathlib.Path) -> Trained:
+  """ABS (Schott et al. 2019): the K class VAEs, then the inference's bank and settings."""
+  section = dict(config.model[name])
+  inference = {k: section.pop(k) for k in ABS_INFERENCE}
+  vae = genclf.ABSVAE(image_shape=_image_shape(data), **section)
+  train_key, bank_key = jax.random.split(key)
+  class_params, m = train.train_abs(
+    vae, data, key=train_key, settings=train.TrainSettings.from_config(config.train[name]),
+    checkpoint_dir=str(checkpoint_dir),
+  )  # fmt: skip
+  n_samples = inference.pop("n_samples")
+  params = genclf.abs_params(vae, class_params, bank_key, n_samples=n_samples)
+  logits_fn = genclf.abs_logits_fn(vae, **inference)
+  return _generative(name, logits_fn, params, class_params, data, m)
+
+
+def _train_cvae(name, config, data, key, checkpoint_dir: pathlib.Path) -> Trained:
+  """The class-conditional VAE Bayes classifier (Li et al. 2019, GFY)."""
+  section = dict(config.model[name])
+  num_samples = section.pop("num_samples")
+  vae = genclf.ConditionalVAE(
+    image_shape=_image_shape(data), num_classes=_num_classes(data), **section
+  )
+  train_key, noise_key = jax.random.split(key)
+  vae_params, m = train.train_cvae(
+    vae, data, key=train_key, settings=train.TrainSettings.from_config(config.train[name]),
+    checkpoint_dir=str(checkpoint_dir), num_samples=num_samples,
+  )  # fmt: skip
+  params = genclf.cvae_params(
+    vae_params, noise_key, num_samples=num_samples, latent_dim=vae.latent_dim
+  )
+  return _generative(name, genclf.cvae_logits_fn(vae), params, vae_params, data, m)
+
+
+def _generative(name, logits_fn, params, trained_params, data, m) -> Trained:
+  """A generative classifier as the attacks see it, with its test accuracy under the full
+  inference (the per-epoch one of training may be cheaper) on `GENERATIVE_EVAL_EXAMPLES`."""
+  n = min(GENERATIVE_EVAL_EXAMPLES, len(data.y_test))
+  logits = runner.batched_logits(logits_fn, params, data.x_test[:n])
+  metrics = kept_metrics(m, trained_params, "classifier")
+  metrics["test_accuracy"] = float(np.mean(np.argmax(logits, -1) == data.y_test[:n]))
+  metrics["test_accuracy_examples"] = n
+  logging.info("%s: test accuracy %.4f (first %d test images)", name, metrics["test_accuracy"], n)
+  return Trained(name, "classifier", logits_fn, params, None, metrics)
+
+
+# The ABS config keys that set its inference, not its VAEs (vae_attacks.genclf.abs_logits_fn).
+ABS_INFERENCE = ("n_samples", "steps", "lr", "radius", "logit_scale", "gradient")
+# Test images of a generative classifier's reported accuracy: its inference costs ~0.1 s per
+# image on this shared 2-core CPU (ABS, 50 steps): the first half of the test set.
+GENERATIVE_EVAL_EXAMPLES = 5_000
+
+
 class ModelSpec(NamedTuple):
   """One of the study's models."""
 
@@ -175,6 +230,23 @@ MODELS: dict[str, ModelSpec] = {
     "vae",
     lambda section, data: models.ConvVAE(image_shape=_image_shape(data), **section),
     _train_vae_classifier,
+  ),
+  "abs": ModelSpec(
+    "classifier",
+    lambda section, data: genclf.ABSVAE(
+      image_shape=_image_shape(data),
+      **{k: v for k, v in section.items() if k not in ABS_INFERENCE},
+    ),
+    _train_abs,
+  ),
+  "cvae": ModelSpec(
+    "classifier",
+    lambda section, data: genclf.ConditionalVAE(
+      image_shape=_image_shape(data),
+      num_classes=_num_classes(data),
+      **{k: v for k, v in section.items() if k != "num_samples"},
+    ),
+    _train_cvae,
   ),
 }
 

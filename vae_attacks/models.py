@@ -25,8 +25,16 @@ import jax.numpy as jnp
 from vae_attacks.types import Array, DecodeFn, EncodeFn, LogitsFn, Params, PRNGKey, ReconstructFn
 
 # The study's models by name (config `models`, experiments/models.py's MODELS table) and kind:
-# a classifier is attacked as it is, a VAE through the latent classifier on its code.
-MODEL_KINDS = {"cnn": "classifier", "mlp_vae": "vae", "conv_vae": "vae"}
+# a classifier is attacked as it is, a VAE through the latent classifier on its code. The
+# generative classifiers (vae_attacks.genclf: "abs", Schott et al. 2019; "cvae", Li et al.
+# 2019) are attacked as classifiers through their logits, which is all the attacks need.
+MODEL_KINDS = {
+  "cnn": "classifier",
+  "mlp_vae": "vae",
+  "conv_vae": "vae",
+  "abs": "classifier",
+  "cvae": "classifier",
+}
 
 
 def _flatten(x: Array, n_batch: int) -> Array:
