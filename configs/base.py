@@ -224,6 +224,12 @@ OPTIONAL_SECTIONS = {
     max_iters=200,
     ftol=1e-7,
   ),
+  # eps: the mixing weight of a descent step (Schott et al. 2019).
+  "latent_descent": dict(eps=(0.2,), steps=10, bisect_steps=10),
+  # eps is unused (one row: the boundary point's L2); random_start=True hands it its key.
+  "hop_skip_jump": dict(
+    eps=(0.0,), iterations=20, num_evals=100, bisect_steps=16, random_start=True
+  ),
 }
 
 

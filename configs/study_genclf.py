@@ -43,6 +43,9 @@ def get_config(arg=None):
   c.runs = ("mnist_vae",)
   c.mnist_vae = add_generative(mnist_vae.get_config("quick" if quick else None))
   study_cfg.design(c.mnist_vae)
+  # The attacks that know the generative models: latent descent (run on abs and cvae only) and
+  # the decision-based HopSkipJump (every model: the check that no robustness is masking).
+  base.add_attacks(c.mnist_vae, "latent_descent", "hop_skip_jump")
   # Inference-heavy models: 200 shared pairs (the issue: "a few hundred pairs" on this CPU).
   c.mnist_vae.attacks.num_pairs = 200
   c.mnist_vae.attacks.vae.num_pairs = 100
@@ -50,4 +53,6 @@ def get_config(arg=None):
     study_cfg._shrink(c.mnist_vae)
     c.mnist_vae.model.abs.update(n_samples=200, steps=5, hidden=(64,))
     c.mnist_vae.model.cvae.update(hidden=(64,), latent_dim=8, num_samples=2)
+    c.mnist_vae.attacks.hop_skip_jump.update(iterations=3, num_evals=16, bisect_steps=8)
+    c.mnist_vae.attacks.latent_descent.update(steps=3, bisect_steps=4)
   return c

@@ -12,6 +12,7 @@ import sys
 import time
 from typing import NamedTuple
 
+from vae_attacks import models as models_lib
 from vae_attacks.attacks import registry
 
 
@@ -39,25 +40,34 @@ def _epochs(config, name: str) -> int:
   return int(t.vae.epochs) + int(t.latent_classifier.epochs)
 
 
+def applies(spec: registry.AttackSpec, model_name: str) -> bool:
+  """Whether the attack runs on the model (a `generative_only` one on generative ones alone)."""
+  return not spec.generative_only or model_name in models_lib.GENERATIVE_CLASSIFIERS
+
+
 def plan(config, n_train: int) -> list[Stage]:
   """The stages of an image run, in the order experiments.run runs them."""
   stages = []
   for name in config.models:
     e = _epochs(config, name)
-    what = "CNN" if name == "cnn" else "VAE + latent classifier"
+    what = (
+      "CNN" if name == "cnn"
+      else "generative classifier" if name in models_lib.GENERATIVE_CLASSIFIERS
+      else "VAE + latent classifier"
+    )  # fmt: skip
     stages.append(Stage("train", name, "", f"train {name} ({what}): {e} epochs of {n_train} "
                         "examples", e * n_train, f"train:{name}", "train"))  # fmt: skip
   acfg = config.attacks
   for k in range(registry.NUM_PASSES):
     for name in config.models:
-      families = ["vae", "classifier"] if name != "cnn" and "cnn" in config.models else []
-      families = families or ["classifier"]
+      is_vae = models_lib.MODEL_KINDS.get(name) == "vae"
+      families = ["vae", "classifier"] if is_vae and "cnn" in config.models else ["classifier"]
       for family in families:
         if family == "vae" and not acfg.vae.enabled:
           continue
         pairs = int(acfg.vae.num_pairs if family == "vae" else acfg.num_pairs)
         for spec in registry.enabled(acfg):
-          if spec.family != family or spec.cost_pass != k:
+          if spec.family != family or spec.cost_pass != k or not applies(spec, name):
             continue
           sec = registry.section_of(spec, acfg)
           n_eps = len(registry.eps_grid(spec, sec))

@@ -35,6 +35,9 @@ MODEL_KINDS = {
   "abs": "classifier",
   "cvae": "classifier",
 }
+# The classifiers that offer `class_reconstructions` (vae_attacks.genclf): the attacks flagged
+# `generative_only` in the registry (ABS's latent descent) run on these alone.
+GENERATIVE_CLASSIFIERS = frozenset({"abs", "cvae"})
 
 
 def _flatten(x: Array, n_batch: int) -> Array:
