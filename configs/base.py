@@ -286,6 +286,8 @@ def _scale_to_pixels(attacks: ml_collections.ConfigDict, ratio: float) -> None:
 def scale_section(name: str, spec, sec, ratio: float) -> None:
   """One attack's eps grid carried to `ratio` times the pixels, in place (`_scale_to_pixels`)."""
   norm = registry.norm_of(spec, sec)
+  if spec.eps_kind == "weight":  # in no norm's units: the same on every dataset
+    return
   if name in LFW_LINF_EPS:
     sec.eps = LFW_LINF_EPS[name]
   elif spec.eps_kind == "penalty":

@@ -232,3 +232,28 @@ def test_train_abs_learns_each_class(key):
   )  # fmt: skip
   assert jax.tree.leaves(params)[0].shape[0] == 2
   assert m["test_accuracy_bank_only"] == 1.0
+
+
+def test_minimal_perturbation_is_the_min_over_successful_attacks():
+  from experiments.report import study  # noqa: PLC0415
+
+  src, tgt = np.array([0, 1, 2]), np.array([3, 4, 5])
+
+  def rec(success, l2):
+    l2 = np.asarray(l2, float)
+    return dict(source_index=src, target=tgt, success=np.asarray(success), l2=l2, linf=l2 / 10,
+                l1=l2 * 10, l0=l2 * 100)  # fmt: skip
+
+  records = {
+    "a": rec([True, False, True], [1.0, 0.5, 3.0]),
+    "b": rec([True, True, False], [2.0, 4.0, 0.1]),
+    "c": rec([False, False, False], [0.01, 0.01, 0.01]),
+  }
+  rows = [dict(model="abs", attack=k, key=k) for k in records]
+  d = study.StudyData("mnist", rows, {}, {})
+  d.record = lambda r: records[r["key"]]
+  best, s = study.minimal_perturbations(d, "abs")
+  np.testing.assert_array_equal(s, src)
+  np.testing.assert_allclose(best["l2"], [1.0, 4.0, 3.0])
+  np.testing.assert_allclose(best["linf"], [0.1, 0.4, 0.3])
+  assert study.is_vae("abs") and study.is_vae("cvae") and not study.is_vae("cnn")

@@ -35,7 +35,9 @@ class AttackSpec(NamedTuple):
   run: the runner-callable one-pair attack (see the module docstring).
   norms: the norms its config section may name (`norm`); the rows carry the chosen one. A
     single-norm attack whose section has no `norm` field is run under `norms[0]`.
-  eps_kind: "budget" (eps bounds the perturbation's norm: larger is stronger) or "penalty"
+  eps_kind: "budget" (eps bounds the perturbation's norm: larger is stronger), "weight" (eps
+    is a setting in no norm's units, kept as it is on every dataset: latent descent's mixing
+    weight; unused by HopSkipJump, a minimal-perturbation attack) or "penalty"
     (eps weighs the distortion in the objective, Szegedy's c / Tabacof's C: larger is weaker).
   family: "classifier" (attacks a model's logits) or "vae" (Tabacof / Kos attacks on a VAE,
     judged by the CNN on the reconstruction).
@@ -194,12 +196,12 @@ ATTACKS: dict[str, AttackSpec] = {
       grid=lambda eps: (max(eps),), cite=_SZEGEDY + ", with its line search over c",
     ),
     AttackSpec(
-      "latent_descent", _latent_descent, ("l2",), "budget", "classifier", GRADIENT_PASS,
+      "latent_descent", _latent_descent, ("l2",), "weight", "classifier", GRADIENT_PASS,
       ("steps", "bisect_steps"), default_enabled=False, generative_only=True,
       cite="Schott, Rauber, Bethge and Brendel 2019 (latent descent), targeted",
     ),
     AttackSpec(
-      "hop_skip_jump", _hop_skip_jump, ("l2",), "budget", "classifier", CLASSIFIER_SOLVER_PASS,
+      "hop_skip_jump", _hop_skip_jump, ("l2",), "weight", "classifier", CLASSIFIER_SOLVER_PASS,
       ("iterations", "num_evals", "bisect_steps", "random_start"), default_enabled=False,
       pair_input=True, cite="Chen, Jordan and Wainwright 2020 (HopSkipJump), targeted L2",
     ),
