@@ -52,6 +52,8 @@ def get_config(arg=None):
   if quick:
     study_cfg._shrink(c.mnist_vae)
     c.mnist_vae.model.abs.update(n_samples=200, steps=5, hidden=(64,))
+    for name in ("abs", "cvae"):
+      c.mnist_vae.train[name].update(epochs=2)
     c.mnist_vae.model.cvae.update(hidden=(64,), latent_dim=8, num_samples=2)
     c.mnist_vae.attacks.hop_skip_jump.update(iterations=3, num_evals=16, bisect_steps=8)
     c.mnist_vae.attacks.latent_descent.update(steps=3, bisect_steps=4)
