@@ -257,6 +257,12 @@ OPTIONAL_SECTIONS = {
     max_iters=200,
     ftol=1e-7,
   ),
+  # eps: the mixing weight of a descent step (Schott et al. 2019).
+  "latent_descent": dict(eps=(0.2,), steps=10, bisect_steps=10),
+  # eps is unused (one row: the boundary point's L2); random_start=True hands it its key.
+  "hop_skip_jump": dict(
+    eps=(0.0,), iterations=20, num_evals=100, bisect_steps=16, random_start=True
+  ),
 }
 
 
@@ -313,6 +319,8 @@ def _scale_to_pixels(attacks: ml_collections.ConfigDict, ratio: float) -> None:
 def scale_section(name: str, spec, sec, ratio: float) -> None:
   """One attack's eps grid carried to `ratio` times the pixels, in place (`_scale_to_pixels`)."""
   norm = registry.norm_of(spec, sec)
+  if spec.eps_kind == "weight":  # in no norm's units: the same on every dataset
+    return
   if name in LFW_LINF_EPS:
     sec.eps = LFW_LINF_EPS[name]
   elif spec.eps_kind == "penalty":

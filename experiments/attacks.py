@@ -105,18 +105,22 @@ class _Target(NamedTuple):
   measure_params: object
   measure_inputs: tuple
   row_extra: dict
+  # [P, 2, H, W, C] source and a test image of the target class, the input of the classifier
+  # attacks that start from one (`AttackSpec.pair_input`); None for the VAE attacks.
+  pair_x: np.ndarray | None = None
 
 
-def _plan(acfg, key, family: str) -> list[_Sweep]:
-  """The enabled attacks of one family, with their eps grid and knobs, in the config's order.
+def _plan(acfg, key, family: str, model_name: str) -> list[_Sweep]:
+  """The enabled attacks of one family that apply to the model (`progress.applies`), with
+  their eps grid and knobs, in the config's order.
 
-  An attack with a random start gets fold_in(key, its index in this plan)."""
+  An attack with a random start gets fold_in(key, its index in the family's plan)."""
   plan = []
-  for spec in registry.enabled(acfg):
-    if spec.family != family:
+  for index, spec in enumerate(s for s in registry.enabled(acfg) if s.family == family):
+    if not progress.applies(spec, model_name):
       continue
     sec = registry.section_of(spec, acfg)
-    knobs = registry.knobs_of(spec, sec, jax.random.fold_in(key, len(plan)))
+    knobs = registry.knobs_of(spec, sec, jax.random.fold_in(key, index))
     plan.append(_Sweep(spec, registry.norm_of(spec, sec), registry.eps_grid(spec, sec), knobs))
   return plan
 
@@ -182,7 +186,7 @@ def run_all(config, data, trained, log, job=None) -> None:
   )
   finished_before = {  # models whose every sweep was already in the log when this run began
     name: all(
-      _done(log, config, _row_base(config, name), w) for w in _plan(acfg, root, "classifier")
+      _done(log, config, _row_base(config, name), w) for w in _plan(acfg, root, "classifier", name)
     )
     for name in trained
   }
@@ -192,12 +196,16 @@ def run_all(config, data, trained, log, job=None) -> None:
       base_row = _row_base(config, model_name)
       if model.kind == "vae" and "cnn" in trained and acfg.vae.enabled:
         vae_key = jax.random.fold_in(key, 7)
-        todo = _todo(_plan(acfg, vae_key, "vae"), k, log, config, base_row, job, model_name)
+        todo = _todo(
+          _plan(acfg, vae_key, "vae", model_name), k, log, config, base_row, job, model_name
+        )
         if todo:
           chosen = _prefix(shared, acfg.vae.num_pairs)
           target = _vae_target(config, data, model, trained["cnn"], vae_key, settings, chosen)
           problems += _run_sweeps(config, target, todo, log, base_row, out_dir, runner_kwargs, job)
-      todo = _todo(_plan(acfg, key, "classifier"), k, log, config, base_row, job, model_name)
+      todo = _todo(
+        _plan(acfg, key, "classifier", model_name), k, log, config, base_row, job, model_name
+      )
       if not todo:
         if k == 0 and finished_before[model_name]:
           logging.info("%s: all classifier attacks already in %s", model_name, log.path)
@@ -248,6 +256,7 @@ def _shared_pairs(config, data, trained, root, out_dir: pathlib.Path):
         fn = _ReconstructThen(model.vae.reconstruct, judge.logits_fn)
         params = {"vae": model.params["vae"], "judge": judge.params}
         eligible &= np.argmax(runner.batched_logits(fn, params, data.x_test), -1) == y
+  pair_input = any(s.pair_input for s in registry.enabled(acfg))
   num_pairs = max(acfg.num_pairs, acfg.vae.num_pairs if vae_attacks_on else 0)
   first = next(iter(trained.values()))  # least_likely targets: the first model's logits
   key = jax.random.fold_in(root, 999_983)
@@ -263,10 +272,11 @@ def _shared_pairs(config, data, trained, root, out_dir: pathlib.Path):
       f"attacks.num_pairs / attacks.vae.num_pairs: {e} (sources every model of the run "
       "classifies correctly); lower them or choose another attacks.target_strategy"
     ) from None
-  # A test image of each pair's target class, for the VAE attacks (-1: the run has none).
+  # A test image of each pair's target class, for the VAE attacks and the classifier attacks
+  # that start from one (`pair_input`; -1: the run has none).
   target_images = (
     _target_images(y, pairs, jax.random.fold_in(key, 1))
-    if vae_attacks_on
+    if vae_attacks_on or pair_input
     else np.full(len(pairs.index), -1, np.int64)
   )
   store.save_npz_atomic(
@@ -306,16 +316,21 @@ def _pairs(config, setting: str, logits_fn, params, data, key, num_pairs) -> run
 
 
 def _classifier_target(config, data, model, key, settings, shared=None) -> _Target:
-  """A classifier (the CNN, or a VAE through its latent classifier) and its pairs: `shared`
-  (the run's pairs, `_shared_pairs`) or, without them, pairs of its own."""
-  pairs = shared[0] if shared is not None else _pairs(
-    config, f"{model.name}: attacks.num_pairs", model.logits_fn, model.params, data, key,
-    config.attacks.num_pairs,
-  )  # fmt: skip
+  """A classifier (the CNN, a VAE through its latent classifier, a generative classifier) and
+  its pairs: `shared` (the run's pairs, `_shared_pairs`) or, without them, pairs of its own."""
+  if shared is not None:
+    pairs, target_images = shared
+  else:
+    pairs = _pairs(
+      config, f"{model.name}: attacks.num_pairs", model.logits_fn, model.params, data, key,
+      config.attacks.num_pairs,
+    )  # fmt: skip
+    target_images = _target_images(data.y_test, pairs, jax.random.fold_in(key, 1))
   x = data.x_test[pairs.index]
+  pair_x = np.stack([x, data.x_test[target_images]], axis=1) if np.all(target_images >= 0) else None
   measure = _Measure(settings, model.logits_fn)
   return _Target(model.name, model.logits_fn, model.params, x, x, pairs, measure, model.params,
-                 (x,), {})  # fmt: skip
+                 (x,), {}, pair_x)  # fmt: skip
 
 
 def _vae_target(config, data, model, judge, key, settings, shared=None) -> _Target:
@@ -373,7 +388,7 @@ def _run_sweeps(
       w.spec.run,
       t.model_fn,
       t.params,
-      t.x,
+      t.pair_x if w.spec.pair_input else t.x,
       t.pairs.target,
       w.eps,
       measure=t.measure,

@@ -24,7 +24,8 @@ from absl import logging
 from flax import serialization
 
 from experiments import cluster, store
-from vae_attacks import models, train
+from vae_attacks import genclf, models, train
+from vae_attacks.attacks import runner
 from vae_attacks.types import LogitsFn, Params
 
 
@@ -219,6 +220,83 @@ def _wrap_vae(name, config, data, params, metrics) -> Trained:
   return Trained(name, "vae", logits_fn, params, models.vae_fns(vae), metrics)
 
 
+def _abs_parts(name, config, data) -> tuple:
+  """ABS's class VAE module and its inference settings from `config.model[name]`."""
+  section = dict(config.model[name])
+  inference = {k: section.pop(k) for k in ABS_INFERENCE}
+  return genclf.ABSVAE(image_shape=_image_shape(data), **section), inference
+
+
+def _fit_abs(name, config, data, key, checkpoint_dir: pathlib.Path | None, trained) -> tuple:
+  """ABS (Schott et al. 2019): the K class VAEs, then the inference's bank and settings."""
+  del trained
+  vae, inference = _abs_parts(name, config, data)
+  train_key, bank_key = jax.random.split(key)
+  class_params, m = train.train_abs(
+    vae, data, key=train_key, settings=train.TrainSettings.from_config(config.train[name]),
+    checkpoint_dir=_sub(checkpoint_dir),
+  )  # fmt: skip
+  params = genclf.abs_params(vae, class_params, bank_key, n_samples=inference["n_samples"])
+  model = _wrap_abs(name, config, data, params, {})
+  return params, _generative_metrics(name, model.logits_fn, params, class_params, data, m)
+
+
+def _wrap_abs(name, config, data, params, metrics) -> Trained:
+  vae, inference = _abs_parts(name, config, data)
+  inference.pop("n_samples")
+  logits_fn = genclf.abs_logits_fn(vae, **inference)
+  return Trained(name, "classifier", logits_fn, params, None, metrics)
+
+
+def _cvae_parts(name, config, data) -> tuple:
+  section = dict(config.model[name])
+  num_samples = section.pop("num_samples")
+  vae = genclf.ConditionalVAE(
+    image_shape=_image_shape(data), num_classes=_num_classes(data), **section
+  )
+  return vae, num_samples
+
+
+def _fit_cvae(name, config, data, key, checkpoint_dir: pathlib.Path | None, trained) -> tuple:
+  """The class-conditional VAE Bayes classifier (Li et al. 2019, GFY)."""
+  del trained
+  vae, num_samples = _cvae_parts(name, config, data)
+  train_key, noise_key = jax.random.split(key)
+  vae_params, m = train.train_cvae(
+    vae, data, key=train_key, settings=train.TrainSettings.from_config(config.train[name]),
+    checkpoint_dir=_sub(checkpoint_dir), num_samples=num_samples,
+  )  # fmt: skip
+  params = genclf.cvae_params(
+    vae_params, noise_key, num_samples=num_samples, latent_dim=vae.latent_dim
+  )
+  logits_fn = genclf.cvae_logits_fn(vae)
+  return params, _generative_metrics(name, logits_fn, params, vae_params, data, m)
+
+
+def _wrap_cvae(name, config, data, params, metrics) -> Trained:
+  vae, _ = _cvae_parts(name, config, data)
+  return Trained(name, "classifier", genclf.cvae_logits_fn(vae), params, None, metrics)
+
+
+def _generative_metrics(name, logits_fn, params, trained_params, data, m) -> dict:
+  """A generative classifier's kept metrics, with its test accuracy under the full inference
+  (the per-epoch one of training may be cheaper) on `GENERATIVE_EVAL_EXAMPLES`."""
+  n = min(GENERATIVE_EVAL_EXAMPLES, len(data.y_test))
+  logits = runner.batched_logits(logits_fn, params, data.x_test[:n])
+  metrics = kept_metrics(m, trained_params, "classifier")
+  metrics["test_accuracy"] = float(np.mean(np.argmax(logits, -1) == data.y_test[:n]))
+  metrics["test_accuracy_examples"] = n
+  logging.info("%s: test accuracy %.4f (first %d test images)", name, metrics["test_accuracy"], n)
+  return metrics
+
+
+# The ABS config keys that set its inference, not its VAEs (vae_attacks.genclf.abs_logits_fn).
+ABS_INFERENCE = ("n_samples", "steps", "lr", "radius", "logit_scale", "gradient")
+# Test images of a generative classifier's reported accuracy: its inference costs ~0.1 s per
+# image on this shared 2-core CPU (ABS, 50 steps): the first half of the test set.
+GENERATIVE_EVAL_EXAMPLES = 5_000
+
+
 class ModelSpec(NamedTuple):
   """One of the study's models."""
 
@@ -252,6 +330,26 @@ MODELS: dict[str, ModelSpec] = {
   "joint_vae": ModelSpec("vae", _conv_vae, _fit_joint_vae, _wrap_vae),
   # The accuracy-matched control: a CNN stopped at a weaker model's clean accuracy.
   "cnn_matched": ModelSpec("classifier", _cnn, _fit_classifier, _wrap_classifier),
+  # The generative classifiers (vae_attacks.genclf), attacked through their logits.
+  "abs": ModelSpec(
+    "classifier",
+    lambda section, data: genclf.ABSVAE(
+      image_shape=_image_shape(data),
+      **{k: v for k, v in section.items() if k not in ABS_INFERENCE},
+    ),
+    _fit_abs,
+    _wrap_abs,
+  ),
+  "cvae": ModelSpec(
+    "classifier",
+    lambda section, data: genclf.ConditionalVAE(
+      image_shape=_image_shape(data),
+      num_classes=_num_classes(data),
+      **{k: v for k, v in section.items() if k != "num_samples"},
+    ),
+    _fit_cvae,
+    _wrap_cvae,
+  ),
 }
 
 PARAMS_DIR = "params"  # <workdir>/params/<model>.msgpack: exported trained parameters

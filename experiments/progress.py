@@ -65,6 +65,11 @@ _WHAT = {
 }
 
 
+def applies(spec: registry.AttackSpec, model_name: str) -> bool:
+  """Whether the attack runs on the model (a `generative_only` one on generative ones alone)."""
+  return not spec.generative_only or model_name in models_lib.GENERATIVE_CLASSIFIERS
+
+
 def plan(config, n_train: int, part: str = "", pixels: float = 1.0) -> list[Stage]:
   """The stages of an image run, in the order experiments.run runs them; `part` names the
   study part (a prefix of every label), `pixels` the size of one image (the cost scale that
@@ -73,22 +78,24 @@ def plan(config, n_train: int, part: str = "", pixels: float = 1.0) -> list[Stag
   stages = []
   for name in config.models:
     e = _epochs(config, name)
-    what = _WHAT.get(name, "VAE + latent classifier")
+    what = _WHAT.get(name) or (
+      "generative classifier" if name in models_lib.GENERATIVE_CLASSIFIERS
+      else "VAE + latent classifier"
+    )  # fmt: skip
     stages.append(Stage("train", name, "", f"{pre}train {name} ({what}): {_n(e, 'epoch')} of "
                         f"{n_train} examples", e * n_train, f"train:{name}", "train", part,
                         "examples", pixels))  # fmt: skip
   acfg = config.attacks
   for k in range(registry.NUM_PASSES):
     for name in config.models:
-      is_vae = models_lib.MODEL_KINDS[name] == "vae"
-      families = ["vae", "classifier"] if is_vae and "cnn" in config.models else []
-      families = families or ["classifier"]
+      is_vae = models_lib.MODEL_KINDS.get(name) == "vae"
+      families = ["vae", "classifier"] if is_vae and "cnn" in config.models else ["classifier"]
       for family in families:
         if family == "vae" and not acfg.vae.enabled:
           continue
         pairs = int(acfg.vae.num_pairs if family == "vae" else acfg.num_pairs)
         for spec in registry.enabled(acfg):
-          if spec.family != family or spec.cost_pass != k:
+          if spec.family != family or spec.cost_pass != k or not applies(spec, name):
             continue
           sec = registry.section_of(spec, acfg)
           n_eps = len(registry.eps_grid(spec, sec))

@@ -27,14 +27,21 @@ from vae_attacks.types import Array, DecodeFn, EncodeFn, LogitsFn, Params, PRNGK
 # The study's models by name (config `models`, experiments/models.py's MODELS table) and kind:
 # a classifier is attacked as it is, a VAE through the latent classifier on its code.
 # joint_vae: a ConvVAE trained together with its latent classifier; cnn_matched: a CNN stopped
-# at a weaker model's clean accuracy (the study's accuracy-matched control).
+# at a weaker model's clean accuracy (the study's accuracy-matched control). The generative
+# classifiers (vae_attacks.genclf: "abs", Schott et al. 2019; "cvae", Li et al. 2019) are
+# attacked as classifiers through their logits, which is all the attacks need.
 MODEL_KINDS = {
   "cnn": "classifier",
   "mlp_vae": "vae",
   "conv_vae": "vae",
   "joint_vae": "vae",
   "cnn_matched": "classifier",
+  "abs": "classifier",
+  "cvae": "classifier",
 }
+# The classifiers that offer `class_reconstructions` (vae_attacks.genclf): the attacks flagged
+# `generative_only` in the registry (ABS's latent descent) run on these alone.
+GENERATIVE_CLASSIFIERS = frozenset({"abs", "cvae"})
 
 
 def _flatten(x: Array, n_batch: int) -> Array:

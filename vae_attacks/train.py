@@ -31,7 +31,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from vae_attacks import losses, models
+from vae_attacks import genclf, losses, models
 from vae_attacks import progress as progress_lib
 from vae_attacks.attacks import runner
 from vae_attacks.types import Array, LogitsFn, Params, PRNGKey
@@ -892,5 +892,137 @@ def train_joint_vae(
     key=run_key,
     settings=settings,
     hparams={"model": repr(vae), "clf": repr(clf), "ce_weight": ce_weight},
+    checkpoint_dir=checkpoint_dir,
+  )
+
+
+# --------------------------------------------------------------------------------------------
+# Generative classifiers (vae_attacks.genclf).
+
+
+def train_abs(
+  vae: nn.Module,
+  data: Any,
+  *,
+  key: PRNGKey,
+  settings: TrainSettings,
+  checkpoint_dir: str | None = None,
+  eval_examples: int = 500,
+  eval_bank: int = 1000,
+) -> tuple[Params, dict]:
+  """Trains the K class VAEs of the ABS model together (Schott et al. 2019).
+
+  Each class's VAE minimises its own squared-error ELBO (`genclf.abs_training_loss`) on the
+  images of its class only; the K VAEs take one step each per minibatch of `per_class_rows`
+  (row i: the i-th image of every class), vmapped over a leading class axis of their variables.
+
+  Args:
+    vae: the `genclf.ABSVAE` shared by the classes.
+    data: has x_train [N, H, W, C] in [0, 1], y_train int[N], x_test, y_test, class_names.
+    key: randomness of the run.
+    settings: as in `train_classifier` (batch_size counts rows: K images each).
+    checkpoint_dir: as in `train_classifier`.
+    eval_examples: test images of the per-epoch accuracy.
+    eval_bank: bank size of that accuracy (the bank's best sample, no Adam steps: a cheap
+      lower bound on the full inference's accuracy, which `experiments.models` measures).
+
+  Returns:
+    (variables with a leading class axis K, metrics with test_accuracy_bank_only, test_loss
+    (the mean training objective of the test images under their class's VAE) and `fit`'s).
+  """
+  k = len(data.class_names)
+  init_key, sample_key, bank_key, run_key = jax.random.split(key, 4)
+  rows = genclf.per_class_rows(data.x_train, data.y_train, k)
+  test_rows = jnp.asarray(genclf.per_class_rows(data.x_test, data.y_test, k))
+
+  def loss_of(params, xb, key):
+    keys = jax.random.split(key, k)
+    per = jax.vmap(lambda p, x, kk: genclf.abs_training_loss(vae, p, x, kk))(
+      params, jnp.swapaxes(xb, 0, 1), keys
+    )
+    return jnp.sum(per)
+
+  def batch_loss(params, xb, y, key):
+    del y
+    return loss_of(params, xb, key), {}
+
+  def init_fn(key):
+    return jax.vmap(lambda kk: vae.init(kk, rows[:1, 0], sample_key))(jax.random.split(key, k))
+
+  scorer = jax.jit(jax.vmap(genclf.abs_logits_fn(vae, steps=0), in_axes=(None, 0)))
+  test_loss = jax.jit(loss_of)
+  x_eval, y_eval = jnp.asarray(data.x_test[:eval_examples]), np.asarray(data.y_test[:eval_examples])
+
+  def evaluate(params):
+    bank = genclf.abs_params(vae, params, bank_key, n_samples=eval_bank)
+    pred = np.argmax(np.asarray(scorer(bank, x_eval)), -1)
+    loss = float(test_loss(params, test_rows, jax.random.key(0))) / k
+    return {"test_accuracy_bank_only": float(np.mean(pred == y_eval)), "test_loss": loss}
+
+  return fit(
+    batch_loss,
+    rows,
+    jnp.zeros(rows.shape[0], jnp.int32),
+    name="abs",
+    init=initialiser(None, init_fn, init_key),
+    evaluate=evaluate,
+    key=run_key,
+    settings=settings,
+    hparams={"model": repr(vae), "num_classes": k},
+    checkpoint_dir=checkpoint_dir,
+  )
+
+
+def train_cvae(
+  vae: nn.Module,
+  data: Any,
+  *,
+  key: PRNGKey,
+  settings: TrainSettings,
+  checkpoint_dir: str | None = None,
+  eval_examples: int = 500,
+  num_samples: int = 10,
+) -> tuple[Params, dict]:
+  """Trains a class-conditional VAE on log p(x, y) (Li, Bradshaw and Sharma 2019, GFY).
+
+  Args:
+    vae: a `genclf.ConditionalVAE`.
+    data: has x_train, y_train, x_test, y_test.
+    key: randomness of the run.
+    settings, checkpoint_dir: as in `train_classifier`.
+    eval_examples: test images of the per-epoch accuracy (the Bayes classifier with
+      `num_samples` importance samples per class, `genclf.cvae_logits_fn`).
+    num_samples: S of that evaluation.
+
+  Returns:
+    (variables, metrics with test_accuracy (on the first `eval_examples`), test_loss and `fit`'s).
+  """
+  init_key, sample_key, noise_key, run_key = jax.random.split(key, 4)
+
+  def batch_loss(params, x, y, key):
+    return genclf.cvae_training_loss(vae, params, x, y, key), {}
+
+  k = vae.num_classes
+  onehot = jnp.zeros((1, k), jnp.float32)
+  logits_fn = genclf.cvae_logits_fn(vae)
+  graded = classifier_evaluation(
+    logits_fn, data.x_test[:eval_examples], data.y_test[:eval_examples], batch_size=250
+  )
+
+  def evaluate(params):
+    out = graded(genclf.cvae_params(params, noise_key, num_samples=num_samples,
+                                    latent_dim=vae.latent_dim))  # fmt: skip
+    return {"test_accuracy": out["test_accuracy"], "test_loss": out["test_loss"]}
+
+  return fit(
+    batch_loss,
+    data.x_train,
+    data.y_train,
+    name="cvae",
+    init=initialiser(None, vae.init, init_key, data.x_train[:1], onehot, sample_key),
+    evaluate=evaluate,
+    key=run_key,
+    settings=settings,
+    hparams={"model": repr(vae)},
     checkpoint_dir=checkpoint_dir,
   )

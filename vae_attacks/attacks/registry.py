@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import jax
 
-from vae_attacks.attacks import bim, fgsm, lbfgs, minimal
+from vae_attacks.attacks import bim, decision, fgsm, latent_descent, lbfgs, minimal
 from vae_attacks.attacks import vae as vae_lib
 
 # Cost passes of the runs (experiments/attacks.py): gradient-step attacks on every model first,
@@ -35,7 +35,9 @@ class AttackSpec(NamedTuple):
   run: the runner-callable one-pair attack (see the module docstring).
   norms: the norms its config section may name (`norm`); the rows carry the chosen one. A
     single-norm attack whose section has no `norm` field is run under `norms[0]`.
-  eps_kind: "budget" (eps bounds the perturbation's norm: larger is stronger) or "penalty"
+  eps_kind: "budget" (eps bounds the perturbation's norm: larger is stronger), "weight" (eps
+    is a setting in no norm's units, kept as it is on every dataset: latent descent's mixing
+    weight; unused by HopSkipJump, a minimal-perturbation attack) or "penalty"
     (eps weighs the distortion in the objective, Szegedy's c / Tabacof's C: larger is weaker).
   family: "classifier" (attacks a model's logits) or "vae" (Tabacof / Kos attacks on a VAE,
     judged by the CNN on the reconstruction).
@@ -52,6 +54,11 @@ class AttackSpec(NamedTuple):
     `batched=`), used by the runs instead of the compiled vmap of `run`: benchmarks/attacks.py
     measures it faster for the L-BFGS attack at MNIST and LFW sizes (README, "Performance").
   cite: the paper it implements.
+  pair_input: True for a classifier attack that starts from a test image of the target class
+    (a decision-based attack): the runner gives it the source and that image stacked,
+    xx[2, H, W, C], as the VAE attacks get theirs.
+  generative_only: True for an attack that needs the model's `class_reconstructions`
+    (vae_attacks.genclf); the runs skip it on the other models.
   default_enabled: False for an attack that the configs leave out unless they ask for it
     (`configs.base.add_attacks` adds its section and its name to `enabled`): the base
     config's `enabled` lists the entries with True, and a config without the attack has no
@@ -71,6 +78,8 @@ class AttackSpec(NamedTuple):
   batched: Callable | None = None
   cite: str = ""
   default_enabled: bool = True
+  pair_input: bool = False
+  generative_only: bool = False
 
 
 def _fgsm(logits_fn, params, x, target, *, eps, norm):
@@ -108,6 +117,26 @@ def _lbfgs_search(logits_fn, params, x, target, *, eps, max_iters, search_steps)
   return lbfgs.lbfgs_c_search(
     logits_fn, params, x, target, c_init=eps, max_iters=max_iters, search_steps=search_steps
   )
+
+
+def _latent_descent(logits_fn, params, x, target, *, eps, steps, bisect_steps):
+  """Latent descent with mixing weight eps per step (Schott et al. 2019); generative models."""
+  return latent_descent.latent_descent(
+    logits_fn, params, x, target, steps=steps, step_size=eps, bisect_steps=bisect_steps
+  )
+
+
+def _hop_skip_jump(
+  logits_fn, params, xx, target, *, eps, key, iterations, num_evals, bisect_steps, random_start
+):
+  """HopSkipJump from the pair's target image xx[1] (eps unused: a minimal-perturbation
+  attack; its rows carry the L2 of the boundary point it ends at). Its section's
+  random_start=True is what hands it a key (`knobs_of`): its gradient estimates are random."""
+  del eps, random_start
+  return decision.hop_skip_jump(
+    logits_fn, params, xx[0], target, x_init=xx[1], key=key, iterations=iterations,
+    num_evals=num_evals, bisect_steps=bisect_steps,
+  )  # fmt: skip
 
 
 def _pairwise(attack):
@@ -165,6 +194,16 @@ ATTACKS: dict[str, AttackSpec] = {
       "lbfgs_c_search", _lbfgs_search, ("l2",), "penalty", "classifier", CLASSIFIER_SOLVER_PASS,
       ("max_iters", "search_steps"), section="lbfgs", enabled_by="c_search",
       grid=lambda eps: (max(eps),), cite=_SZEGEDY + ", with its line search over c",
+    ),
+    AttackSpec(
+      "latent_descent", _latent_descent, ("l2",), "weight", "classifier", GRADIENT_PASS,
+      ("steps", "bisect_steps"), default_enabled=False, generative_only=True,
+      cite="Schott, Rauber, Bethge and Brendel 2019 (latent descent), targeted",
+    ),
+    AttackSpec(
+      "hop_skip_jump", _hop_skip_jump, ("l2",), "weight", "classifier", CLASSIFIER_SOLVER_PASS,
+      ("iterations", "num_evals", "bisect_steps", "random_start"), default_enabled=False,
+      pair_input=True, cite="Chen, Jordan and Wainwright 2020 (HopSkipJump), targeted L2",
     ),
     AttackSpec(
       "latent_l2", _pairwise(vae_lib.latent_l2), ("l2",), "penalty", "vae", VAE_SOLVER_PASS,
