@@ -200,7 +200,7 @@ def _white_box(config, logits_fn, params, what: str) -> list:
   a = config.defenses.attacks
   specs = [_pgd_specs(config, logits_fn, params, note=note)]
   if _apgd_enabled(config):
-    specs.append(_apgd_spec(config, logits_fn, params, what=what))
+    specs.insert(-1, _apgd_spec(config, logits_fn, params, what=what))
   if a.fgsm:
     specs.insert(0, _fgsm_spec(logits_fn, params, note=note))
   if a.get("impersonation", False):
@@ -259,7 +259,10 @@ def build_distillation(ctx: Context) -> Defended:
   if c.defenses.attacks.fgsm:
     specs.insert(0, _fgsm_spec(fn, params, adaptive=False, note=naive))
     specs.insert(2, _fgsm_spec(scaled, params, name="fgsm_adaptive", note=adaptive))
-  return Defended("distillation", fn, params, None, specs, kept, specs[-1])
+  transfer_spec = specs[-1]
+  if _apgd_enabled(c):  # on logits / T (the DLR loss is blind to the temperature anyway)
+    specs.append(_apgd_spec(c, scaled, params, what=f"softmax(logits / {t:g})"))
+  return Defended("distillation", fn, params, None, specs, kept, transfer_spec)
 
 
 def build_adversarial(ctx: Context) -> Defended:
@@ -586,9 +589,11 @@ class _Judge:
     rejected = np.zeros(len(x), bool) if self.d.reject is None else np.asarray(self.d.reject(x))
     return pred, rejected
 
-  def broken(self, x: np.ndarray) -> np.ndarray:
+  def broken(self, x: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
+    """Misclassified and accepted: x [M, ...] are the examples `index` (default all)."""
     pred, rejected = self(x)
-    return (pred != self.labels) & ~rejected
+    labels = self.labels if index is None else self.labels[index]
+    return (pred != labels) & ~rejected
 
 
 def _rate(name: str, mask: np.ndarray) -> dict:
@@ -669,7 +674,8 @@ def _evaluate_ensemble(defended, spec, eps, x, y, *, key, clean, judge, runner_k
   count it as a loss of robust accuracy.)"""
   t0 = time.perf_counter()
   flags = _apgd_ensemble(spec.logits_fn, spec.params, x, y, eps=eps, key=key,
-                         is_broken=judge.broken, **runner_kwargs, **spec.knobs)  # fmt: skip
+                         is_broken=judge.broken, restarts=spec.restarts, **runner_kwargs,
+                         **spec.knobs)  # fmt: skip
   broken = np.any(np.stack(list(flags.values())), axis=0)
   clean_pred, clean_rejected = clean
   clean_ok = (clean_pred == y) & ~clean_rejected

@@ -47,8 +47,9 @@ def test_quick_defenses_run_writes_rows_report_and_resumes(data_root, tmp_path):
   run_lib.run(config, str(tmp_path))
   rows = read_rows(tmp_path)
   attacked = [r for r in rows if r["kind"] == "defense"]
-  # Attacks each, no FGSM; the projection's third knows its rejection too.
-  per_defense = {"distillation": 2, "projection": 3, "gmvae": 2}
+  # Attacks each, no FGSM; the projection's third knows its rejection too; each also gets the
+  # APGD ensemble (`defenses.apgd`).
+  per_defense = {"distillation": 3, "projection": 4, "gmvae": 3}
   assert len(attacked) == sum(per_defense.values()) * 2  # x 2 eps
   by = {(r["defense"], r["attack"], r["eps"]): r for r in attacked}
   assert len(by) == len(attacked)
@@ -59,7 +60,16 @@ def test_quick_defenses_run_writes_rows_report_and_resumes(data_root, tmp_path):
   assert by[("projection", "pgd_bpda_reject", 0.3)]["adaptive"]
   for r in attacked:
     assert r["n"] == 16 and r["n_robust_accuracy"] == 16
-    assert r["max_linf"] <= r["eps"] + 1e-5
+    if r["attack"] == "apgd":  # the ensemble row: broken flags per run, no images kept
+      assert set(r["broken_by"]) == {"apgd_ce", "apgd_t1", "apgd_t2"}
+      assert sum(r["broken_by"].values()) <= r["n"]  # each example counted by its first breaker
+    else:
+      assert r["max_linf"] <= r["eps"] + 1e-5
+      # The worst case over the first r restarts never rises with r, and ends at the row's.
+      curve = r["unbroken_by_restart"]
+      assert len(curve) == r["restarts"] and np.all(np.diff(curve) <= 0)
+      if r["defense"] == "distillation":
+        assert curve[-1] == pytest.approx(r["robust_accuracy"])
     lo, hi = r["robust_accuracy_ci"]
     assert lo <= r["robust_accuracy"] <= hi
     # The examples the attack broke are exactly the complement of its robust accuracy.
@@ -67,7 +77,8 @@ def test_quick_defenses_run_writes_rows_report_and_resumes(data_root, tmp_path):
     assert len(set(broken)) == len(broken) and all(0 <= i < r["n"] for i in broken)
     assert len(broken) == round((1.0 - r["robust_accuracy"]) * r["n"])
     if r["defense"] != "distillation":  # a rejecting defence reports its rejection rates
-      assert 0.0 <= r["false_rejection_rate"] <= 1.0 and "detection_rate" in r
+      assert 0.0 <= r["false_rejection_rate"] <= 1.0
+      assert "detection_rate" in r or r["attack"] == "apgd"
     else:
       assert "false_rejection_rate" not in r
   moved = [r for r in rows if r["kind"] == "transfer"]
@@ -81,7 +92,7 @@ def test_quick_defenses_run_writes_rows_report_and_resumes(data_root, tmp_path):
   assert set(metrics["distillation"]) >= {"teacher", "student", "test_accuracy"}
   summary = (tmp_path / "summary.md").read_text()
   assert "### Defences" in summary and "Black-box transfer" in summary
-  assert "pgd_bpda" in summary
+  assert "pgd_bpda" in summary and "**Gradient-masking checks**" in summary
   _check_defense_figures(config, tmp_path, summary)
 
   before = (tmp_path / "defenses.jsonl").read_text()

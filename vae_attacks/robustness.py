@@ -111,7 +111,7 @@ def autoattack_apgd(
   target_ranks: int = AUTOATTACK_TARGET_RANKS,
   restarts: int = 1,
   losses: Sequence[str] = ("apgd_ce", "apgd_t"),
-  is_broken: Callable[[np.ndarray], np.ndarray] | None = None,
+  is_broken: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
   skip_broken: bool = True,
   **runner_kwargs: Any,
 ) -> dict[str, np.ndarray]:
@@ -135,7 +135,9 @@ def autoattack_apgd(
     restarts: random starts per attack (AutoAttack's standard version: 1 for APGD-CE and
       APGD-T).
     losses: which of "apgd_ce", "apgd_t", "apgd_dlr" to run.
-    is_broken: x_adv [M, H, W, C] -> bool[M], whether the DEPLOYED model is broken (a defence
+    is_broken: (x_adv [M, H, W, C], index int[M]) -> bool[M], whether the DEPLOYED model is
+      broken on examples x[index] (their labels are labels[index]; with `skip_broken` a run
+      sees only the examples no earlier run broke) (a defence
       with a rejection rule, a surrogate's examples judged on the defended model); default
       the attack's own success (misclassification by `logits_fn`).
     skip_broken: attack only the examples no earlier attack broke (AutoAttack does; the flags
@@ -166,7 +168,8 @@ def autoattack_apgd(
     if len(todo):
       res = adversarial.attack_with_restarts(
         registry.UNTARGETED[name].run, logits_fn, params, x[todo], labels[todo], eps=eps,
-        restarts=restarts, key=jax.random.fold_in(key, i), is_broken=is_broken, norm=norm,
+        restarts=restarts, key=jax.random.fold_in(key, i), norm=norm,
+        is_broken=None if is_broken is None else (lambda xa, todo=todo: is_broken(xa, todo)),
         steps=steps, **extra, **runner_kwargs,
       )  # fmt: skip
       out[todo] = res.broken
