@@ -496,3 +496,36 @@ def test_projection_needs_the_cnn_it_classifies_with():
   del c.model["cnn"]
   with pytest.raises(validate.ConfigError, match="defence 'projection' needs model.cnn"):
     validate.validate(c)
+
+
+def test_masking_checks_flag_the_defence_whose_evaluation_shows_masked_gradients():
+  """Carlini et al. 2019's checks from the rows: a worst case that rises with eps, that one
+  more restart still lowers, and that a transfer attack beats, flags its defence; a defence
+  whose worst case falls to 0 at eps 0.5 and has converged passes."""
+  from experiments import report  # noqa: PLC0415
+
+  def row(defense, attack, eps, broken, **extra):
+    r = _row(defense, attack, True, 1.0 - len(broken) / 100, not_robust_examples=broken, **extra)
+    return dict(r, eps=eps)
+
+  rows = [
+    row("sound", "pgd", 0.1, list(range(10)), unbroken_by_restart=[0.9, 0.9]),
+    row("sound", "fgsm", 0.1, list(range(5))),
+    row("sound", "pgd", 0.5, list(range(100)), unbroken_by_restart=[0.0, 0.0]),
+    row("masked", "pgd", 0.1, list(range(50)), unbroken_by_restart=[0.5, 0.5]),
+    row("masked", "pgd", 0.3, list(range(30)), unbroken_by_restart=[0.9, 0.7]),
+    row("masked", "pgd", 0.5, list(range(40)), unbroken_by_restart=[0.6, 0.6]),
+  ]
+  into_masked = dict(kind="transfer", dataset="mnist", defense="masked", source="none",
+                     target="masked", eps=0.3, n=100, robust_accuracy=0.2, white_box=False,
+                     robust_accuracy_ci=[0.1, 0.3], crafted_with="pgd")  # fmt: skip
+  text = report.defense_markdown([*rows, into_masked])
+  checks = text.split("**Gradient-masking checks**")[1]
+  assert "Flagged (a check failed): **masked**." in checks
+  assert "| sound | falls_with_eps | passed |" in checks
+  assert "| sound | more_restarts_changes_little | passed |" in checks
+  assert "| sound | single_step_weaker | passed |" in checks
+  assert "| masked | falls_with_eps | **failed** |" in checks  # 0.5 -> 0.7 -> 0.6
+  assert "| masked | transfer_weaker | **failed** |" in checks  # 0.2 by transfer < 0.7
+  # At eps 0.3 the second restart still broke 0.2 more: the evaluation has not converged.
+  assert "| masked | more_restarts_changes_little | **failed** |" in checks

@@ -161,10 +161,11 @@ MASKING_TEXT = (
   "`vae_attacks.robustness`), on the per-example worst case (the defended rate for a defence "
   "that rejects: the attack's success is a misclassified input that gets through): it falls "
   "as eps grows and is about 0 at an eps that can erase the image (0.5, when the grid has "
-  "it); more restarts of the strongest restarted attack change it little (the last restart "
-  "added at most 0.01); black-box transfer (the best source) is no stronger than the white-box "
-  "worst case, and FGSM no stronger than PGD. A defence failing any check is **flagged**: its "
-  "robustness figures are upper bounds from an attack that did not find the gradient's way."
+  "it); more restarts change it little (in every restarted attack's row the last restart "
+  "lowered it by at most 0.01; the table shows the row where it lowered it most); black-box "
+  "transfer (the best source) is no stronger than the white-box worst case, and FGSM no "
+  "stronger than PGD. A defence failing any check is **flagged**: its robustness figures are "
+  "upper bounds from an attack that did not find the gradient's way."
 )
 
 
@@ -184,10 +185,8 @@ def _masking_checks(attacked: Sequence[Mapping], moved: Sequence[Mapping]) -> di
     if eps:
       checks.append(robustness.check_falls_with_eps(eps, [worst[e][field] for e in eps]))
     restarted = [r for r in rows if len(r.get("unbroken_by_restart") or []) >= 2]
-    if restarted:  # the strongest restarted attack at the largest eps it ran
-      top = max(num(r.get("eps")) or 0.0 for r in restarted)
-      r = min((r for r in restarted if num(r.get("eps")) == top),
-              key=lambda r: r["unbroken_by_restart"][-1])  # fmt: skip
+    if restarted:  # the row whose last restart still lowered its worst case most
+      r = max(restarted, key=lambda r: r["unbroken_by_restart"][-2] - r["unbroken_by_restart"][-1])
       curve = r["unbroken_by_restart"]
       checks.append(robustness.check_more_effort_changes_little(
         list(range(1, len(curve) + 1)), curve, what="restarts"))  # fmt: skip
