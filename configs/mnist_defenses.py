@@ -5,8 +5,16 @@ Run (2-core CPU; see README "Defences" for measured times):
 Only the adversarially trained CNN (the robust-accuracy measurement):
   ... --config.defenses.enabled="('adversarial',)" --config.defenses.transfer.enabled=False
 Quick (about a minute): --config=configs/mnist_defenses.py:quick
-GPU-sized adversarial training (Madry et al. 2018: PGD-40, 100,000 steps of 50 examples):
+GPU-sized (Madry et al. 2018's adversarial training: PGD-40, 100,000 steps of 50 examples;
+every defence on 10,000 test images, AutoAttack's 9 APGD-T target classes):
   --config=configs/mnist_defenses.py:gpu
+The CPU record of 2026-12-06 (README, results/mnist_defenses/) ran the GMVAE and the projection
+in two workdirs, each with the undefended CNN as the transfer source:
+  ... --workdir=W "--config.defenses.enabled=('gmvae','none')" \
+      --config.defenses.attacks.restarts=2 "--config.defenses.transfer.sources=('none',)"
+  ... --workdir=W2 "--config.defenses.enabled=('none','projection')" \
+      --config.defenses.projection.num_examples=200 --config.defenses.attacks.restarts=2 \
+      "--config.defenses.transfer.sources=('none',)"
 
 `experiment = "defenses"` makes experiments.run hand the config to experiments/defenses.py.
 The model / train sections hold every trained network: `cnn` (the undefended baseline, also
