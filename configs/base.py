@@ -245,6 +245,8 @@ def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_coll
 #   (the latent loss dominates: the attack reaches the target) to past 1 (the penalty
 #   dominates: d stays near 0), so the AUDDC curve spans the trade-off; iterations up to 200,
 #   the solves stopping on ftol (their convergence) well before on most pairs.
+# - apgd_ce, apgd_dlr (issue 18): APGD (Croce & Hein 2020) towards the pair's target, with the
+#   BIM grid; 100 updates from a random start, the authors' default.
 OPTIONAL_SECTIONS = {
   "bim_min": dict(
     norm="linf", eps=(0.3,), steps=40, step_size_rel=2.5 / 40, random_start=False, bisect_steps=8
@@ -252,6 +254,8 @@ OPTIONAL_SECTIONS = {
   "bim_l1_min": dict(
     norm="l1", eps=(20.0,), steps=40, step_size_rel=2.5 / 40, sparsity=0.99, bisect_steps=8
   ),
+  "apgd_ce": dict(norm="linf", eps=(0.05, 0.1, 0.2, 0.3), steps=100, random_start=True),
+  "apgd_dlr": dict(norm="linf", eps=(0.05, 0.1, 0.2, 0.3), steps=100, random_start=True),
   "latent_kl": dict(
     eps=(1e-4, 3e-4, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
     max_iters=200,

@@ -156,6 +156,37 @@ def _fgsm_spec(logits_fn, params, *, name="fgsm", adaptive=True, note=""):
   return AttackSpec(name, adaptive, logits_fn, params, _fgsm, {}, 1, note)
 
 
+def _apgd_ensemble(logits_fn, params, x, labels, *, eps, key, is_broken, steps, target_ranks,
+                   restarts, **runner_kwargs) -> dict:  # fmt: skip
+  """The APGD part of AutoAttack (Croce & Hein 2020) on a defence: APGD-CE, then APGD-T with
+  the targeted DLR loss towards each of the `target_ranks` most likely other classes
+  (`robustness.autoattack_apgd`), each example attacked until a run breaks it as the deployed
+  defence judges (`is_broken`): attack name -> broken flags bool[N]."""
+  from vae_attacks import robustness  # noqa: PLC0415
+
+  return robustness.autoattack_apgd(
+    logits_fn, params, x, labels, eps=eps, key=key, steps=steps, target_ranks=target_ranks,
+    restarts=restarts, is_broken=is_broken, **runner_kwargs,
+  )  # fmt: skip
+
+
+def _apgd_enabled(config) -> bool:
+  return "apgd" in config.defenses and bool(config.defenses.apgd.enabled)
+
+
+def _apgd_spec(config, logits_fn, params, *, what: str, steps: int | None = None,
+               adaptive: bool = True) -> AttackSpec:  # fmt: skip
+  """The APGD ensemble (`defenses.apgd`: steps, target_ranks, restarts) on `logits_fn`;
+  `steps` overrides the section's (a costly defence's gradient)."""
+  g = config.defenses.apgd
+  knobs = dict(steps=int(steps or g.steps), target_ranks=int(g.target_ranks))
+  note = (f"APGD-CE, then APGD-T (targeted DLR) towards the {g.target_ranks} most likely other "
+          f"classes, on {what} (Croce & Hein 2020)")  # fmt: skip
+  return AttackSpec(
+    "apgd", adaptive, logits_fn, params, _apgd_ensemble, knobs, int(g.restarts), note
+  )
+
+
 def _closest_other(logits, label):
   """The class of highest logit other than `label` (the most similar other class)."""
   others = jax.numpy.where(jax.numpy.arange(logits.shape[0]) == label, -jax.numpy.inf, logits)
@@ -179,6 +210,8 @@ def _white_box(config, logits_fn, params, what: str) -> list:
   note = f"white-box on {what}: the attack knows every weight"
   a = config.defenses.attacks
   specs = [_pgd_specs(config, logits_fn, params, note=note)]
+  if _apgd_enabled(config):
+    specs.insert(-1, _apgd_spec(config, logits_fn, params, what=what))
   if a.fgsm:
     specs.insert(0, _fgsm_spec(logits_fn, params, note=note))
   if a.get("impersonation", False):
@@ -237,7 +270,10 @@ def build_distillation(ctx: Context) -> Defended:
   if c.defenses.attacks.fgsm:
     specs.insert(0, _fgsm_spec(fn, params, adaptive=False, note=naive))
     specs.insert(2, _fgsm_spec(scaled, params, name="fgsm_adaptive", note=adaptive))
-  return Defended("distillation", fn, params, None, specs, kept, specs[-1])
+  transfer_spec = specs[-1]
+  if _apgd_enabled(c):  # on logits / T (the DLR loss is blind to the temperature anyway)
+    specs.append(_apgd_spec(c, scaled, params, what=f"softmax(logits / {t:g})"))
+  return Defended("distillation", fn, params, None, specs, kept, transfer_spec)
 
 
 def build_adversarial(ctx: Context) -> Defended:
@@ -306,8 +342,7 @@ def build_projection(ctx: Context) -> Defended:
     def reject(x):
       return _projection_errors(deployed, params, x) > threshold
 
-  a = c.defenses.attacks
-  steps = int(p.attack_steps)
+  steps, restarts = int(p.attack_steps), int(p.attack_restarts)
   knobs = dict(steps=steps, step_size_rel=2.5 / steps)
   specs = [
     AttackSpec(
@@ -317,7 +352,7 @@ def build_projection(ctx: Context) -> Defended:
       cnn_params,
       adversarial.pgd_linf,
       knobs,
-      a.restarts,
+      restarts,
       "PGD on the bare CNN, blind to the projection",
     ),
     AttackSpec(
@@ -327,10 +362,13 @@ def build_projection(ctx: Context) -> Defended:
       params,
       adversarial.pgd_linf,
       knobs,
-      a.restarts,
+      restarts,
       "PGD through the projection with BPDA (Athalye et al. 2018)",
     ),
   ]
+  if _apgd_enabled(c):
+    specs.append(_apgd_spec(c, deployed, params, steps=steps,
+                            what="the projected classifier with BPDA"))  # fmt: skip
   if reject is not None:  # an attack that also knows the rejection
     aware = projection.RejectionAwareLogits(
       deployed, penalty=float(p.penalty), margin=float(p.margin)
@@ -343,7 +381,7 @@ def build_projection(ctx: Context) -> Defended:
         {"defended": params, "threshold": jax.numpy.float32(threshold)},
         _targeted_closest_accepted,
         knobs,
-        a.restarts,
+        restarts,
         "targeted PGD with BPDA to the closest other class, with a penalty keeping the "
         "projection error below the rejection threshold (projection.RejectionAwareLogits)",
       )
@@ -400,7 +438,7 @@ def build_gmvae(ctx: Context) -> Defended:
   from vae_attacks.defenses import gmvae  # noqa: PLC0415
 
   c, g = ctx.config, ctx.config.defenses.gmvae
-  vae = models_lib.MODELS["mlp_vae"].build(c.model.gmvae, ctx.data)
+  vae = models_lib.MODELS[g.architecture].build(c.model.gmvae, ctx.data)
   model = gmvae.GMVAE(vae=vae, num_classes=ctx.num_classes, mean_scale=float(g.mean_scale))
   if "gmvae" not in ctx.trained:
     params, m = gmvae.train_gmvae(
@@ -435,6 +473,9 @@ def build_gmvae(ctx: Context) -> Defended:
                "targeted PGD to the closest other class with a penalty keeping the input "
                "inside both rejection thresholds (gmvae.adaptive_bim)"),
   ]  # fmt: skip
+  if _apgd_enabled(c):
+    what = "the closest-component logits, blind to the rejection"
+    specs.insert(1, _apgd_spec(c, fn, params, what=what, adaptive=False))
 
   def figure_data(x, y, adv):
     """Latent means of clean inputs and of both attacks' inputs at the largest eps."""
@@ -559,9 +600,11 @@ class _Judge:
     rejected = np.zeros(len(x), bool) if self.d.reject is None else np.asarray(self.d.reject(x))
     return pred, rejected
 
-  def broken(self, x: np.ndarray) -> np.ndarray:
+  def broken(self, x: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
+    """Misclassified and accepted: x [M, ...] are the examples `index` (default all)."""
     pred, rejected = self(x)
-    return (pred != self.labels) & ~rejected
+    labels = self.labels if index is None else self.labels[index]
+    return (pred != labels) & ~rejected
 
 
 def _rate(name: str, mask: np.ndarray) -> dict:
@@ -582,6 +625,9 @@ def evaluate(
 ) -> tuple[dict, np.ndarray]:
   """(row, x_adv [N, ...]): the defence under `spec` at `eps` on examples x [N], labels y."""
   judge = _Judge(defended, y)
+  if spec.fn is _apgd_ensemble:
+    return _evaluate_ensemble(defended, spec, eps, x, y, key=key, clean=clean, judge=judge,
+                              runner_kwargs=runner_kwargs), None  # fmt: skip
   t0 = time.perf_counter()
   res = adversarial.attack_with_restarts(
     spec.fn,
@@ -607,6 +653,9 @@ def evaluate(
     n=int(len(y)),
     seconds=seconds,
     max_linf=float(np.max(np.abs(res.x_adv - x))),
+    # Examples no restart among the first r + 1 broke, per r: the check that more restarts
+    # change little (Carlini et al. 2019); for a rejecting defence, the defended rate.
+    unbroken_by_restart=[float(np.mean(~b)) for b in res.broken_after],
   )
   row.update(_rate("clean_accuracy", (clean_pred == y) & ~clean_rejected))
   robust = (pred == y) & ~rejected
@@ -626,6 +675,39 @@ def evaluate(
     row.update(_rate("detection_rate", rejected[pred != y]))
     row.update(_rate("defended_rate", (pred == y) | rejected))
   return row, res.x_adv
+
+
+def _evaluate_ensemble(defended, spec, eps, x, y, *, key, clean, judge, runner_kwargs) -> dict:
+  """The row of the APGD ensemble (`_apgd_ensemble`): an example is broken when some run's
+  input is misclassified and accepted by the deployed defence (`_Judge.broken`); robust when
+  it is correct and accepted clean and no run broke it. (For a rejecting defence a run's
+  rejected input thus counts as defended, as in the defended rate; the other attacks' rows
+  count it as a loss of robust accuracy.)"""
+  t0 = time.perf_counter()
+  flags = _apgd_ensemble(spec.logits_fn, spec.params, x, y, eps=eps, key=key,
+                         is_broken=judge.broken, restarts=spec.restarts, **runner_kwargs,
+                         **spec.knobs)  # fmt: skip
+  broken = np.any(np.stack(list(flags.values())), axis=0)
+  clean_pred, clean_rejected = clean
+  clean_ok = (clean_pred == y) & ~clean_rejected
+  row = dict(
+    adaptive=spec.adaptive,
+    note=spec.note,
+    restarts=spec.restarts,
+    steps=spec.knobs["steps"],
+    n=int(len(y)),
+    seconds=time.perf_counter() - t0,
+    broken_by={k: int(v.sum()) for k, v in flags.items()},  # first breakers (runs skip broken)
+  )
+  row.update(_rate("clean_accuracy", clean_ok))
+  robust = clean_ok & ~broken
+  row.update(_rate("robust_accuracy", robust))
+  row["not_robust_examples"] = np.flatnonzero(~robust).tolist()
+  if defended.reject is not None:
+    row["broken_examples"] = np.flatnonzero(broken).tolist()
+    row.update(_rate("false_rejection_rate", clean_rejected))
+    row.update(_rate("defended_rate", ~broken))
+  return row
 
 
 def defense_settings(config, name: str) -> str:

@@ -82,6 +82,7 @@ def defense_settings(defenses, attacks, name: str) -> str:
   return config_hash(
     {
       "attacks": defenses["attacks"],
+      "apgd": defenses.get("apgd"),  # the APGD ensemble every defence also runs
       "num_examples": int(defenses["num_examples"]),
       "defense": own if isinstance(own, dict) else None,
       "runner": to_dict(attacks),

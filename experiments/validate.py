@@ -15,6 +15,7 @@ import ml_collections
 from configs import base
 from experiments import defenses as defenses_lib  # the defences' table (imports jax)
 from vae_attacks import data as data_lib
+from vae_attacks import models as base_models
 from vae_attacks.attacks import registry, runner
 
 
@@ -169,9 +170,14 @@ def _defenses(c) -> None:
   _int_at_least("defenses.attacks.pgd_steps", a.pgd_steps, 1)
   _positive("defenses.attacks.pgd_step_size_rel", a.pgd_step_size_rel)
   _int_at_least("defenses.attacks.restarts", a.restarts, 1)
+  if "apgd" in d:
+    _bool("defenses.apgd.enabled", d.apgd.enabled)
+    for f in ("steps", "target_ranks", "restarts"):
+      _int_at_least(f"defenses.apgd.{f}", d.apgd[f], 1)
   if "projection" in d.enabled:
     p = d.projection
-    for f in ("steps", "restarts", "attack_steps", "threshold_examples", "num_examples"):
+    for f in ("steps", "restarts", "attack_steps", "attack_restarts", "threshold_examples",
+              "num_examples"):  # fmt: skip
       _int_at_least(f"defenses.projection.{f}", p[f], 1)
     _positive("defenses.projection.learning_rate", p.learning_rate)
     _open_unit("defenses.projection.false_rejection_rate", p.false_rejection_rate, closed_low=True)
@@ -181,6 +187,9 @@ def _defenses(c) -> None:
     _positive("defenses.siamese.temperature", d.siamese.temperature)
   if "gmvae" in d.enabled:
     g = d.gmvae
+    vaes = tuple(n for n, kind in base_models.MODEL_KINDS.items() if kind == "vae")
+    if g.architecture not in vaes:
+      raise ConfigError(f"defenses.gmvae.architecture={g.architecture!r}; allowed: {vaes}")
     _positive("defenses.gmvae.mean_scale", g.mean_scale)
     _open_unit("defenses.gmvae.false_rejection_rate", g.false_rejection_rate, closed_low=True)
     _int_at_least("defenses.gmvae.threshold_examples", g.threshold_examples, 1)

@@ -131,6 +131,12 @@ def test_restarts_break_a_superset_and_keep_a_breaking_image(plain):
     adversarial.pgd_linf, LOGITS, params, x, y, restarts=3, **kw
   )
   assert np.all(three.broken >= one.broken)
+  # The worst case after each restart: the first is the one-restart run's, it only grows, and
+  # the last is the run's.
+  assert three.broken_after.shape == (3, len(y))
+  np.testing.assert_array_equal(three.broken_after[0], one.broken)
+  assert np.all(np.diff(three.broken_after.astype(int), axis=0) >= 0)
+  np.testing.assert_array_equal(three.broken_after[-1], three.broken)
   pred = np.argmax(runner.batched_logits(LOGITS, params, three.x_adv), -1)
   np.testing.assert_array_equal(pred != y, three.broken)  # the kept image is the breaking one
   assert np.abs(three.x_adv - x).max() <= 0.15 + 1e-6

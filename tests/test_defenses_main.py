@@ -48,8 +48,9 @@ def test_quick_defenses_run_writes_rows_report_and_resumes(data_root, tmp_path):
   run_lib.run(config, str(tmp_path))
   rows = read_rows(tmp_path)
   attacked = [r for r in rows if r["kind"] == "defense"]
-  # Attacks each, no FGSM; the projection's third knows its rejection too.
-  per_defense = {"distillation": 2, "projection": 3, "gmvae": 2}
+  # Attacks each, no FGSM; the projection's third knows its rejection too; each also gets the
+  # APGD ensemble (`defenses.apgd`).
+  per_defense = {"distillation": 3, "projection": 4, "gmvae": 3}
   assert len(attacked) == sum(per_defense.values()) * 2  # x 2 eps
   by = {(r["defense"], r["attack"], r["eps"]): r for r in attacked}
   assert len(by) == len(attacked)
@@ -60,7 +61,16 @@ def test_quick_defenses_run_writes_rows_report_and_resumes(data_root, tmp_path):
   assert by[("projection", "pgd_bpda_reject", 0.3)]["adaptive"]
   for r in attacked:
     assert r["n"] == 16 and r["n_robust_accuracy"] == 16
-    assert r["max_linf"] <= r["eps"] + 1e-5
+    if r["attack"] == "apgd":  # the ensemble row: broken flags per run, no images kept
+      assert set(r["broken_by"]) == {"apgd_ce", "apgd_t1", "apgd_t2"}
+      assert sum(r["broken_by"].values()) <= r["n"]  # each example counted by its first breaker
+    else:
+      assert r["max_linf"] <= r["eps"] + 1e-5
+      # The worst case over the first r restarts never rises with r, and ends at the row's.
+      curve = r["unbroken_by_restart"]
+      assert len(curve) == r["restarts"] and np.all(np.diff(curve) <= 0)
+      if r["defense"] == "distillation":
+        assert curve[-1] == pytest.approx(r["robust_accuracy"])
     lo, hi = r["robust_accuracy_ci"]
     assert lo <= r["robust_accuracy"] <= hi
     # The examples the attack broke are exactly the complement of its robust accuracy.
@@ -68,7 +78,8 @@ def test_quick_defenses_run_writes_rows_report_and_resumes(data_root, tmp_path):
     assert len(set(broken)) == len(broken) and all(0 <= i < r["n"] for i in broken)
     assert len(broken) == round((1.0 - r["robust_accuracy"]) * r["n"])
     if r["defense"] != "distillation":  # a rejecting defence reports its rejection rates
-      assert 0.0 <= r["false_rejection_rate"] <= 1.0 and "detection_rate" in r
+      assert 0.0 <= r["false_rejection_rate"] <= 1.0
+      assert "detection_rate" in r or r["attack"] == "apgd"
     else:
       assert "false_rejection_rate" not in r
   moved = [r for r in rows if r["kind"] == "transfer"]
@@ -82,7 +93,7 @@ def test_quick_defenses_run_writes_rows_report_and_resumes(data_root, tmp_path):
   assert set(metrics["distillation"]) >= {"teacher", "student", "test_accuracy"}
   summary = (tmp_path / "summary.md").read_text()
   assert "### Defences" in summary and "Black-box transfer" in summary
-  assert "pgd_bpda" in summary
+  assert "pgd_bpda" in summary and "**Gradient-masking checks**" in summary
   _check_defense_figures(config, tmp_path, summary)
 
   # The timing table: one row per stage of the plan (each defence's build, its attacks, the
@@ -496,3 +507,36 @@ def test_projection_needs_the_cnn_it_classifies_with():
   del c.model["cnn"]
   with pytest.raises(validate.ConfigError, match="defence 'projection' needs model.cnn"):
     validate.validate(c)
+
+
+def test_masking_checks_flag_the_defence_whose_evaluation_shows_masked_gradients():
+  """Carlini et al. 2019's checks from the rows: a worst case that rises with eps, that one
+  more restart still lowers, and that a transfer attack beats, flags its defence; a defence
+  whose worst case falls to 0 at eps 0.5 and has converged passes."""
+  from experiments import report  # noqa: PLC0415
+
+  def row(defense, attack, eps, broken, **extra):
+    r = _row(defense, attack, True, 1.0 - len(broken) / 100, not_robust_examples=broken, **extra)
+    return dict(r, eps=eps)
+
+  rows = [
+    row("sound", "pgd", 0.1, list(range(10)), unbroken_by_restart=[0.9, 0.9]),
+    row("sound", "fgsm", 0.1, list(range(5))),
+    row("sound", "pgd", 0.5, list(range(100)), unbroken_by_restart=[0.0, 0.0]),
+    row("masked", "pgd", 0.1, list(range(50)), unbroken_by_restart=[0.5, 0.5]),
+    row("masked", "pgd", 0.3, list(range(30)), unbroken_by_restart=[0.9, 0.7]),
+    row("masked", "pgd", 0.5, list(range(40)), unbroken_by_restart=[0.6, 0.6]),
+  ]
+  into_masked = dict(kind="transfer", dataset="mnist", defense="masked", source="none",
+                     target="masked", eps=0.3, n=100, robust_accuracy=0.2, white_box=False,
+                     robust_accuracy_ci=[0.1, 0.3], crafted_with="pgd")  # fmt: skip
+  text = report.defense_markdown([*rows, into_masked])
+  checks = text.split("**Gradient-masking checks**")[1]
+  assert "Flagged (a check failed): **masked**." in checks
+  assert "| sound | falls_with_eps | passed |" in checks
+  assert "| sound | more_restarts_changes_little | passed |" in checks
+  assert "| sound | single_step_weaker | passed |" in checks
+  assert "| masked | falls_with_eps | **failed** |" in checks  # 0.5 -> 0.7 -> 0.6
+  assert "| masked | transfer_weaker | **failed** |" in checks  # 0.2 by transfer < 0.7
+  # At eps 0.3 the second restart still broke 0.2 more: the evaluation has not converged.
+  assert "| masked | more_restarts_changes_little | **failed** |" in checks

@@ -156,6 +156,76 @@ def _transfer_part(moved: Sequence[Mapping]) -> list[str]:
   ]
 
 
+MASKING_TEXT = (
+  'Gradient-masking checks (Carlini et al. 2019, "On Evaluating Adversarial Robustness"; '
+  "`vae_attacks.robustness`), on the per-example worst case (the defended rate for a defence "
+  "that rejects: the attack's success is a misclassified input that gets through): it falls "
+  "as eps grows and is about 0 at an eps that can erase the image (0.5, when the grid has "
+  "it); more restarts change it little (in every restarted attack's row the last restart "
+  "lowered it by at most 0.01; the table shows the row where it lowered it most); black-box "
+  "transfer (the best source) is no stronger than the white-box worst case, and FGSM no "
+  "stronger than PGD. A defence failing any check is **flagged**: its robustness figures are "
+  "upper bounds from an attack that did not find the gradient's way."
+)
+
+
+def _masking_checks(attacked: Sequence[Mapping], moved: Sequence[Mapping]) -> dict:
+  """defence -> [robustness.Check] from the rows (only the checks the rows can decide)."""
+  from vae_attacks import robustness  # noqa: PLC0415
+
+  union = _per_example_worst(attacked)
+  out: dict = {}
+  for name in dict.fromkeys(r.get("defense") for r in attacked):
+    rows = [r for r in attacked if r.get("defense") == name]
+    worst = {e: u for (d, e), u in union.items() if d == name}
+    rejecting = any("defended_rate" in u for u in worst.values())
+    field = "defended_rate" if rejecting else "robust_accuracy"
+    checks = []
+    eps = sorted(e for e in worst if num(worst[e].get(field)) is not None)
+    if eps:
+      checks.append(robustness.check_falls_with_eps(eps, [worst[e][field] for e in eps]))
+    restarted = [r for r in rows if len(r.get("unbroken_by_restart") or []) >= 2]
+    if restarted:  # the row whose last restart still lowered its worst case most
+      r = max(restarted, key=lambda r: r["unbroken_by_restart"][-2] - r["unbroken_by_restart"][-1])
+      curve = r["unbroken_by_restart"]
+      checks.append(robustness.check_more_effort_changes_little(
+        list(range(1, len(curve) + 1)), curve, what="restarts"))  # fmt: skip
+    into = [m for m in moved if m.get("target") == name and m.get("source") != name]
+    t_eps = num(into[0].get("eps")) if into else None
+    if into and t_eps in worst and num(worst[t_eps].get("robust_accuracy")) is not None:
+      best = min(num(m.get("robust_accuracy")) for m in into)
+      checks.append(robustness.check_weaker([worst[t_eps]["robust_accuracy"]], [best],
+                                            name="transfer_weaker", eps=[t_eps]))  # fmt: skip
+    by = {(r.get("attack"), num(r.get("eps"))): r for r in rows}
+    both = sorted(e for (a, e) in by if a == "fgsm" and ("pgd", e) in by)
+    if both:
+      checks.append(robustness.check_weaker(
+        [by[("pgd", e)]["robust_accuracy"] for e in both],
+        [by[("fgsm", e)]["robust_accuracy"] for e in both],
+        name="single_step_weaker", eps=both))  # fmt: skip
+    out[name] = checks
+  return out
+
+
+def _masking_part(attacked: Sequence[Mapping], moved: Sequence[Mapping]) -> list[str]:
+  """The checks' table, one line per (defence, check), and the flagged defences."""
+  checks = _masking_checks(attacked, moved)
+  lines = []
+  for name, cs in checks.items():
+    for c in cs:
+      verdict = {True: "passed", False: "**failed**", None: "undecided"}[c.passed]
+      lines.append([name, c.name, verdict, c.note])
+  if not lines:
+    return []
+  from vae_attacks import robustness  # noqa: PLC0415
+
+  flagged = [n for n, cs in checks.items() if robustness.flagged(cs)]
+  verdict = ("Flagged (a check failed): " + ", ".join(f"**{n}**" for n in flagged) + "."
+             if flagged else "No defence failed a check.")  # fmt: skip
+  return ["", "**Gradient-masking checks**", "", MASKING_TEXT, "",
+          table(["defence", "check", "result", "what it saw"], lines), "", verdict]  # fmt: skip
+
+
 def defense_markdown(rows: Sequence[Mapping]) -> str:
   """The defence tables of one dataset: worst case over adaptive attacks, every attack, and
   the black-box transfer matrix (rows of experiments/defenses.py)."""
@@ -174,4 +244,6 @@ def defense_markdown(rows: Sequence[Mapping]) -> str:
   moved = [r for r in rows if r.get("kind") == "transfer"]
   if moved:
     parts += _transfer_part(moved)
+  if attacked:
+    parts += _masking_part(attacked, moved)
   return "\n".join(parts)

@@ -10,6 +10,13 @@ functions are module-level, so their identity is stable and the runner's compile
 
 Adding an attack: its module (a pure one-pair function with tests), an `AttackSpec` here, and
 its config section in configs/base.py (`SECTION_DEFAULTS` there holds the knobs' defaults).
+
+Targeted and untargeted. Every entry of `ATTACKS` is a study attack and TARGETED: the runner's
+`target` per pair is the class to reach, and `success` is reaching it. `UNTARGETED` holds the
+attacks that measure robust accuracy (the defences, `vae_attacks.robustness`): there the
+runner's `target` per pair is the TRUE LABEL and `success` is misclassification. The same
+algorithm may be in both tables under the same name (APGD-CE: `ATTACKS["apgd_ce"]` reaches
+the pair's target; `UNTARGETED["apgd_ce"]` moves away from the label).
 """
 
 from collections.abc import Callable
@@ -17,7 +24,7 @@ from typing import NamedTuple
 
 import jax
 
-from vae_attacks.attacks import bim, decision, fgsm, latent_descent, lbfgs, minimal
+from vae_attacks.attacks import apgd, bim, decision, fgsm, latent_descent, lbfgs, minimal
 from vae_attacks.attacks import vae as vae_lib
 
 # Cost passes of the runs (experiments/attacks.py): gradient-step attacks on every model first,
@@ -139,6 +146,47 @@ def _hop_skip_jump(
   )  # fmt: skip
 
 
+def _apgd_ce(logits_fn, params, x, target, *, eps, norm, steps, random_start=False, key=None):
+  """APGD-CE towards the pair's target (Croce & Hein 2020; `apgd.apgd`)."""
+  return apgd.apgd(
+    logits_fn, params, x, target, eps=eps, norm=norm, steps=steps, loss="ce", targeted=True,
+    random_start=random_start, key=key,
+  )  # fmt: skip
+
+
+def _apgd_dlr(logits_fn, params, x, target, *, eps, norm, steps, random_start=False, key=None):
+  """APGD with the targeted DLR loss towards the pair's target (Croce & Hein 2020)."""
+  return apgd.apgd(
+    logits_fn, params, x, target, eps=eps, norm=norm, steps=steps, loss="dlr", targeted=True,
+    random_start=random_start, key=key,
+  )  # fmt: skip
+
+
+def _apgd_ce_untargeted(logits_fn, params, x, label, *, eps, norm, steps, key, random_start=True):
+  """APGD-CE away from the label (AutoAttack's first attack)."""
+  return apgd.apgd(
+    logits_fn, params, x, label, eps=eps, norm=norm, steps=steps, loss="ce", targeted=False,
+    random_start=random_start, key=key,
+  )  # fmt: skip
+
+
+def _apgd_dlr_untargeted(logits_fn, params, x, label, *, eps, norm, steps, key, random_start=True):
+  """APGD-DLR away from the label (Croce & Hein 2020, Eq. 6)."""
+  return apgd.apgd(
+    logits_fn, params, x, label, eps=eps, norm=norm, steps=steps, loss="dlr", targeted=False,
+    random_start=random_start, key=key,
+  )  # fmt: skip
+
+
+def _apgd_t(logits_fn, params, x, label, *, eps, norm, steps, target_rank, key, random_start=True):
+  """APGD-T: the targeted DLR loss towards the `target_rank`-th most likely other class at x,
+  success = misclassification (AutoAttack runs ranks 1..9 and keeps the worst case)."""
+  return apgd.apgd(
+    logits_fn, params, x, label, eps=eps, norm=norm, steps=steps, loss="dlr", targeted=False,
+    target_rank=target_rank, random_start=random_start, key=key,
+  )  # fmt: skip
+
+
 def _pairwise(attack):
   """A VAE attack (model, params, x, x_target, target) seen by the runner: the pair's source and
   target images travel stacked as one input xx[2, H, W, C]."""
@@ -153,6 +201,8 @@ def _pairwise(attack):
 _BIM_KNOBS = ("norm", "steps", "step_size_rel", "random_start", "sparsity")
 _BIM_MIN_KNOBS = (*_BIM_KNOBS, "bisect_steps")
 _SOLVER_KNOBS = ("max_iters", "memory", "num_trials", "tol", "ftol")
+_APGD_KNOBS = ("norm", "steps", "random_start")
+_CROCE = "Croce and Hein 2020 (APGD, AutoAttack)"
 _KURAKIN = "Kurakin, Goodfellow and Bengio 2016 (BIM); Madry et al. 2018 (PGD)"
 _SZEGEDY = "Szegedy et al. 2014 (box-constrained L-BFGS)"
 _TABACOF = "Tabacof, Tavares and Valle 2016"
@@ -185,6 +235,14 @@ ATTACKS: dict[str, AttackSpec] = {
       "bim_l1_min", _bim_min, ("l1",), "budget", "classifier", GRADIENT_PASS, _BIM_MIN_KNOBS,
       cite="Tramer and Boneh 2019 (SLIDE); the minimal budget per pair by bisection over eps",
       default_enabled=False,
+    ),
+    AttackSpec(
+      "apgd_ce", _apgd_ce, ("linf", "l2"), "budget", "classifier", GRADIENT_PASS, _APGD_KNOBS,
+      cite=_CROCE + ", cross-entropy loss, targeted", default_enabled=False,
+    ),
+    AttackSpec(
+      "apgd_dlr", _apgd_dlr, ("linf", "l2"), "budget", "classifier", GRADIENT_PASS, _APGD_KNOBS,
+      cite=_CROCE + ", targeted DLR loss", default_enabled=False,
     ),
     AttackSpec(
       "lbfgs", _lbfgs, ("l2",), "penalty", "classifier", CLASSIFIER_SOLVER_PASS, ("max_iters",),
@@ -225,6 +283,28 @@ ATTACKS: dict[str, AttackSpec] = {
     AttackSpec(
       "reconstruction_fgsm", _pairwise(vae_lib.reconstruction_fgsm_attack), ("linf",), "budget",
       "vae", GRADIENT_PASS, (), cite=f"{_KOS} (L_VAE attack, FGSM)",
+    ),
+  )
+}  # fmt: skip
+
+# The untargeted attacks of robust accuracy (see the module docstring): the runner's `target`
+# is the true label. `run(logits_fn, params, x, label, *, eps, key, **knobs)`; `knobs` as above.
+# AutoAttack's APGD part (Croce & Hein 2020, `vae_attacks.robustness.autoattack_apgd`):
+# apgd_ce, then apgd_t with target_rank 1..9, an example robust when none breaks it.
+UNTARGETED: dict[str, AttackSpec] = {
+  s.name: s
+  for s in (
+    AttackSpec(
+      "apgd_ce", _apgd_ce_untargeted, ("linf", "l2"), "budget", "classifier", GRADIENT_PASS,
+      _APGD_KNOBS, cite=_CROCE + ", cross-entropy loss",
+    ),
+    AttackSpec(
+      "apgd_dlr", _apgd_dlr_untargeted, ("linf", "l2"), "budget", "classifier", GRADIENT_PASS,
+      _APGD_KNOBS, cite=_CROCE + ", DLR loss",
+    ),
+    AttackSpec(
+      "apgd_t", _apgd_t, ("linf", "l2"), "budget", "classifier", GRADIENT_PASS,
+      (*_APGD_KNOBS, "target_rank"), cite=_CROCE + ", targeted DLR loss over the top classes",
     ),
   )
 }  # fmt: skip

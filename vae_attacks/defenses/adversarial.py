@@ -172,6 +172,9 @@ class Restarted(NamedTuple):
   x_adv: np.ndarray  # [N, H, W, C]: a breaking restart's image, else the highest-loss one
   broken: np.ndarray  # bool[N]: some restart broke the example
   restarts: int
+  # bool[R, N]: broken by one of the first r + 1 restarts (row R - 1 is `broken`); how the
+  # worst case moves with more restarts (a gradient-masking check, Carlini et al. 2019).
+  broken_after: np.ndarray | None = None
 
 
 def attack_with_restarts(
@@ -203,12 +206,13 @@ def attack_with_restarts(
     **runner_kwargs: passed to `runner.run_attack` (the attack's knobs, chunk_size, mesh, ...).
 
   Returns:
-    Restarted(x_adv, broken, restarts); `broken` is True when any restart broke the example.
+    Restarted(x_adv, broken, restarts, broken_after); `broken` is True when any restart broke
+    the example, `broken_after[r]` when one of the first r + 1 did.
   """
   if restarts < 1:
     raise ValueError(f"restarts={restarts} must be >= 1")
   runner_kwargs.setdefault("progress", False)
-  best_x, broken, best_loss = None, None, None
+  best_x, broken, best_loss, after = None, None, None, []
   for r in range(restarts):
     res = runner.run_attack(
       attack, logits_fn, params, x, labels, (eps,), key=jax.random.fold_in(key, r), **runner_kwargs
@@ -218,8 +222,9 @@ def attack_with_restarts(
     loss = np.asarray(res.loss_trace[0][:, -1])  # minus the cross-entropy: lower is stronger
     if best_x is None:
       best_x, broken, best_loss = x_adv.copy(), ok.copy(), loss.copy()
-      continue
-    take = ~broken & (ok | (loss < best_loss))
-    best_x[take], best_loss[take] = x_adv[take], loss[take]
-    broken |= ok
-  return Restarted(best_x, broken, restarts)
+    else:
+      take = ~broken & (ok | (loss < best_loss))
+      best_x[take], best_loss[take] = x_adv[take], loss[take]
+      broken |= ok
+    after.append(broken.copy())
+  return Restarted(best_x, broken, restarts, np.stack(after))
