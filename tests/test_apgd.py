@@ -236,6 +236,30 @@ def test_targeted_ce_reaches_the_best_loss_of_the_ball(key):
   assert np.all(np.diff(np.asarray(res.loss_trace), axis=1) <= 0)  # best-so-far: non-increasing
 
 
+def bowl_logits(params, x):
+  """Two classes; class 1's logit -10 ||x - c||^2 peaks at c: the untargeted CE away from class
+  0 is maximal at c, an interior point of the ball."""
+  return jnp.stack([jnp.zeros(()), -10.0 * jnp.sum((x - params["c"]) ** 2)])
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_step_halving_converges_to_an_interior_optimum(norm, key):
+  """A fixed step of 2 eps can only land within ~eps of an interior maximiser; APGD's halvings at
+  its checkpoints (with the return to the best point) bring it within eps / 16 after 100 updates
+  (8 checkpoints: at most 2 eps / 256)."""
+  eps = 0.1 if norm == "linf" else 0.4
+  rng = np.random.default_rng(8)
+  x = rng.uniform(0.3, 0.7, size=SHAPE).astype(np.float32)
+  u = rng.uniform(-1, 1, size=SHAPE).astype(np.float32)
+  u = u if norm == "linf" else u / np.linalg.norm(u)
+  params = {"c": x + 0.5 * eps * u}
+  res = apgd.apgd(bowl_logits, params, x, 0, eps=eps, steps=100, norm=norm, targeted=False, key=key)
+  err = np.asarray(res.x_adv - params["c"])
+  size = np.abs(err).max() if norm == "linf" else np.linalg.norm(err)
+  assert size <= eps / 16, size
+  assert not res.success
+
+
 # ----------------------------------------------------------------------------------------------
 # Through the runner: ball, box, success, vmap against a loop, seeds.
 

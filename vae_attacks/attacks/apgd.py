@@ -167,7 +167,9 @@ def apgd(
     loss: "ce" or "dlr" (static; "dlr" needs K >= 3, its targeted form K >= 4).
     targeted: see the module docstring (static).
     target_rank: with `targeted=False`, 0 for the untargeted loss, or k in [1, K - 1] for the
-      targeted loss towards the k-th most likely other class at x (APGD-T) (static).
+      targeted loss towards the k-th most likely other class at x (APGD-T). A Python int is
+      static; a traced int32[] (the runner traces an array knob) means k >= 1, unchecked, and
+      one compilation serves every rank.
     random_start: start from the authors' random point (needs `key`); False starts at x.
     key: PRNG key of the random start.
     rho: Condition 1's threshold.
@@ -191,10 +193,11 @@ def apgd(
   if random_start and key is None:
     raise ValueError("random_start=True needs a PRNG key: pass key=jax.random.key(seed)")
   num_classes = jax.eval_shape(logits_fn, params, x).shape[-1]
-  ranked = not targeted and target_rank != 0
-  if targeted and target_rank != 0:
+  rank = None if isinstance(target_rank, jax.core.Tracer) else int(target_rank)  # None: traced
+  ranked = not targeted and rank != 0
+  if targeted and rank != 0:
     raise ValueError(f"target_rank={target_rank} is for targeted=False (the target is given)")
-  if ranked and not 1 <= target_rank < num_classes:
+  if ranked and rank is not None and not 1 <= rank < num_classes:
     raise ValueError(f"target_rank={target_rank} must be in [1, {num_classes - 1}] (K - 1)")
   needed = 4 if (targeted or ranked) else 3
   if loss == "dlr" and num_classes < needed:
