@@ -20,6 +20,11 @@ with the same number of gradients:
 
 Prints robust accuracy (correct and not broken) per attack and eps, and each attack's compile
 and run seconds (one compile serves the eps grid), with the load average: the CPU is shared.
+
+Measured 2026-12-06 (`--n=300 --eps=0.05,0.1,0.15`, load average 31-38, jax 0.10.2), robust
+accuracy at eps 0.05 / 0.1 / 0.15: pgd 0.9367 / 0.4233 / 0.0233; pgd_madry_step 0.9433 /
+0.5000 / 0.0500; apgd_ce 0.9333 / 0.3933 / 0.0167; apgd_dlr 0.9333 / 0.4067 / 0.0233;
+apgd_ce_unrolled the same as apgd_ce (compile 151 s against 10 s rolled; run 69 s against 92 s).
 """
 
 import argparse
