@@ -142,7 +142,9 @@ def autoattack_apgd(
       the attack's own success (misclassification by `logits_fn`).
     skip_broken: attack only the examples no earlier attack broke (AutoAttack does; the flags
       of an example are then False for every attack after the first that broke it, so
-      `worst_case` is unchanged but its `only_broken_by` counts first breakers).
+      `worst_case` is unchanged but its `only_broken_by` counts first breakers). The runner
+      draws a pair's start from its position among the examples attacked, so the starts then
+      depend on which examples earlier attacks broke (still the same numbers for a seed).
     **runner_kwargs: passed to the runner (chunk_size, mesh, progress, ...).
 
   Returns:
@@ -157,8 +159,9 @@ def autoattack_apgd(
   runs = []
   for name in losses:
     if name == "apgd_t":
+      # An array knob is traced by the runner: one compilation serves every rank.
       ranks = range(1, min(target_ranks, num_classes - 1) + 1)
-      runs += [(f"apgd_t{k}", name, {"target_rank": k}) for k in ranks]
+      runs += [(f"apgd_t{k}", name, {"target_rank": np.asarray(k, np.int32)}) for k in ranks]
     else:
       runs.append((name, name, {}))
   flags, broken_so_far = {}, np.zeros(len(x), bool)
@@ -166,16 +169,24 @@ def autoattack_apgd(
     todo = np.flatnonzero(~broken_so_far) if skip_broken else np.arange(len(x))
     out = np.zeros(len(x), bool)
     if len(todo):
+      idx = _bucketed(todo, len(x))
       res = adversarial.attack_with_restarts(
-        registry.UNTARGETED[name].run, logits_fn, params, x[todo], labels[todo], eps=eps,
+        registry.UNTARGETED[name].run, logits_fn, params, x[idx], labels[idx], eps=eps,
         restarts=restarts, key=jax.random.fold_in(key, i), norm=norm,
-        is_broken=None if is_broken is None else (lambda xa, todo=todo: is_broken(xa, todo)),
+        is_broken=None if is_broken is None else (lambda xa, idx=idx: is_broken(xa, idx)),
         steps=steps, **extra, **runner_kwargs,
       )  # fmt: skip
-      out[todo] = res.broken
+      out[todo] = res.broken[: len(todo)]
     flags[flag_name] = out
     broken_so_far |= out
   return flags
+
+
+def _bucketed(todo: np.ndarray, n: int) -> np.ndarray:
+  """`todo` padded (repeating its last index) to the next power of two, at most `n`: the runner
+  compiles once per shape, so the shrinking sets of unbroken examples take few shapes."""
+  size = min(1 << (len(todo) - 1).bit_length(), n)
+  return np.concatenate([todo, np.full(size - len(todo), todo[-1], todo.dtype)])
 
 
 # ------------------------------------------------------------------------------------------

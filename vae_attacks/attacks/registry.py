@@ -126,6 +126,39 @@ def _lbfgs_search(logits_fn, params, x, target, *, eps, max_iters, search_steps)
   )
 
 
+def _apgd_run(loss: str, targeted: bool) -> Callable:
+  """`apgd.apgd` in the runner's form, its loss and the meaning of `target` fixed (the pair's
+  target, or the true label when untargeted); by default a random start when given a key (the
+  study's `knobs_of` gives one with `random_start=True`); `target_rank` for APGD-T."""
+
+  def run(
+    logits_fn,
+    params,
+    x,
+    target,
+    *,
+    eps,
+    norm,
+    steps,
+    key=None,
+    random_start=None,
+    target_rank=0,
+    unroll=1,
+  ):
+    return apgd.apgd(
+      logits_fn, params, x, target, eps=eps, norm=norm, steps=steps, loss=loss,
+      targeted=targeted, target_rank=target_rank, key=key, unroll=unroll,
+      random_start=key is not None if random_start is None else random_start,
+    )  # fmt: skip
+
+  run.__name__ = f"apgd_{loss}_{'targeted' if targeted else 'untargeted'}"
+  return run
+
+
+_APGD_CE, _APGD_DLR = _apgd_run("ce", True), _apgd_run("dlr", True)
+_APGD_CE_UNTARGETED, _APGD_DLR_UNTARGETED = _apgd_run("ce", False), _apgd_run("dlr", False)
+
+
 def _latent_descent(logits_fn, params, x, target, *, eps, steps, bisect_steps):
   """Latent descent with mixing weight eps per step (Schott et al. 2019); generative models."""
   return latent_descent.latent_descent(
@@ -143,47 +176,6 @@ def _hop_skip_jump(
   return decision.hop_skip_jump(
     logits_fn, params, xx[0], target, x_init=xx[1], key=key, iterations=iterations,
     num_evals=num_evals, bisect_steps=bisect_steps,
-  )  # fmt: skip
-
-
-def _apgd_ce(logits_fn, params, x, target, *, eps, norm, steps, random_start=False, key=None):
-  """APGD-CE towards the pair's target (Croce & Hein 2020; `apgd.apgd`)."""
-  return apgd.apgd(
-    logits_fn, params, x, target, eps=eps, norm=norm, steps=steps, loss="ce", targeted=True,
-    random_start=random_start, key=key,
-  )  # fmt: skip
-
-
-def _apgd_dlr(logits_fn, params, x, target, *, eps, norm, steps, random_start=False, key=None):
-  """APGD with the targeted DLR loss towards the pair's target (Croce & Hein 2020)."""
-  return apgd.apgd(
-    logits_fn, params, x, target, eps=eps, norm=norm, steps=steps, loss="dlr", targeted=True,
-    random_start=random_start, key=key,
-  )  # fmt: skip
-
-
-def _apgd_ce_untargeted(logits_fn, params, x, label, *, eps, norm, steps, key, random_start=True):
-  """APGD-CE away from the label (AutoAttack's first attack)."""
-  return apgd.apgd(
-    logits_fn, params, x, label, eps=eps, norm=norm, steps=steps, loss="ce", targeted=False,
-    random_start=random_start, key=key,
-  )  # fmt: skip
-
-
-def _apgd_dlr_untargeted(logits_fn, params, x, label, *, eps, norm, steps, key, random_start=True):
-  """APGD-DLR away from the label (Croce & Hein 2020, Eq. 6)."""
-  return apgd.apgd(
-    logits_fn, params, x, label, eps=eps, norm=norm, steps=steps, loss="dlr", targeted=False,
-    random_start=random_start, key=key,
-  )  # fmt: skip
-
-
-def _apgd_t(logits_fn, params, x, label, *, eps, norm, steps, target_rank, key, random_start=True):
-  """APGD-T: the targeted DLR loss towards the `target_rank`-th most likely other class at x,
-  success = misclassification (AutoAttack runs ranks 1..9 and keeps the worst case)."""
-  return apgd.apgd(
-    logits_fn, params, x, label, eps=eps, norm=norm, steps=steps, loss="dlr", targeted=False,
-    target_rank=target_rank, random_start=random_start, key=key,
   )  # fmt: skip
 
 
@@ -237,11 +229,11 @@ ATTACKS: dict[str, AttackSpec] = {
       default_enabled=False,
     ),
     AttackSpec(
-      "apgd_ce", _apgd_ce, ("linf", "l2"), "budget", "classifier", GRADIENT_PASS, _APGD_KNOBS,
+      "apgd_ce", _APGD_CE, ("linf", "l2"), "budget", "classifier", GRADIENT_PASS, _APGD_KNOBS,
       cite=_CROCE + ", cross-entropy loss, targeted", default_enabled=False,
     ),
     AttackSpec(
-      "apgd_dlr", _apgd_dlr, ("linf", "l2"), "budget", "classifier", GRADIENT_PASS, _APGD_KNOBS,
+      "apgd_dlr", _APGD_DLR, ("linf", "l2"), "budget", "classifier", GRADIENT_PASS, _APGD_KNOBS,
       cite=_CROCE + ", targeted DLR loss", default_enabled=False,
     ),
     AttackSpec(
@@ -295,15 +287,15 @@ UNTARGETED: dict[str, AttackSpec] = {
   s.name: s
   for s in (
     AttackSpec(
-      "apgd_ce", _apgd_ce_untargeted, ("linf", "l2"), "budget", "classifier", GRADIENT_PASS,
+      "apgd_ce", _APGD_CE_UNTARGETED, ("linf", "l2"), "budget", "classifier", GRADIENT_PASS,
       _APGD_KNOBS, cite=_CROCE + ", cross-entropy loss",
     ),
     AttackSpec(
-      "apgd_dlr", _apgd_dlr_untargeted, ("linf", "l2"), "budget", "classifier", GRADIENT_PASS,
+      "apgd_dlr", _APGD_DLR_UNTARGETED, ("linf", "l2"), "budget", "classifier", GRADIENT_PASS,
       _APGD_KNOBS, cite=_CROCE + ", DLR loss",
     ),
     AttackSpec(
-      "apgd_t", _apgd_t, ("linf", "l2"), "budget", "classifier", GRADIENT_PASS,
+      "apgd_t", _APGD_DLR_UNTARGETED, ("linf", "l2"), "budget", "classifier", GRADIENT_PASS,
       (*_APGD_KNOBS, "target_rank"), cite=_CROCE + ", targeted DLR loss over the top classes",
     ),
   )
