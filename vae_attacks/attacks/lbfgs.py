@@ -18,7 +18,9 @@ loop costs the same for every problem:
   `jax.vmap` over candidates), the largest that satisfies Armijo is taken, then one
   `value_and_grad` at that point.
 
-The direction is the L-BFGS two-loop recursion of `optax.scale_by_lbfgs`; the box is handled
+The direction is the L-BFGS two-loop recursion (Nocedal and Wright, Algorithm 7.4, with
+`optax.scale_by_lbfgs`'s initial scaling), evaluated on the Gram matrices of the stored
+pairs so that the [memory x pixels] arrays are read twice per step; the box is handled
 as in projected / two-metric L-BFGS (Bertsekas 1982; Kim, Sra and Dhillon 2010): variables
 within `eps_k` of a bound whose gradient pushes outward are moved straight to that bound, the
 others (the free variables) follow the L-BFGS direction computed from the curvature pairs
@@ -444,7 +446,7 @@ def minimise_box(
   `jax.vmap` over problems runs them in lock step (the loop ends when every problem is done).
   Each loop step costs one `value_and_grad` (plus `num_trials` values if num_trials > 1).
   The L-BFGS-B reference is Byrd, Lu, Nocedal and Zhu (1995); the direction comes from
-  `optax.scale_by_lbfgs` (Nocedal and Wright, Algorithm 7.4).
+  two-loop recursion (Nocedal and Wright, Algorithm 7.4; `_two_loop_coefficients`).
 
   Args:
     objective: x -> scalar; pure and differentiable. x has the shape of `x0`.
