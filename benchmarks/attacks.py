@@ -1,50 +1,60 @@
-"""Batched attacks against per-example loops, side by side (workload: docs/performance.md).
+"""The runner's attacks against the peer libraries and scipy, in one run (docs/performance.md).
 
-  python -m benchmarks.attacks [--n=256] [--steps=40] [--lbfgs_iters=50] [--json=PATH]
-  python -m benchmarks.attacks --size=lfw --n=16 --skip=bim --scipy_n=4   # 154x154x3
+  pip install -r benchmarks/requirements.txt      # foolbox 3.3.x, cleverhans 4 (optional)
+  python -m benchmarks.attacks [--n=256] [--steps=40] [--lbfgs_n=32] [--json=PATH]
+  python -m benchmarks.attacks --size=lfw --skip=bim,lbfgs --step_pairs=8   # 154x154x3 step
 
-On the MNIST CNN (`models.CNN(num_classes=10)`: conv32-conv64-fc128-fc10, random weights) and
-N random MNIST-like pairs (80% of the pixels 0, the box matters):
+Everything runs on the study's CNN for `--size` (random weights, `models.CNN` with the
+config's settings) and the same random pairs (80% of the pixels 0, so the box matters); every
+variant gets the same pairs in one batch and one `jax.jit`. Variants run interleaved, in
+`--repeats` rounds after a compiling run, and the best round counts: the machine is shared,
+so the 1-minute load average is printed with every section, and the ratios (measured in one
+run) are the result, not the absolute rates.
 
-- BIM (L-inf, targeted, `steps` unrolled steps): a Python loop over a jitted one-pair attack,
-  against `jit(vmap(bim))` on one device and with the pairs sharded over the host devices
-  (a 1-D mesh over the pairs axis; this process sets
-  `XLA_FLAGS=--xla_force_host_platform_device_count=2` before importing jax).
-  The achieved GFLOP/s (FLOPs from XLA's cost analysis of the compiled batched attack) are set
-  against a float32 2048x2048 matmul in the same run.
-- L-BFGS on the Szegedy objective c * ||x_adv - x||^2 + CE(x_adv, target) (fixed c) with the
-  same iteration budget: scipy's `fmin_l_bfgs_b` per example (a jitted value_and_grad,
-  float64 on the host) against the batched attack, as `jit(vmap(lbfgs))` (the fully compiled
-  while loop the runner uses) and as `lbfgs_batch` (a host loop over jitted steps) on one
-  device and sharded. Mean final objectives are reported for both.
-
-`--size=lfw` runs the same on the study's LFW CNN (configs/base.py: 154x154x3 inputs, 7
-classes). The rows `runner_compiled` and `runner_host_loop` are the runner's two L-BFGS paths
-(`runner.run_attack` with and without `batched=lbfgs_batch`, pairs sharded over the mesh); the
-runs take the host loop (`registry.ATTACKS["lbfgs"].batched`).
-
-Timings are the best of `--repeats` runs after a compiling run; compile times are printed.
+- BIM, targeted L-inf, `--steps` steps of eps/10: the runner as the runs call it
+  (`runner.run_attack` of the registry's `bim`) on one device and with the pairs on the host
+  devices (`XLA_FLAGS=--xla_force_host_platform_device_count=<cores>`, set here before jax is
+  imported, as experiments/main.py does); a per-pair Python loop over a jitted one-pair attack;
+  cleverhans 4 (JAX) and foolbox 3.3 (JAX) at their best (benchmarks/peers.py). Each peer's
+  adversarial images are checked against the runner's. GFLOP/s use the FLOPs of XLA's cost
+  analysis of the compiled batched attack, set against a float32 2048x2048 matmul measured at
+  the start, between sections and at the end (the best counts).
+- L-BFGS on the Szegedy objective c ||x_adv - x||^2 + CE(x_adv, target), `--lbfgs_n` pairs:
+  scipy's L-BFGS-B per pair at its best (peers.scipy_lbfgs: jitted value_and_grad, the solver's
+  stop rules) against the runner's host-loop path (the runs' path: registry `lbfgs.batched`)
+  and its compiled `jit(vmap(while_loop))` path. The final objectives are compared pair by pair.
+- The L-BFGS loop step against the objective's value_and_grad (`--step_pairs` pairs): one
+  compiled step of `lbfgs.minimise_box_batched` (trial point, value_and_grad, line-search
+  bookkeeping, the direction from the [memory x pixels] curvature pairs) over the
+  value_and_grad of the same pairs alone.
 """
 
 import os
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    os.environ.get("XLA_FLAGS", "")
+    + f" --xla_force_host_platform_device_count={os.cpu_count() or 1}"
   ).strip()
+
+from experiments import hostmem  # noqa: E402
+
+# As experiments/main.py: freed memory is reused (every variant, peers included, gains alike).
+MALLOC_TUNED = hostmem.keep_freed_memory()
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
+import platform  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import scipy.optimize  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from benchmarks import peers  # noqa: E402
 from configs import base  # noqa: E402
 from vae_attacks import data, models  # noqa: E402
 from vae_attacks.attacks import lbfgs as lb  # noqa: E402
@@ -52,34 +62,43 @@ from vae_attacks.attacks import registry, runner  # noqa: E402
 from vae_attacks.attacks.bim import bim  # noqa: E402
 
 CLASSES = {"mnist": 10, "lfw": 7}
+SECTIONS = ("bim", "lbfgs", "step")
+# "Equal" final objectives: within this relative gap (twice the solver's ftol, ~8 float32
+# ulps of an objective near 2), besides lower.
+OBJECTIVE_RTOL = 1e-6
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--size", choices=sorted(CLASSES), default="mnist", help="problem size")
-  p.add_argument("--n", type=int, default=256, help="pairs")
+  p.add_argument("--n", type=int, default=256, help="BIM pairs")
   p.add_argument("--steps", type=int, default=40, help="BIM steps")
   p.add_argument("--eps", type=float, default=0.1, help="BIM L-inf radius")
+  p.add_argument("--lbfgs_n", type=int, default=32, help="L-BFGS pairs")
   p.add_argument("--lbfgs_iters", type=int, default=50, help="L-BFGS iteration budget")
   p.add_argument("--c", type=float, default=0.1, help="Szegedy penalty c")
-  p.add_argument("--scipy_n", type=int, default=None, help="pairs for scipy (default: all)")
-  p.add_argument("--repeats", type=int, default=2, help="timed runs of each batched variant")
-  p.add_argument("--skip", default="", help="comma list of sections to skip: bim,lbfgs")
+  p.add_argument("--step_pairs", type=int, default=8, help="pairs of the L-BFGS step section")
+  p.add_argument("--repeats", type=int, default=3, help="timed rounds of each variant")
+  p.add_argument("--skip", default="", help=f"comma list of sections to skip: {SECTIONS}")
   p.add_argument("--json", default=None, help="write the numbers here")
   return p.parse_args(argv)
 
 
-def timed(fn, repeats: int) -> tuple[float, float, object]:
-  """(compile+first run seconds, best of `repeats` seconds, last output)."""
-  t0 = time.perf_counter()
-  out = jax.block_until_ready(fn())
-  first = time.perf_counter() - t0
-  best = np.inf
-  for _ in range(repeats):
+def rounds(variants: dict, repeats: int) -> dict:
+  """{name: (compile+first s, best s, last output)} for zero-argument callables, timed in
+  interleaved rounds (so a change of the machine's load hits every variant alike)."""
+  first, outs = {}, {}
+  for name, fn in variants.items():
     t0 = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - t0)
-  return first, best, out
+    outs[name] = jax.block_until_ready(fn())
+    first[name] = time.perf_counter() - t0
+  best = dict.fromkeys(variants, np.inf)
+  for _ in range(repeats):
+    for name, fn in variants.items():
+      t0 = time.perf_counter()
+      outs[name] = jax.block_until_ready(fn())
+      best[name] = min(best[name], time.perf_counter() - t0)
+  return {k: (first[k], best[k], outs[k]) for k in variants}
 
 
 def make_problem(n: int, seed: int = 0, size: str = "mnist"):
@@ -99,210 +118,294 @@ def make_problem(n: int, seed: int = 0, size: str = "mnist"):
 def matmul_gflops(repeats: int = 5) -> float:
   a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
   f = jax.jit(lambda a, b: a @ b)
-  _, best, _ = timed(lambda: f(a, a), repeats)
+  (_, best, _), *_ = rounds({"mm": lambda: f(a, a)}, repeats).values()
   return 2 * 2048**3 / best / 1e9
 
 
+def device_line() -> str:
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  d = jax.devices()
+  return f"{len(d)} x {d[0].platform} device ({d[0].device_kind}) on {os.cpu_count()} cores, {cpu}"
+
+
+def load() -> float:
+  return os.getloadavg()[0]
+
+
+# ---------------------------------------------------------------------------------------- BIM
+
+
 def bench_bim(args, logits_fn, params, x, target, mesh) -> dict:
-  n = x.shape[0]
-  attack = functools.partial(
-    bim, logits_fn, eps=args.eps, step_size=args.eps / 10, steps=args.steps, norm="linf"
-  )
-  one = jax.jit(attack)
+  n, num_classes = x.shape[0], CLASSES[args.size]
+  step = args.eps / 10
+  spec = registry.ATTACKS["bim"]
+  knobs = dict(norm="linf", steps=args.steps, step_size_rel=0.1)
+  x_host, t_host = np.asarray(x), np.asarray(target)
 
-  def loop():
-    return [one(params, x[i], target[i]).x_adv for i in range(n)]
+  def run_runner(mesh):
+    res = runner.run_attack(
+      spec.run, logits_fn, params, x_host, t_host, (args.eps,), mesh=mesh, progress=False,
+      memory_budget_bytes=2 << 30, **knobs,
+    )  # fmt: skip
+    return res.x_adv[0]
 
-  batched_fn = jax.vmap(attack, in_axes=(None, 0, 0))
-  batched = jax.jit(batched_fn)
-  rep, by_pair = NamedSharding(mesh, P()), NamedSharding(mesh, P(runner.PAIRS_AXIS))
-  sharded = jax.jit(batched_fn, in_shardings=(rep, by_pair, by_pair), out_shardings=by_pair)
-  xs, ts = jax.device_put(x, by_pair), jax.device_put(target, by_pair)
-  ps = jax.device_put(params, rep)
+  one = jax.jit(functools.partial(bim, logits_fn, eps=args.eps, step_size=step, steps=args.steps))
+  batch_logits = jax.jit(jax.vmap(logits_fn, in_axes=(None, 0)))
+  variants = {
+    f"runner, {len(mesh.devices.flat)} host devices": lambda: run_runner(mesh),
+    "runner, 1 device": lambda: run_runner(None),
+    "per-pair loop of a jitted attack": lambda: jnp.stack(
+      [one(params, x[i], target[i]).x_adv for i in range(n)]
+    ),
+  }
+  peer_rows, notes = [], []
+  try:
+    ch = peers.cleverhans_bim(batch_logits, num_classes, eps=args.eps, step_size=step,
+                              steps=args.steps)  # fmt: skip
+    variants["cleverhans 4 JAX, jit"] = lambda: ch(params, x, target)
+    rep, by_pair = NamedSharding(mesh, P()), NamedSharding(mesh, P(runner.PAIRS_AXIS))
+    ch_sharded = peers.cleverhans_bim(
+      batch_logits, num_classes, eps=args.eps, step_size=step, steps=args.steps,
+      jit_kwargs=dict(in_shardings=(rep, by_pair, by_pair), out_shardings=by_pair),
+    )  # fmt: skip
+    variants["cleverhans + the runner's host devices*"] = lambda: ch_sharded(params, x, target)
+    peer_rows.append("cleverhans 4 JAX, jit")
+  except ImportError as e:
+    notes.append(f"cleverhans not installed ({e}); pip install -r benchmarks/requirements.txt")
+  try:
+    fb = peers.foolbox_bim(batch_logits, params, eps=args.eps, step_size=step, steps=args.steps)
+    variants["foolbox 3.3 JAX, eager (documented)"] = lambda: fb["eager"](x, target)
+    variants["foolbox 3.3 JAX, whole attack jitted"] = lambda: fb["jit"](x, target)
+    peer_rows += ["foolbox 3.3 JAX, eager (documented)", "foolbox 3.3 JAX, whole attack jitted"]
+  except ImportError as e:
+    notes.append(f"foolbox not installed ({e}); pip install -r benchmarks/requirements.txt")
 
-  flops = batched.lower(params, x, target).compile().cost_analysis()["flops"]
+  flops = (
+    jax.jit(jax.vmap(one, in_axes=(None, 0, 0))).lower(params, x, target).compile()
+  ).cost_analysis()["flops"]
+  load_start = load()
+  timed = rounds(variants, args.repeats)
+  ref = np.asarray(timed["runner, 1 device"][2])
+  hit = lambda xa: np.asarray(jnp.argmax(batch_logits(params, jnp.asarray(xa)), -1)) == t_host
   rows = {}
-  first, best, _ = timed(loop, 1)
-  rows["loop"] = (first, best)
-  first, best, out_b = timed(lambda: batched(params, x, target), args.repeats)
-  rows["batched"] = (first, best)
-  first, best, out_s = timed(lambda: sharded(ps, xs, ts), args.repeats)
-  rows["sharded"] = (first, best)
-  np.testing.assert_allclose(out_b.x_adv, out_s.x_adv, atol=1e-5)
-  return {"rows": rows, "flops": flops, "success": float(np.mean(out_s.success))}
+  for name, (first, best, out) in timed.items():
+    out = np.asarray(out)
+    rows[name] = dict(
+      ex_per_s=n / best, first_s=first, max_abs_diff=float(np.max(np.abs(out - ref))),
+      same_success=float(np.mean(hit(out) == hit(ref))),
+    )  # fmt: skip
+  return dict(rows=rows, peers=peer_rows, flops_per_pair=flops / n, notes=notes,
+              success=float(np.mean(hit(ref))), load=(load_start, load()))  # fmt: skip
 
 
-def szegedy(logits_fn, c):
-  """The batched objective (x_adv, params, (x, target)) -> scalar of `minimise_box_batched`."""
+def print_bim(args, b: dict, mm: float) -> dict:
+  rows, n = b["rows"], args.n
+  ours = max((k for k in rows if k.startswith("runner")), key=lambda k: rows[k]["ex_per_s"])
+  peer = max(b["peers"], key=lambda k: rows[k]["ex_per_s"]) if b["peers"] else None
+  print(
+    f"\nBIM L-inf, eps={args.eps}, {args.steps} steps of eps/10, {n} pairs (runner success "
+    f"{b['success']:.2f}); load {b['load'][0]:.1f} -> {b['load'][1]:.1f}"
+  )
+  head = f"{'variant':<42}{'ex/s':>8}{'ours/it':>9}{'GFLOP/s':>9}{'% mm':>7}{'same succ':>10}"
+  print(head + f"{'max|dx|':>9}{'1st s':>7}")
+  for name, r in rows.items():
+    gf = r["ex_per_s"] * b["flops_per_pair"] / 1e9
+    print(
+      f"{name:<42}{r['ex_per_s']:>8.1f}{rows[ours]['ex_per_s'] / r['ex_per_s']:>9.2f}{gf:>9.1f}"
+      f"{gf / mm:>7.0%}{r['same_success']:>10.3f}{r['max_abs_diff']:>9.1e}{r['first_s']:>7.1f}"
+    )
+  print(
+    f"FLOPs (XLA cost analysis): {b['flops_per_pair'] / args.steps / 1e6:.1f} MFLOP per "
+    f"pair-step; matmul {mm:.0f} GFLOP/s. * not a feature of the peer: the runner's pairs "
+    f"sharding applied to cleverhans' jitted function."
+  )
+  for note in b["notes"]:
+    print(note)
+  out = dict(
+    bim_best_runner=ours,
+    bim_ex_per_s={k: r["ex_per_s"] for k, r in rows.items()},
+    bim_flops_per_pair_step=b["flops_per_pair"] / args.steps,
+    bim_gflops=rows[ours]["ex_per_s"] * b["flops_per_pair"] / 1e9,
+    bim_fraction_of_matmul=rows[ours]["ex_per_s"] * b["flops_per_pair"] / 1e9 / mm,
+    bim_load=b["load"],
+  )
+  if peer:
+    out.update(
+      bim_fastest_peer=peer,
+      bim_ratio_to_fastest_peer=rows[ours]["ex_per_s"] / rows[peer]["ex_per_s"],
+      bim_ratio_to_each={k: rows[ours]["ex_per_s"] / rows[k]["ex_per_s"] for k in rows},
+    )
+    print(f"best runner / fastest peer ({peer}): {out['bim_ratio_to_fastest_peer']:.2f}x")
+  return out
 
-  def objective(x_adv, params, per_pair):
-    x, target = per_pair
-    return lb.szegedy_objective(logits_fn, params, x, target, jnp.float32(c), x_adv)
 
-  return objective
+# ------------------------------------------------------------------------------------- L-BFGS
 
 
 def bench_lbfgs(args, logits_fn, params, x, target, mesh) -> dict:
   n = x.shape[0]
-  objective = szegedy(logits_fn, args.c)
-  knobs = dict(max_iters=args.lbfgs_iters)
-  rows, objectives = {}, {}
-
-  # scipy per example: a jitted value_and_grad, float64 on the host.
-  value_and_grad = jax.jit(jax.value_and_grad(objective))
-  n_scipy = n if args.scipy_n is None else min(n, args.scipy_n)
-
-  def scipy_one(i):
-    xi, ti = x[i], target[i]
-
-    def fun(z):
-      v, g = value_and_grad(z.reshape(xi.shape).astype(np.float32), params, (xi, ti))
-      return float(v), np.asarray(g, np.float64).ravel()
-
-    z0 = np.asarray(xi, np.float64).ravel()
-    _, f, info = scipy.optimize.fmin_l_bfgs_b(
-      fun, z0, bounds=[(0.0, 1.0)] * z0.size, m=10, maxiter=args.lbfgs_iters
-    )
-    return f, info["nit"], info["funcalls"]
-
-  scipy_one(0)  # compile
-  t0 = time.perf_counter()
-  out = [scipy_one(i) for i in range(n_scipy)]
-  rows["scipy"] = (np.nan, (time.perf_counter() - t0) * n / n_scipy)  # scaled to n pairs
-  objectives["scipy"] = np.array([o[0] for o in out])
-  scipy_iters = np.mean([o[1] for o in out])
-  scipy_evals = np.mean([o[2] for o in out])
-
-  # Fully compiled: jit(vmap(lbfgs)) -- the rolled while loop, as the runner runs it.
-  compiled = jax.jit(
-    jax.vmap(
-      lambda params, xi, ti: lb.lbfgs(logits_fn, params, xi, ti, eps=args.c, **knobs),
-      in_axes=(None, 0, 0),
-    )
-  )
-  first, best, res = timed(lambda: compiled(params, x, target), args.repeats)
-  rows["vmap_while"] = (first, best)
-  stats = {"vmap_while": res}
-
-  # Host loop over compiled steps (lbfgs_batch), on one device and sharded over the mesh.
-  rep, by_pair = NamedSharding(mesh, P()), NamedSharding(mesh, P(runner.PAIRS_AXIS))
-  placements = {
-    "blocks": (params, x, target),
-    "blocks_sharded": (
-      jax.device_put(params, rep),
-      jax.device_put(x, by_pair),
-      jax.device_put(target, by_pair),
-    ),
-  }
-  for name, (p_, x_, t_) in placements.items():
-    run = lambda p_=p_, x_=x_, t_=t_: lb.lbfgs_batch(logits_fn, p_, x_, t_, eps=args.c, **knobs)
-    first, best, res = timed(run, args.repeats)
-    rows[name] = (first, best)
-    stats[name] = res
-  # The runner's two paths, as the runs call them (pairs sharded over the mesh, [E=1, P]).
   spec = registry.ATTACKS["lbfgs"]
-  for name, batched in (("runner_compiled", None), ("runner_host_loop", spec.batched)):
-    run = lambda batched=batched: jax.tree.map(
-      lambda a: a[0],
-      runner.run_attack(
-        spec.run, logits_fn, params, np.asarray(x), np.asarray(target), (args.c,),
-        mesh=mesh, progress=False, batched=batched, max_iters=args.lbfgs_iters,
-      ),
+  cfg = lb.make_config(max_iters=args.lbfgs_iters)
+  c = jnp.float32(args.c)
+  value_and_grad = jax.jit(
+    jax.value_and_grad(lambda z, x0, t: lb.szegedy_objective(logits_fn, params, x0, t, c, z))
+  )
+  x_host, t_host = np.asarray(x), np.asarray(target)
+  rules = dict(memory=cfg.memory, max_iters=cfg.max_iters, max_evals=cfg.max_steps + 1,
+               tol=cfg.tol, ftol=cfg.ftol, ftol_iters=cfg.ftol_iters)  # fmt: skip
+
+  def scipy_all():
+    out = []
+    for i in range(n):
+      xi, ti = x[i], target[i]
+      out.append(peers.scipy_lbfgs(lambda z, xi=xi, ti=ti: value_and_grad(z, xi, ti), x_host[i],
+                                   **rules))  # fmt: skip
+    return out
+
+  def run_runner(batched, mesh):
+    res = runner.run_attack(
+      spec.run, logits_fn, params, x_host, t_host, (args.c,), mesh=mesh, progress=False,
+      batched=batched, max_iters=args.lbfgs_iters,
     )  # fmt: skip
-    first, best, res = timed(run, args.repeats)
-    rows[name] = (first, best)
-    stats[name] = res
-  for name, res in stats.items():
-    objectives[name] = np.asarray(res.loss_trace[:, -1])  # the trace is padded: final value
-  return {
-    "rows": rows,
-    "objectives": objectives,
-    "n_scipy": n_scipy,
-    "scipy_iters": scipy_iters,
-    "scipy_evals": scipy_evals,
-    "iters": {k: float(np.mean(r.iterations)) for k, r in stats.items()},
-    "success": {k: float(np.mean(r.success)) for k, r in stats.items()},
+    return jax.tree.map(lambda a: a[0], res)
+
+  n_dev = len(mesh.devices.flat)
+  variants = {
+    f"runner host loop, {n_dev} host devices": lambda: run_runner(spec.batched, mesh),
+    "runner host loop, 1 device": lambda: run_runner(spec.batched, None),
+    f"runner compiled while loop, {n_dev} devices": lambda: run_runner(None, mesh),
+    "scipy L-BFGS-B per pair": scipy_all,
   }
+  load_start = load()
+  timed = rounds(variants, args.repeats)
+  scipy_out = timed["scipy L-BFGS-B per pair"][2]
+  f_scipy = np.array([o[0] for o in scipy_out])
+  rows = {}
+  for name, (first, best, out) in timed.items():
+    if name.startswith("scipy"):
+      f, iters = f_scipy, np.mean([o[1] for o in scipy_out])
+      evals = np.mean([o[2] for o in scipy_out])
+    else:
+      f, iters = np.asarray(out.loss_trace[:, -1], np.float64), float(np.mean(out.iterations))
+      evals = np.nan
+    gap = (f - f_scipy) / np.maximum(np.abs(f_scipy), 1.0)
+    rows[name] = dict(
+      ex_per_s=n / best, first_s=first, mean_objective=float(f.mean()), iterations=iters,
+      evaluations=evals, lower_or_equal=float(np.mean(gap <= OBJECTIVE_RTOL)),
+      within_1e5=float(np.mean(gap <= 1e-5)),
+      strictly_not_higher=float(np.mean(f <= f_scipy)), worst_gap=float(gap.max()),
+    )  # fmt: skip
+  return dict(rows=rows, load=(load_start, load()))
+
+
+def print_lbfgs(args, r: dict) -> dict:
+  rows = r["rows"]
+  scipy_rate = rows["scipy L-BFGS-B per pair"]["ex_per_s"]
+  print(
+    f"\nL-BFGS, Szegedy objective c={args.c}, {args.lbfgs_iters} iterations, {args.lbfgs_n} "
+    f"pairs; load {r['load'][0]:.1f} -> {r['load'][1]:.1f}"
+  )
+  print(
+    f"{'variant':<42}{'ex/s':>8}{'/scipy':>8}{'mean obj':>11}{'iters':>7}{'<= scipy':>9}"
+    f"{'<=, 1e-5':>9}{'worst gap':>11}{'1st s':>7}"
+  )
+  for name, x in rows.items():
+    print(
+      f"{name:<42}{x['ex_per_s']:>8.1f}{x['ex_per_s'] / scipy_rate:>8.2f}"
+      f"{x['mean_objective']:>11.6f}{x['iterations']:>7.1f}{x['lower_or_equal']:>9.2f}"
+      f"{x['within_1e5']:>9.2f}{x['worst_gap']:>11.1e}{x['first_s']:>7.1f}"
+    )
+  scipy = rows["scipy L-BFGS-B per pair"]
+  print(
+    f"scipy: {scipy['evaluations']:.1f} evaluations per pair. '<= scipy': the fraction of pairs "
+    f"whose final objective is lower than scipy's or within {OBJECTIVE_RTOL:g} of it "
+    f"(relative; '<=, 1e-5': within 1e-5); worst gap: the largest relative excess."
+  )
+  ours = max((k for k in rows if k.startswith("runner")), key=lambda k: rows[k]["ex_per_s"])
+  return dict(
+    lbfgs_best_runner=ours,
+    lbfgs_ex_per_s={k: x["ex_per_s"] for k, x in rows.items()},
+    lbfgs_ratio_to_scipy=rows[ours]["ex_per_s"] / scipy_rate,
+    lbfgs_ratio_to_scipy_each={k: x["ex_per_s"] / scipy_rate for k, x in rows.items()},
+    lbfgs_lower_or_equal=rows[ours]["lower_or_equal"],
+    lbfgs_rows=rows,
+    lbfgs_load=r["load"],
+  )
+
+
+# ---------------------------------------------------------------------- L-BFGS step vs gradient
+
+
+def bench_step(args, logits_fn, params, x, target) -> dict:
+  """The host loop's compiled step over the value_and_grad of the same pairs (one device)."""
+  cfg = lb.make_config(max_iters=10_000, max_steps=10_000)  # nobody finishes while timed
+  objective = lb._batched_szegedy(logits_fn, True)
+  per_pair = (x, target, jnp.full(target.shape, args.c, x.dtype))
+  state = {"s": lb._batched_init(objective, x, params, per_pair, cfg)}
+  grad = jax.jit(jax.vmap(jax.value_and_grad(objective), in_axes=(0, None, 0)))
+
+  def step():
+    state["s"], running = lb._batched_block(objective, state["s"], params, per_pair, cfg, 1)
+    return running
+
+  for _ in range(3):  # past the first steps, where pairs are still being stored
+    step()
+  load_start = load()
+  timed = rounds({"value_and_grad": lambda: grad(x, params, per_pair), "step": step},
+                 max(3 * args.repeats, 10))  # fmt: skip
+  vg, st = timed["value_and_grad"][1], timed["step"][1]
+  print(
+    f"\nL-BFGS step at {tuple(x.shape[1:])}, {x.shape[0]} pairs, memory {cfg.memory}: "
+    f"value_and_grad {vg * 1e3:.1f} ms, loop step {st * 1e3:.1f} ms = {st / vg:.2f}x; "
+    f"load {load_start:.1f} -> {load():.1f}"
+  )
+  return dict(step_ms=st * 1e3, value_and_grad_ms=vg * 1e3, step_ratio=st / vg,
+              step_pairs=int(x.shape[0]), step_load=(load_start, load()))  # fmt: skip
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
   skip = set(filter(None, args.skip.split(",")))
-  n = args.n
+  if skip - set(SECTIONS):
+    raise SystemExit(f"--skip: unknown sections {sorted(skip - set(SECTIONS))}; allowed {SECTIONS}")
   mesh = runner.pairs_mesh()
   shape = data.DATASETS[args.size].full_shape
-  print(f"jax {jax.__version__}, devices {jax.devices()}, N={n} pairs of {args.size} {shape}")
-  logits_fn, params, x, target = make_problem(n, size=args.size)
-  results: dict = {
-    "n": n, "size": args.size, "devices": len(jax.devices()), "loadavg_start": os.getloadavg()[0]
-  }  # fmt: skip
+  results: dict = dict(size=args.size, shape=shape, device=device_line(), jax=jax.__version__,
+                       loadavg_start=load(), malloc_tuned=MALLOC_TUNED)  # fmt: skip
+  print(f"jax {jax.__version__}; {results['device']}; {args.size} {shape}")
+  print(f"malloc keeps freed memory (experiments/hostmem.py): {MALLOC_TUNED}")
   print(f"1-min load average {results['loadavg_start']:.1f} on {os.cpu_count()} cores")
-
-  mm = matmul_gflops()
-  results["matmul_gflops"] = mm
-  print(f"float32 2048x2048 matmul: {mm:.1f} GFLOP/s (measured again after BIM; the best counts)")
+  print(f"peers import TensorFlow / PyTorch: {peers.imported_frameworks() or 'neither'}")
+  mms = [matmul_gflops()]
+  print(f"float32 2048x2048 matmul: {mms[-1]:.0f} GFLOP/s")
 
   if "bim" not in skip:
+    logits_fn, params, x, target = make_problem(args.n, size=args.size)
     b = bench_bim(args, logits_fn, params, x, target, mesh)
-    mm = max(mm, matmul_gflops())
-    results["matmul_gflops"] = mm
-    print(f"float32 2048x2048 matmul, best of both measurements: {mm:.1f} GFLOP/s")
-    print(f"\nBIM L-inf, eps={args.eps}, {args.steps} unrolled steps (success {b['success']:.2f})")
-    print(f"{'variant':<28}{'ex/s':>10}{'vs loop':>10}{'GFLOP/s':>10}{'compile+1st s':>15}")
-    loop_rate = n / b["rows"]["loop"][1]
-    for name, (first, best) in b["rows"].items():
-      rate, gf = n / best, b["flops"] / best / 1e9
-      print(f"{name:<28}{rate:>10.1f}{rate / loop_rate:>10.2f}{gf:>10.1f}{first:>15.1f}")
-    best_name = max(("batched", "sharded"), key=lambda k: n / b["rows"][k][1])
-    results.update(
-      bim_loop_ex_per_s=loop_rate,
-      bim_batched_ex_per_s=n / b["rows"][best_name][1],
-      bim_batched_variant=best_name,
-      bim_batched_1dev_ex_per_s=n / b["rows"]["batched"][1],
-      bim_sharded_ex_per_s=n / b["rows"]["sharded"][1],
-      bim_gflops=b["flops"] / b["rows"][best_name][1] / 1e9,
-      bim_mflop_per_example_step=b["flops"] / n / args.steps / 1e6,
-    )
-    print(
-      f"BIM FLOPs (XLA cost analysis): {b['flops'] / n / args.steps / 1e6:.1f} MFLOP per "
-      f"example-step; best batched = {results['bim_gflops'] / mm:.0%} of the matmul rate"
-    )
-
+    mms.append(matmul_gflops())
+    results.update(print_bim(args, b, max(mms)))
   if "lbfgs" not in skip:
-    r = bench_lbfgs(args, logits_fn, params, x, target, mesh)
-    m = r["n_scipy"]
-    print(
-      f"\nL-BFGS, Szegedy objective c={args.c}, {args.lbfgs_iters} iterations "
-      f"(scipy on {m} pairs, rate scaled to N; objectives over those {m} pairs)"
-    )
-    print(f"{'variant':<28}{'ex/s':>10}{'vs scipy':>10}{'mean obj':>12}{'iters':>8}{'1st s':>8}")
-    scipy_rate = n / r["rows"]["scipy"][1]
-    for name, (first, best) in r["rows"].items():
-      rate = n / best
-      obj = r["objectives"][name][:m].mean()
-      iters = r["scipy_iters"] if name == "scipy" else r["iters"][name]
-      print(
-        f"{name:<28}{rate:>10.1f}{rate / scipy_rate:>10.2f}{obj:>12.6f}{iters:>8.1f}{first:>8.1f}"
-      )
-    print(f"scipy: {r['scipy_evals']:.1f} function+gradient evaluations per pair")
-    batched = [k for k in r["rows"] if k != "scipy"]
-    best_name = max(batched, key=lambda k: n / r["rows"][k][1])
-    results.update(
-      lbfgs_scipy_ex_per_s=scipy_rate,
-      lbfgs_batched_ex_per_s=n / r["rows"][best_name][1],
-      lbfgs_batched_variant=best_name,
-      lbfgs_objective_scipy=float(r["objectives"]["scipy"].mean()),
-      lbfgs_objective_batched=float(r["objectives"][best_name][:m].mean()),
-      lbfgs_variants_ex_per_s={k: n / r["rows"][k][1] for k in batched},
-      lbfgs_scipy_pairs=m,
-    )
+    logits_fn, params, x, target = make_problem(args.lbfgs_n, size=args.size)
+    results.update(print_lbfgs(args, bench_lbfgs(args, logits_fn, params, x, target, mesh)))
+    mms.append(matmul_gflops())
+  if "step" not in skip:
+    logits_fn, params, x, target = make_problem(args.step_pairs, size=args.size)
+    results.update(bench_step(args, logits_fn, params, x, target))
 
-  results["loadavg_end"] = os.getloadavg()[0]
-  print(f"\n1-min load average at the end {results['loadavg_end']:.1f}")
+  mms.append(matmul_gflops())
+  results.update(matmul_gflops=max(mms), matmul_gflops_each=mms, loadavg_end=load(),
+                 frameworks_imported=peers.imported_frameworks())  # fmt: skip
+  print(f"\nmatmul GFLOP/s measured {', '.join(f'{m:.0f}' for m in mms)} (the best counts)")
+  print(f"1-min load average at the end {results['loadavg_end']:.1f}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=2, default=float)
-    print(f"\nwrote {args.json}")
+    print(f"wrote {args.json}")
   return results
 
 

@@ -42,6 +42,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     + f" --xla_force_host_platform_device_count={os.cpu_count() or 1}"
   ).strip()
 
+from experiments import hostmem  # noqa: E402
+
+hostmem.keep_freed_memory()  # before jax starts its threads (experiments/hostmem.py)
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 

@@ -18,7 +18,9 @@ loop costs the same for every problem:
   `jax.vmap` over candidates), the largest that satisfies Armijo is taken, then one
   `value_and_grad` at that point.
 
-The direction is the L-BFGS two-loop recursion of `optax.scale_by_lbfgs`; the box is handled
+The direction is the L-BFGS two-loop recursion (Nocedal and Wright, Algorithm 7.4, with
+`optax.scale_by_lbfgs`'s initial scaling), evaluated on the Gram matrices of the stored
+pairs so that the [memory x pixels] arrays are read twice per step; the box is handled
 as in projected / two-metric L-BFGS (Bertsekas 1982; Kim, Sra and Dhillon 2010): variables
 within `eps_k` of a bound whose gradient pushes outward are moved straight to that bound, the
 others (the free variables) follow the L-BFGS direction computed from the curvature pairs
@@ -43,7 +45,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from vae_attacks.attacks import base
 from vae_attacks.types import Array, LogitsFn, Params
@@ -79,7 +80,9 @@ class LbfgsState(NamedTuple):
   grad: Array  # grad f(x)
   direction: Array  # search direction from x (moves active variables onto their bound)
   alpha: Array  # [] next trial step along `direction`
-  memory: optax.ScaleByLBFGSState  # whole pairs (s, y) in optax's layout; count - 1 stored
+  pairs_s: Array  # [m, n] ring buffer of whole differences s = x_{k+1} - x_k (flattened)
+  pairs_y: Array  # [m, n] the matching gradient differences y
+  stored: Array  # int32[] pairs stored since the last restart; the next goes to slot stored % m
   iterations: Array  # int32[] accepted iterations
   steps: Array  # int32[] loop steps taken (each costs the same for every problem)
   failures: Array  # int32[] rejected trials since the last accepted iteration
@@ -142,63 +145,93 @@ def _free_set(x: Array, g: Array, lo: Array, hi: Array) -> _FreeSet:
   return _FreeSet(active, jnp.where(at_lo, lo, hi), jnp.where(active, 0.0, g))
 
 
-def _fresh_memory(tx: optax.GradientTransformation, x: Array) -> optax.ScaleByLBFGSState:
-  """Empty memory. `count` - 1 pairs are stored; the next goes to slot (count - 1) % m."""
-  memory = tx.init(x)
-  return memory._replace(count=jnp.ones_like(memory.count))
-
-
 def _pair_ok(sy: Array, ss: Array, yy: Array) -> Array:
   """The curvature condition s.y > 0 (relative to |s| |y|), which keeps H positive definite."""
   return (sy > _CURVATURE_EPS * jnp.sqrt(ss * yy)) & jnp.isfinite(sy)
 
 
+def _two_loop_coefficients(
+  sy: Array, yy: Array, ss: Array, sg: Array, yg: Array, usable: Array, g_norm: Array
+) -> tuple[Array, Array, Array]:
+  """The L-BFGS two-loop recursion (Nocedal and Wright, Algorithm 7.4) on inner products.
+
+  With H_0 = gamma I, the recursion's result is r = gamma g + sum_a (c_s[a] s_a + c_y[a] y_a):
+  every dot product it takes is an entry of the Gram matrices of the pairs and g, so the
+  recursion runs on m x m numbers and the pairs are read once more, to form r (Byrd, Nocedal
+  and Schnabel 1994 make the same observation for their compact form). Pairs are indexed by
+  age (0 = newest); pairs that are not `usable` get weight 0, as in the vector recursion.
+
+  Args:
+    sy: [m, m] s_a . y_b;  yy: [m, m] y_a . y_b;  ss: [m] s_a . s_a;  sg, yg: [m] s_a . g,
+      y_a . g (all restricted to the free variables).
+    usable: bool[m] pairs that take part.
+    g_norm: [] |g|, for the capped first step when no pair is usable.
+
+  Returns:
+    (gamma, c_s[m], c_y[m]).
+  """
+  m = sy.shape[0]
+  d_sy, d_yy = jnp.diagonal(sy), jnp.diagonal(yy)
+  rho = jnp.where(usable, 1.0 / jnp.where(usable, d_sy, 1.0), 0.0)
+  alpha = jnp.zeros_like(sg)
+  for a in range(m):  # newest to oldest: alpha_a = rho_a s_a . (g - sum_{b newer} alpha_b y_b)
+    alpha = alpha.at[a].set(rho[a] * (sg[a] - jnp.dot(sy[a, :a], alpha[:a])))
+  newest = jnp.argmax(usable)
+  # optax's scale_by_lbfgs: gamma from the newest pair; with none, min(1, 1/|g|).
+  gamma = jnp.where(
+    jnp.any(usable),
+    jnp.where(d_yy[newest] > 0, d_sy[newest] / jnp.where(d_yy[newest] > 0, d_yy[newest], 1.0), 1.0),
+    jnp.minimum(1.0, 1.0 / g_norm),
+  )
+  yq = yg - yy @ alpha  # y_a . q, q = g - sum_b alpha_b y_b
+  coef = jnp.zeros_like(sg)  # alpha_b - beta_b of the older pairs done so far
+  for a in reversed(range(m)):  # oldest to newest: beta_a = rho_a y_a . r
+    beta = rho[a] * (gamma * yq[a] + jnp.dot(sy[a + 1 :, a], coef[a + 1 :]))
+    coef = coef.at[a].set(alpha[a] - beta)
+  return gamma, coef, -gamma * alpha
+
+
 def _lbfgs_direction(
-  tx: optax.GradientTransformation,
-  memory: optax.ScaleByLBFGSState,
-  x: Array,
-  free: _FreeSet,
-  s: Array,
-  y: Array,
-) -> tuple[Array, optax.ScaleByLBFGSState]:
+  pairs_s: Array, pairs_y: Array, stored: Array, x: Array, free: _FreeSet, s: Array, y: Array
+) -> tuple[Array, Array, Array, Array]:
   """Stores the pair (s, y) (if s.y > 0) and returns the L-BFGS direction on the free set.
 
   The memory keeps whole pairs; the direction uses them restricted to the free variables
   (s_F, y_F), the secant pairs of the reduced Hessian B_FF, as the subspace step of L-BFGS-B
   does, rather than the restriction of the full inverse. Pairs with s_F.y_F <= 0 are left out
-  (weight 0). The two-loop recursion is optax's (`scale_by_lbfgs`), handed a state whose
-  newest pair is the most recent usable one, so that its gamma scaling comes from it.
-  """
-  m = memory.weights_memory.shape[0]
-  good = _pair_ok(_vdot(s, y), _vdot(s, s), _vdot(y, y))
-  slot = (memory.count - 1) % m
-  store = lambda mem, v: jnp.where(good, mem.at[slot].set(v), mem)
-  pairs_s, pairs_y = store(memory.diff_params_memory, s), store(memory.diff_updates_memory, y)
-  count = memory.count + good.astype(memory.count.dtype)
-  memory = memory._replace(count=count, diff_params_memory=pairs_s, diff_updates_memory=pairs_y)
+  (weight 0), and H_0 = gamma I takes gamma from the newest usable pair (as
+  `optax.scale_by_lbfgs` does; its capped steepest-descent step when none is usable).
 
-  keep = (~free.active).astype(x.dtype)
-  free_s, free_y = pairs_s * keep[None], pairs_y * keep[None]
-  dot = lambda a, b: jnp.sum((a * b).reshape(m, -1), axis=1)
-  sy, ss, yy = dot(free_s, free_y), dot(free_s, free_s), dot(free_y, free_y)
-  age = (count - 2 - jnp.arange(m)) % m  # 0 for the newest slot
-  usable = _pair_ok(sy, ss, yy) & (age < count - 1)
-  newest = jnp.argmin(jnp.where(usable, age, m))
-  # optax writes (params - state.params, updates - state.updates) into slot (count - 1) % m
-  # and computes gamma from it: hand it the newest usable pair again, at the newest slot (a
-  # BFGS update repeated is the identity, and the slots after it have weight 0). With no
-  # usable pair, count 0 makes optax take its capped steepest-descent first step.
-  any_usable = jnp.any(usable)
-  state = optax.ScaleByLBFGSState(
-    count=jnp.where(any_usable, count - 1, 0),
-    params=x - free_s[newest],
-    updates=free.grad - free_y[newest],
-    diff_params_memory=free_s,
-    diff_updates_memory=free_y,
-    weights_memory=jnp.where(usable, 1.0 / jnp.where(usable, sy, 1.0), 0.0),
-  )
-  p, _ = tx.update(free.grad, state, x)
-  return free.direction(x, -p), memory
+  The memory is read twice (Gram matrices of the restricted pairs, then the combination of
+  the pairs), and written only in the slot of the new pair, so that a donated memory is
+  updated in place: the vector two-loop reads it four times in 2m dependent passes.
+
+  Returns:
+    (direction shaped like x, pairs_s, pairs_y, stored).
+  """
+  m = pairs_s.shape[0]
+  s, y = s.reshape(-1), y.reshape(-1)
+  good = _pair_ok(_vdot(s, y), _vdot(s, s), _vdot(y, y))
+  slot = stored % m
+  keep = lambda mem, v: mem.at[slot].set(jnp.where(good, v, mem[slot]))
+  pairs_s, pairs_y = keep(pairs_s, s), keep(pairs_y, y)
+  stored = stored + good.astype(stored.dtype)
+
+  f = (~free.active).reshape(-1).astype(s.dtype)
+  g = free.grad.reshape(-1)
+  y_free = pairs_y * f[None]
+  # Pairs in age order (0 = newest): slot (stored - 1 - a) % m; only the small Gram
+  # matrices are permuted.
+  order = (stored - 1 - jnp.arange(m)) % m
+  sy = (pairs_s @ y_free.T)[order][:, order]
+  yy = (pairs_y @ y_free.T)[order][:, order]
+  ss = jnp.sum(pairs_s * pairs_s * f[None], axis=1)[order]
+  sg, yg = (pairs_s @ g)[order], (pairs_y @ g)[order]
+  usable = _pair_ok(jnp.diagonal(sy), ss, jnp.diagonal(yy)) & (jnp.arange(m) < stored)
+  gamma, c_s, c_y = _two_loop_coefficients(sy, yy, ss, sg, yg, usable, jnp.sqrt(_vdot(g, g)))
+  by_slot = lambda c: jnp.zeros_like(c).at[order].set(c)
+  r = gamma * g + f * (by_slot(c_s) @ pairs_s + by_slot(c_y) @ pairs_y)
+  return free.direction(x, -r.reshape(x.shape)), pairs_s, pairs_y, stored
 
 
 def _trial_point(x: Array, d: Array, alpha: Array, lo: Array, hi: Array) -> Array:
@@ -214,15 +247,17 @@ def lbfgs_init(objective: Objective, x0: Array, cfg: _Config) -> LbfgsState:
   lo, hi = _bounds(cfg, x0)
   x = jnp.clip(x0, lo, hi)
   value, grad = jax.value_and_grad(objective)(x)
-  tx = optax.scale_by_lbfgs(memory_size=cfg.memory)
   converged = _projected_grad_norm(x, grad, lo, hi) <= cfg.tol
+  empty = lambda: jnp.zeros((cfg.memory, x.size), x.dtype)
   return LbfgsState(
     x=x,
     value=value,
     grad=grad,
     direction=_free_set(x, grad, lo, hi).steepest(x),
     alpha=jnp.ones((), x.dtype),
-    memory=_fresh_memory(tx, x),
+    pairs_s=empty(),
+    pairs_y=empty(),
+    stored=jnp.zeros((), jnp.int32),
     iterations=jnp.zeros((), jnp.int32),
     steps=jnp.zeros((), jnp.int32),
     failures=jnp.zeros((), jnp.int32),
@@ -294,11 +329,13 @@ def lbfgs_step(objective: Objective, state: LbfgsState, cfg: _Config) -> LbfgsSt
   f_new = jnp.where(ok, f_try, value)
   g_new = jnp.where(ok, g_try, grad)
   free = _free_set(x_new, g_new, lo, hi)
-  tx = optax.scale_by_lbfgs(memory_size=cfg.memory)
-  d_lbfgs, memory = _lbfgs_direction(tx, state.memory, x_new, free, x_new - x, g_new - grad)
+  d_lbfgs, pairs_s, pairs_y, stored = _lbfgs_direction(
+    state.pairs_s, state.pairs_y, state.stored, x_new, free, x_new - x, g_new - grad
+  )
   steepest = (ok & ~(_vdot(g_new, d_lbfgs) < 0)) | restart  # not a descent direction
   direction = jnp.where(steepest, free.steepest(x_new), jnp.where(ok, d_lbfgs, d))
-  memory = _select(steepest, _fresh_memory(tx, x), _select(ok, memory, state.memory))
+  # A restart forgets the pairs by their count; a rejected trial stored nothing (s = y = 0).
+  stored = jnp.where(steepest, 0, stored)
 
   pg = _projected_grad_norm(x_new, g_new, lo, hi)
   # Relative decrease over the last ftol_iters iterations (this one included).
@@ -315,7 +352,9 @@ def lbfgs_step(objective: Objective, state: LbfgsState, cfg: _Config) -> LbfgsSt
     grad=g_new,
     direction=direction,
     alpha=jnp.where(ok | restart, jnp.ones_like(alpha), next_alpha),
-    memory=memory,
+    pairs_s=pairs_s,
+    pairs_y=pairs_y,
+    stored=stored,
     iterations=iterations,
     steps=steps,
     failures=jnp.where(restart, 0, failures),
@@ -328,7 +367,11 @@ def lbfgs_step(objective: Objective, state: LbfgsState, cfg: _Config) -> LbfgsSt
     trace=jnp.where(ok, state.trace.at[state.iterations].set(f_try, mode="drop"), state.trace),
     start_value=state.start_value,
   )
-  return _select(state.done, state, new)
+  # Finished problems keep their state. The memory is left out of the select: their trial was
+  # not accepted, so nothing was stored, and a select would rewrite the whole memory.
+  without_memory = lambda st: st._replace(pairs_s=None, pairs_y=None)
+  kept = _select(state.done, without_memory(state), without_memory(new))
+  return kept._replace(pairs_s=pairs_s, pairs_y=pairs_y)
 
 
 def lbfgs_solution(state: LbfgsState, cfg: _Config) -> LbfgsSolution:
@@ -403,7 +446,7 @@ def minimise_box(
   `jax.vmap` over problems runs them in lock step (the loop ends when every problem is done).
   Each loop step costs one `value_and_grad` (plus `num_trials` values if num_trials > 1).
   The L-BFGS-B reference is Byrd, Lu, Nocedal and Zhu (1995); the direction comes from
-  `optax.scale_by_lbfgs` (Nocedal and Wright, Algorithm 7.4).
+  two-loop recursion (Nocedal and Wright, Algorithm 7.4; `_two_loop_coefficients`).
 
   Args:
     objective: x -> scalar; pure and differentiable. x has the shape of `x0`.
