@@ -355,7 +355,7 @@ MODELS: dict[str, ModelSpec] = {
 PARAMS_DIR = "params"  # <workdir>/params/<model>.msgpack: exported trained parameters
 
 
-def train_all(config, data, workdir, job=None) -> dict[str, Trained]:
+def train_all(config, data, workdir, job=None, on_model=None) -> dict[str, Trained]:
   """Trains every model of `config.models`, in order; checkpoints under workdir/checkpoints.
 
   A model with no checkpoint is imported instead of trained when a committed record holds its
@@ -363,7 +363,9 @@ def train_all(config, data, workdir, job=None) -> dict[str, Trained]:
   under the folder `import_params` names (relative to workdir: another part of a study);
   its test accuracy is checked against that record's train_metrics.json (`import_model`).
   With `output.export_params`, each model trained here has its parameters written to
-  workdir/params. `job` (experiments.progress.Job) shows each training as a stage.
+  workdir/params. `job` (experiments.progress.Job) shows each training as a stage;
+  `on_model(models so far)` is called after each model (experiments/run.py writes
+  train_metrics.json there, so that exported parameters always have their record).
   """
   workdir = pathlib.Path(workdir)
   root = jax.random.key(config.seed)
@@ -394,6 +396,8 @@ def train_all(config, data, workdir, job=None) -> dict[str, Trained]:
         store.write_bytes_atomic(
           workdir / PARAMS_DIR / f"{name}.msgpack", serialization.to_bytes(params)
         )
+    if on_model is not None:
+      on_model(out)
     if job is not None:
       job.finish(skipped=skipped)
   return out

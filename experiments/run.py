@@ -66,16 +66,22 @@ def _run_locked(config, workdir: pathlib.Path, data=None, job=None) -> dict:
   from experiments import models as models_lib  # noqa: PLC0415  (keeps --help fast)
   from vae_attacks import train as train_lib  # noqa: PLC0415
 
-  try:
-    trained = models_lib.train_all(config, data, workdir, job=job)  # full disk: OutOfSpace
-  except (train_lib.CheckpointError, train_lib.NonFiniteError) as e:  # names model and folder
-    raise UserError(str(e)) from None
   # What always answering the test set's most frequent class scores: the chance level the
   # report compares each model's test accuracy with (LFW's classes are far from balanced).
   counts = np.bincount(np.asarray(data.y_test, np.int64))
   majority = float(counts.max() / counts.sum()) if counts.size else None
-  train_metrics = {name: dict(m.metrics, majority_accuracy=majority) for name, m in trained.items()}
-  store.write_json_atomic(workdir / "train_metrics.json", train_metrics)
+
+  def metrics_of(trained) -> dict:
+    return {name: dict(m.metrics, majority_accuracy=majority) for name, m in trained.items()}
+
+  def save(trained) -> None:  # after each model: a run stopped later keeps the finished ones'
+    store.write_json_atomic(workdir / "train_metrics.json", metrics_of(trained))
+
+  try:  # full disk: OutOfSpace
+    trained = models_lib.train_all(config, data, workdir, job=job, on_model=save)
+  except (train_lib.CheckpointError, train_lib.NonFiniteError) as e:  # names model and folder
+    raise UserError(str(e)) from None
+  train_metrics = metrics_of(trained)
 
   from experiments import attacks as attacks_lib  # noqa: PLC0415
 
