@@ -161,3 +161,10 @@ def test_lfw_in_grey_is_the_bt601_luma_of_the_colour_faces(tmp_path):
   np.testing.assert_array_equal(grey.y_test, colour.y_test)
   with pytest.raises(data_lib.DataError, match="data.grey"):
     data_lib.load(dict(name="mnist", grey=True, dir=str(pathlib.Path(tmp_path))))
+
+
+def test_each_model_is_reported_as_it_finishes_so_a_stopped_run_keeps_its_record(tmp_path):
+  c, data = _config(), _data()
+  seen = []
+  models_lib.train_all(c, data, tmp_path, on_model=lambda out: seen.append(list(out)))
+  assert seen == [["cnn"], ["cnn", "conv_vae"]]
