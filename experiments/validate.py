@@ -65,7 +65,8 @@ def _validate_fields(c: ml_collections.ConfigDict) -> None:
   if not c.models:
     raise ConfigError(f"models is empty; allowed: a tuple of {base.MODELS}")
   for i, m in enumerate(c.models):
-    if m not in c.model:
+    # (a defences config trains what its defences need: `_defenses` checks those sections)
+    if m not in c.model and "defenses" not in c:
       raise ConfigError(f"models names {m!r}, which has no section model.{m}")
     match_to = c.train[m].get("match_to", "") if m in c.train else ""
     if match_to and match_to not in c.models[:i]:
