@@ -171,7 +171,9 @@ def _h1_resolution(data) -> list[str]:
     f"**H1 within LFW** (primary: Page's L test of the CNN's minimal L∞ budget increasing from "
     f"the most pixels to the fewest, {order}, on the {r['n']} of {r['n_all']} pairs "
     f"({r['n_sources']} faces) that every resolution's CNN classifies correctly): "
-    f"**{verdict}** (L = {fmt(r['page_l'], 6)}, one-sided p = {fmt(r['p'])}). Effect: "
+    f"**{verdict}** (L = {fmt(r['page_l'], 6)}, one-sided p = {fmt(r['p'])}"
+    f"{'; with two resolutions L reduces to the sign test' if len(r['order']) == 2 else ''}). "
+    "Effect: "
     f"budget at {lo_s}x{lo_s} − at {hi_s}x{hi_s}, Hodges–Lehmann "
     f"{fmt_eci(r['effect'], r['lo'], r['hi'])} (Wilcoxon p = {fmt(r['p_wilcoxon'])}).",
     "",
