@@ -275,10 +275,17 @@ def test_the_model_tables_agree_and_build_each_kind():
 
   assert {k: v.kind for k, v in models_lib.MODELS.items()} == models.MODEL_KINDS
   assert base.MODELS == tuple(models.MODEL_KINDS)
-  c = base.get_config(dataset="mnist", models=base.MODELS, quick=True)
+  from configs import study_genclf  # noqa: PLC0415
+  from vae_attacks import genclf  # noqa: PLC0415
+
+  c = study_genclf.add_generative(base.get_config(dataset="mnist", models=base.MODELS, quick=True))
   data = types.SimpleNamespace(x_train=np.zeros((2, 28, 28, 1)), class_names=tuple("abc"))
+  generative = {"abs": genclf.ABSVAE, "cvae": genclf.ConditionalVAE}
   for name, spec in models_lib.MODELS.items():
     module = spec.build(c.model[name], data)
-    want = models.CNN if spec.kind == "classifier" else (models.MLPVAE, models.ConvVAE)
+    if name in models.GENERATIVE_CLASSIFIERS:
+      want = generative[name]
+    else:
+      want = models.CNN if spec.kind == "classifier" else (models.MLPVAE, models.ConvVAE)
     assert isinstance(module, want)
   assert models_lib.MODELS["cnn"].build(c.model.cnn, data).num_classes == 3
