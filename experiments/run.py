@@ -118,21 +118,27 @@ def _run_study(config, workdir: pathlib.Path) -> dict:
     except validate.ConfigError as e:
       raise UserError(f"{part}: {e}") from None
   # The study's own folder (its combined report) has one writer too, and so has each part's.
-  # Every part's data is opened first, so that the plan covers the whole study (and a wrong
-  # data folder of the last part stops the run before the first part's work).
+  # Every attack part's data is opened first, so that the plan covers the whole study (and a
+  # wrong data folder of the last part stops the run before the first part's work). A part of
+  # another kind (a defences or comm config) runs as it does alone, with its own plan, in order.
+  image = [part for part in config.runs if config[part].get("experiment") in (None, "attacks")]
   with contextlib.ExitStack() as held:
     held.enter_context(workdir_lib.locked(workdir))
     opened = {}
-    for part in config.runs:
+    for part in image:
       held.enter_context(workdir_lib.locked(workdir / part))
       opened[part] = workdir_lib.open_run(config[part], workdir / part)
-    stages = [s for part in config.runs for s in _plan(config[part], opened[part], part)]
+    stages = [s for part in image for s in _plan(config[part], opened[part], part)]
     job = _job(stages, workdir)
-    job.show_plan(f"{config.name} in {workdir} (parts: {', '.join(config.runs)})")
+    if image:
+      job.show_plan(f"{config.name} in {workdir} (parts: {', '.join(image)})")
     out = {}
     for part in config.runs:
-      job.enter(part)
-      out[part] = _run_locked(config[part], workdir / part, opened.pop(part), job)
+      if part in opened:
+        job.enter(part)
+        out[part] = _run_locked(config[part], workdir / part, opened.pop(part), job)
+      else:
+        out[part] = run(config[part], str(workdir / part))
     _report(workdir, parts=[workdir / part for part in config.runs])
   if cluster.writes():
     job.last_line(workdir, results="")
