@@ -6,7 +6,6 @@
 Everything is in `experiments.run.run`; this file only reads flags (the Flax examples habit).
 """
 
-import _thread
 import os
 import signal
 import sys
@@ -119,7 +118,7 @@ def main(argv):
   # From here on Ctrl-C is a KeyboardInterrupt, caught below once the workdir is known.
   if not _SIGINT_IGNORED:
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    sys.unraisablehook = _redeliver_interrupt
+    sys.unraisablehook = userio.redeliver_interrupt
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -155,16 +154,6 @@ def main(argv):
       raise
     print(f"error: {userio.os_error(e, workdir)}", file=sys.stderr)  # a read-only workdir
     _exit(2)
-
-
-def _redeliver_interrupt(unraisable, default=sys.unraisablehook) -> None:
-  """A KeyboardInterrupt raised inside a callback that cannot raise (jax's garbage-collection
-  callback: "Exception ignored in _xla_gc_callback") would be printed and dropped, and the run
-  would go on as if Ctrl-C had not been pressed: deliver it again to the main thread."""
-  if isinstance(unraisable.exc_value, KeyboardInterrupt):
-    _thread.interrupt_main()
-    return
-  default(unraisable)
 
 
 def _fail(e: UserError) -> None:

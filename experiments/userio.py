@@ -1,8 +1,10 @@
 """What `experiments.main` tells the user in one line: the configs it knows, a missing or
 unknown config file, an interrupted run, a workdir it cannot write."""
 
+import _thread
 import ast
 import pathlib
+import sys
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 _NOT_RUNNABLE = ("__init__.py", "base.py", "base_defenses.py")
@@ -95,3 +97,13 @@ def os_error(e: OSError, workdir: str) -> str:
     f"{what}: {where}; the run needs a writable --workdir (now {workdir}) and parent folder "
     "(and free space)"
   )
+
+
+def redeliver_interrupt(unraisable, default=sys.unraisablehook) -> None:
+  """A KeyboardInterrupt raised inside a callback that cannot raise (jax's garbage-collection
+  callback: "Exception ignored in _xla_gc_callback") would be printed and dropped, and the run
+  would go on as if Ctrl-C had not been pressed: deliver it again to the main thread."""
+  if isinstance(unraisable.exc_value, KeyboardInterrupt):
+    _thread.interrupt_main()
+    return
+  default(unraisable)

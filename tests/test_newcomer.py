@@ -322,9 +322,12 @@ def test_defense_and_comm_plans_list_every_stage_with_counts():
 
 
 def _main(args, cwd, env=None):
+  # Ctrl-C at its default in the child, however pytest was started (a background job, e.g.
+  # `nohup ... &`, starts with SIGINT ignored, and the command keeps an ignored Ctrl-C ignored).
   return subprocess.Popen(
     [sys.executable, "-m", "experiments.main", *args],
     cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
   )  # fmt: skip
 
 
@@ -365,16 +368,17 @@ def test_ctrl_c_during_a_run_exits_130_with_one_line_and_no_thread_traceback(tmp
 def test_an_interrupt_a_callback_swallowed_is_delivered_again():
   """jax's garbage-collection callback cannot raise: a Ctrl-C landing in it was printed as
   "Exception ignored" and the run went on; the command delivers it to the main thread again."""
-  from experiments import main as main_lib  # noqa: PLC0415
+  # (userio, not experiments.main: importing main defines its absl flags in this process)
+  from experiments import userio  # noqa: PLC0415
 
   unraisable = type("Unraisable", (), {"exc_value": KeyboardInterrupt()})()
   with pytest.raises(KeyboardInterrupt):
-    main_lib._redeliver_interrupt(unraisable, default=None)
+    userio.redeliver_interrupt(unraisable, default=None)
     for _ in range(1000):  # the interrupt arrives at the next bytecode boundary
       time.sleep(0.001)
   seen = []
   other = type("Unraisable", (), {"exc_value": ValueError("x")})()
-  main_lib._redeliver_interrupt(other, default=seen.append)  # anything else: the default hook
+  userio.redeliver_interrupt(other, default=seen.append)  # anything else: the default hook
   assert seen == [other]
 
 
