@@ -372,10 +372,16 @@ def test_an_interrupt_a_callback_swallowed_is_delivered_again():
   from experiments import userio  # noqa: PLC0415
 
   unraisable = type("Unraisable", (), {"exc_value": KeyboardInterrupt()})()
-  with pytest.raises(KeyboardInterrupt):
-    userio.redeliver_interrupt(unraisable, default=None)
-    for _ in range(1000):  # the interrupt arrives at the next bytecode boundary
-      time.sleep(0.001)
+  # Python's own Ctrl-C handler, however pytest was started (a background job inherits SIGINT
+  # ignored, and then interrupt_main delivers nothing)
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      userio.redeliver_interrupt(unraisable, default=None)
+      for _ in range(1000):  # the interrupt arrives at the next bytecode boundary
+        time.sleep(0.001)
+  finally:
+    signal.signal(signal.SIGINT, previous)
   seen = []
   other = type("Unraisable", (), {"exc_value": ValueError("x")})()
   userio.redeliver_interrupt(other, default=seen.append)  # anything else: the default hook
