@@ -218,21 +218,27 @@ def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_coll
     c.attacks.lbfgs.max_iters = 10
     c.attacks.lbfgs.search_steps = 2
     c.output.num_examples = 4
-  # Sections only where a config trains these models (the others' config.json stay as before).
-  # The VAE trained jointly with its latent classifier (train.train_joint_vae) has the conv
-  # VAE's architecture, the CNN's schedule and augmentation; -ELBO + alpha * cross-entropy
-  # (Kingma et al. 2014's alpha): the -ELBO is a sum over pixels, so alpha is set per pixel
-  # (0.1 nats of -ELBO per pixel per nat of cross-entropy) and keeps the two terms' balance at
-  # every resolution.
-  if "joint_vae" in models:
+  add_model_sections(c, models)
+  return c
+
+
+def add_model_sections(c: ml_collections.ConfigDict, models) -> None:
+  """The model and train sections of the optional models among `models`, in place.
+
+  Sections only where a config trains these models (the others' config.json stay as before).
+  The VAE trained jointly with its latent classifier (train.train_joint_vae) has the conv
+  VAE's architecture, the CNN's schedule and augmentation; -ELBO + alpha * cross-entropy
+  (Kingma et al. 2014's alpha): the -ELBO is a sum over pixels, so alpha is set per pixel (0.1
+  nats of -ELBO per pixel per nat of cross-entropy) and keeps the two terms' balance at every
+  resolution. The accuracy-matched control: the CNN's architecture and training, stopped
+  after the first epoch whose test accuracy reaches `match_to`'s (an earlier model of `models`).
+  """
+  if "joint_vae" in models and "joint_vae" not in c.model:
     c.model.joint_vae = dict(c.model.conv_vae)
     c.train.joint_vae = dict(c.train.cnn, ce_weight_per_pixel=0.1)
-  # The accuracy-matched control: the CNN's architecture and training, stopped after the first
-  # epoch whose test accuracy reaches `match_to`'s (an earlier model of `models`).
-  if "cnn_matched" in models:
+  if "cnn_matched" in models and "cnn_matched" not in c.model:
     c.model.cnn_matched = dict(c.model.cnn)
     c.train.cnn_matched = dict(c.train.cnn, match_to="conv_vae")
-  return c
 
 
 # Sections of the attacks a config asks for by name (`add_attacks`), absent otherwise, so the

@@ -240,8 +240,9 @@ def correct_pairs(d: StudyData, model: str, rec: Mapping) -> np.ndarray:
 
 
 def h1_resolution(data: Sequence[StudyData], *, baseline: str = BASELINE) -> dict | None:
-  """H1 within LFW: the CNN's minimal L-inf budget (`bim_min`) on the same pairs at every
-  colour resolution of the sweep, on the pairs every resolution's CNN classified correctly.
+  """H1 within LFW: a model's (`baseline`: the CNN, the primary; or another model of the
+  resolution parts) minimal L-inf budget (`bim_min`) on the same pairs at every colour
+  resolution of the sweep, on the pairs every resolution's model classified correctly.
 
   Primary: Page's L test (`stats.page_trend`) of budgets increasing from the most pixels to
   the fewest (H1: more pixels, smaller budget); effect: Hodges-Lehmann estimate of the paired
