@@ -3,6 +3,7 @@ per-pair records: primary endpoints, Holm, the weak-model floor, validity flips,
 
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -244,6 +245,12 @@ def test_page_trend_matches_pages_l_by_hand_and_finds_a_planted_trend():
     stats.page_trend(np.array([[np.nan, 1.0]]))
 
 
+def _h1_verdict(text: str, what: str) -> str:
+  """The verdict of the report's "H1 within LFW, <what>" paragraph."""
+  line = text.split(f"**H1 within LFW, {what}**")[1].split("\n")[0]
+  return re.search(r"classifies correctly\): \*\*([a-z ]+)\*\*", line).group(1)
+
+
 def _resolution_run(tmp_path, name, budget, acc, predictions=None):
   root = write_run(
     tmp_path / name, name, {("cnn", "bim_min", "linf", 0.3): make_record(budget)}, {"cnn": acc}
@@ -276,7 +283,7 @@ def test_h1_within_lfw_orders_resolutions_keeps_pairs_every_cnn_gets_right_and_f
   assert r["medians"][(154, False)].median == pytest.approx(np.median(base[5:] * 0.5), rel=1e-6)
   assert r["grey"]["effect"] > 0 and r["grey"]["p"] < 0.05  # grey needs more
   text = report.study_markdown(data_of(*runs))
-  assert "**H1 within LFW**" in text and "**supported**" in text.split("H1 within LFW**")[1]
+  assert _h1_verdict(text, "the CNN") == "supported"
   # the reverse trend is not support
   flipped = [
     _resolution_run(tmp_path / "f", "lfw_res154", base * 2, 0.9, right),
@@ -284,6 +291,31 @@ def test_h1_within_lfw_orders_resolutions_keeps_pairs_every_cnn_gets_right_and_f
   ]
   r2 = study.h1_resolution(data_of(*flipped))
   assert r2["p"] > 0.5 and r2["effect"] < 0
+
+
+def test_h1_within_lfw_is_tested_per_model_the_controls_in_a_holm_family_of_their_own(tmp_path):
+  # the CNN's budgets rise as the pixels shrink; the matched CNN's do not (a different model's
+  # records and predictions at each resolution); joint_vae was not run: no section for it
+  rng = np.random.default_rng(3)
+  flat = CNN_BUDGET * rng.uniform(0.9, 1.1, (3, P))
+  runs = []
+  for i, (name, scale) in enumerate((("lfw_res154", 0.5), ("lfw_res56", 0.8), ("lfw_res28", 1))):
+    cells = {
+      ("cnn", "bim_min", "linf", 0.3): make_record(CNN_BUDGET * scale),
+      ("cnn_matched", "bim_min", "linf", 0.3): make_record(flat[i]),
+    }
+    runs.append(write_run(tmp_path / name, name, cells, {"cnn": 0.9, "cnn_matched": 0.7}))
+  data = data_of(*runs)
+  assert study.h1_resolution(data, baseline="cnn")["p"] < 1e-6
+  matched = study.h1_resolution(data, baseline="cnn_matched")
+  assert matched["p"] > 0.01 and matched["accuracy"][(154, False)] == 0.7
+  assert study.h1_resolution(data, baseline="joint_vae") is None
+  text = report.study_markdown(data)
+  control = text.split("**H1 within LFW, the CNN stopped at one clean accuracy**")[1]
+  assert "Holm-adjusted over the secondary tests" in control.split("\n")[0]
+  assert _h1_verdict(text, "the CNN") == "supported"
+  assert _h1_verdict(text, "the CNN stopped at one clean accuracy") == "not significant"
+  assert "jointly trained VAE classifier" not in text
 
 
 def test_h0_at_matched_accuracy_tests_only_the_model_the_control_was_matched_to(tmp_path):
