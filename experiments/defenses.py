@@ -577,12 +577,12 @@ def build_vae_classifier(ctx: Context) -> Defended:
 
 
 def _study_vae_classifier(name: str, what: str) -> Callable[[Context], Defended]:
-  """The builder of the defence that deploys the study's VAE classifier `name` (a `MODELS`
-  entry, `Context.study_model`) as it is, attacked white-box through its encoder; `what`
-  says which VAE classifier it is in the report's notes."""
+  """The builder of defence `name`, which deploys the study's VAE classifier of its spec's
+  `study_model` (`Context.study_model`) as it is, attacked white-box through its encoder;
+  `what` says which VAE classifier it is in the report's notes."""
 
   def build(ctx: Context) -> Defended:
-    model = ctx.study_model(name)
+    model = ctx.study_model(DEFENSES[name].study_model)
     specs = _white_box(ctx.config, model.logits_fn, model.params, what)
     return Defended(name, model.logits_fn, model.params, None, specs, model.metrics, specs[-1])
 
