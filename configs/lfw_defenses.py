@@ -1,18 +1,30 @@
-"""LFW defences: the CNN, a siamese face identifier and the VAE as classifier, on the same people.
+"""LFW defences: the study's CNN and VAE classifiers and a siamese face identifier, same faces.
 
-Run: python -m experiments.main --config=configs/lfw_defenses.py --workdir=runs/lfw_defenses
-Quick (32 x 32 faces, like configs/lfw_vae.py:quick): --config=configs/lfw_defenses.py:quick
+Run (full size, 154 x 154; the study's committed LFW models are imported, see below):
+  python -m experiments.main --config=configs/lfw_defenses.py --workdir=runs/study/lfw_defenses \
+    --config.import_params="$PWD/results/study/lfw_vae"
+Quick (32 x 32 faces, trains its own small models): --config=configs/lfw_defenses.py:quick
 
 The study's open question for metric learning: is a siamese embedding network trained with the
 triplet loss (Schroff et al. 2015), identifying a face by its nearest class centre, harder to
-fool than the CNN, or than the study's VAE as classifier (the MLP VAE's latent mean into a
-latent classifier, Gondim-Ribeiro et al. 2018; sections model.mlp_vae, train.vae,
-model.latent_classifier, train.latent_classifier of configs/base.py)? All three are trained on
-the same split of LFW's people and attacked white-box on the same first test faces at the LFW
-L-inf grid (`attacks.bim.eps` of configs/base.py) with FGSM, untargeted PGD and the
-impersonation attack (targeted BIM to the most similar other person: the siamese net's nearest
-other centre, the CNN's and the latent classifier's highest other logit); rows go to the same
-defence table as configs/mnist_defenses.py, with the transfer matrix between the three.
+fool than the CNN, or than a VAE used as a classifier? The defences (experiments/defenses.py):
+- `none`: the study's LFW CNN (experiments/models.py `cnn`);
+- `conv_vae`: the study's conv VAE with a probe, a latent classifier trained on its frozen
+  latent mean (Gondim-Ribeiro et al. 2018's "VAE as classifier");
+- `joint_vae`: the study's conv VAE trained jointly with its latent classifier (Kingma et al.
+  2014's supervised objective);
+- `siamese`: the embedding net (the CNN's architecture with an embedding head), trained here.
+At full size the first three are the study's SAME trained models, imported from the record
+that `import_params` names (relative to the workdir, like configs/study.py's parts: the
+default "../lfw_vae" is the study's LFW part beside this run's workdir; an absolute path, as
+above, names the committed record wherever the workdir is) and checked against the accuracies
+recorded there (experiments/models.py `import_committed`); a missing record is an error, never
+a silent retraining. `import_params=''` trains them here instead (what :quick does: the committed
+models are 154 x 154). All four are attacked white-box on the same first test faces at the LFW L-inf
+grid (`attacks.bim.eps` of configs/base.py) with FGSM, untargeted PGD and the impersonation attack
+(targeted BIM to the most similar other person: the siamese net's nearest other centre, the
+classifiers' highest other logit); rows go to the same defence table as configs/mnist_defenses.py,
+with the transfer matrix between the four.
 """
 
 import ml_collections
@@ -20,26 +32,40 @@ import ml_collections
 from configs import base, base_defenses
 
 ARGS = ("", "quick")
+# The models attacked, each also a transfer source (experiments/defenses.py DEFENSES).
+DEFENCES = ("none", "siamese", "conv_vae", "joint_vae")
 
 
 def get_config(arg=None):
   c = base_defenses.get_base("lfw", arg, ARGS)
   quick = arg == "quick"
 
-  # The embedding net is the CNN's architecture with an embedding head (siamese.EmbeddingNet).
+  # The embedding net is the CNN's architecture with an embedding head (siamese.EmbeddingNet),
+  # trained with the CNN's schedule (60 epochs at full size).
   c.model.siamese = dict(c.model.cnn, embedding_dim=64)
   # Triplets come from inside each batch: 64 faces of 7 people hold positives for every anchor.
   # Random in-batch triplets: on the quick setup batch-hard mining stalled at 0.51 test accuracy
   # where random triplets reached 0.79 (20 epochs, learning rate 3e-3).
   c.train.siamese = dict(c.train.cnn, batch_size=64, margin=0.2, mining="random")
+  # The record of the study's LFW models (relative to the workdir, or absolute): the study's
+  # LFW part beside this run's workdir. :quick trains its own (the record's are 154 x 154).
+  c.import_params = "" if quick else "../lfw_vae"
 
   d = c.defenses = ml_collections.ConfigDict()
-  d.enabled = ("none", "siamese", "vae_classifier")
-  d.num_examples = 200  # the first N test faces, shared by the three models and every attack
+  d.enabled = DEFENCES
+  # Sized for a 2-core CPU (benchmarks/lfw_defenses_cost.py under nice 10, 2026-12-06, load 5
+  # to 6 from two other runs): one PGD step costs 5.6 to 5.9 ms per face on the CNN and the
+  # siamese net, 2.7 to 3.5 ms on each VAE classifier; the siamese net trained at 34 and 73
+  # faces/s (on 128 and 256 faces: 13 to 29 minutes for its 60 epochs, plus its per-epoch
+  # evaluation). 200 faces with 3 restarts projected to ~60 minutes of attacks at that load;
+  # 100 faces with 2 restarts (of 40-step PGD and of impersonation) to ~19 minutes, and ~1 for
+  # the transfer matrix; an idle CPU roughly halves these. 100 faces give 95% intervals of
+  # about +-0.1 on a rate near 0.5.
+  d.num_examples = 100  # the first N test faces, shared by every model and every attack
   d.attacks = ml_collections.ConfigDict(
     dict(
       eps=tuple(c.attacks.bim.eps), fgsm=True, impersonation=True, pgd_steps=40,
-      pgd_step_size_rel=2.5 / 40, restarts=3,
+      pgd_step_size_rel=2.5 / 40, restarts=2,
     )
   )  # fmt: skip
   # logits = -||f(x) - c_k||^2 / (2 T): T only scales the softmax the attacks differentiate.
@@ -48,7 +74,7 @@ def get_config(arg=None):
     dict(
       enabled=True,
       eps=float(max(c.attacks.bim.eps)),
-      sources=("none", "siamese", "vae_classifier"),
+      sources=DEFENCES,
       restarts=1,
     )
   )
@@ -61,17 +87,18 @@ def get_config(arg=None):
     c.data.max_train = 0
     c.train.cnn.update(epochs=20, learning_rate=3e-3, augment_shift=2)
     c.train.siamese = dict(c.train.siamese, epochs=20, learning_rate=3e-3, augment_shift=2)
-    # Base's quick VAE (latent 8, hidden 128, 2 epochs = 30 steps) and latent classifier (2
-    # epochs on 8-D codes) are far below what faces need: even the full run's LFW MLP VAE
-    # (latent 64, 30 epochs) gave its latent classifier only 0.56 against a prior of 0.41 at
-    # 154 x 154 (README "Measured"). So keep the full run's VAE training, latent size and
-    # latent classifier (which costs nothing on 64-D codes), with one hidden layer of 512 for
-    # the 32 x 32 x 3 inputs. Cost, on fake faces of LFW's size (966 training faces): about
-    # 50 s for the VAE and 20 s for the latent classifier at load 4 on the 2-core CPU. Its
-    # accuracy on real faces at 32 x 32 is not measured yet.
+    # Base's quick VAE (latent 8, 2 epochs = 30 steps) and latent classifier (2 epochs) are far
+    # below what faces need; keep the full run's latent size, VAE training and latent
+    # classifier (which costs little on 64-D codes) on the quick conv VAE's (16, 32) stages.
+    # Measured on real LFW at 32 x 32 (2026-12-06, 200 test faces, the whole :quick run 2 min
+    # 22 s at load 5): test accuracy CNN 0.85, siamese 0.77, conv VAE probe 0.68, joint VAE
+    # 0.84 (prior 0.41); each model trained in 7 to 12 s.
     full = base.get_config(dataset="lfw", models=("cnn",), quick=False)
-    c.model.mlp_vae = dict(full.model.mlp_vae, hidden=(512,))
+    c.model.conv_vae = dict(c.model.conv_vae, latent_dim=full.model.conv_vae["latent_dim"])
     c.train.vae = dict(full.train.vae)
     c.model.latent_classifier = dict(full.model.latent_classifier)
     c.train.latent_classifier = dict(full.train.latent_classifier)
+  # The joint VAE's sections as the study makes them (the conv VAE's architecture, the CNN's
+  # training), after :quick's changes to those.
+  base.add_model_sections(c, ("joint_vae",))
   return c

@@ -104,6 +104,10 @@ class Context:
     self.root = jax.random.key(config.seed)
     self.num_classes = len(data.class_names)
     self.trained: dict[str, Any] = _Trained()
+    self.study: dict[str, models_lib.Trained] = {}  # the study's models, by name (study_model)
+    # The record of the study's trained models (configs' `import_params`), or None: train them.
+    imports = config.get("import_params", "")
+    self.import_dir = models_lib.import_folder(workdir, imports) if imports else None
 
   def key(self, name: str):
     """The training key of defence `name` (or of a shared model, SHARED_KEY_INDEX)."""
@@ -128,8 +132,32 @@ class Context:
     return self.trained[name]
 
   def baseline(self):
+    """The undefended CNN (model.cnn): (module, params, kept metrics); the study's `cnn`
+    imported from the record `import_params` names when set (`study_model`), else trained."""
     c = self.config
-    return self.classifier("none", c.model.cnn, c.train.cnn)
+    if self.import_dir is None:
+      return self.classifier("none", c.model.cnn, c.train.cnn)
+    if "none" not in self.trained:
+      model = self.study_model("cnn")
+      cnn = models_lib.MODELS["cnn"].build(c.model.cnn, self.data)
+      self.trained["none"] = (cnn, model.params, model.metrics)
+    return self.trained["none"]
+
+  def study_model(self, name: str) -> models_lib.Trained:
+    """The study's model `name` of experiments/models.py `MODELS` (cached): imported from the
+    record `import_params` names and checked against its recorded accuracy
+    (`models_lib.import_committed`: an error when absent, never trained in its place); with no
+    `import_params`, fitted here as the study fits it, on defence `name`'s random stream."""
+    if name not in self.study:
+      c, spec = self.config, models_lib.MODELS[name]
+      if self.import_dir is not None:
+        model = models_lib.import_committed(name, c, self.data, self.import_dir)
+      else:
+        ckpt = pathlib.Path(self.checkpoint(name)) if cluster.writes() else None
+        params, metrics = spec.fit(name, c, self.data, self.key(name), ckpt, {})
+        model = spec.wrap(name, c, self.data, cluster.same_as_writer(params), metrics)
+      self.study[name] = model
+    return self.study[name]
 
   def vae(self):
     """The MLP VAE of the study (configs' model.mlp_vae, train.vae): (module, params, metrics)."""
@@ -548,6 +576,20 @@ def build_vae_classifier(ctx: Context) -> Defended:
   return Defended("vae_classifier", fn, params, None, specs, kept, specs[-1])
 
 
+def _study_vae_classifier(name: str, what: str) -> Callable[[Context], Defended]:
+  """The builder of defence `name`, which deploys the study's VAE classifier of its spec's
+  `study_model` (`Context.study_model`) as it is, attacked white-box through its encoder;
+  `what` says which VAE classifier it is in the report's notes."""
+
+  def build(ctx: Context) -> Defended:
+    model = ctx.study_model(DEFENSES[name].study_model)
+    specs = _white_box(ctx.config, model.logits_fn, model.params, what)
+    return Defended(name, model.logits_fn, model.params, None, specs, model.metrics, specs[-1])
+
+  build.__doc__ = f"The study's {name}: {what}; attacked white-box."
+  return build
+
+
 class DefenseSpec(NamedTuple):
   """One defence: how it is built, its random stream, the config sections it trains from."""
 
@@ -561,10 +603,13 @@ class DefenseSpec(NamedTuple):
   # The figure the report draws from defense_examples/<name>.npz (`Defended.figure_data`):
   # "projection" (clean / adversarial / projected images) or "gmvae_latent" (latent codes).
   figure: str | None = None
+  # The study's model (experiments/models.py MODELS) it deploys, imported instead of trained
+  # when the config names a record (`import_params`, `Context.study_model`).
+  study_model: str | None = None
 
 
 DEFENSES: dict[str, DefenseSpec] = {
-  "none": DefenseSpec(build_none, 0, (("cnn", "cnn"),), True),
+  "none": DefenseSpec(build_none, 0, (("cnn", "cnn"),), True, study_model="cnn"),
   "substitute": DefenseSpec(build_substitute, 11, (("substitute", "substitute"),), True),
   "distillation": DefenseSpec(build_distillation, 12, (("cnn", "distillation"),), True),
   "adversarial": DefenseSpec(build_adversarial, 13, (("adversarial", "adversarial"),), True),
@@ -580,6 +625,26 @@ DEFENSES: dict[str, DefenseSpec] = {
     18,
     (("mlp_vae", "vae"), ("latent_classifier", "latent_classifier")),
     True,
+  ),
+  # The study's VAE classifiers (experiments/models.py), imported on LFW (configs' import_params).
+  "conv_vae": DefenseSpec(
+    _study_vae_classifier(
+      "conv_vae", "the conv VAE with a probe (a latent classifier on its frozen latent mean)"
+    ),
+    19,
+    (("conv_vae", "vae"), ("latent_classifier", "latent_classifier")),
+    True,
+    study_model="conv_vae",
+  ),
+  # (Its latent classifier's section, model.latent_classifier, is in every base config.)
+  "joint_vae": DefenseSpec(
+    _study_vae_classifier(
+      "joint_vae", "the conv VAE trained jointly with its latent classifier (Kingma et al. 2014)"
+    ),
+    20,
+    (("joint_vae", "joint_vae"),),
+    True,
+    study_model="joint_vae",
   ),
 }
 TRANSFER_SOURCES = tuple(name for name, spec in DEFENSES.items() if spec.transfer_source)
@@ -738,9 +803,23 @@ def run(config, workdir: str) -> dict:
   )
   attack_root = jax.random.fold_in(ctx.root, 2_000_003)
   extra_sources = [s for s in d.transfer.sources if s not in d.enabled]
+  imported = {}
+  if ctx.import_dir is not None:
+    imported = {k: f"{v.study_model} from {ctx.import_dir}" for k, v in DEFENSES.items()
+                if v.study_model}  # fmt: skip
+    # Every imported model read and checked first: an incomplete record stops the run before
+    # the siamese net has trained for half an hour.
+    for name in (*d.enabled, *extra_sources):
+      if name in imported:
+        ctx.study_model(DEFENSES[name].study_model)
   job = progress.Job(
     progress.defense_plan(
-      config, len(data.x_train), n, {k: v.sections for k, v in DEFENSES.items()}, extra_sources
+      config,
+      len(data.x_train),
+      n,
+      {k: v.sections for k, v in DEFENSES.items()},
+      extra_sources,
+      imported,
     ),
     timings_path=workdir / progress.TIMINGS_FILE,
   )

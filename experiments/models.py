@@ -363,8 +363,7 @@ def train_all(config, data, workdir, job=None, on_model=None) -> dict[str, Train
   root = jax.random.key(config.seed)
   sources = [workdir]
   if config.get("import_params", ""):
-    # normpath: "<workdir>/../other" must resolve while <workdir> does not exist yet
-    sources.append(pathlib.Path(os.path.normpath(workdir / config.import_params)))
+    sources.append(import_folder(workdir, config.import_params))
   out = {}
   for index, name in enumerate(config.models):
     key = jax.random.fold_in(root, index)
@@ -393,6 +392,28 @@ def train_all(config, data, workdir, job=None, on_model=None) -> dict[str, Train
     if job is not None:
       job.finish(skipped=skipped)
   return out
+
+
+def import_folder(workdir, import_params: str) -> pathlib.Path:
+  """The record folder `import_params` names: relative to `workdir` (another part of a study,
+  e.g. "../lfw_vae") or absolute."""
+  # normpath: "<workdir>/../other" must resolve while <workdir> does not exist yet
+  return pathlib.Path(os.path.normpath(pathlib.Path(workdir) / import_params))
+
+
+def import_committed(name, config, data, folder: pathlib.Path) -> Trained:
+  """The model `name` from the record in `folder` (params/<name>.msgpack and its
+  train_metrics.json), checked as `import_model` checks it; a `UserError` when the record
+  holds no parameters for it (nothing is trained in its place)."""
+  from experiments.errors import UserError  # noqa: PLC0415
+
+  path = folder / PARAMS_DIR / f"{name}.msgpack"
+  if not path.exists():
+    raise UserError(
+      f"{name}: no committed parameters at {path} (import_params); point import_params at "
+      "the record of the run that trained it (e.g. results/study/lfw_vae)"
+    )
+  return import_model(name, config, data, path, folder / "train_metrics.json")
 
 
 # Largest difference between the test accuracy of imported parameters evaluated here and the

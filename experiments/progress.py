@@ -108,18 +108,25 @@ def plan(config, n_train: int, part: str = "", pixels: float = 1.0) -> list[Stag
 
 
 def defense_plan(
-  config, n_train: int, n_test: int, sections: dict, sources_to_build=()
+  config, n_train: int, n_test: int, sections: dict, sources_to_build=(), imported=None
 ) -> list[Stage]:
   """The stages of a defences run (experiments/defenses.py), in its order: per defence, its
   training (the models it needs that no earlier defence trained; `sections[name]` are the
-  (model, train) config sections defence `name` trains from) and its attacks (every attack it
-  is built with, at every eps, on its examples); then the transfer matrix."""
+  (model, train) config sections defence `name` trains from), or the import of its model
+  (`imported[name]`: "<model> from <folder>", checked on the `n_test` test images), and its
+  attacks (every attack it is built with, at every eps, on its examples); then the transfer
+  matrix."""
   d = config.defenses
   n_eps = len(d.attacks.eps)
   trained: set = set()
   stages = []
+  imported = imported or {}
 
   def build(name):
+    if name in imported:
+      stages.append(Stage("train", name, "", f"build defence {name}: imports {imported[name]}",
+                          n_test, f"import:{name}", "train"))  # fmt: skip
+      return
     new = [s for s in sections[name] if s not in trained]
     trained.update(new)
     epochs = sum(int(config.train[t].epochs) for _, t in new)

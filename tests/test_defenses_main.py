@@ -311,11 +311,11 @@ def lfw_root(tmp_path_factory):
   return make_data_root(tmp_path_factory.mktemp("lfw"), n_train=8, n_test=8, counts=counts, size=64)
 
 
-LFW_MODELS = ("none", "siamese", "vae_classifier")
+LFW_MODELS = ("none", "siamese", "conv_vae", "joint_vae")
 
 
-@pytest.mark.slow  # ~80 s at load 6 (~55 s before the VAE joined): three models, two attacks each
-def test_lfw_defenses_quick_attacks_the_cnn_the_siamese_net_and_the_vae_on_the_same_faces(
+@pytest.mark.slow  # ~80 s at load 6 (~55 s before the VAEs joined): four models, two attacks each
+def test_lfw_defenses_quick_attacks_the_cnn_the_siamese_net_and_the_vaes_on_the_same_faces(
   lfw_root, tmp_path
 ):
   from configs import lfw_defenses  # noqa: PLC0415
@@ -325,9 +325,10 @@ def test_lfw_defenses_quick_attacks_the_cnn_the_siamese_net_and_the_vae_on_the_s
   assert c.data.image_size == 32 and tuple(c.defenses.enabled) == LFW_MODELS
   assert tuple(c.defenses.transfer.sources) == LFW_MODELS
   assert c.defenses.attacks.eps == tuple(c.attacks.bim.eps)  # the LFW L-inf grid
+  assert c.import_params == ""  # :quick trains its own models (the record's are 154 x 154)
   c.data.dir = str(lfw_root)
   c.data.update(min_faces_per_person=10, crop_size=48, image_size=16)
-  for t in c.train.values():  # the CNN, the siamese net, the VAE and the latent classifier
+  for t in c.train.values():  # the CNN, the siamese net, the VAEs and the latent classifier
     t.update(epochs=1, batch_size=8)
   c.defenses.num_examples = 8
   c.defenses.attacks.update(eps=(0.05, 0.3), fgsm=False, pgd_steps=2, restarts=1)
@@ -347,22 +348,25 @@ def test_lfw_defenses_quick_attacks_the_cnn_the_siamese_net_and_the_vae_on_the_s
       assert r["impersonation_rate"] <= 1.0 - r["robust_accuracy"] + 1e-9
     else:
       assert "impersonation_rate" not in r
-  assert "encoder" in attacked[("vae_classifier", "pgd", 0.3)]["note"]
+  # The report's notes say which VAE classifier is which.
+  assert "with a probe" in attacked[("conv_vae", "pgd", 0.3)]["note"]
+  assert "trained jointly" in attacked[("joint_vae", "pgd", 0.3)]["note"]
   moved = {(r["source"], r["target"]) for r in rows if r["kind"] == "transfer"}
   assert moved == {(s, t) for s in LFW_MODELS for t in LFW_MODELS}
   metrics = json.loads((tmp_path / "train_metrics.json").read_text())
   assert set(metrics) == set(LFW_MODELS)
   assert 0.0 <= metrics["siamese"]["test_accuracy"] <= 1.0
-  vae_m = metrics["vae_classifier"]  # the latent classifier's accuracy and the VAE's ELBO
+  vae_m = metrics["conv_vae"]  # the probe's accuracy and the VAE's ELBO
   assert vae_m["test_accuracy"] == vae_m["latent_classifier"]["test_accuracy"]
   assert 0.0 <= vae_m["test_accuracy"] <= 1.0
   assert vae_m["test_neg_elbo_nats"] == vae_m["vae"]["test_neg_elbo_nats"] > 0.0
+  assert metrics["joint_vae"]["test_neg_elbo_nats"] > 0.0 and "ce_weight" in metrics["joint_vae"]
   summary = (tmp_path / "summary.md").read_text()
   worst, every = summary.split("**Every attack**")
   for name in LFW_MODELS:
     assert f"| {name} | 0.3 |" in worst and f"| {name} | impersonation | yes | 0.3 |" in every
   assert "impersonation rate" in every.splitlines()[2]  # the column's header
-  assert "| vae_classifier (pgd) |" in every  # a row of the transfer matrix
+  assert "| joint_vae (pgd) |" in every  # a row of the transfer matrix
 
 
 def _tiny_context(tmp_path):
@@ -432,7 +436,8 @@ def test_the_defense_table_keeps_every_random_stream_and_names_transfer_sources(
   # The numbers every finished result was made with: never renumber.
   assert streams == {
     "none": 0, "substitute": 11, "distillation": 12, "adversarial": 13, "vae": 14,
-    "projection": 15, "gmvae": 16, "siamese": 17, "vae_classifier": 18,
+    "projection": 15, "gmvae": 16, "siamese": 17, "vae_classifier": 18, "conv_vae": 19,
+    "joint_vae": 20,
   }  # fmt: skip
   assert len(set(streams.values())) == len(streams)  # one stream each
   assert set(defenses.TRANSFER_SOURCES) <= set(defenses.DEFENSES)
@@ -446,9 +451,9 @@ def test_the_defense_table_keeps_every_random_stream_and_names_transfer_sources(
   "field, value, message",
   [
     ("defenses.enabled", ("vae",), r"defenses.enabled\[\]='vae' is not allowed; allowed: .*"
-     r"siamese, vae_classifier"),
-    ("train.latent_classifier", None, "defence 'vae_classifier' needs train.latent_classifier"),
-    ("model.mlp_vae", None, "defence 'vae_classifier' needs model.mlp_vae"),
+     r"siamese, vae_classifier, conv_vae, joint_vae"),
+    ("train.latent_classifier", None, "defence 'conv_vae' needs train.latent_classifier"),
+    ("model.joint_vae", None, "defence 'joint_vae' needs model.joint_vae"),
   ],
 )  # fmt: skip
 def test_lfw_defense_fields_are_named(field, value, message):
@@ -462,6 +467,120 @@ def test_lfw_defense_fields_are_named(field, value, message):
     c[section][leaf] = value
   with pytest.raises(validate.ConfigError, match=message):
     validate.validate(c)
+
+
+STUDY_DEFENCES = {"none": "cnn", "conv_vae": "conv_vae", "joint_vae": "joint_vae"}
+
+
+def _tiny_study(tmp_path):
+  """configs/lfw_defenses.py's full form with tiny models on toy 8 x 8 faces, and the study's
+  record beside the defences' workdir (tmp_path/lfw_vae: params/<model>.msgpack and
+  train_metrics.json), its models trained and exported by the model table: (config, data,
+  {model: Trained}, defences workdir)."""
+  import types  # noqa: PLC0415
+
+  from fakedata import toy_data  # noqa: PLC0415
+
+  from configs import lfw_defenses  # noqa: PLC0415
+  from experiments import models as models_lib  # noqa: PLC0415
+
+  c = lfw_defenses.get_config()
+  c.model.cnn = dict(c.model.cnn, features=(4,), dense=(8,), stem_stride=1, dropout_rate=0.0)
+  c.model.conv_vae = c.model.joint_vae = dict(latent_dim=2, features=(4,), hidden=())
+  c.model.latent_classifier = dict(hidden=(8,), dropout_rate=0.0)
+  for t in c.train.values():
+    t.update(epochs=1, batch_size=16)
+    if "augment_shift" in t:
+      t.augment_shift = 1
+  data = types.SimpleNamespace(**vars(toy_data()), class_names=("a", "b", "c"))
+  study = c.copy_and_resolve_references()
+  study.models = tuple(STUDY_DEFENCES.values())
+  study.output.export_params = True
+  trained = models_lib.train_all(study, data, tmp_path / "lfw_vae")
+  record = {k: v.metrics for k, v in trained.items()}
+  (tmp_path / "lfw_vae" / "train_metrics.json").write_text(json.dumps(record, default=float))
+  return c, data, trained, tmp_path / "lfw_defenses"
+
+
+def test_lfw_defenses_deploy_the_study_models_imported_from_the_record(tmp_path):
+  """At full size the CNN and the two VAE classifiers are the study's trained models, read from
+  the record `import_params` names (the default "../lfw_vae": the study's LFW part beside the
+  workdir): each defence's logits are those of the model table's function with the trained
+  parameters, nothing is trained, and a missing record is a one-line error."""
+  import jax  # noqa: PLC0415
+
+  from experiments import defenses  # noqa: PLC0415
+  from experiments.errors import UserError  # noqa: PLC0415
+
+  c, data, trained, workdir = _tiny_study(tmp_path)
+  assert c.import_params == "../lfw_vae"
+  ctx = defenses.Context(c, data, workdir)
+  x = np.asarray(data.x_test[:6])
+  logits = {}
+  for name, model in STUDY_DEFENCES.items():
+    assert defenses.DEFENSES[name].study_model == model
+    d = defenses.DEFENSES[name].build(ctx)
+    got = jax.vmap(d.logits_fn, in_axes=(None, 0))(d.params, x)
+    ref = trained[model]
+    want = jax.vmap(ref.logits_fn, in_axes=(None, 0))(ref.params, x)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    logits[name] = got
+    assert d.metrics["imported_from"].endswith(f"lfw_vae/params/{model}.msgpack")
+    assert d.metrics["test_accuracy_here"] == pytest.approx(ref.metrics["test_accuracy"])
+    assert d.transfer_spec is d.attacks[-1]  # every one crafts transfer examples
+  assert not np.allclose(logits["conv_vae"], logits["joint_vae"])  # two models, not one twice
+  assert not (workdir / "checkpoints").exists()  # nothing trained in their place
+
+  c.import_params = "../nowhere"
+  with pytest.raises(UserError, match=r"^cnn: no committed parameters at .*nowhere") as e:
+    defenses.build_none(defenses.Context(c, data, workdir))
+  assert "\n" not in str(e.value)
+  (tmp_path / "lfw_vae" / "params" / "joint_vae.msgpack").unlink()
+  c.import_params = str(tmp_path / "lfw_vae")  # an absolute path works too
+  ctx = defenses.Context(c, data, workdir)
+  defenses.build_none(ctx)
+  with pytest.raises(UserError, match=r"^joint_vae: no committed parameters at "):
+    defenses.DEFENSES["joint_vae"].build(ctx)
+
+
+def test_lfw_defenses_config_attacks_the_committed_study_models():
+  """The full config's defences are its transfer sources; the study's models among them have
+  the sections they were trained with (configs/study.py's LFW part), and the default record,
+  beside the workdir named in the README, holds their committed parameters."""
+  import pathlib  # noqa: PLC0415
+
+  from configs import lfw_defenses, study  # noqa: PLC0415
+  from experiments import defenses  # noqa: PLC0415
+  from experiments import models as models_lib  # noqa: PLC0415
+
+  c, part = lfw_defenses.get_config(), study.get_config().lfw_vae
+  validate.validate(c)
+  assert tuple(c.defenses.enabled) == tuple(c.defenses.transfer.sources) == LFW_MODELS
+  assert c.data.to_dict() == part.data.to_dict() and c.data.image_size == 154
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  record = models_lib.import_folder(repo / "results/study/lfw_defenses", c.import_params)
+  assert record == repo / "results/study/lfw_vae"
+  models = {defenses.DEFENSES[n].study_model for n in c.defenses.enabled} - {None}
+  assert models == set(STUDY_DEFENCES.values()) and models <= set(study.LFW_MODELS)
+  for model in models:
+    assert (record / "params" / f"{model}.msgpack").exists()
+  # The sections the study trained them from (conv_vae: train.vae, then its probe's).
+  for where, names in (("model", ("cnn", "conv_vae", "joint_vae", "latent_classifier")),
+                       ("train", ("cnn", "vae", "joint_vae", "latent_classifier"))):  # fmt: skip
+    for name in names:
+      assert c[where][name].to_dict() == part[where][name].to_dict(), f"{where}.{name}"
+  assert c.model.siamese["features"] == c.model.cnn["features"]  # the CNN's architecture
+  # The plan shows the imports as imports, and the siamese net as the one model trained.
+  from experiments import progress  # noqa: PLC0415
+
+  sections = {k: v.sections for k, v in defenses.DEFENSES.items()}
+  imported = {n: f"{m} from R" for n, m in STUDY_DEFENCES.items()}
+  builds = [s.label for s in progress.defense_plan(c, 966, 100, sections, (), imported)][::2]
+  assert builds[:2] == [
+    "build defence none: imports cnn from R",
+    "build defence siamese: trains siamese (siamese, 60 epochs) on 966 examples",
+  ]
+  assert builds[2:4] == [f"build defence {n}: imports {n} from R" for n in LFW_MODELS[2:]]
 
 
 def test_impersonation_reaches_the_most_similar_other_class_on_a_linear_model():
