@@ -465,17 +465,15 @@ def _vae_outputs(out_dir, t: _Target, w: _Sweep, quality_xy, examples) -> dict:
     store.save_npz_atomic(curves, c=np.asarray(w.eps), x=qx.T, y=qy.T, auddc=areas)
   n = examples.shape[1]
   flat = examples.reshape(-1, *examples.shape[2:])  # [E * n, H, W, C]
-  rec = runner.batched_map(t.model_fn.reconstruct, t.params["vae"], flat)
-  store.save_npz_atomic(
+  rec = runner.batched_map(t.model_fn.reconstruct, t.params["vae"], flat).reshape(examples.shape)
+  store.save_examples_npz(
     out_dir / "examples" / f"{t.name}_{name}.npz",
-    x=t.source[:n],
-    x_adv=examples,
-    rec_adv=rec.reshape(examples.shape),
-    x_target=x_target[:n],
-    source_label=t.pairs.source_label[:n],
-    target=t.pairs.target[:n],
-    eps=np.asarray(w.eps),
-  )
+    n,
+    lambda k: dict(
+      x=t.source[:k], x_adv=examples[:, :k], rec_adv=rec[:, :k], x_target=x_target[:k],
+      source_label=t.pairs.source_label[:k], target=t.pairs.target[:k], eps=np.asarray(w.eps),
+    ),
+  )  # fmt: skip
   return extra
 
 
@@ -530,13 +528,13 @@ def _cat(parts):
 
 
 def _save_examples(path: pathlib.Path, x, pairs, x_adv, eps) -> None:
-  """A few (source, adversarial) examples per eps for the figures, written atomically."""
-  n = x_adv.shape[1]
-  store.save_npz_atomic(
+  """A few (source, adversarial) examples per eps for the figures, written atomically (as
+  many of them as fit in `store.MAX_EXAMPLES_BYTES`)."""
+  store.save_examples_npz(
     path,
-    x=x[:n],
-    x_adv=x_adv,
-    source_label=pairs.source_label[:n],
-    target=pairs.target[:n],
-    eps=np.asarray(eps),
-  )
+    x_adv.shape[1],
+    lambda k: dict(
+      x=x[:k], x_adv=x_adv[:, :k], source_label=pairs.source_label[:k], target=pairs.target[:k],
+      eps=np.asarray(eps),
+    ),
+  )  # fmt: skip

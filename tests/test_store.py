@@ -254,3 +254,18 @@ def test_committed_rows_pass_their_schema_and_later_fields_are_optional_but_type
   # Without kinds: any JSON object, as main's reader did; a torn line and a list are skipped.
   (tmp_path / "any.jsonl").write_text('{"a": 1}\n[1]\n{"b": ')
   assert store.read_jsonl(tmp_path / "any.jsonl") == [{"a": 1, "format_version": 2}]
+
+
+def test_examples_file_keeps_the_most_leading_examples_that_fit_the_byte_budget(tmp_path):
+  import numpy as np  # noqa: PLC0415
+
+  # random float32 does not compress: 8 examples of 64 KB each, a 300 KB budget keeps 4
+  x = np.random.default_rng(0).random((8, 128, 128)).astype(np.float32)
+  path = tmp_path / "examples" / "e.npz"
+  k = store.save_examples_npz(path, 8, lambda k: dict(x=x[:k], label=np.arange(k)), 300_000)
+  assert k == 4 and path.stat().st_size <= 300_000
+  with np.load(path) as f:
+    np.testing.assert_array_equal(f["x"], x[:4])
+    np.testing.assert_array_equal(f["label"], np.arange(4))
+  # within the budget: every example is kept
+  assert store.save_examples_npz(path, 8, lambda k: dict(x=x[:k, :4, :4]), 300_000) == 8
