@@ -318,6 +318,29 @@ def test_h1_within_lfw_is_tested_per_model_the_controls_in_a_holm_family_of_thei
   assert "jointly trained VAE classifier" not in text
 
 
+def test_resolution_parts_vae_classifiers_are_a_secondary_h0_family_not_the_registered_one(
+  tmp_path,
+):
+  lfw = write_run(
+    tmp_path / "lfw", "lfw",
+    {("cnn", "bim_min", "linf", 0.3): make_record(CNN_BUDGET),
+     ("conv_vae", "bim_min", "linf", 0.3): make_record(CNN_BUDGET * 0.5)},
+    {"cnn": 0.92, "conv_vae": 0.9},
+  )  # fmt: skip
+  res = write_run(
+    tmp_path / "lfw_res56", "lfw_res56",
+    {("cnn", "bim_min", "linf", 0.3): make_record(CNN_BUDGET),
+     ("joint_vae", "bim_min", "linf", 0.3): make_record(CNN_BUDGET * 2.0)},
+    {"cnn": 0.92, "joint_vae": 0.9},
+  )  # fmt: skip
+  text = report.study_markdown(data_of(lfw, res))
+  primary = text.split("### H0: primary endpoint")[1].split("###")[0]
+  secondary = text.split("### H0 in the resolution sweep (secondary)")[1].split("###")[0]
+  assert "Holm over 1 (dataset, VAE) comparisons" in primary and "lfw_res56" not in primary
+  assert "| lfw | conv_vae |" in primary and "**rejected**" in primary
+  assert "| lfw_res56 | joint_vae |" in secondary and "**supported**" in secondary
+
+
 def test_h0_at_matched_accuracy_tests_only_the_model_the_control_was_matched_to(tmp_path):
   cells = {
     ("cnn", "bim_min", "linf", 0.3): make_record(CNN_BUDGET),
