@@ -45,12 +45,20 @@ def test_loss_is_elbo_with_class_prior(class_var):
     np.testing.assert_allclose(gmvae.gmvae_loss(*args), expected, rtol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def trained():
+# The MLP VAE, and the convolutional VAE with a dense hidden layer between its convolutions
+# and the latent heads (the MNIST GMVAE of configs/mnist_defenses.py, in miniature).
+TOY_VAES = {
+  "mlp": lambda: models.MLPVAE((SIZE, SIZE, 1), 3, hidden=(32,)),
+  "conv_dense": lambda: models.ConvVAE((SIZE, SIZE, 1), 3, features=(8,), hidden=(32,)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TOY_VAES))
+def trained(request):
   x_train, y_train = _toy(192, 0)
   x_test, y_test = _toy(64, 1)
   data = types.SimpleNamespace(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-  model = gmvae.GMVAE(models.MLPVAE((SIZE, SIZE, 1), 3, hidden=(32,)), num_classes=3)
+  model = gmvae.GMVAE(TOY_VAES[request.param](), num_classes=3)
   params, metrics = gmvae.train_gmvae(
     model,
     data,
@@ -78,7 +86,8 @@ def test_closest_component_is_argmax_and_softmax_is_posterior(trained, log_vars)
   x, _ = _toy(32, 2)
   s = gmvae.batch_scores(model, params, x)
   fn_logits = jax.vmap(gmvae.logits_fn(model), in_axes=(None, 0))(params, jnp.asarray(x))
-  np.testing.assert_allclose(s.logits, fn_logits, rtol=1e-6)
+  # Batched and per-example convolutions round differently (float32): an absolute floor.
+  np.testing.assert_allclose(s.logits, fn_logits, rtol=1e-6, atol=1e-5)
   z = np.asarray(jax.vmap(lambda xi: model.apply(params, xi[None], method="encode")[0][0])(x))
   mu = np.asarray(model.apply(params, method="class_means"))
   dist = np.linalg.norm(z[:, None, :] - mu[None], axis=-1)  # [N, K]
@@ -266,3 +275,37 @@ def test_means_and_variances_train_only_when_asked(learn):
   for name in ("means", "log_vars"):
     assert bool(jnp.any(g[name] != 0)) == learn, name
   assert bool(jnp.any(g["vae"]["mean_head"]["kernel"] != 0))  # the VAE always trains
+
+
+def test_mnist_config_builds_the_papers_latent_size_and_a_dense_layer():
+  """configs/mnist_defenses.py's GMVAE: the conv VAE with one dense hidden layer each way and
+  D = 10 (Ghosh et al. 2019's MNIST latent size), class means mean_scale * e_k."""
+  from configs import mnist_defenses  # noqa: PLC0415
+  from experiments import models as models_lib  # noqa: PLC0415
+
+  c = mnist_defenses.get_config()
+  g = c.defenses.gmvae
+  data = types.SimpleNamespace(x_train=np.zeros((1, 28, 28, 1), np.float32))
+  model = gmvae.GMVAE(
+    models_lib.MODELS[g.architecture].build(c.model.gmvae, data), 10, float(g.mean_scale)
+  )
+  k, x = jax.random.key(0), jnp.zeros((1, 28, 28, 1))
+  p = jax.eval_shape(model.init, k, x, k)["params"]
+  v = p["vae"]
+  shapes = {"/".join(k.key for k in path[:-1]): a.shape for path, a in
+            jax.tree_util.tree_leaves_with_path(v) if path[-1].key == "kernel"}  # fmt: skip
+  hidden = c.model.gmvae["hidden"][0]
+  assert shapes == {
+    "encoder_convs_0": (3, 3, 1, 32),
+    "encoder_convs_1": (3, 3, 32, 64),
+    "encoder_dense_0": (7 * 7 * 64, hidden),
+    "mean_head": (hidden, 10),
+    "logvar_head": (hidden, 10),
+    "decoder_dense_0": (10, hidden),
+    "grid_dense": (hidden, 7 * 7 * 64),
+    "decoder_convs_0/Conv_0": (3, 3, 64, 4 * 32),  # sub-pixel 2x upsampling: 4 x channels
+    "pixel_conv/Conv_0": (3, 3, 32, 4 * 1),
+  }
+  assert p["means"].shape == (10, 10)
+  means = model.apply(model.init(k, x, k), method="class_means")
+  np.testing.assert_allclose(means, g.mean_scale * np.eye(10))
