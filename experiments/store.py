@@ -528,9 +528,12 @@ MAX_EXAMPLES_BYTES = 4_500_000
 
 
 def save_examples_npz(path: os.PathLike, n: int, arrays_for, max_bytes=MAX_EXAMPLES_BYTES) -> int:
-  """`arrays_for(k)` (the first k examples' arrays) to one compressed .npz, atomically, with
-  the largest k <= n whose file fits in `max_bytes` (halving k from n; at least 1). Returns k.
+  """`arrays_for(k)` (the first k examples' arrays) to one compressed .npz, atomically, with k
+  halved from n until the file fits in `max_bytes` (at least 1). Returns k (n on a process
+  that does not write, which compresses nothing).
   """
+  if not cluster.writes():
+    return n
   import numpy as np  # noqa: PLC0415  (numpy only for the writers of arrays)
 
   k = max(int(n), 1)
@@ -540,8 +543,7 @@ def save_examples_npz(path: os.PathLike, n: int, arrays_for, max_bytes=MAX_EXAMP
     if buffer.tell() <= max_bytes or k == 1:
       break
     k //= 2
-  if cluster.writes():
-    write_bytes_atomic(path, buffer.getvalue())
+  write_bytes_atomic(path, buffer.getvalue())
   return k
 
 

@@ -321,18 +321,13 @@ def test_h1_within_lfw_is_tested_per_model_the_controls_in_a_holm_family_of_thei
 def test_resolution_parts_vae_classifiers_are_a_secondary_h0_family_not_the_registered_one(
   tmp_path,
 ):
-  lfw = write_run(
-    tmp_path / "lfw", "lfw",
-    {("cnn", "bim_min", "linf", 0.3): make_record(CNN_BUDGET),
-     ("conv_vae", "bim_min", "linf", 0.3): make_record(CNN_BUDGET * 0.5)},
-    {"cnn": 0.92, "conv_vae": 0.9},
-  )  # fmt: skip
-  res = write_run(
-    tmp_path / "lfw_res56", "lfw_res56",
-    {("cnn", "bim_min", "linf", 0.3): make_record(CNN_BUDGET),
-     ("joint_vae", "bim_min", "linf", 0.3): make_record(CNN_BUDGET * 2.0)},
-    {"cnn": 0.92, "joint_vae": 0.9},
-  )  # fmt: skip
+  def bim_min_run(name, vae, scale):  # the CNN and one VAE classifier, budgets VAE = scale x CNN
+    cells = {("cnn", "bim_min", "linf", 0.3): make_record(CNN_BUDGET),
+             (vae, "bim_min", "linf", 0.3): make_record(CNN_BUDGET * scale)}  # fmt: skip
+    return write_run(tmp_path / name, name, cells, {"cnn": 0.92, vae: 0.9})
+
+  lfw = bim_min_run("lfw", "conv_vae", 0.5)
+  res = bim_min_run("lfw_res56", "joint_vae", 2.0)
   text = report.study_markdown(data_of(lfw, res))
   primary = text.split("### H0: primary endpoint")[1].split("###")[0]
   secondary = text.split("### H0 in the resolution sweep (secondary)")[1].split("###")[0]
