@@ -364,6 +364,9 @@ def train_all(config, data, workdir, job=None, on_model=None) -> dict[str, Train
   sources = [workdir]
   if config.get("import_params", ""):
     sources.append(import_folder(workdir, config.import_params))
+  # Each record's train_metrics.json as it was when the run began: `on_model` rewrites the
+  # workdir's own after each model, and a later import must still find its entry there.
+  records = {d: _read_record(d / "train_metrics.json") for d in sources}
   out = {}
   for index, name in enumerate(config.models):
     key = jax.random.fold_in(root, index)
@@ -373,7 +376,8 @@ def train_all(config, data, workdir, job=None, on_model=None) -> dict[str, Train
     found = [d for d in sources if (d / PARAMS_DIR / f"{name}.msgpack").exists()]
     if not ckpt.exists() and found:
       path = found[0] / PARAMS_DIR / f"{name}.msgpack"
-      out[name] = import_model(name, config, data, path, found[0] / "train_metrics.json")
+      metrics_path = found[0] / "train_metrics.json"
+      out[name] = import_model(name, config, data, path, metrics_path, records[found[0]])
       skipped = True
     else:
       with checkpoint_space(ckpt):
@@ -421,19 +425,27 @@ def import_committed(name, config, data, folder: pathlib.Path) -> Trained:
 IMPORT_ACCURACY_TOLERANCE = 0.005
 
 
-def import_model(name, config, data, path: pathlib.Path, metrics_path: pathlib.Path) -> Trained:
+def _read_record(metrics_path: pathlib.Path) -> dict | None:
+  """A record's train_metrics.json, or None where there is none."""
+  return json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+
+
+def import_model(
+  name, config, data, path: pathlib.Path, metrics_path: pathlib.Path, record: dict | None = None
+) -> Trained:
   """The model `name` with parameters read from `path` (flax msgpack), checked.
 
   The parameters must have the shapes of `config.model[name]`'s module, and their test
   accuracy on `data` must equal the record's (`metrics_path`, train_metrics.json) within
   `IMPORT_ACCURACY_TOLERANCE`; otherwise a `UserError` names the model and the difference.
   The metrics are the record's, with `imported_from` and `test_accuracy_here` added.
+  `record`: that file's contents read earlier (None: read it now).
   """
   from experiments.errors import UserError  # noqa: PLC0415
 
   try:
-    recorded = json.loads(metrics_path.read_text())[name]
-  except (FileNotFoundError, KeyError):
+    recorded = (record if record is not None else _read_record(metrics_path) or {})[name]
+  except KeyError:
     raise UserError(
       f"{name}: parameters in {path} but no entry for it in {metrics_path}; the record is "
       "incomplete (delete the parameters to train the model here)"
