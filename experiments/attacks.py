@@ -199,10 +199,15 @@ def run_all(config, data, trained, log, job=None) -> None:
         todo = _todo(
           _plan(acfg, vae_key, "vae", model_name), k, log, config, base_row, job, model_name
         )
-        if todo:
-          chosen = _prefix(shared, acfg.vae.num_pairs)
-          target = _vae_target(config, data, model, trained["cnn"], vae_key, settings, chosen)
-          problems += _run_sweeps(config, target, todo, log, base_row, out_dir, runner_kwargs, job)
+        for n in sorted({registry.num_pairs_of(w.spec, acfg) for w in todo}, reverse=True):
+          group = [w for w in todo if registry.num_pairs_of(w.spec, acfg) == n]
+          chosen = _prefix(shared, n)
+          target = _vae_target(
+            config, data, model, trained["cnn"], vae_key, settings, chosen, num_pairs=n
+          )
+          problems += _run_sweeps(
+            config, target, group, log, base_row, out_dir, runner_kwargs, job
+          )
       todo = _todo(
         _plan(acfg, key, "classifier", model_name), k, log, config, base_row, job, model_name
       )
@@ -333,13 +338,16 @@ def _classifier_target(config, data, model, key, settings, shared=None) -> _Targ
                  (x,), {}, pair_x)  # fmt: skip
 
 
-def _vae_target(config, data, model, judge, key, settings, shared=None) -> _Target:
+def _vae_target(
+  config, data, model, judge, key, settings, shared=None, num_pairs=None
+) -> _Target:
   """A VAE under the Tabacof et al. (2016) and Kos et al. (2017) attacks, judged by the CNN.
 
   Pairs: a source the judge classifies correctly from its reconstruction, and a target image
-  of another class. Rows as for classifier attacks; the latent L-BFGS attacks' rows also carry their
-  AUDDC over the C grid (Gondim-Ribeiro et al. 2018), and its per-pair curves go to
-  curves/<model>_<attack>.npz.
+  of another class; the first `num_pairs` of them (default `attacks.vae.num_pairs`: an attack
+  with its own `num_pairs` takes the first that many). Rows as for classifier attacks; the
+  latent L-BFGS attacks' rows also carry their AUDDC over the C grid (Gondim-Ribeiro et al.
+  2018), and its per-pair curves go to curves/<model>_<attack>.npz.
   """
   vae_model = vae_attacks.VAEModel(
     encode=model.vae.encode, reconstruct=model.vae.reconstruct, judge=judge.logits_fn
@@ -354,6 +362,9 @@ def _vae_target(config, data, model, judge, key, settings, shared=None) -> _Targ
       config.attacks.vae.num_pairs,
     )  # fmt: skip
     target_images = _target_images(data.y_test, pairs, key)
+    if num_pairs is not None:
+      pairs = runner.Pairs(*(a[:num_pairs] for a in pairs))
+      target_images = target_images[:num_pairs]
   x = data.x_test[pairs.index]
   x_target = data.x_test[target_images]
   return _Target(

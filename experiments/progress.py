@@ -93,10 +93,10 @@ def plan(config, n_train: int, part: str = "", pixels: float = 1.0) -> list[Stag
       for family in families:
         if family == "vae" and not acfg.vae.enabled:
           continue
-        pairs = int(acfg.vae.num_pairs if family == "vae" else acfg.num_pairs)
         for spec in registry.enabled(acfg):
           if spec.family != family or spec.cost_pass != k or not applies(spec, name):
             continue
+          pairs = registry.num_pairs_of(spec, acfg)
           sec = registry.section_of(spec, acfg)
           n_eps = len(registry.eps_grid(spec, sec))
           label = (f"{pre}attack {name} {spec.name} {registry.norm_of(spec, sec)}: "

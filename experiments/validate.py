@@ -118,6 +118,15 @@ def _validate_fields(c: ml_collections.ConfigDict) -> None:
       )
   _int_at_least("attacks.vae.num_pairs", a.vae.num_pairs, 1)
   _int_at_least("attacks.num_pairs", a.num_pairs, 1)
+  for name in a.vae.enabled:  # a VAE attack on the first n of the VAE pairs
+    sec = registry.section_of(registry.ATTACKS[name], a)
+    if sec.get("num_pairs", None) is not None:
+      _int_at_least(f"attacks.vae.{name}.num_pairs", sec.num_pairs, 1)
+      if sec.num_pairs > a.vae.num_pairs:
+        raise ConfigError(
+          f"attacks.vae.{name}.num_pairs={sec.num_pairs} exceeds attacks.vae.num_pairs="
+          f"{a.vae.num_pairs}; allowed: 1 to attacks.vae.num_pairs (the first n of its pairs)"
+        )
   _one_of("attacks.target_strategy", a.target_strategy, runner.STRATEGIES)
   if a.target_strategy == "fixed" and not a.fixed_targets:
     raise ConfigError("attacks.target_strategy='fixed' needs attacks.fixed_targets (class ids)")

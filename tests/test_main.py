@@ -291,6 +291,8 @@ def test_every_model_is_attacked_on_the_same_pairs_and_records_reproduce_each_ro
   config.attacks.vae.enabled = ("latent_l2", "latent_kl", "latent_fgsm")
   config.attacks.vae.latent_kl.eps = (0.01, 1.0)
   config.attacks.vae.latent_kl.max_iters = 3
+  with config.attacks.vae.latent_kl.unlocked():
+    config.attacks.vae.latent_kl.num_pairs = 2  # its own prefix (the LFW latent attacks' 50)
   config.attacks.num_pairs = 6
   config.attacks.vae.num_pairs = 4
   run_lib.run(config, str(tmp_path))
@@ -320,7 +322,7 @@ def test_every_model_is_attacked_on_the_same_pairs_and_records_reproduce_each_ro
   cnn_src, cnn_tgt = pairs_of[("cnn", "fgsm", 0.05)]
   assert len(cnn_src) == 6
   for (model, attack, _), (src, tgt) in pairs_of.items():
-    n = 4 if attack.startswith(("latent", "reconstruction")) else 6
+    n = 2 if attack == "latent_kl" else 4 if attack.startswith(("latent", "reconstruction")) else 6
     np.testing.assert_array_equal(src, cnn_src[:n], err_msg=f"{model} {attack}")
     np.testing.assert_array_equal(tgt, cnn_tgt[:n], err_msg=f"{model} {attack}")
   # The record of the pairs is kept, and a rerun reads it back (nothing recomputed).

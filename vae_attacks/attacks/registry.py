@@ -336,6 +336,14 @@ def section_of(spec: AttackSpec, attacks_cfg):
   return sections[spec.section or spec.name]
 
 
+def num_pairs_of(spec: AttackSpec, attacks_cfg) -> int:
+  """How many pairs `spec` attacks: its section's `num_pairs` where one is set (the first that
+  many of its family's pairs; a VAE attack too costly for them all), else its family's
+  (`attacks.vae.num_pairs` or `attacks.num_pairs`)."""
+  family = attacks_cfg.vae if spec.family == "vae" else attacks_cfg
+  return int(section_of(spec, attacks_cfg).get("num_pairs", None) or family.num_pairs)
+
+
 def norm_of(spec: AttackSpec, section) -> str:
   """The norm the attack runs under: its section's `norm`, else its only norm."""
   return section["norm"] if "norm" in section else spec.norms[0]
