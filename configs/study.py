@@ -32,11 +32,12 @@ LATENT_C = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 
 
 
 # The latent L-BFGS attacks on LFW take the first 50 of the VAE pairs (set 2026-12-06, before
-# any of their LFW rows ran): at 154x154x3 one solver iteration costs ~20 ms per pair and C
-# value on this CPU (the encoder's gradient plus the L-BFGS algebra over 71,148 pixels), so 13
-# C values x 200 iterations cost ~52 s per pair: ~2.9 hours per attack and VAE at 200 pairs,
-# ~43 minutes at 50. Their AUDDC is secondary evidence (H0 and H1 compare `bim_min`); the
-# report gives each AUDDC with its pair count and CI.
+# any of their LFW rows ran). An estimate, from what was measured at 154x154x3 on this CPU:
+# the CNN's L-BFGS took 2.3-3.5 s per pair for 3 c values of 20 iterations (40-60 ms per
+# iteration, the L-BFGS algebra over 71,148 pixels included); with the encoder alone, say 20-50
+# ms, 13 C values x 200 iterations take 1-2 minutes per pair: 3-7 hours per attack and VAE at
+# 200 pairs, 1-2 hours at 50. Their AUDDC is secondary evidence (H0 and H1 compare `bim_min`);
+# the report gives each AUDDC with its pair count and CI.
 LFW_LATENT_PAIRS = 50
 
 
