@@ -20,7 +20,7 @@ loop costs the same for every problem:
 
 The direction is the L-BFGS two-loop recursion (Nocedal and Wright, Algorithm 7.4, with
 `optax.scale_by_lbfgs`'s initial scaling), evaluated on the Gram matrices of the stored
-pairs so that the [memory x pixels] arrays are read twice per step; the box is handled
+pairs so that the [2 memory x pixels] array is read three times per step; the box is handled
 as in projected / two-metric L-BFGS (Bertsekas 1982; Kim, Sra and Dhillon 2010): variables
 within `eps_k` of a bound whose gradient pushes outward are moved straight to that bound, the
 others (the free variables) follow the L-BFGS direction computed from the curvature pairs
@@ -80,8 +80,10 @@ class LbfgsState(NamedTuple):
   grad: Array  # grad f(x)
   direction: Array  # search direction from x (moves active variables onto their bound)
   alpha: Array  # [] next trial step along `direction`
-  pairs_s: Array  # [m, n] ring buffer of whole differences s = x_{k+1} - x_k (flattened)
-  pairs_y: Array  # [m, n] the matching gradient differences y
+  # [2m, n] ring buffer of the curvature pairs (flattened): rows 0..m-1 the whole differences
+  # s = x_{k+1} - x_k, rows m..2m-1 the matching gradient differences y (one array, so that
+  # one product gives every Gram entry the direction needs).
+  pairs: Array
   stored: Array  # int32[] pairs stored since the last restart; the next goes to slot stored % m
   iterations: Array  # int32[] accepted iterations
   steps: Array  # int32[] loop steps taken (each costs the same for every problem)
@@ -192,8 +194,8 @@ def _two_loop_coefficients(
 
 
 def _lbfgs_direction(
-  pairs_s: Array, pairs_y: Array, stored: Array, x: Array, free: _FreeSet, s: Array, y: Array
-) -> tuple[Array, Array, Array, Array]:
+  pairs: Array, stored: Array, x: Array, free: _FreeSet, s: Array, y: Array
+) -> tuple[Array, Array, Array]:
   """Stores the pair (s, y) (if s.y > 0) and returns the L-BFGS direction on the free set.
 
   The memory keeps whole pairs; the direction uses them restricted to the free variables
@@ -202,36 +204,41 @@ def _lbfgs_direction(
   (weight 0), and H_0 = gamma I takes gamma from the newest usable pair (as
   `optax.scale_by_lbfgs` does; its capped steepest-descent step when none is usable).
 
-  The memory is read twice (Gram matrices of the restricted pairs, then the combination of
-  the pairs), and written only in the slot of the new pair, so that a donated memory is
-  updated in place: the vector two-loop reads it four times in 2m dependent passes.
+  The memory (s and y stacked, [2m, n]) is read three times: one product for the Gram matrix
+  of the restricted pairs, one matrix-vector product for their inner products with g, one
+  for the combination; it is written only in the slot of the new pair, so that a donated
+  memory is updated in place (the vector two-loop reads it four times in 2m dependent
+  passes). One [2m, n] x [n, 2m] product, not two [m, n] x [n, m] ones and a masked sum of
+  squares: batched under vmap, XLA CPU runs the one product faster (docs/performance.md).
 
   Returns:
-    (direction shaped like x, pairs_s, pairs_y, stored).
+    (direction shaped like x, pairs, stored).
   """
-  m = pairs_s.shape[0]
+  m = pairs.shape[0] // 2
   s, y = s.reshape(-1), y.reshape(-1)
   good = _pair_ok(_vdot(s, y), _vdot(s, s), _vdot(y, y))
   slot = stored % m
-  keep = lambda mem, v: mem.at[slot].set(jnp.where(good, v, mem[slot]))
-  pairs_s, pairs_y = keep(pairs_s, s), keep(pairs_y, y)
+  keep = lambda mem, row, v: mem.at[row].set(jnp.where(good, v, mem[row]))
+  pairs = keep(keep(pairs, slot, s), m + slot, y)
   stored = stored + good.astype(stored.dtype)
 
   f = (~free.active).reshape(-1).astype(s.dtype)
   g = free.grad.reshape(-1)
-  y_free = pairs_y * f[None]
+  # Every inner product of the restricted pairs at once: gram[a, b] = p_a . f p_b.
+  gram = (pairs * f[None]) @ pairs.T  # [2m, 2m]
   # Pairs in age order (0 = newest): slot (stored - 1 - a) % m; only the small Gram
   # matrices are permuted.
   order = (stored - 1 - jnp.arange(m)) % m
-  sy = (pairs_s @ y_free.T)[order][:, order]
-  yy = (pairs_y @ y_free.T)[order][:, order]
-  ss = jnp.sum(pairs_s * pairs_s * f[None], axis=1)[order]
-  sg, yg = (pairs_s @ g)[order], (pairs_y @ g)[order]
+  sy = gram[:m, m:][order][:, order]
+  yy = gram[m:, m:][order][:, order]
+  ss = jnp.diagonal(gram[:m, :m])[order]
+  pg = pairs @ g  # [2m]
+  sg, yg = pg[:m][order], pg[m:][order]
   usable = _pair_ok(jnp.diagonal(sy), ss, jnp.diagonal(yy)) & (jnp.arange(m) < stored)
   gamma, c_s, c_y = _two_loop_coefficients(sy, yy, ss, sg, yg, usable, jnp.sqrt(_vdot(g, g)))
   by_slot = lambda c: jnp.zeros_like(c).at[order].set(c)
-  r = gamma * g + f * (by_slot(c_s) @ pairs_s + by_slot(c_y) @ pairs_y)
-  return free.direction(x, -r.reshape(x.shape)), pairs_s, pairs_y, stored
+  r = gamma * g + f * (jnp.concatenate([by_slot(c_s), by_slot(c_y)]) @ pairs)
+  return free.direction(x, -r.reshape(x.shape)), pairs, stored
 
 
 def _trial_point(x: Array, d: Array, alpha: Array, lo: Array, hi: Array) -> Array:
@@ -248,15 +255,14 @@ def lbfgs_init(objective: Objective, x0: Array, cfg: _Config) -> LbfgsState:
   x = jnp.clip(x0, lo, hi)
   value, grad = jax.value_and_grad(objective)(x)
   converged = _projected_grad_norm(x, grad, lo, hi) <= cfg.tol
-  empty = lambda: jnp.zeros((cfg.memory, x.size), x.dtype)
+  empty = lambda: jnp.zeros((2 * cfg.memory, x.size), x.dtype)
   return LbfgsState(
     x=x,
     value=value,
     grad=grad,
     direction=_free_set(x, grad, lo, hi).steepest(x),
     alpha=jnp.ones((), x.dtype),
-    pairs_s=empty(),
-    pairs_y=empty(),
+    pairs=empty(),
     stored=jnp.zeros((), jnp.int32),
     iterations=jnp.zeros((), jnp.int32),
     steps=jnp.zeros((), jnp.int32),
@@ -329,8 +335,8 @@ def lbfgs_step(objective: Objective, state: LbfgsState, cfg: _Config) -> LbfgsSt
   f_new = jnp.where(ok, f_try, value)
   g_new = jnp.where(ok, g_try, grad)
   free = _free_set(x_new, g_new, lo, hi)
-  d_lbfgs, pairs_s, pairs_y, stored = _lbfgs_direction(
-    state.pairs_s, state.pairs_y, state.stored, x_new, free, x_new - x, g_new - grad
+  d_lbfgs, pairs, stored = _lbfgs_direction(
+    state.pairs, state.stored, x_new, free, x_new - x, g_new - grad
   )
   steepest = (ok & ~(_vdot(g_new, d_lbfgs) < 0)) | restart  # not a descent direction
   direction = jnp.where(steepest, free.steepest(x_new), jnp.where(ok, d_lbfgs, d))
@@ -352,8 +358,7 @@ def lbfgs_step(objective: Objective, state: LbfgsState, cfg: _Config) -> LbfgsSt
     grad=g_new,
     direction=direction,
     alpha=jnp.where(ok | restart, jnp.ones_like(alpha), next_alpha),
-    pairs_s=pairs_s,
-    pairs_y=pairs_y,
+    pairs=pairs,
     stored=stored,
     iterations=iterations,
     steps=steps,
@@ -369,9 +374,9 @@ def lbfgs_step(objective: Objective, state: LbfgsState, cfg: _Config) -> LbfgsSt
   )
   # Finished problems keep their state. The memory is left out of the select: their trial was
   # not accepted, so nothing was stored, and a select would rewrite the whole memory.
-  without_memory = lambda st: st._replace(pairs_s=None, pairs_y=None)
+  without_memory = lambda st: st._replace(pairs=None)
   kept = _select(state.done, without_memory(state), without_memory(new))
-  return kept._replace(pairs_s=pairs_s, pairs_y=pairs_y)
+  return kept._replace(pairs=pairs)
 
 
 def lbfgs_solution(state: LbfgsState, cfg: _Config) -> LbfgsSolution:
