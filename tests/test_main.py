@@ -181,6 +181,22 @@ def test_bad_values_are_named_before_any_work(field, value, message, data_root, 
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize(
+  "n, message",
+  [
+    (5, "attacks.vae.latent_l2.num_pairs=5 exceeds attacks.vae.num_pairs=4; allowed: 1 to"),
+    (0, "attacks.vae.latent_l2.num_pairs=0; allowed: an integer >= 1"),
+  ],
+)
+def test_a_vae_attack_takes_at_most_the_vae_pairs(n, message, data_root, tmp_path):
+  config = tiny("mnist_vae", data_root)
+  with config.attacks.vae.latent_l2.unlocked():
+    config.attacks.vae.latent_l2.num_pairs = n
+  with pytest.raises(UserError, match=message):
+    run_lib.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
 def main_quick(tmp_path, override: str, env=None) -> subprocess.CompletedProcess:
   """`python -m experiments.main` on mnist_cnn:quick in tmp_path/w with one override."""
   return subprocess.run(
