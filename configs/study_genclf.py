@@ -16,13 +16,37 @@ import ml_collections
 from configs import base, mnist_vae
 from configs import study as study_cfg
 
-# Schott et al. (2019)'s inference (their public code, abs_models/models.py and inference.py).
+# Schott et al. (2019)'s inference (their public code, bethgelab/AnalysisBySynthesis,
+# abs_models/models.py and inference.py). Their class VAE is convolutional (models.py get_VAE,
+# nets.py: encoder="conv", decoder="conv" here, without BatchNorm); the study keeps MLPs: on this
+# 2-core CPU the conv decoder made ABS's inference ~8x slower per input (one 10-class decode
+# and its gradient: 3.1 ms vs ~0.5 ms, 50 per input) and its training 1.26 s per step of 64 x 10
+# images (130 s per epoch), and after 6 of 12 epochs it was behind the MLP at the same epoch
+# (bank-only accuracy 0.930 vs 0.950, test objective 29.7 vs 26.0; issue 19, branch genclf99).
+# The MLP ABS's full-inference accuracy: 0.9730 on the first 2,000 test images after 60 epochs
+# (Wilson 95% CI 0.965-0.979), 0.9654 on the first 5,000 after 20: short of the paper's 0.99.
 ABS_MODEL = dict(
-  latent_dim=8, hidden=(512, 256), n_samples=8000, steps=50, lr=0.05, radius=5.0,
-  logit_scale=440.0, gradient="envelope",
+  latent_dim=8, hidden=(512, 256), encoder="mlp", decoder="mlp", n_samples=8000, steps=50,
+  lr=0.05, radius=5.0, logit_scale=440.0, gradient="envelope",
 )  # fmt: skip
-# Li et al. (2019): latent dim 64, 10 importance samples per class.
-CVAE_MODEL = dict(latent_dim=64, features=(), hidden=(500, 500), num_samples=10)
+# Li et al. (2019)'s GFY on MNIST (deepgenerativeclassifier/DeepBayes: vae_mnist.py,
+# models/conv_encoder_mnist.py, models/conv_generator_mnist_B.py, alg/lowerbound_functions.py):
+# latent dim 64, encoder three 5x5 stride-2 convolutions of 64 channels then Dense 500 (shared by
+# the classes), y joined, Dense 500; learned prior p(z | y) (Dense 500); the "l2" likelihood;
+# 10 importance samples per class. Deviation: the decoder is Dense 500 -> Dense 1024 -> the 784
+# pixels, where theirs continues from its Dense 1024 (4x4x64) with three 5x5 transposed
+# convolutions (~27M multiply-adds per decode, 20x this one; a class score decodes 10 x 10).
+# Measured (issue 19, branch genclf99; all 10,000 test images, S = 10): 0.9828 with these
+# settings (training 1770 s, 20 epochs, shared CPU); 0.9829 with the MLP encoder (500, 500) and
+# the same prior and likelihood (30 epochs, 261 s); 0.9728 before, Bernoulli likelihood and
+# N(0, I) prior. Short of the 0.99 asked for (issue 19): what remains of Li et al.'s recipe is
+# their transposed-convolution decoder and their 100 epochs at 1e-4.
+CVAE_MODEL = dict(
+  latent_dim=64, features=(64, 64, 64), feature_hidden=(500,), hidden=(500,),
+  decoder_hidden=(500, 1024), likelihood="l2", prior="learned", num_samples=10,
+)  # fmt: skip
+# Adam with a cosine schedule from 1e-3 for 20 epochs of batches of 64 (Li et al.: Adam 1e-4,
+# batches of 50, 100 epochs; ABS's training settings are not in Schott et al.'s public code).
 GENCLF_TRAIN = dict(epochs=20, batch_size=64, learning_rate=1e-3, lr_schedule="cosine")
 
 
@@ -54,7 +78,10 @@ def get_config(arg=None):
     c.mnist_vae.model.abs.update(n_samples=200, steps=5, hidden=(64,))
     for name in ("abs", "cvae"):
       c.mnist_vae.train[name].update(epochs=2)
-    c.mnist_vae.model.cvae.update(hidden=(64,), latent_dim=8, num_samples=2)
+    c.mnist_vae.model.cvae.update(
+      features=(4,), feature_hidden=(16,), hidden=(16,), decoder_hidden=(16,), latent_dim=8,
+      num_samples=2,
+    )  # fmt: skip
     c.mnist_vae.attacks.hop_skip_jump.update(iterations=3, num_evals=16, bisect_steps=8)
     c.mnist_vae.attacks.latent_descent.update(steps=3, bisect_steps=4)
   return c

@@ -27,8 +27,8 @@ def _abs(key, *, steps=3, n_samples=32, gradient="envelope", radius=5.0):
   return vae, fn, params
 
 
-def _cvae(key, num_samples=4):
-  vae = genclf.ConditionalVAE(image_shape=SHAPE, num_classes=K, latent_dim=2, hidden=(8,))
+def _cvae(key, num_samples=4, **kw):
+  vae = genclf.ConditionalVAE(image_shape=SHAPE, num_classes=K, latent_dim=2, hidden=(8,), **kw)
   p = vae.init(key, jnp.zeros((1, *SHAPE)), jnp.zeros((1, K)), key)
   params = genclf.cvae_params(p, jax.random.fold_in(key, 1), num_samples=num_samples, latent_dim=2)
   return vae, genclf.cvae_logits_fn(vae), params
@@ -83,8 +83,19 @@ def test_inference_deterministic_given_key(key):
   np.testing.assert_array_equal(g(q, x), g2(q2, x))
 
 
-def test_cvae_scores_equal_direct_importance_weighted_bound(key):
-  vae, fn, params = _cvae(key, num_samples=4)
+def _np_prior(params, y, vae):
+  """p(z | y)'s (mean, logvar) from the variables, in numpy (GFY's learned prior or N(0, I))."""
+  if vae.prior == "standard":
+    return np.zeros(vae.latent_dim), np.zeros(vae.latent_dim)
+  p0, p1 = params["params"]["prior_layers_0"], params["params"]["prior_layers_1"]
+  h = np.maximum(y @ np.asarray(p0["kernel"]) + np.asarray(p0["bias"]), 0.0)
+  out = (h @ np.asarray(p1["kernel"]) + np.asarray(p1["bias"]))[0].astype(np.float64)
+  return out[: vae.latent_dim], out[vae.latent_dim :]
+
+
+@pytest.mark.parametrize("likelihood,prior", [("bernoulli", "standard"), ("l2", "learned")])
+def test_cvae_scores_equal_direct_importance_weighted_bound(key, likelihood, prior):
+  vae, fn, params = _cvae(key, num_samples=4, likelihood=likelihood, prior=prior)
   x = _image(jax.random.fold_in(key, 2))
   logits = np.asarray(fn(params, x), np.float64)
   eye = np.eye(K, dtype=np.float32)
@@ -99,8 +110,15 @@ def test_cvae_scores_equal_direct_importance_weighted_bound(key):
     for eps in np.asarray(params["noise"], np.float64):
       z = mean + np.exp(0.5 * logvar) * eps
       pl = np.asarray(vae.apply(params["vae"], z[None].astype(np.float32), y, method="decode"))
-      loglik = -np.sum(np.asarray(optax.sigmoid_binary_cross_entropy(pl[0], x)), dtype=np.float64)
-      log_prior = -0.5 * np.sum(z**2 + np.log(2 * np.pi))
+      if likelihood == "bernoulli":
+        per_pixel = np.asarray(optax.sigmoid_binary_cross_entropy(pl[0], x))
+      else:
+        per_pixel = (
+          np.asarray(x, np.float64) - 1.0 / (1.0 + np.exp(-pl[0].astype(np.float64)))
+        ) ** 2
+      loglik = -np.sum(per_pixel, dtype=np.float64)
+      pm, plv = _np_prior(params["vae"], y, vae)
+      log_prior = -0.5 * np.sum((z - pm) ** 2 * np.exp(-plv) + plv + np.log(2 * np.pi))
       log_q = -0.5 * np.sum(eps**2 + logvar + np.log(2 * np.pi))
       ws.append(loglik + log_prior - log_q)
     ws = np.array(ws)
@@ -258,3 +276,104 @@ def test_minimal_perturbation_is_the_min_over_successful_attacks():
   np.testing.assert_allclose(best["linf"], [0.1, 0.4, 0.3])
   # The registered H0 family stays the latent-probe VAEs; "cvae" is not one of them.
   assert study.is_vae("mlp_vae") and not study.is_vae("cvae") and not study.is_vae("abs")
+
+
+def test_abs_conv_vae_shapes_and_parameter_count(key):
+  """Schott et al.'s layer shapes (abs_models/models.py get_VAE): 28 -> 24 -> 11 -> 5 -> 1 and
+  back 1 -> 4 -> 11 -> 25 -> 28; their conv weights and biases (BatchNorm left out) per class."""
+  x = jax.random.uniform(key, (3, 28, 28, 1))
+  counts = {}
+  for enc, dec in [("conv", "conv"), ("conv", "mlp"), ("mlp", "conv")]:
+    vae = genclf.ABSVAE(
+      image_shape=(28, 28, 1), latent_dim=8, hidden=(16,), encoder=enc, decoder=dec
+    )
+    p = vae.init(key, x, key)
+    mean, logvar = vae.apply(p, x, method="encode")
+    assert mean.shape == logvar.shape == (3, 8)
+    img = vae.apply(p, mean, method="decode")
+    assert img.shape == (3, 28, 28, 1) and float(img.min()) > 0.0 and float(img.max()) < 1.0
+    counts[enc, dec] = sum(a.size for a in jax.tree.leaves(p))
+  conv_enc = (
+    (5 * 5 * 32 + 32) + (4 * 4 * 32 * 32 + 32) + (3 * 3 * 32 * 64 + 64) + (5 * 5 * 64 * 16 + 16)
+  )
+  conv_dec = (
+    (4 * 4 * 8 * 32 + 32) + (5 * 5 * 32 * 16 + 16) + (5 * 5 * 16 * 16 + 16) + (4 * 4 * 16 + 1)
+  )
+  mlp_enc, mlp_dec = (784 * 16 + 16) + (16 * 16 + 16), (8 * 16 + 16) + (16 * 784 + 784)
+  assert counts["conv", "conv"] == conv_enc + conv_dec == 84977
+  assert counts["conv", "mlp"] == conv_enc + mlp_dec
+  assert counts["mlp", "conv"] == mlp_enc + conv_dec
+  with pytest.raises(ValueError, match="decoder must be one of"):
+    genclf.ABSVAE(image_shape=(28, 28, 1), decoder="deconv").init(key, x, key)
+
+
+def test_abs_conv_scores_equal_direct_objective_and_vmap_equals_loop(key):
+  shape = (28, 28, 1)
+  vae = genclf.ABSVAE(image_shape=shape, latent_dim=8, encoder="conv", decoder="conv")
+  per_class = jax.vmap(lambda k: vae.init(k, jnp.zeros((1, *shape)), k))(jax.random.split(key, K))
+  params = genclf.abs_params(vae, per_class, jax.random.fold_in(key, 1), n_samples=16)
+  fn = genclf.abs_logits_fn(vae, steps=2)
+  xs = jax.random.uniform(jax.random.fold_in(key, 2), (2, *shape))
+  batched = np.asarray(jax.jit(jax.vmap(fn, in_axes=(None, 0)))(params, xs))
+  for i, x in enumerate(xs):
+    np.testing.assert_allclose(batched[i], np.asarray(fn(params, x)), rtol=1e-5, atol=1e-5)
+    _, z = fn.inference(params, x)
+    for k in range(K):
+      pk = jax.tree.map(lambda a, k=k: a[k], params["vae"])
+      rec = np.asarray(vae.apply(pk, z[k][None], method="decode")[0], np.float64)
+      direct = np.sum((np.asarray(x, np.float64) - rec) ** 2) + 0.5 * np.sum(np.asarray(z[k]) ** 2)
+      np.testing.assert_allclose(batched[i, k], -440.0 * direct / x.size, rtol=1e-4)
+
+
+def test_cvae_conv_features_shapes(key):
+  """Li et al.'s encoder: 5x5 stride-2 SAME convolutions (28 -> 14 -> 7 -> 4), then Dense layers
+  shared by the classes before y joins."""
+  x = jax.random.uniform(key, (2, 28, 28, 1))
+  y = jnp.eye(K)[:2]
+  for feature_hidden, width in [((), 4 * 4 * 5), ((6,), 6)]:
+    vae = genclf.ConditionalVAE(
+      image_shape=(28, 28, 1), num_classes=K, latent_dim=3, features=(4, 4, 5),
+      feature_hidden=feature_hidden, hidden=(7,), decoder_hidden=(9, 11),
+    )  # fmt: skip
+    p = vae.init(key, x, y, key)
+    assert vae.apply(p, x, method="features_of").shape == (2, width)
+    out = vae.apply(p, x, y, key)
+    assert [a.shape for a in out] == [(2, 28, 28, 1)] + [(2, 3)] * 4
+    assert p["params"]["dec_dense_1"]["kernel"].shape == (9, 11)
+
+
+def test_cvae_training_loss_is_likelihood_plus_closed_form_kl(key):
+  vae, _, params = _cvae(key, likelihood="l2", prior="learned")
+  p = params["vae"]
+  x = jax.random.uniform(jax.random.fold_in(key, 2), (5, *SHAPE))
+  y = jnp.array([0, 1, 2, 1, 0])
+  loss = float(genclf.cvae_training_loss(vae, p, x, y, jax.random.fold_in(key, 3)))
+  onehot = np.eye(K, dtype=np.float32)[np.asarray(y)]
+  logits, mean, logvar, pm, plv = (
+    np.asarray(a, np.float64) for a in vae.apply(p, x, onehot, jax.random.fold_in(key, 3))
+  )
+  sq = np.sum((np.asarray(x, np.float64) - 1.0 / (1.0 + np.exp(-logits))) ** 2, axis=(1, 2, 3))
+  # The closed-form KL against a Monte Carlo estimate of E_q[log q - log p].
+  eps = np.asarray(jax.random.normal(jax.random.fold_in(key, 4), (200_000, 1, 2)), np.float64)
+  z = mean + np.exp(0.5 * logvar) * eps
+  log_n = lambda z, m, lv: -0.5 * np.sum((z - m) ** 2 * np.exp(-lv) + lv, -1)
+  kl_mc = np.mean(log_n(z, mean, logvar) - log_n(z, pm, plv), 0)
+  kl = np.asarray(genclf.gaussian_kl(mean, logvar, pm, plv))
+  np.testing.assert_allclose(kl, kl_mc, rtol=0.05, atol=0.01)
+  np.testing.assert_allclose(loss, np.mean(sq + kl), rtol=1e-5)
+
+
+def test_per_class_loop_equals_vmap_for_conv_vae(key):
+  """The conv ABS VAE's classes run as an unrolled loop (genclf.per_class): same as vmap."""
+  vae = genclf.ABSVAE(image_shape=(28, 28, 1), latent_dim=8, encoder="conv", decoder="conv")
+  per_class = jax.vmap(lambda k: vae.init(k, jnp.zeros((1, 28, 28, 1)), k))(
+    jax.random.split(key, K)
+  )
+  z = jax.random.normal(key, (K, 8))
+  decode = lambda p, zk: vae.apply(p, zk[None], method="decode")[0]
+  np.testing.assert_allclose(
+    np.asarray(genclf.per_class(vae, decode, per_class, z)),
+    np.asarray(jax.vmap(decode)(per_class, z)),
+    rtol=1e-5,
+    atol=1e-6,
+  )

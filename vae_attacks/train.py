@@ -937,9 +937,8 @@ def train_abs(
 
   def loss_of(params, xb, key):
     keys = jax.random.split(key, k)
-    per = jax.vmap(lambda p, x, kk: genclf.abs_training_loss(vae, p, x, kk))(
-      params, jnp.swapaxes(xb, 0, 1), keys
-    )
+    loss = lambda p, x, kk: genclf.abs_training_loss(vae, p, x, kk)
+    per = genclf.per_class(vae, loss, params, jnp.swapaxes(xb, 0, 1), keys)
     return jnp.sum(per)
 
   def batch_loss(params, xb, y, key):
