@@ -40,6 +40,15 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ.get("XLA_FLAGS", "")
     + f" --xla_force_host_platform_device_count={os.cpu_count() or 1}"
   ).strip()
+# The host devices meet in collectives (the sharded sweeps' all-gathers); XLA aborts the whole
+# process when one device's thread is 40 s late (its default), which happened on 2026-12-06
+# with four processes sharing the 2 cores, losing a 25-minute L-BFGS sweep. A late thread on an
+# oversubscribed CPU is not a deadlock: wait an hour.
+if "xla_cpu_collective_call_terminate_timeout_seconds" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] += (
+    " --xla_cpu_collective_call_terminate_timeout_seconds=3600"
+    " --xla_cpu_collective_timeout_seconds=3600"
+  )
 
 from experiments import hostmem  # noqa: E402
 
