@@ -199,15 +199,15 @@ def run_all(config, data, trained, log, job=None) -> None:
         todo = _todo(
           _plan(acfg, vae_key, "vae", model_name), k, log, config, base_row, job, model_name
         )
-        for n in sorted({registry.num_pairs_of(w.spec, acfg) for w in todo}, reverse=True):
-          group = [w for w in todo if registry.num_pairs_of(w.spec, acfg) == n]
+        groups = {}  # the sweeps by how many of the VAE pairs they attack
+        for w in todo:
+          groups.setdefault(registry.num_pairs_of(w.spec, acfg), []).append(w)
+        for n, group in sorted(groups.items(), reverse=True):
           chosen = _prefix(shared, n)
           target = _vae_target(
             config, data, model, trained["cnn"], vae_key, settings, chosen, num_pairs=n
           )
-          problems += _run_sweeps(
-            config, target, group, log, base_row, out_dir, runner_kwargs, job
-          )
+          problems += _run_sweeps(config, target, group, log, base_row, out_dir, runner_kwargs, job)
       todo = _todo(
         _plan(acfg, key, "classifier", model_name), k, log, config, base_row, job, model_name
       )
@@ -295,8 +295,9 @@ def _shared_pairs(config, data, trained, root, out_dir: pathlib.Path):
   return pairs, target_images
 
 
-def _prefix(shared, n: int):
-  """The first n of the shared pairs (and their target images), or None without sharing."""
+def _prefix(shared, n: int | None):
+  """The first n (None: all) of the shared pairs and their target images, or None without
+  sharing."""
   if shared is None:
     return None
   pairs, target_images = shared
@@ -338,9 +339,7 @@ def _classifier_target(config, data, model, key, settings, shared=None) -> _Targ
                  (x,), {}, pair_x)  # fmt: skip
 
 
-def _vae_target(
-  config, data, model, judge, key, settings, shared=None, num_pairs=None
-) -> _Target:
+def _vae_target(config, data, model, judge, key, settings, shared=None, num_pairs=None) -> _Target:
   """A VAE under the Tabacof et al. (2016) and Kos et al. (2017) attacks, judged by the CNN.
 
   Pairs: a source the judge classifies correctly from its reconstruction, and a target image
@@ -362,9 +361,7 @@ def _vae_target(
       config.attacks.vae.num_pairs,
     )  # fmt: skip
     target_images = _target_images(data.y_test, pairs, key)
-    if num_pairs is not None:
-      pairs = runner.Pairs(*(a[:num_pairs] for a in pairs))
-      target_images = target_images[:num_pairs]
+    pairs, target_images = _prefix((pairs, target_images), num_pairs)
   x = data.x_test[pairs.index]
   x_target = data.x_test[target_images]
   return _Target(

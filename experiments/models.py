@@ -443,13 +443,14 @@ def import_model(
   """
   from experiments.errors import UserError  # noqa: PLC0415
 
-  try:
-    recorded = (record if record is not None else _read_record(metrics_path) or {})[name]
-  except KeyError:
+  if record is None:
+    record = _read_record(metrics_path) or {}
+  if name not in record:
     raise UserError(
       f"{name}: parameters in {path} but no entry for it in {metrics_path}; the record is "
       "incomplete (delete the parameters to train the model here)"
-    ) from None
+    )
+  recorded = record[name]
   params = serialization.msgpack_restore(path.read_bytes())
   template = _template(name, config, data)
   got = jax.tree.map(lambda a: tuple(a.shape), params)
