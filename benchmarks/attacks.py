@@ -211,12 +211,12 @@ def print_bim(args, b: dict, mm: float) -> dict:
     f"\nBIM L-inf, eps={args.eps}, {args.steps} steps of eps/10, {n} pairs (runner success "
     f"{b['success']:.2f}); load {b['load'][0]:.1f} -> {b['load'][1]:.1f}"
   )
-  head = f"{'variant':<42}{'ex/s':>8}{'ours/it':>9}{'GFLOP/s':>9}{'% mm':>7}{'same succ':>10}"
+  head = f"{'variant':<50}{'ex/s':>8}{'ours/it':>9}{'GFLOP/s':>9}{'% mm':>7}{'same succ':>10}"
   print(head + f"{'max|dx|':>9}{'1st s':>7}")
   for name, r in rows.items():
     gf = r["ex_per_s"] * b["flops_per_pair"] / 1e9
     print(
-      f"{name:<42}{r['ex_per_s']:>8.1f}{rows[ours]['ex_per_s'] / r['ex_per_s']:>9.2f}{gf:>9.1f}"
+      f"{name:<50}{r['ex_per_s']:>8.1f}{rows[ours]['ex_per_s'] / r['ex_per_s']:>9.2f}{gf:>9.1f}"
       f"{gf / mm:>7.0%}{r['same_success']:>10.3f}{r['max_abs_diff']:>9.1e}{r['first_s']:>7.1f}"
     )
   print(
@@ -267,10 +267,10 @@ def bench_lbfgs(args, logits_fn, params, x, target, mesh) -> dict:
                                    **rules))  # fmt: skip
     return out
 
-  def run_runner(batched, mesh):
+  def run_runner(batched, mesh, direction="subspace"):
     res = runner.run_attack(
       spec.run, logits_fn, params, x_host, t_host, (args.c,), mesh=mesh, progress=False,
-      batched=batched, max_iters=args.lbfgs_iters,
+      batched=batched, max_iters=args.lbfgs_iters, direction=direction,
     )  # fmt: skip
     return jax.tree.map(lambda a: a[0], res)
 
@@ -278,6 +278,9 @@ def bench_lbfgs(args, logits_fn, params, x, target, mesh) -> dict:
   variants = {
     f"runner host loop, {n_dev} host devices": lambda: run_runner(spec.batched, mesh),
     "runner host loop, 1 device": lambda: run_runner(spec.batched, None),
+    f"runner host loop, restricted direction, {n_dev} devices": lambda: run_runner(
+      spec.batched, mesh, "restricted"
+    ),
     f"runner compiled while loop, {n_dev} devices": lambda: run_runner(None, mesh),
     "scipy L-BFGS-B per pair": scipy_all,
   }
@@ -311,12 +314,12 @@ def print_lbfgs(args, r: dict) -> dict:
     f"pairs; load {r['load'][0]:.1f} -> {r['load'][1]:.1f}"
   )
   print(
-    f"{'variant':<42}{'ex/s':>8}{'/scipy':>8}{'mean obj':>11}{'iters':>7}{'<= scipy':>9}"
+    f"{'variant':<50}{'ex/s':>8}{'/scipy':>8}{'mean obj':>11}{'iters':>7}{'<= scipy':>9}"
     f"{'<=, 1e-5':>9}{'worst gap':>11}{'1st s':>7}"
   )
   for name, x in rows.items():
     print(
-      f"{name:<42}{x['ex_per_s']:>8.1f}{x['ex_per_s'] / scipy_rate:>8.2f}"
+      f"{name:<50}{x['ex_per_s']:>8.1f}{x['ex_per_s'] / scipy_rate:>8.2f}"
       f"{x['mean_objective']:>11.6f}{x['iterations']:>7.1f}{x['lower_or_equal']:>9.2f}"
       f"{x['within_1e5']:>9.2f}{x['worst_gap']:>11.1e}{x['first_s']:>7.1f}"
     )
@@ -342,30 +345,38 @@ def print_lbfgs(args, r: dict) -> dict:
 
 
 def bench_step(args, logits_fn, params, x, target) -> dict:
-  """The host loop's compiled step over the value_and_grad of the same pairs (one device)."""
-  cfg = lb.make_config(max_iters=10_000, max_steps=10_000)  # nobody finishes while timed
+  """The host loop's compiled step over the value_and_grad of the same pairs (one device),
+  for each L-BFGS direction (`lbfgs.DIRECTIONS`)."""
   objective = lb._batched_szegedy(logits_fn, True)
   per_pair = (x, target, jnp.full(target.shape, args.c, x.dtype))
-  state = {"s": lb._batched_init(objective, x, params, per_pair, cfg)}
   grad = jax.jit(jax.vmap(jax.value_and_grad(objective), in_axes=(0, None, 0)))
+  variants = {"value_and_grad": lambda: grad(x, params, per_pair)}
+  for direction in lb.DIRECTIONS:
+    # max_iters: nobody finishes while timed.
+    cfg = lb.make_config(max_iters=10_000, max_steps=10_000, direction=direction)
+    state = {"s": lb._batched_init(objective, x, params, per_pair, cfg)}
 
-  def step():
-    state["s"], running = lb._batched_block(objective, state["s"], params, per_pair, cfg, 1)
-    return running
+    def step(state=state, cfg=cfg):
+      state["s"], running = lb._batched_block(objective, state["s"], params, per_pair, cfg, 1)
+      return running
 
-  for _ in range(3):  # past the first steps, where pairs are still being stored
-    step()
+    for _ in range(3):  # past the first steps, where pairs are still being stored
+      step()
+    variants[f"step, {direction}"] = step
   load_start = load()
-  timed = rounds({"value_and_grad": lambda: grad(x, params, per_pair), "step": step},
-                 max(3 * args.repeats, 10))  # fmt: skip
-  vg, st = timed["value_and_grad"][1], timed["step"][1]
+  timed = rounds(variants, max(3 * args.repeats, 10))
+  vg = timed["value_and_grad"][1]
   print(
     f"\nL-BFGS step at {tuple(x.shape[1:])}, {x.shape[0]} pairs, memory {cfg.memory}: "
-    f"value_and_grad {vg * 1e3:.1f} ms, loop step {st * 1e3:.1f} ms = {st / vg:.2f}x; "
-    f"load {load_start:.1f} -> {load():.1f}"
+    f"value_and_grad {vg * 1e3:.1f} ms; load {load_start:.1f} -> {load():.1f}"
   )
-  return dict(step_ms=st * 1e3, value_and_grad_ms=vg * 1e3, step_ratio=st / vg,
-              step_pairs=int(x.shape[0]), step_load=(load_start, load()))  # fmt: skip
+  print(f"{'direction':<14}{'loop step ms':>14}{'/ value_and_grad':>18}")
+  out = dict(value_and_grad_ms=vg * 1e3, step_pairs=int(x.shape[0]), step_load=(load_start, load()))
+  for direction in lb.DIRECTIONS:
+    st = timed[f"step, {direction}"][1]
+    print(f"{direction:<14}{st * 1e3:>14.1f}{st / vg:>18.2f}")
+    out[f"step_ms_{direction}"], out[f"step_ratio_{direction}"] = st * 1e3, st / vg
+  return out
 
 
 def main(argv=None) -> dict:

@@ -256,9 +256,114 @@ def test_attack_does_not_retrace(hyperplane):
     attack_over_c(params, jnp.asarray(x), jnp.int32(1), jnp.full((2,), c, jnp.float32))
 
 
+def dense_lbfgs_inverse(pairs_s, pairs_y):
+  """The L-BFGS inverse approximation H as a dense matrix (float64), pairs oldest first,
+  H_0 = gamma I with gamma = s.y / y.y of the newest pair (Nocedal and Wright, eq. 7.20)."""
+  s_new, y_new = pairs_s[-1], pairs_y[-1]
+  h = np.eye(len(s_new)) * (s_new @ y_new) / (y_new @ y_new)
+  for s, y in zip(pairs_s, pairs_y, strict=True):
+    rho = 1.0 / (s @ y)
+    v = np.eye(len(s)) - rho * np.outer(y, s)
+    h = v.T @ h @ v + rho * np.outer(s, s)
+  return h
+
+
+def test_restricted_direction_is_the_free_block_of_the_inverse():
+  """kind="restricted": -[H]_FF g_F on the free variables, the bound on the active ones, with
+  the kept Gram matrix equal to pairs @ pairs.T after every store (the ring buffer wraps)."""
+  rng = np.random.default_rng(7)
+  n, m, stores = 12, 3, 5
+  a = rng.normal(size=(n, n))
+  a = a @ a.T / n + 0.5 * np.eye(n)  # y = A s: every pair has s.y > 0
+  x = rng.uniform(0.1, 0.9, n)
+  active = np.zeros(n, bool)
+  active[[1, 4, 9]] = True
+  g = rng.normal(size=n)
+  free = lb._FreeSet(
+    jnp.asarray(active),
+    jnp.where(jnp.asarray(active), 1.0, 0.0),
+    jnp.asarray(np.where(active, 0, g), jnp.float32),
+  )
+  pairs, gram = jnp.zeros((2 * m, n), jnp.float32), jnp.zeros((2 * m, 2 * m), jnp.float32)
+  stored = jnp.int32(0)
+  history = []
+  for _ in range(stores):
+    s = rng.normal(size=n)
+    y = a @ s
+    history.append((s, y))
+    d, pairs, gram, stored = lb._lbfgs_direction(
+      pairs, gram, stored, jnp.asarray(x, jnp.float32), free, jnp.asarray(s, jnp.float32),
+      jnp.asarray(y, jnp.float32), "restricted",
+    )  # fmt: skip
+    p64 = np.asarray(pairs, np.float64)
+    np.testing.assert_allclose(gram, p64 @ p64.T, rtol=1e-5, atol=1e-4)
+  assert int(stored) == stores
+  last = history[-m:]
+  h = dense_lbfgs_inverse([p[0] for p in last], [p[1] for p in last])
+  g_free = np.where(active, 0.0, g)
+  expected = np.where(active, 1.0 - x, -(h @ g_free))
+  np.testing.assert_allclose(d, expected, rtol=2e-4, atol=2e-5)
+  # Not the subspace direction (nothing stored: s = y = 0): the two differ once variables are
+  # active.
+  d_sub, *_ = lb._lbfgs_direction(
+    pairs, gram, stored, jnp.asarray(x, jnp.float32), free, jnp.zeros(n), jnp.zeros(n),
+    "subspace",
+  )  # fmt: skip
+  assert np.abs(np.asarray(d_sub) - expected).max() > 1e-3
+
+
+@functools.partial(jax.jit, static_argnames="direction")
+def solve_szegedy(params, x, target, c, *, direction):
+  return jax.vmap(
+    lambda x0, t, c: lb.minimise_box(
+      lambda z: lb.szegedy_objective(linear_logits, params, x0, t, c, z), x0, max_iters=100,
+      direction=direction,
+    )
+  )(x, target, c)  # fmt: skip
+
+
+def test_restricted_direction_matches_scipy(quadratics, linear_model):
+  """The two-metric ("restricted") direction reaches scipy's L-BFGS-B minima too: the
+  diagonal and coupled quadratics with active bounds, and the Szegedy objective."""
+  (a, b), (h, q), _ = quadratics
+  centres = np.stack([b, np.linalg.solve(h, q)])
+  hs = np.stack([np.diag(a), h])
+  solve = jax.jit(
+    jax.vmap(
+      lambda h, centre: lb.minimise_box(
+        lambda x: 0.5 * (x - centre) @ h @ (x - centre), jnp.full(20, 0.5), max_iters=100,
+        tol=1e-6, direction="restricted",
+      )
+    )
+  )  # fmt: skip
+  sols = solve(jnp.asarray(hs, jnp.float32), jnp.asarray(centres, jnp.float32))
+  assert_in_box(sols.x, 0.0, 1.0)
+  np.testing.assert_allclose(sols.x[0], np.clip(b, 0.0, 1.0), atol=1e-4)
+  c = centres[1]
+  f_ref, x_ref = scipy_min(
+    lambda x: (0.5 * (x - c) @ h @ (x - c), h @ (x - c)), np.full(20, 0.5), 0, 1
+  )
+  np.testing.assert_allclose(sols.value[1], f_ref, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(sols.x[1], x_ref, atol=5e-3)
+
+  params, x, target = linear_model
+  cs = np.array([0.05, 1.0, 0.05, 1.0, 0.05, 1.0], np.float32)
+  sol = solve_szegedy(params, jnp.asarray(x), jnp.asarray(target), jnp.asarray(cs),
+                      direction="restricted")  # fmt: skip
+  assert_in_box(sol.x, 0.0, 1.0)
+  for i in range(len(x)):
+    x0 = x[i].ravel().astype(np.float64)
+    f_ref, _ = scipy_min(
+      lambda z, i=i, x0=x0: np_szegedy(params, x0, target[i], cs[i], z), x0, 0, 1
+    )
+    np.testing.assert_allclose(sol.value[i], f_ref, rtol=2e-5, atol=2e-5)
+
+
 def test_bad_knobs_raise():
   with pytest.raises(ValueError, match="num_trials"):
     lb.minimise_box(rosenbrock, jnp.zeros(2), num_trials=0)
+  with pytest.raises(ValueError, match="direction must be one of"):
+    lb.minimise_box(rosenbrock, jnp.zeros(2), direction="newton")
 
 
 # ---------------------------------------------------------------- the Szegedy attack

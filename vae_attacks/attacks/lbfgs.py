@@ -84,6 +84,9 @@ class LbfgsState(NamedTuple):
   # s = x_{k+1} - x_k, rows m..2m-1 the matching gradient differences y (one array, so that
   # one product gives every Gram entry the direction needs).
   pairs: Array
+  # [2m, 2m] inner products of the whole stored pairs (pairs @ pairs.T), kept up to date one
+  # row and column per stored pair; read by the "restricted" direction only.
+  gram: Array
   stored: Array  # int32[] pairs stored since the last restart; the next goes to slot stored % m
   iterations: Array  # int32[] accepted iterations
   steps: Array  # int32[] loop steps taken (each costs the same for every problem)
@@ -106,6 +109,10 @@ class _Config(NamedTuple):
   ftol: float
   ftol_iters: int
   max_backtracks: int
+  direction: str
+
+
+DIRECTIONS = ("subspace", "restricted")
 
 
 def _vdot(a: Array, b: Array) -> Array:
@@ -194,25 +201,39 @@ def _two_loop_coefficients(
 
 
 def _lbfgs_direction(
-  pairs: Array, stored: Array, x: Array, free: _FreeSet, s: Array, y: Array
-) -> tuple[Array, Array, Array]:
+  pairs: Array,
+  gram: Array,
+  stored: Array,
+  x: Array,
+  free: _FreeSet,
+  s: Array,
+  y: Array,
+  kind: str = "subspace",
+) -> tuple[Array, Array, Array, Array]:
   """Stores the pair (s, y) (if s.y > 0) and returns the L-BFGS direction on the free set.
 
-  The memory keeps whole pairs; the direction uses them restricted to the free variables
-  (s_F, y_F), the secant pairs of the reduced Hessian B_FF, as the subspace step of L-BFGS-B
-  does, rather than the restriction of the full inverse. Pairs with s_F.y_F <= 0 are left out
-  (weight 0), and H_0 = gamma I takes gamma from the newest usable pair (as
-  `optax.scale_by_lbfgs` does; its capped steepest-descent step when none is usable).
+  `kind="subspace"`: the direction uses the pairs restricted to the free variables (s_F,
+  y_F), the secant pairs of the reduced Hessian B_FF, as the subspace step of L-BFGS-B does.
+  Pairs with s_F.y_F <= 0 are left out (weight 0). The Gram matrix of the restricted pairs
+  changes with the free set, so every step forms it anew: one [2m, n] x [n, 2m] product (not
+  two [m, n] x [n, m] ones and a masked sum of squares: batched under vmap, XLA CPU runs the
+  one product faster, docs/performance.md).
 
-  The memory (s and y stacked, [2m, n]) is read three times: one product for the Gram matrix
-  of the restricted pairs, one matrix-vector product for their inner products with g, one
-  for the combination; it is written only in the slot of the new pair, so that a donated
-  memory is updated in place (the vector two-loop reads it four times in 2m dependent
-  passes). One [2m, n] x [n, 2m] product, not two [m, n] x [n, m] ones and a masked sum of
-  squares: batched under vmap, XLA CPU runs the one product faster (docs/performance.md).
+  `kind="restricted"`: the direction is -[H]_FF g_F, the free block of the whole L-BFGS
+  inverse approximation H: a two-metric projection step (Bertsekas 1982: any scaling that is
+  positive definite on the free variables and diagonal on the active ones keeps the method
+  a descent method), since a principal block of the positive definite H is positive definite.
+  H's Gram matrix does not depend on the free set, so it is kept up to date one row and
+  column per stored pair, and the step reads the memory twice: one thin product
+  pairs @ [s, y, g_F] and the combination.
+
+  Both: H_0 = gamma I takes gamma from the newest usable pair (as `optax.scale_by_lbfgs`
+  does; its capped steepest-descent step when none is usable); the memory (s and y stacked,
+  [2m, n]) is written only in the slot of the new pair, so that a donated memory is updated
+  in place.
 
   Returns:
-    (direction shaped like x, pairs, stored).
+    (direction shaped like x, pairs, gram, stored).
   """
   m = pairs.shape[0] // 2
   s, y = s.reshape(-1), y.reshape(-1)
@@ -224,21 +245,28 @@ def _lbfgs_direction(
 
   f = (~free.active).reshape(-1).astype(s.dtype)
   g = free.grad.reshape(-1)
-  # Every inner product of the restricted pairs at once: gram[a, b] = p_a . f p_b.
-  gram = (pairs * f[None]) @ pairs.T  # [2m, 2m]
+  if kind == "subspace":
+    # Every inner product of the restricted pairs at once: sub[a, b] = p_a . f p_b.
+    sub = (pairs * f[None]) @ pairs.T  # [2m, 2m]
+    pg = pairs @ g  # [2m]
+  else:
+    # One pass over the memory: the new pair against every stored one, and g_F.
+    prod = pairs @ jnp.stack([s, y, g], axis=1)  # [2m, 3]
+    new = lambda gr, row, v: gr.at[row].set(v).at[:, row].set(v)
+    gram = jnp.where(good, new(new(gram, slot, prod[:, 0]), m + slot, prod[:, 1]), gram)
+    sub, pg = gram, prod[:, 2]
   # Pairs in age order (0 = newest): slot (stored - 1 - a) % m; only the small Gram
   # matrices are permuted.
   order = (stored - 1 - jnp.arange(m)) % m
-  sy = gram[:m, m:][order][:, order]
-  yy = gram[m:, m:][order][:, order]
-  ss = jnp.diagonal(gram[:m, :m])[order]
-  pg = pairs @ g  # [2m]
+  sy = sub[:m, m:][order][:, order]
+  yy = sub[m:, m:][order][:, order]
+  ss = jnp.diagonal(sub[:m, :m])[order]
   sg, yg = pg[:m][order], pg[m:][order]
   usable = _pair_ok(jnp.diagonal(sy), ss, jnp.diagonal(yy)) & (jnp.arange(m) < stored)
   gamma, c_s, c_y = _two_loop_coefficients(sy, yy, ss, sg, yg, usable, jnp.sqrt(_vdot(g, g)))
   by_slot = lambda c: jnp.zeros_like(c).at[order].set(c)
   r = gamma * g + f * (jnp.concatenate([by_slot(c_s), by_slot(c_y)]) @ pairs)
-  return free.direction(x, -r.reshape(x.shape)), pairs, stored
+  return free.direction(x, -r.reshape(x.shape)), pairs, gram, stored
 
 
 def _trial_point(x: Array, d: Array, alpha: Array, lo: Array, hi: Array) -> Array:
@@ -263,6 +291,7 @@ def lbfgs_init(objective: Objective, x0: Array, cfg: _Config) -> LbfgsState:
     direction=_free_set(x, grad, lo, hi).steepest(x),
     alpha=jnp.ones((), x.dtype),
     pairs=empty(),
+    gram=jnp.zeros((2 * cfg.memory, 2 * cfg.memory), x.dtype),
     stored=jnp.zeros((), jnp.int32),
     iterations=jnp.zeros((), jnp.int32),
     steps=jnp.zeros((), jnp.int32),
@@ -335,8 +364,8 @@ def lbfgs_step(objective: Objective, state: LbfgsState, cfg: _Config) -> LbfgsSt
   f_new = jnp.where(ok, f_try, value)
   g_new = jnp.where(ok, g_try, grad)
   free = _free_set(x_new, g_new, lo, hi)
-  d_lbfgs, pairs, stored = _lbfgs_direction(
-    state.pairs, state.stored, x_new, free, x_new - x, g_new - grad
+  d_lbfgs, pairs, gram, stored = _lbfgs_direction(
+    state.pairs, state.gram, state.stored, x_new, free, x_new - x, g_new - grad, cfg.direction
   )
   steepest = (ok & ~(_vdot(g_new, d_lbfgs) < 0)) | restart  # not a descent direction
   direction = jnp.where(steepest, free.steepest(x_new), jnp.where(ok, d_lbfgs, d))
@@ -359,6 +388,7 @@ def lbfgs_step(objective: Objective, state: LbfgsState, cfg: _Config) -> LbfgsSt
     direction=direction,
     alpha=jnp.where(ok | restart, jnp.ones_like(alpha), next_alpha),
     pairs=pairs,
+    gram=gram,
     stored=stored,
     iterations=iterations,
     steps=steps,
@@ -406,6 +436,7 @@ def make_config(
   ftol: float = 5e-7,
   ftol_iters: int = 3,
   max_backtracks: int = 4,
+  direction: str = "subspace",
 ) -> _Config:
   """Checks the knobs of `minimise_box` and bundles them (static, hashable)."""
   if max_iters < 0 or memory < 1 or num_trials < 1 or max_backtracks < 1 or ftol_iters < 1:
@@ -413,6 +444,8 @@ def make_config(
       f"need max_iters >= 0, memory, num_trials, max_backtracks, ftol_iters >= 1; got "
       f"{max_iters=}, {memory=}, {num_trials=}, {max_backtracks=}, {ftol_iters=}"
     )
+  if direction not in DIRECTIONS:
+    raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
   if max_steps is None:
     max_steps = 2 * max_iters + max_backtracks
   hashable = lambda b: float(b) if jnp.ndim(b) == 0 and not isinstance(b, jax.Array) else b
@@ -427,6 +460,7 @@ def make_config(
     ftol=float(ftol),
     ftol_iters=int(ftol_iters),
     max_backtracks=int(max_backtracks),
+    direction=direction,
   )
 
 
@@ -444,6 +478,7 @@ def minimise_box(
   ftol_iters: int = 3,
   max_steps: int | None = None,
   max_backtracks: int = 4,
+  direction: str = "subspace",
 ) -> LbfgsSolution:
   """Minimises `objective(x)` subject to `lower <= x <= upper` with projected L-BFGS.
 
@@ -472,6 +507,9 @@ def minimise_box(
     max_steps: most loop steps (evaluations); default 2 * max_iters + max_backtracks.
     max_backtracks: rejected trials in a row before restarting from steepest descent (and
       stopping if that fails too).
+    direction: "subspace" (the L-BFGS pairs restricted to the free variables, as L-BFGS-B's
+      subspace step) or "restricted" (the free block of the whole inverse approximation, a
+      two-metric projection step; cheaper per step); see `_lbfgs_direction`.
 
   Returns:
     LbfgsSolution(x, value, grad_norm, iterations, converged, value_trace, steps).
@@ -487,6 +525,7 @@ def minimise_box(
     ftol=ftol,
     ftol_iters=ftol_iters,
     max_backtracks=max_backtracks,
+    direction=direction,
   )
   state = lbfgs_init(objective, x0, cfg)
   state = jax.lax.while_loop(lambda s: ~s.done, lambda s: lbfgs_step(objective, s, cfg), state)

@@ -116,13 +116,20 @@ def _bim_min(logits_fn, params, x, target, *, eps, norm, steps, step_size_rel, *
   )  # fmt: skip
 
 
-def _lbfgs(logits_fn, params, x, target, *, eps, max_iters):
-  return lbfgs.lbfgs(logits_fn, params, x, target, eps=eps, max_iters=max_iters)
+def _lbfgs(logits_fn, params, x, target, *, eps, max_iters, **solver):
+  return lbfgs.lbfgs(logits_fn, params, x, target, eps=eps, max_iters=max_iters, **solver)
 
 
-def _lbfgs_search(logits_fn, params, x, target, *, eps, max_iters, search_steps):
+def _lbfgs_search(logits_fn, params, x, target, *, eps, max_iters, search_steps, **solver):
   return lbfgs.lbfgs_c_search(
-    logits_fn, params, x, target, c_init=eps, max_iters=max_iters, search_steps=search_steps
+    logits_fn,
+    params,
+    x,
+    target,
+    c_init=eps,
+    max_iters=max_iters,
+    search_steps=search_steps,
+    **solver,
   )
 
 
