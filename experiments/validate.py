@@ -16,7 +16,7 @@ from configs import base
 from experiments import defenses as defenses_lib  # the defences' table (imports jax)
 from vae_attacks import data as data_lib
 from vae_attacks import models as base_models
-from vae_attacks.attacks import registry, runner
+from vae_attacks.attacks import lbfgs, registry, runner
 
 
 class ConfigError(ValueError):
@@ -230,6 +230,7 @@ _KNOB_CHECKS = {
   "sparsity": lambda f, v: _open_unit(f, v, closed_low=True),
   "random_start": lambda f, v: _bool(f, v),
   "c_search": lambda f, v: _bool(f, v),
+  "direction": lambda f, v: _one_of(f, v, lbfgs.DIRECTIONS),
 }
 
 

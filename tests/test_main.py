@@ -197,6 +197,16 @@ def test_a_vae_attack_takes_at_most_the_vae_pairs(n, message, data_root, tmp_pat
   assert not (tmp_path / "w").exists()
 
 
+def test_an_unknown_lbfgs_direction_is_named(data_root, tmp_path):
+  config = tiny("mnist_cnn", data_root, attacks=("lbfgs",))
+  with config.attacks.lbfgs.unlocked():
+    config.attacks.lbfgs.direction = "newton"
+  message = "attacks.lbfgs.direction='newton' is not allowed; allowed: subspace, restricted"
+  with pytest.raises(UserError, match=message):
+    run_lib.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
 def main_quick(tmp_path, override: str, env=None) -> subprocess.CompletedProcess:
   """`python -m experiments.main` on mnist_cnn:quick in tmp_path/w with one override."""
   return subprocess.run(

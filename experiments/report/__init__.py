@@ -192,5 +192,6 @@ def write_combined_report(
   """
   out_dir = pathlib.Path(out_dir)
   runs = [load_run(w) for w in workdirs]
-  title = title or "vae_attacks: " + ", ".join(r.config.get("name") or r.workdir.name for r in runs)
+  # The work directories name the parts (the resolution sweep's parts share one config name).
+  title = title or "vae_attacks: " + ", ".join(r.workdir.name for r in runs)
   return _write(runs, out_dir, title, figures, weak_floor)

@@ -25,7 +25,11 @@ as in projected / two-metric L-BFGS (Bertsekas 1982; Kim, Sra and Dhillon 2010):
 within `eps_k` of a bound whose gradient pushes outward are moved straight to that bound, the
 others (the free variables) follow the L-BFGS direction computed from the curvature pairs
 restricted to them (the secant pairs of the reduced Hessian, as in the subspace step of
-L-BFGS-B, Byrd et al. 1995), and every trial point is projected onto the box. Pairs with
+L-BFGS-B, Byrd et al. 1995; `direction="subspace"`, the default) or from the free block of the
+whole inverse approximation (`direction="restricted"`, a two-metric projection step whose
+Gram matrix is updated per stored pair, so a step reads the memory twice instead of forming a
+[2m, 2m] product: cheaper per step at 154x154x3, more iterations on MNIST;
+docs/performance.md), and every trial point is projected onto the box. Pairs with
 `s.y <= 0` are not stored, and a line search that fails `max_backtracks` times in a row
 restarts from steepest descent (and the problem stops if that fails too).
 
