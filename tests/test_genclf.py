@@ -3,6 +3,7 @@ equal a direct computation, inference is deterministic given its key, gradients 
 inference match finite differences, and the decision-based attack finds a linear model's
 boundary."""
 
+import importlib
 import types
 
 import jax
@@ -274,6 +275,17 @@ def test_minimal_perturbation_is_the_min_over_successful_attacks():
   np.testing.assert_array_equal(s, src)
   np.testing.assert_allclose(best["l2"], [1.0, 4.0, 3.0])
   np.testing.assert_allclose(best["linf"], [0.1, 0.4, 0.3])
+  # A record on other pairs is left out of the minimum and of the attack set it reports.
+  records["d"] = dict(rec([True] * 3, [0.001] * 3), source_index=np.array([7, 8, 9]))
+  rows.append(dict(model="abs", attack="d", key="d"))
+  best, _ = study.minimal_perturbations(d, "abs")
+  np.testing.assert_allclose(best["l2"], [1.0, 4.0, 3.0])
+  assert study.minimal_perturbation_attacks(d, "abs") == ["a", "b", "c"]
+  # The table says where a model's set differs from the CNN's.
+  # (importlib: the package's `study_markdown` attribute is the function of that name)
+  study_markdown = importlib.import_module("experiments.report.study_markdown")
+  assert study_markdown._attack_set(["a", "b", "c"], ["a", "b", "c"]) == "3"
+  assert study_markdown._attack_set(["a", "c", "e"], ["a", "b", "c"]) == "3 (+e; without b)"
   # The registered H0 family stays the latent-probe VAEs; "cvae" is not one of them.
   assert study.is_vae("mlp_vae") and not study.is_vae("cvae") and not study.is_vae("abs")
 

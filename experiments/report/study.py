@@ -517,6 +517,19 @@ def minimal_perturbations(d: StudyData, model: str) -> tuple[dict, np.ndarray] |
   return best, np.asarray(first["source_index"])
 
 
+def minimal_perturbation_attacks(d: StudyData, model: str) -> list[str]:
+  """The attacks whose records enter `minimal_perturbations(d, model)` (on its first record's
+  pairs), sorted: what a model's minimum is taken over."""
+  recs = [
+    (r.get("attack"), d.record(r)) for r in d.rows
+    if r.get("model") == model and d.record(r) is not None and not r.get("judge")
+  ]  # fmt: skip
+  if not recs:
+    return []
+  first = recs[0][1]
+  return sorted({a for a, rec in recs if same_pairs(first, rec)})
+
+
 def minimal_perturbation_summaries(d: StudyData, *, baseline: str = BASELINE) -> list[dict]:
   """Per model and norm: the median [CI] of `minimal_perturbations` and, for the models
   other than the baseline on the same pairs, Wilcoxon's paired test of model - baseline."""
@@ -530,7 +543,8 @@ def minimal_perturbation_summaries(d: StudyData, *, baseline: str = BASELINE) ->
     for n in MIN_NORMS:
       row = dict(dataset=d.name, model=model, norm=n, n=int(src.size), n_sources=n_sources(
         {"source_index": src}), median=stats.median_ci(best[n], clusters=src),
-        never=float(np.mean(np.isinf(best[n]))), test=None)  # fmt: skip
+        never=float(np.mean(np.isinf(best[n]))), test=None,
+        attacks=minimal_perturbation_attacks(d, model))  # fmt: skip
       if model != baseline and base is not None and np.array_equal(base[1], src):
         row["test"] = stats.wilcoxon_paired(base[0][n], best[n], clusters=src)
       out.append(row)
