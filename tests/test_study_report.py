@@ -192,6 +192,10 @@ def test_h1_primary_lfw_smaller_budget_supported(tmp_path):
   assert out["mlp_vae"]["verdict"] == "rejected"  # LFW's budget larger
   text = report.write_combined_report(tmp_path / "out", [mnist, lfw], figures=False).read_text()
   assert "**H1** (primary, the CNN): **supported**" in text
+  # The cell votes come after the registered verdicts, headed as secondary evidence.
+  assert "## Verdicts" not in text
+  votes = text.index("## Secondary: votes over the cells")
+  assert text.index("**H1** (primary, the CNN)") < votes
 
 
 def test_h1_not_measured_without_bim_min_on_lfw(tmp_path):

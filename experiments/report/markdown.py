@@ -336,7 +336,15 @@ def render_summary(
   figures = figures or {}
   parts = [f"# {title}", "", *([top.rstrip(), ""] if top else [])]
   present = {r.get("attack") for v in views for r in v.rows}
-  parts += [how_to_read(present), "## Verdicts", "", *_verdicts(views)]
+  # With per-pair records the study section above holds the registered verdicts (paired
+  # tests of one primary endpoint); the votes over non-overlapping cell intervals stay as
+  # secondary evidence, under a heading that says so.
+  heading = (
+    "## Secondary: votes over the cells (the registered verdicts are in the study section above)"
+    if top
+    else "## Verdicts"
+  )
+  parts += [how_to_read(present), heading, "", *_verdicts(views)]
   for v in views:
     parts += _dataset_section(v, out_dir, figures.get(v.name, {}), weak_floor)
   return "\n".join(parts).rstrip() + "\n"
