@@ -360,3 +360,23 @@ def test_h0_at_matched_accuracy_tests_only_the_model_the_control_was_matched_to(
   assert matched[0]["verdict"] == "supported"  # vs the matched CNN: more robust
   assert matched[0]["acc_cnn"] == 0.76 and matched[0]["acc_vae"] == 0.75
   assert "### H0 at matched clean accuracy" in report.study_markdown(d)
+
+
+def test_h0_by_norm_lists_a_verdict_that_flips_with_the_norm(tmp_path):
+  """The conv VAE needs a smaller L-inf budget (primary: rejected) but a larger L2
+  perturbation (supported in L2): the sensitivity section says the verdict depends on it."""
+  vae = make_record(CNN_BUDGET * 0.5)
+  vae["l2"] = (CNN_BUDGET * 5 + 1.0).astype(np.float32)
+  cells = {("cnn", "bim_min", "linf", 0.3): make_record(CNN_BUDGET),
+           ("conv_vae", "bim_min", "linf", 0.3): vae}  # fmt: skip
+  run = write_run(tmp_path / "mnist", "mnist", cells, ACC)
+  d = data_of(run)
+  by_norm = {t["norm"]: t for t in study.decide_family(study.h0_by_norm(d), "greater")}
+  assert by_norm["l2"]["verdict"] == "supported" and by_norm["l2"]["effect"] == pytest.approx(1.0)
+  assert by_norm["l2"]["attacks"] == ["bim_min"]
+  (primary,) = study.decide_family(study.h0_primary(d), "greater")
+  assert primary["verdict"] == "rejected"
+  text = report.write_report(run, figures=False).read_text()
+  section = text[text.index("### H0 under other definitions of robustness") :]
+  assert "- mnist `conv_vae`: primary **rejected**; l2: supported" in section
+  assert "**the verdict depends on the definition of robustness**" in section

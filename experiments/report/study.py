@@ -61,6 +61,8 @@ class StudyData:
   # {model: int[N_test]} clean predictions kept with the run's pairs (pairs/*.npz)
   predictions: dict = dataclasses.field(default_factory=dict)
   matched: dict = dataclasses.field(default_factory=dict)  # {control: the model it matches}
+  # Results computed once per report (the bootstraps of `minimal_perturbation_summaries`).
+  cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
   def record(self, row: Mapping) -> dict | None:
     return self.records.get(row_key(row))
@@ -532,7 +534,14 @@ def minimal_perturbation_attacks(d: StudyData, model: str) -> list[str]:
 
 def minimal_perturbation_summaries(d: StudyData, *, baseline: str = BASELINE) -> list[dict]:
   """Per model and norm: the median [CI] of `minimal_perturbations` and, for the models
-  other than the baseline on the same pairs, Wilcoxon's paired test of model - baseline."""
+  other than the baseline on the same pairs, Wilcoxon's paired test of model - baseline
+  (computed once per StudyData)."""
+  if ("minimal", baseline) not in d.cache:
+    d.cache["minimal", baseline] = _minimal_perturbation_summaries(d, baseline)
+  return d.cache["minimal", baseline]
+
+
+def _minimal_perturbation_summaries(d: StudyData, baseline: str) -> list[dict]:
   base = minimal_perturbations(d, baseline)
   out = []
   for model in d.models():
@@ -549,6 +558,28 @@ def minimal_perturbation_summaries(d: StudyData, *, baseline: str = BASELINE) ->
         row["test"] = stats.wilcoxon_paired(base[0][n], best[n], clusters=src)
       out.append(row)
   return out
+
+
+def h0_by_norm(data: Sequence[StudyData], *, baseline: str = BASELINE, pick=None) -> list[dict]:
+  """H0 under other definitions of robustness (a sensitivity analysis of the primary
+  endpoint): per dataset, registered VAE classifier (`is_vae`) and norm of `MIN_NORMS`, the
+  paired Wilcoxon test of the per-pair minimal perturbation over every attack
+  (`minimal_perturbation_summaries`), VAE − CNN. Tests in `decide_family`'s form (a family of
+  their own, Holm over all of them). `pick(dataset, model)`: which VAEs (default all)."""
+  tests = []
+  for d in data:
+    for r in minimal_perturbation_summaries(d, baseline=baseline):
+      if not is_vae(r["model"]) or (pick is not None and not pick(d, r["model"])):
+        continue
+      t = r["test"]
+      measured = t is not None and bool(np.isfinite(t.pvalue))
+      val = lambda v, measured=measured: float(v) if measured else math.nan
+      tests.append(dict(
+        dataset=d.name, model=r["model"], norm=r["norm"], n=r["n"], n_sources=r["n_sources"],
+        attacks=r["attacks"], p=val(t and t.pvalue), effect=val(t and t.hodges_lehmann),
+        lo=val(t and t.lo), hi=val(t and t.hi), skip=None if measured else "not measured",
+      ))  # fmt: skip
+  return tests
 
 
 def effectiveness_shares(d: StudyData) -> tuple[list[str], dict, dict]:
