@@ -269,3 +269,11 @@ def test_examples_file_keeps_the_most_leading_examples_that_fit_the_byte_budget(
     np.testing.assert_array_equal(f["label"], np.arange(4))
   # within the budget: every example is kept
   assert store.save_examples_npz(path, 8, lambda k: dict(x=x[:k, :4, :4]), 300_000) == 8
+  # one example over the budget: its float32 arrays go to float16, read back as float32
+  assert store.save_examples_npz(path, 8, lambda k: dict(x=x[:k], label=np.arange(k)), 50_000) == 1
+  assert path.stat().st_size <= 50_000
+  with np.load(path) as f:
+    assert f["x"].dtype == np.float16 and f["label"].dtype == np.arange(1).dtype
+  back = store.load_examples(path)
+  assert back["x"].dtype == np.float32
+  np.testing.assert_allclose(back["x"], x[:1], atol=2.0**-11)

@@ -138,8 +138,7 @@ def plot_examples(
   the smallest penalty C). None when the file cannot be read.
   """
   try:
-    with np.load(npz) as f:
-      data = {k: f[k] for k in f.files}
+    data = store.load_examples(npz)
     x, x_adv, eps = data["x"], data["x_adv"], np.atleast_1d(data["eps"])
   except (OSError, KeyError, ValueError):
     return None

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from experiments import store
 from experiments.report import study
 from experiments.report.figures import amplified, as_image, new_figure, save_figure, set_margins
 from experiments.report.study import BUDGET_NORMS, StudyData
@@ -126,10 +127,10 @@ def plot_same_pairs(
     if npz is None or row is None or d.record(row) is None:
       continue
     try:
-      with np.load(npz) as f:
-        grid = np.atleast_1d(f["eps"])
-        e = int(np.argmin(np.abs(grid - eps)))
-        panels.append((model, f["x"], f["x_adv"][e], d.record(row)))
+      f = store.load_examples(npz)
+      grid = np.atleast_1d(f["eps"])
+      e = int(np.argmin(np.abs(grid - eps)))
+      panels.append((model, f["x"], f["x_adv"][e], d.record(row)))
     except (OSError, KeyError, ValueError):
       continue
   if not panels:
