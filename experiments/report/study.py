@@ -490,46 +490,42 @@ def budget_summaries(data: Sequence[StudyData]) -> list[dict]:
 MIN_NORMS = ("l2", "linf", "l1", "l0")
 
 
+def _minimum_records(d: StudyData, model: str) -> list[tuple[str, dict]]:
+  """(attack, record) of every classifier row of the model with a record on the same pairs
+  as its first record: what its minimal perturbation is taken over."""
+  recs = [
+    (r.get("attack"), d.record(r)) for r in d.rows
+    if r.get("model") == model and d.record(r) is not None and not r.get("judge")
+  ]  # fmt: skip
+  return [(a, rec) for a, rec in recs if same_pairs(recs[0][1], rec)]
+
+
 def minimal_perturbations(d: StudyData, model: str) -> tuple[dict, np.ndarray] | None:
   """Per pair, the model's smallest successful perturbation over every attack and eps.
 
   A model's robustness on a pair is the minimum over the attacks (Schott et al. 2019, Table 1:
   each model's minimal adversarial per sample over all attacks), per norm separately: every
-  classifier row of the model with a record on the same pairs as its first record, each
-  pair's norms where its attack reached the target, +inf where no attack did.
+  record of `_minimum_records`, each pair's norms where its attack reached the target, +inf
+  where no attack did.
 
   Returns:
     ({norm: float[P]} for `MIN_NORMS`, the pairs' source indices [P]), or None without
     records.
   """
-  recs = [
-    d.record(r) for r in d.rows
-    if r.get("model") == model and d.record(r) is not None and not r.get("judge")
-  ]  # fmt: skip
+  recs = [rec for _, rec in _minimum_records(d, model)]
   if not recs:
     return None
-  first = recs[0]
-  best = {n: np.full(len(first["success"]), np.inf) for n in MIN_NORMS}
+  best = {n: np.full(len(recs[0]["success"]), np.inf) for n in MIN_NORMS}
   for rec in recs:
-    if not same_pairs(first, rec):
-      continue
     ok = np.asarray(rec["success"], bool)
     for n in MIN_NORMS:
       best[n] = np.minimum(best[n], np.where(ok, np.asarray(rec[n], np.float64), np.inf))
-  return best, np.asarray(first["source_index"])
+  return best, np.asarray(recs[0]["source_index"])
 
 
 def minimal_perturbation_attacks(d: StudyData, model: str) -> list[str]:
-  """The attacks whose records enter `minimal_perturbations(d, model)` (on its first record's
-  pairs), sorted: what a model's minimum is taken over."""
-  recs = [
-    (r.get("attack"), d.record(r)) for r in d.rows
-    if r.get("model") == model and d.record(r) is not None and not r.get("judge")
-  ]  # fmt: skip
-  if not recs:
-    return []
-  first = recs[0][1]
-  return sorted({a for a, rec in recs if same_pairs(first, rec)})
+  """The attacks `minimal_perturbations(d, model)` is taken over, sorted."""
+  return sorted({a for a, _ in _minimum_records(d, model)})
 
 
 def minimal_perturbation_summaries(d: StudyData, *, baseline: str = BASELINE) -> list[dict]:
