@@ -194,6 +194,51 @@ def test_wilcoxon_paired_ranks_never_broken_above_every_budget():
     stats.wilcoxon_paired([0.1, np.nan], [0.2, 0.3])
 
 
+def test_clustered_signed_rank_is_wilcoxons_normal_approximation_for_singletons():
+  rng = np.random.default_rng(1)
+  d = np.round(rng.normal(0.2, 1.0, 60) * 8) / 8  # ties among |d|, exact in 1 + d
+  d[:3] = 0.0  # zeros are dropped, as Wilcoxon's method
+  r = stats.clustered_signed_rank(d)
+  ref = scipy.stats.wilcoxon(d, method="approx", correction=False)
+  assert r.pvalue == pytest.approx(ref.pvalue, rel=1e-9)
+  assert r.n_clusters == np.count_nonzero(d)
+  # Through wilcoxon_paired (inf ranked above every finite budget, as its own test).
+  a = np.where(np.arange(60) == 5, np.inf, 1.0)
+  w = stats.wilcoxon_paired(a, a + np.where(np.arange(60) == 5, 0.0, d), n_boot=10)
+  assert w.pvalue_clustered == pytest.approx(
+    scipy.stats.wilcoxon(np.delete(d, 5), method="approx", correction=False).pvalue, rel=1e-9
+  )
+
+
+def test_clustered_signed_rank_variance_is_the_exact_sign_flip_distributions():
+  # Six clusters: enumerate all 2^6 joint sign flips of whole clusters; T's mean and variance
+  # over them are 0 and the statistic's variance, and |T| is in the tails it claims.
+  rng = np.random.default_rng(2)
+  clusters = np.repeat(np.arange(6), [1, 2, 3, 4, 2, 3])
+  d = rng.normal(0.5, 1.0, clusters.size)
+  r = stats.clustered_signed_rank(d, clusters)
+  ranks = scipy.stats.rankdata(np.abs(d)) * np.sign(d)
+  flips = np.array(list(itertools.product([-1, 1], repeat=6)))  # [64, 6]
+  t = (flips[:, clusters] * ranks).sum(1)
+  assert r.statistic == pytest.approx(ranks.sum())
+  assert t.mean() == pytest.approx(0.0, abs=1e-12)
+  assert r.statistic / r.z == pytest.approx(np.sqrt(np.mean(t**2)))
+
+
+def test_clustered_signed_rank_holds_its_level_where_wilcoxon_does_not():
+  # Under the null with a shared effect per source (40 sources x 5 targets), Wilcoxon's p-value
+  # (pairs as independent) rejects far too often; the clustered one near the nominal 5%.
+  rng = np.random.default_rng(3)
+  clusters = np.repeat(np.arange(40), 5)
+  naive, clustered = [], []
+  for _ in range(400):
+    d = rng.normal(size=40)[clusters] + 0.3 * rng.normal(size=200)
+    naive.append(scipy.stats.wilcoxon(d).pvalue < 0.05)
+    clustered.append(stats.clustered_signed_rank(d, clusters).pvalue < 0.05)
+  assert np.mean(naive) > 0.3
+  assert 0.02 <= np.mean(clustered) <= 0.09
+
+
 def test_median_ci_is_exact_on_tiny_cases_and_handles_inf():
   r = stats.median_ci([3.0, 1.0, 2.0])
   assert (r.median, r.q25, r.q75, r.n) == (2.0, 1.5, 2.5, 3)

@@ -380,3 +380,29 @@ def test_h0_by_norm_lists_a_verdict_that_flips_with_the_norm(tmp_path):
   section = text[text.index("### H0 under other definitions of robustness") :]
   assert "- mnist `conv_vae`: primary **rejected**; l2: supported" in section
   assert "**the verdict depends on the definition of robustness**" in section
+
+
+def test_h0_with_sources_as_clusters_reports_a_verdict_that_rests_on_independent_pairs(tmp_path):
+  """Five sources of six pairs each; the VAE needs more on every pair of four sources and less
+  on every pair of the fifth. Pairs as independent: supported (p ~ 1e-6); whole sources as the
+  units of the sign-flip distribution: not significant (p ~ 0.07). The section says so."""
+  src = np.repeat(np.arange(5), 6) + 100
+  diff = np.where(src < 104, 0.02, -0.01) + np.linspace(0, 0.001, P)
+  cnn, vae = make_record(CNN_BUDGET), make_record(CNN_BUDGET + diff)
+  cnn["source_index"] = vae["source_index"] = src
+  cells = {("cnn", "bim_min", "linf", 0.3): cnn, ("conv_vae", "bim_min", "linf", 0.3): vae}
+  run = write_run(tmp_path / "mnist", "mnist", cells, ACC)
+  d = data_of(run)
+  tests = study.h0_primary(d)
+  (plain,) = study.decide_family(tests, "greater")
+  (alt,) = study.decide_family(study.clustered(tests), "greater")
+  assert plain["verdict"] == "supported" and plain["p"] < 1e-5
+  assert alt["verdict"] == "not significant" and alt["p"] == pytest.approx(
+    stats.clustered_signed_rank(diff, src).pvalue
+  )
+  text = report.write_report(run, figures=False).read_text()
+  section = text[text.index("### H0 with the pairs of one source as a cluster") :]
+  assert "- primary: mnist `conv_vae` vs `cnn`, L∞ (`bim_min`): **supported** with pairs as" in (
+    section
+  )
+  assert "**not significant** with sources as clusters" in section

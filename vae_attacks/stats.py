@@ -8,7 +8,8 @@ was broken" on the same pairs (paired: H0), or rates on two datasets (unpaired: 
   `paired_difference` (Newcombe 1998b, or a cluster bootstrap when a source is reused),
   `newcombe_difference` (Newcombe 1998a, unpaired), `holm` (Holm 1979).
 - The minimal adversarial budget per pair (+inf = never broken within the search range):
-  `wilcoxon_paired` (signed-rank test, Hodges-Lehmann estimate), `median_ci` (quartiles with
+  `wilcoxon_paired` (signed-rank test, Hodges-Lehmann estimate), `clustered_signed_rank` (its
+  p-value when several pairs share a source), `median_ci` (quartiles with
   bootstrap intervals), `survival` (fraction broken by budget), `trend_test`
   (Jonckheere-Terpstra across ordered groups, e.g. resolutions).
 - `family_verdict`: one directional hypothesis' verdict from an effect, its CI and its p.
@@ -55,6 +56,14 @@ class Wilcoxon(NamedTuple):
   hodges_lehmann: float  # median of the Walsh averages of b - a; may be +-inf
   lo: float  # percentile-bootstrap interval of the Hodges-Lehmann estimate
   hi: float
+  pvalue_clustered: float = float("nan")  # `clustered_signed_rank`'s, sources as clusters
+
+
+class ClusteredSignedRank(NamedTuple):
+  statistic: float  # T = sum over nonzero differences of sign * rank (0 under the null)
+  z: float  # T / sqrt(sum over clusters of their signed-rank sums squared)
+  pvalue: float  # two-sided, normal approximation
+  n_clusters: int  # clusters with a nonzero difference
 
 
 class MedianSummary(NamedTuple):
@@ -309,8 +318,10 @@ def wilcoxon_paired(
   ranks, not on BIG. The Hodges-Lehmann estimate (Hodges & Lehmann 1963) is the median of the
   Walsh averages of the same differences, reported as +-inf when it involves a one-sided inf
   (BIG makes those exceed every other average in magnitude); its interval is a percentile
-  bootstrap over pairs, or over clusters when `clusters` repeat. The p-value treats pairs as
-  independent.
+  bootstrap over pairs, or over clusters when `clusters` repeat. `pvalue` treats pairs as
+  independent; `pvalue_clustered` is `clustered_signed_rank`'s on the same differences, which
+  holds when several pairs share a source (with one pair per cluster it is Wilcoxon's normal
+  approximation with the tie correction).
   """
   a, b = _pair(a, b, np.float64)
   hi_fin, lo_fin = _finite_budgets(a, b)
@@ -329,14 +340,43 @@ def wilcoxon_paired(
     stat, p = float(res.statistic), float(res.pvalue)
   if d.size == 0:
     return Wilcoxon(stat, p, 0, float("nan"), float("nan"), float("nan"))
+  c = _clusters(clusters, d.size)
+  p_clustered = clustered_signed_rank(d, c).pvalue
   hl = float(to_inf(_hodges_lehmann(d)))
   block = max(1, 2**22 // (d.size * (d.size + 1) // 2))
-  c = _clusters(clusters, d.size)
   stats = np.concatenate(
     [_hodges_lehmann(d[i]) for i in _boot_indices(c, d.size, n_boot, seed, block)]
   )
   lo, hi = _percentile(to_inf(stats), confidence)
-  return Wilcoxon(stat, p, n_nonzero, hl, lo, hi)
+  return Wilcoxon(stat, p, n_nonzero, hl, lo, hi, p_clustered)
+
+
+def clustered_signed_rank(d, clusters=None) -> ClusteredSignedRank:
+  """The signed-rank test of paired differences d (float[P]) that share clusters (int[P], e.g.
+  the source image of each (source, target) pair; None = one pair per cluster).
+
+  Wilcoxon's statistic T = sum_i sign(d_i) r_i (r: midranks of |d| over the nonzero d, zeros
+  dropped as Wilcoxon's method) referred to its distribution under sign flips of whole
+  clusters: under the null that the two models are exchangeable on every source, swapping
+  them negates all of a source's differences at once. Given the data, that distribution has
+  mean 0 and variance sum_c W_c^2 (W_c: the cluster's sum of sign * rank); the p-value is the
+  normal approximation's, which needs many clusters. Pairs of one source are correlated (the
+  same image is attacked towards several targets), so Wilcoxon's own p-value, whose variance
+  counts every pair as independent, is too small when they are; with one pair per cluster
+  this is Wilcoxon's normal approximation with the tie correction (scipy's `method="approx"`
+  without continuity correction). Infinite d must be replaced before (as `wilcoxon_paired`).
+  """
+  d = np.asarray(d, np.float64).ravel()
+  c = np.arange(d.size) if clusters is None else _clusters(clusters, d.size)
+  nz = d != 0
+  if not nz.any():
+    return ClusteredSignedRank(0.0, 0.0, 1.0, 0)
+  signed = np.sign(d[nz]) * scipy.stats.rankdata(np.abs(d[nz]))
+  _, codes = np.unique(c[nz], return_inverse=True)
+  w = np.bincount(codes.ravel(), weights=signed)  # [K]
+  t, var = float(signed.sum()), float(np.sum(w**2))
+  z = t / np.sqrt(var) if var > 0 else 0.0
+  return ClusteredSignedRank(t, z, float(2 * scipy.stats.norm.sf(abs(z))), int(w.size))
 
 
 def median_ci(

@@ -191,6 +191,7 @@ def h0_primary(data: Sequence[StudyData], *, baseline: str = BASELINE, pick=None
         continue
       row = d.budget_row(model, PRIMARY_ATTACK)
       t = dict(dataset=d.name, model=model, p=math.nan, effect=math.nan, lo=math.nan)
+      t.update(p_clustered=math.nan)
       t.update(hi=math.nan, n=0, n_sources=0)
       if base is None or row is None:
         t["skip"] = "not measured"
@@ -201,6 +202,7 @@ def h0_primary(data: Sequence[StudyData], *, baseline: str = BASELINE, pick=None
         src = d.record(row)["source_index"]
         w = stats.wilcoxon_paired(a, b, clusters=src)
         t.update(p=w.pvalue, effect=w.hodges_lehmann, lo=w.lo, hi=w.hi, n=a.size)
+        t.update(p_clustered=w.pvalue_clustered)
         t.update(n_sources=n_sources(d.record(row)), n_nonzero=w.n_nonzero)
         t.update(median_cnn=float(np.median(a)), median_vae=float(np.median(b)))
       t.update(baseline=baseline, acc_cnn=d.accuracy.get(baseline), acc_vae=d.accuracy.get(model))
@@ -572,10 +574,17 @@ def h0_by_norm(data: Sequence[StudyData], *, baseline: str = BASELINE, pick=None
       val = lambda v, measured=measured: float(v) if measured else math.nan
       tests.append(dict(
         dataset=d.name, model=r["model"], norm=r["norm"], n=r["n"], n_sources=r["n_sources"],
-        attacks=r["attacks"], p=val(t and t.pvalue), effect=val(t and t.hodges_lehmann),
+        attacks=r["attacks"], p=val(t and t.pvalue), p_clustered=val(t and t.pvalue_clustered),
+        effect=val(t and t.hodges_lehmann),
         lo=val(t and t.lo), hi=val(t and t.hi), skip=None if measured else "not measured",
       ))  # fmt: skip
   return tests
+
+
+def clustered(tests: list[dict]) -> list[dict]:
+  """Copies of tests with `p` replaced by `p_clustered` (the signed-rank test with the pairs of
+  one source as a cluster, `stats.clustered_signed_rank`), for `decide_family`."""
+  return [dict(t, p=t.get("p_clustered", math.nan)) for t in tests]
 
 
 def effectiveness_shares(d: StudyData) -> tuple[list[str], dict, dict]:
