@@ -2,8 +2,9 @@
 
 Run (2-core CPU; see README "Defences" for measured times):
   python -m experiments.main --config=configs/mnist_defenses.py --workdir=runs/mnist_defenses
-Only the adversarially trained CNN (the robust-accuracy measurement):
+Only the adversarially trained CNN (the robust-accuracy measurement), or the TRADES one:
   ... --config.defenses.enabled="('adversarial',)" --config.defenses.transfer.enabled=False
+  ... --config.defenses.enabled="('trades',)" --config.defenses.transfer.enabled=False
 Quick (about a minute): --config=configs/mnist_defenses.py:quick
 GPU-sized (Madry et al. 2018's adversarial training: PGD-40, 100,000 steps of 50 examples;
 every defence on 10,000 test images, AutoAttack's 9 APGD-T target classes):
@@ -22,7 +23,8 @@ The GMVAE record of 2026-12-06 (results/mnist_defenses_gmvae/; eps 0.1-0.3, 2 re
 `experiment = "defenses"` makes experiments.run hand the config to experiments/defenses.py.
 The model / train sections hold every trained network: `cnn` (the undefended baseline, also
 the classifier behind the projection and the distillation architecture), `substitute` (the
-black-box attacker's own network), `adversarial` (the adversarially trained CNN), and
+black-box attacker's own network), `adversarial` (the adversarially trained CNN), `trades`
+(the TRADES-trained one), and
 `mlp_vae` / `vae` (the projection's generator).
 """
 
@@ -53,11 +55,22 @@ def get_config(arg=None):
   # epochs, 62 minutes under load): clean 0.9929, robust 0.913 under PGD-40 with 5 restarts
   # at eps 0.3 (n=1000), 0.952 under FGSM.
   c.train.adversarial = dict(c.train.cnn, epochs=10, batch_size=100, augment_shift=0)
+  # TRADES (Zhang et al. 2019) on the same network and schedule. Their MNIST script
+  # (github.com/yaodongyu/TRADES, train_trades_mnist.py, read 2026-12-06): eps 0.3, 40 ascent
+  # steps of 0.01, beta 1.0 by default (their README: beta in [1, 10], larger is more robust
+  # and less accurate), SGD at 0.01 with momentum 0.9, batches of 128, 100 epochs, their
+  # four-convolution SmallCNN. Here Adam as every trainer of the library, and on the CPU 10
+  # ascent steps of 0.25 eps (2.5 eps of travel) and beta 6.
+  c.model.trades = dict(c.model.adversarial)
+  c.train.trades = dict(c.train.adversarial)
 
   d = c.defenses = ml_collections.ConfigDict()
-  d.enabled = ("none", "substitute", "distillation", "adversarial", "projection", "gmvae")
+  d.enabled = (
+    "none", "substitute", "distillation", "adversarial", "trades", "projection", "gmvae"
+  )  # fmt: skip
   d.num_examples = 1000  # the first N test images, shared by every defence and attack
   d.distillation = ml_collections.ConfigDict(dict(temperature=100.0))
+  d.trades = ml_collections.ConfigDict(dict(eps=0.3, steps=10, step_size_rel=0.25, beta=6.0))
   d.adversarial = ml_collections.ConfigDict(
     dict(eps=0.3, steps=3, step_size_rel=0.5, random_start=True, ramp_epochs=2.0)
   )
@@ -133,6 +146,8 @@ def get_config(arg=None):
       c.train.adversarial, epochs=84, batch_size=50, learning_rate=1e-4, lr_schedule="constant"
     )
     d.adversarial.update(steps=40, step_size_rel=0.01 / 0.3, ramp_epochs=0.0)
+    c.train.trades = dict(c.train.trades, epochs=100, batch_size=128)
+    d.trades.update(steps=40, step_size_rel=0.01 / 0.3)
     # Their challenge's white-box evaluation: PGD-100 with 50 restarts (89.62% at eps 0.3); 10
     # restarts here, beside the APGD ensemble with AutoAttack's 9 target classes.
     d.attacks.update(pgd_steps=100, pgd_step_size_rel=2.5 / 100, restarts=10)
@@ -142,7 +157,8 @@ def get_config(arg=None):
   if quick:
     c.model.substitute = dict(c.model.substitute, features=(8,), dense=(32,))
     c.model.adversarial = dict(c.model.adversarial, features=(16,), dense=(64,))
-    for name in ("substitute", "distillation", "adversarial"):
+    c.model.trades = dict(c.model.adversarial)
+    for name in ("substitute", "distillation", "adversarial", "trades"):
       c.train[name] = dict(c.train[name], epochs=2, batch_size=64)
     # The projection classifies decoder outputs with a CNN trained on clean digits, and the
     # GMVAE classifies by latent code: both need generative models that learned the digits.
@@ -159,6 +175,7 @@ def get_config(arg=None):
     d.gmvae.threshold_examples = 100
     d.num_examples = 64
     d.adversarial.ramp_epochs = 1.0
+    d.trades.steps = 2
     d.attacks.update(pgd_steps=5, pgd_step_size_rel=2.5 / 5, restarts=2)
     d.apgd.update(steps=5, target_ranks=2)
     # 5 descent steps leave z near its random start; 50 x 4 (the full run's) cost little.

@@ -25,6 +25,7 @@ rate (rejected among clean inputs) and the defended rate (correct or rejected); 
 impersonation attack also the impersonation rate (identified as the person impersonated).
 """
 
+import functools
 import pathlib
 import time
 from collections.abc import Callable
@@ -304,30 +305,52 @@ def build_distillation(ctx: Context) -> Defended:
   return Defended("distillation", fn, params, None, specs, kept, transfer_spec)
 
 
-def build_adversarial(ctx: Context) -> Defended:
-  """Adversarial training (Madry et al. 2018) with the config's PGD; attacked white-box."""
+def _robustly_trained(ctx: Context, name: str, what: str, fit) -> Defended:
+  """A CNN (`config.model.<name>`, `config.train.<name>`) trained by `fit(model, data, *, key,
+  settings, checkpoint_dir)`, attacked white-box like the undefended one."""
   c = ctx.config
-  if "adversarial" not in ctx.trained:
-    a = c.defenses.adversarial
-    cnn = models_lib.MODELS["cnn"].build(c.model.adversarial, ctx.data)
-    params, m = adversarial.train_adversarial(
+  if name not in ctx.trained:
+    cnn = models_lib.MODELS["cnn"].build(c.model[name], ctx.data)
+    params, m = fit(
       cnn,
       ctx.data,
-      key=ctx.key("adversarial"),
-      settings=train.TrainSettings.from_config(c.train.adversarial),
-      eps=float(a.eps),
-      steps=int(a.steps),
-      step_size_rel=float(a.step_size_rel),
-      random_start=bool(a.random_start),
-      ramp_epochs=float(a.ramp_epochs),
-      checkpoint_dir=ctx.checkpoint("adversarial"),
+      key=ctx.key(name),
+      settings=train.TrainSettings.from_config(c.train[name]),
+      checkpoint_dir=ctx.checkpoint(name),
     )
-    ctx.trained["adversarial"] = (cnn, params, models_lib.kept_metrics(m, params, "classifier"))
-    logging.info("adversarial: clean test accuracy %.4f", m["test_accuracy"])
-  cnn, params, kept = ctx.trained["adversarial"]
+    ctx.trained[name] = (cnn, params, models_lib.kept_metrics(m, params, "classifier"))
+    logging.info("%s: clean test accuracy %.4f", name, m["test_accuracy"])
+  cnn, params, kept = ctx.trained[name]
   fn = models.classifier_fns(cnn)
-  specs = _white_box(c, fn, params, "the adversarially trained CNN")
-  return Defended("adversarial", fn, params, None, specs, kept, specs[-1])
+  specs = _white_box(c, fn, params, what)
+  return Defended(name, fn, params, None, specs, kept, specs[-1])
+
+
+def build_adversarial(ctx: Context) -> Defended:
+  """Adversarial training (Madry et al. 2018) with the config's PGD; attacked white-box."""
+  a = ctx.config.defenses.adversarial
+  fit = functools.partial(
+    adversarial.train_adversarial,
+    eps=float(a.eps),
+    steps=int(a.steps),
+    step_size_rel=float(a.step_size_rel),
+    random_start=bool(a.random_start),
+    ramp_epochs=float(a.ramp_epochs),
+  )
+  return _robustly_trained(ctx, "adversarial", "the adversarially trained CNN", fit)
+
+
+def build_trades(ctx: Context) -> Defended:
+  """TRADES (Zhang et al. 2019) with the config's inner maximisation and beta; white-box."""
+  t = ctx.config.defenses.trades
+  fit = functools.partial(
+    adversarial.train_trades,
+    eps=float(t.eps),
+    steps=int(t.steps),
+    step_size_rel=float(t.step_size_rel),
+    beta=float(t.beta),
+  )
+  return _robustly_trained(ctx, "trades", "the TRADES-trained CNN", fit)
 
 
 def build_projection(ctx: Context) -> Defended:
@@ -613,6 +636,7 @@ DEFENSES: dict[str, DefenseSpec] = {
   "substitute": DefenseSpec(build_substitute, 11, (("substitute", "substitute"),), True),
   "distillation": DefenseSpec(build_distillation, 12, (("cnn", "distillation"),), True),
   "adversarial": DefenseSpec(build_adversarial, 13, (("adversarial", "adversarial"),), True),
+  "trades": DefenseSpec(build_trades, 21, (("trades", "trades"),), True),
   # The CNN classifies the projection onto the MLP VAE's range.
   "projection": DefenseSpec(
     build_projection, 15, (("cnn", "cnn"), ("mlp_vae", "vae")), False, "projection"

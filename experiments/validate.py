@@ -172,6 +172,13 @@ def _defenses(c) -> None:
     _bool("defenses.adversarial.random_start", adv.random_start)
     if not isinstance(adv.ramp_epochs, (int, float)) or adv.ramp_epochs < 0:
       raise ConfigError(f"defenses.adversarial.ramp_epochs={adv.ramp_epochs!r}; allowed: >= 0")
+  if "trades" in d.enabled:
+    t = d.trades
+    if not isinstance(t.eps, (int, float)) or not 0 <= t.eps <= 1:
+      raise ConfigError(f"defenses.trades.eps={t.eps!r}; allowed: a number in [0, 1]")
+    _int_at_least("defenses.trades.steps", t.steps, 1)
+    _positive("defenses.trades.step_size_rel", t.step_size_rel)
+    _positive("defenses.trades.beta", t.beta)
   a = d.attacks
   _eps_grid("defenses.attacks.eps", a.eps)
   _bool("defenses.attacks.fgsm", a.fgsm)

@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 
-from vae_attacks import models, train
+from vae_attacks import losses, models, train
 from vae_attacks.attacks import fgsm, runner
 from vae_attacks.defenses import adversarial, distillation, transfer
 
@@ -118,6 +119,55 @@ def test_adversarial_training_trains_on_the_perturbed_batches(plain, tmp_path):
   assert max(jax.tree.leaves(gaps)) > 1e-3
   with pytest.raises(ValueError, match="another model or training \\(differs in: perturb"):
     adversarial.train_adversarial(CNN, DATA, eps=0.1, **kw, **TRAIN)
+
+
+def test_trades_inner_maximisation_stays_in_ball_and_box_and_raises_the_kl(plain, key):
+  x = DATA.x_test[:8]
+  log_p = jax.nn.log_softmax(jax.vmap(lambda a: LOGITS(plain, a))(x))
+
+  def kl_at(xa):
+    log_q = jax.nn.log_softmax(jax.vmap(lambda a: LOGITS(plain, a))(xa))
+    return np.asarray(jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1))
+
+  def attack(steps, k):
+    one = lambda xi, ki: adversarial.kl_pgd_linf(
+      LOGITS, plain, xi, eps=0.2, steps=steps, step_size=0.05, key=ki
+    )
+    return np.asarray(jax.vmap(one)(x, jax.random.split(k, 8)))
+
+  x_adv = attack(10, key)
+  assert np.abs(x_adv - x).max() <= 0.2 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+  np.testing.assert_array_equal(x_adv, attack(10, key))  # deterministic given its key
+  # Ten ascent steps end with a larger KL than the start and than random points of the ball.
+  start = np.clip(attack(0, key), 0, 1)
+  noise = np.clip(x + jax.random.uniform(key, x.shape, minval=-0.2, maxval=0.2), 0, 1)
+  assert np.all(kl_at(x_adv) > kl_at(start)) and np.all(kl_at(x_adv) > kl_at(noise))
+  # The KL against scipy's (relative entropy of the softmaxes).
+  q = jax.nn.softmax(jax.vmap(lambda a: LOGITS(plain, a))(x_adv))
+  pairs = zip(np.asarray(log_p), np.asarray(q), strict=True)
+  want = [scipy.stats.entropy(np.exp(a), b) for a, b in pairs]
+  np.testing.assert_allclose(kl_at(x_adv), want, rtol=1e-4, atol=1e-7)
+
+
+def test_trades_at_eps_zero_is_plain_training_and_its_checkpoint_records_the_loss(plain, tmp_path):
+  # eps = 0: x' = x, the KL term and its gradient vanish, whatever beta.
+  x, y = DATA.x_train[:16], DATA.y_train[:16]
+  loss = adversarial.TradesLoss(CNN, eps=0.0, steps=3, step_size_rel=0.5, beta=6.0)
+  value, aux = loss(plain, x, y, jax.random.key(1))
+  ce = jnp.mean(losses.batch_cross_entropy(CNN.apply(plain, x, train=True), y))
+  np.testing.assert_allclose(value, ce, rtol=1e-6)
+  assert float(aux["kl"]) == pytest.approx(0.0, abs=1e-7)
+  same, _ = adversarial.train_trades(
+    CNN, DATA, key=jax.random.key(0), eps=0.0, steps=2, step_size_rel=0.5, beta=6.0, **TRAIN
+  )
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), plain, same)
+  kw = dict(key=jax.random.key(0), eps=0.2, steps=2, step_size_rel=0.5,
+            checkpoint_dir=str(tmp_path))  # fmt: skip
+  moved, _ = adversarial.train_trades(CNN, DATA, beta=1.0, **kw, **TRAIN)
+  gaps = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), plain, moved)
+  assert max(jax.tree.leaves(gaps)) > 1e-3
+  with pytest.raises(ValueError, match="another model or training \\(differs in: loss"):
+    adversarial.train_trades(CNN, DATA, beta=6.0, **kw, **TRAIN)
 
 
 def test_restarts_break_a_superset_and_keep_a_breaking_image(plain):

@@ -172,6 +172,7 @@ def test_pca_2d_recovers_the_plane_of_planar_codes():
   [
     ("defenses.enabled", ("bogus",), "defenses.enabled[]='bogus' is not allowed"),
     ("defenses.adversarial.eps", 1.5, "defenses.adversarial.eps=1.5"),
+    ("defenses.trades.beta", 0.0, "defenses.trades.beta=0.0"),
     ("defenses.attacks.restarts", 0, "defenses.attacks.restarts=0"),
     ("defenses.projection.false_rejection_rate", 1.0, "false_rejection_rate=1.0"),
     ("defenses.transfer.sources", ("projection",), "sources[]='projection' is not allowed"),
@@ -196,6 +197,9 @@ def test_config_variants():
   steps = gpu.train.adversarial.epochs * (60000 // gpu.train.adversarial.batch_size)
   assert steps >= 100_000  # ... for 100,000 steps
   assert full.defenses.num_examples >= 1000 and full.defenses.attacks.pgd_steps == 40
+  # TRADES' MNIST script: 40 ascent steps of 0.01 at eps 0.3, 100 epochs (gpu).
+  assert gpu.defenses.trades.steps == 40 and gpu.train.trades.epochs == 100
+  assert gpu.defenses.trades.step_size_rel * gpu.defenses.trades.eps == pytest.approx(0.01)
   with pytest.raises(ValueError, match="allowed"):
     mnist_defenses.get_config("slow")
 

@@ -627,6 +627,7 @@ def train_classifier(
   init_params: Params | None = None,
   temperature: float = 1.0,
   perturb: Perturb | None = None,
+  loss: Callable | None = None,
 ) -> tuple[Params, dict]:
   """Trains a classifier (e.g. `CNN`) with softmax cross-entropy and Adam (`fit`).
 
@@ -645,6 +646,9 @@ def train_classifier(
       (defensive distillation, Papernot et al. 2016); evaluation uses the logits as they are.
     perturb: a per-batch input transform `(params, key, x, y, step) -> x'` applied before the
       loss, with no gradient through it (adversarial training, Madry et al. 2018).
+    loss: `(params, x[B, ...], y int[B], key) -> (scalar, aux)` in place of the cross-entropy
+      (e.g. `defenses.adversarial.TradesLoss`); its repr joins the checkpoint's
+      hyper-parameters, so give it one that says what it computes.
 
   Returns:
     (variables {"params": ...}, metrics) with metrics test_accuracy, test_loss, train_loss and
@@ -652,7 +656,7 @@ def train_classifier(
   """
   init_key, run_key = jax.random.split(key)
 
-  def batch_loss(params, x, y, key):
+  def cross_entropy(params, x, y, key):
     logits = model.apply(params, x, train=True, rngs={"dropout": key}) / temperature
     if y.ndim == 2:  # soft targets
       return jnp.mean(optax.softmax_cross_entropy(logits, y)), {}
@@ -664,10 +668,12 @@ def train_classifier(
     hparams["temperature"] = temperature
   if perturb is not None:
     hparams["perturb"] = repr(perturb)
+  if loss is not None:
+    hparams["loss"] = repr(loss)
   if np.ndim(data.y_train) == 2:
     hparams["soft_targets"] = True
   return fit(
-    batch_loss,
+    cross_entropy if loss is None else loss,
     data.x_train,
     data.y_train,
     name="classifier",

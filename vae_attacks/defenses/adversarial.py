@@ -11,6 +11,11 @@ free"), about as robust on MNIST at a fraction of PGD's cost. An eps ramp (linea
 the first `ramp_epochs`) helps the first epochs, where a network that cannot yet classify
 clean digits is shown eps = 0.3 noise (Gowal et al. 2018 and Wong et al. 2020 ramp eps too).
 
+TRADES (Zhang, Yu, Jiao, Xing, El Ghaoui & Jordan, "Theoretically Principled Trade-off
+between Robustness and Accuracy", ICML 2019; `TradesLoss`, `train_trades`) trains on the clean
+cross-entropy plus beta x KL(f(x) || f(x')), x' the point of the eps-ball that maximises that
+KL, found by sign-gradient ascent from x + 0.001 N(0, I) (their trades.py, `trades_loss`).
+
 `attack_with_restarts` is the evaluation: an untargeted attack run from several random
 starts, an example counted as broken when ANY restart breaks it (Madry et al. report PGD-40
 with restarts on MNIST).
@@ -25,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vae_attacks import models, train
+from vae_attacks import losses, models, train
 from vae_attacks.attacks import base, bim, runner
 from vae_attacks.types import Array, LogitsFn, Params, PRNGKey
 
@@ -164,6 +169,107 @@ def train_adversarial(
     init_params=init_params,
     perturb=perturb,
   )
+
+
+def _kl(log_p: Array, log_q: Array) -> Array:
+  """KL(p || q) over the last axis from log-probabilities (finite where p underflows to 0)."""
+  return jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1)
+
+
+def kl_pgd_linf(
+  logits_fn: LogitsFn,
+  params: Params,
+  x: Array,
+  *,
+  eps: Array | float,
+  steps: int,
+  step_size: Array | float,
+  key: PRNGKey,
+) -> Array:
+  """TRADES' inner maximisation for one example x [H, W, C]: the x' of the L-inf eps-ball and
+  the box [0, 1] that maximises KL(softmax f(x) || softmax f(x')), by `steps` signed gradient
+  steps of `step_size` from x + 0.001 N(0, I), each projected onto the ball, then the box (as
+  Zhang et al.'s trades.py)."""
+  log_p = jax.nn.log_softmax(logits_fn(params, x))
+
+  def kl(xa):
+    return _kl(log_p, jax.nn.log_softmax(logits_fn(params, xa)))
+
+  def step(xa, _):
+    xa = xa + step_size * jnp.sign(jax.grad(kl)(xa))
+    return jnp.clip(jnp.clip(xa, x - eps, x + eps), 0.0, 1.0), None
+
+  start = x + 0.001 * jax.random.normal(key, x.shape, x.dtype)
+  x_adv, _ = jax.lax.scan(step, start, None, length=steps)
+  return jnp.clip(x_adv, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TradesLoss:
+  """TRADES' training loss of a batch (Zhang et al. 2019, trades.py `trades_loss`):
+  CE(f(x), y) + beta * mean_i KL(softmax f(x_i) || softmax f(x'_i)), x' = `kl_pgd_linf` against
+  the current parameters with the model in evaluation mode (no gradient through x'), both
+  terms in training mode, the gradient through f(x) in both (as theirs). A frozen dataclass:
+  its repr, part of the checkpoint's hyper-parameters, names every setting.
+
+  Attributes:
+    model: the classifier module (`model(x[B, H, W, C], train=...) -> logits[B, K]`).
+    eps: the L-inf radius (0.3 on MNIST).
+    steps: ascent steps of the inner maximisation (40 in their MNIST script).
+    step_size_rel: step size / eps (their MNIST script: 0.01 / 0.3).
+    beta: the weight of the KL term, 1 / lambda (their MNIST script's default 1.0; their README:
+      1 to 10, larger is more robust and less accurate).
+  """
+
+  model: nn.Module
+  eps: float
+  steps: int
+  step_size_rel: float
+  beta: float
+
+  def __call__(self, params: Params, x: Array, y: Array, key: PRNGKey) -> tuple[Array, dict]:
+    adv_key, dropout_key = jax.random.split(key)
+    fn = models.classifier_fns(self.model)
+    frozen = jax.lax.stop_gradient(params)
+
+    def one(xi, ki):
+      return kl_pgd_linf(fn, frozen, xi, eps=self.eps, steps=self.steps,
+                         step_size=self.step_size_rel * self.eps, key=ki)  # fmt: skip
+
+    x_adv = jax.lax.stop_gradient(jax.vmap(one)(x, jax.random.split(adv_key, x.shape[0])))
+    logits = self.model.apply(
+      params, jnp.concatenate([x, x_adv]), train=True, rngs={"dropout": dropout_key}
+    )
+    natural, adversarial = jnp.split(logits, 2)
+    ce = jnp.mean(losses.batch_cross_entropy(natural, y))
+    kl = _kl(jax.nn.log_softmax(natural), jax.nn.log_softmax(adversarial))
+    return ce + self.beta * jnp.mean(kl), {"cross_entropy": ce, "kl": jnp.mean(kl)}
+
+
+def train_trades(
+  model: nn.Module,
+  data: Any,
+  *,
+  key: PRNGKey,
+  settings: train.TrainSettings,
+  eps: float,
+  steps: int,
+  step_size_rel: float,
+  beta: float,
+  checkpoint_dir: str | None = None,
+  init_params: Params | None = None,
+) -> tuple[Params, dict]:
+  """Trains a classifier with `TradesLoss` (Zhang et al. 2019); the rest is
+  `train.train_classifier` (Adam, schedule, checkpoints, resume, progress lines).
+
+  Returns:
+    (variables, metrics) as `train.train_classifier`; test_accuracy is the clean accuracy.
+  """
+  loss = TradesLoss(model, float(eps), int(steps), float(step_size_rel), float(beta))
+  return train.train_classifier(
+    model, data, key=key, settings=settings, checkpoint_dir=checkpoint_dir,
+    init_params=init_params, loss=loss,
+  )  # fmt: skip
 
 
 class Restarted(NamedTuple):
