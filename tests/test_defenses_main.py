@@ -441,7 +441,7 @@ def test_the_defense_table_keeps_every_random_stream_and_names_transfer_sources(
   assert streams == {
     "none": 0, "substitute": 11, "distillation": 12, "adversarial": 13, "vae": 14,
     "projection": 15, "gmvae": 16, "siamese": 17, "vae_classifier": 18, "conv_vae": 19,
-    "joint_vae": 20,
+    "joint_vae": 20, "trades": 21,
   }  # fmt: skip
   assert len(set(streams.values())) == len(streams)  # one stream each
   assert set(defenses.TRANSFER_SOURCES) <= set(defenses.DEFENSES)
