@@ -163,22 +163,20 @@ def _defenses(c) -> None:
   _int_at_least("defenses.num_examples", d.num_examples, 1)
   if "distillation" in d.enabled:
     _positive("defenses.distillation.temperature", d.distillation.temperature)
+  for name in ("adversarial", "trades"):  # the inner attack of robust training
+    if name in d.enabled:
+      sec = d[name]
+      if not isinstance(sec.eps, (int, float)) or not 0 <= sec.eps <= 1:
+        raise ConfigError(f"defenses.{name}.eps={sec.eps!r}; allowed: a number in [0, 1]")
+      _int_at_least(f"defenses.{name}.steps", sec.steps, 1)
+      _positive(f"defenses.{name}.step_size_rel", sec.step_size_rel)
   if "adversarial" in d.enabled:
     adv = d.adversarial
-    if not isinstance(adv.eps, (int, float)) or not 0 <= adv.eps <= 1:
-      raise ConfigError(f"defenses.adversarial.eps={adv.eps!r}; allowed: a number in [0, 1]")
-    _int_at_least("defenses.adversarial.steps", adv.steps, 1)
-    _positive("defenses.adversarial.step_size_rel", adv.step_size_rel)
     _bool("defenses.adversarial.random_start", adv.random_start)
     if not isinstance(adv.ramp_epochs, (int, float)) or adv.ramp_epochs < 0:
       raise ConfigError(f"defenses.adversarial.ramp_epochs={adv.ramp_epochs!r}; allowed: >= 0")
   if "trades" in d.enabled:
-    t = d.trades
-    if not isinstance(t.eps, (int, float)) or not 0 <= t.eps <= 1:
-      raise ConfigError(f"defenses.trades.eps={t.eps!r}; allowed: a number in [0, 1]")
-    _int_at_least("defenses.trades.steps", t.steps, 1)
-    _positive("defenses.trades.step_size_rel", t.step_size_rel)
-    _positive("defenses.trades.beta", t.beta)
+    _positive("defenses.trades.beta", d.trades.beta)
   a = d.attacks
   _eps_grid("defenses.attacks.eps", a.eps)
   _bool("defenses.attacks.fgsm", a.fgsm)

@@ -173,6 +173,7 @@ def test_pca_2d_recovers_the_plane_of_planar_codes():
     ("defenses.enabled", ("bogus",), "defenses.enabled[]='bogus' is not allowed"),
     ("defenses.adversarial.eps", 1.5, "defenses.adversarial.eps=1.5"),
     ("defenses.trades.beta", 0.0, "defenses.trades.beta=0.0"),
+    ("defenses.trades.eps", 1.5, "defenses.trades.eps=1.5"),
     ("defenses.attacks.restarts", 0, "defenses.attacks.restarts=0"),
     ("defenses.projection.false_rejection_rate", 1.0, "false_rejection_rate=1.0"),
     ("defenses.transfer.sources", ("projection",), "sources[]='projection' is not allowed"),
