@@ -3,6 +3,8 @@
   python -m benchmarks.cvae_accuracy                          # the study's settings
   python -m benchmarks.cvae_accuracy --config.model.likelihood=bernoulli
   python -m benchmarks.cvae_accuracy --config.train.augment_shift=2 --config.samples="(10,)"
+  python -m benchmarks.cvae_accuracy "--config.model.features=(64,64,64)" \
+    "--config.model.decoder_hidden=(500,)" "--config.model.decoder_features=(64,64,64)"
 
 Trains `genclf.ConditionalVAE` (the model and training sections of configs/study_genclf.py,
 with an MLP encoder unless `--config.model.features` says otherwise) on all 60,000 training
@@ -36,7 +38,7 @@ def _settings() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   model = dict(study_genclf.CVAE_MODEL)
   model.pop("num_samples")
-  c.model = dict(model, features=(), feature_hidden=(500,))
+  c.model = dict(model, features=(), feature_hidden=(500,), decoder_features=())
   c.train = dict(study_genclf.GENCLF_TRAIN, epochs=30)
   c.samples = (10, 100)
   return c

@@ -94,9 +94,15 @@ def _np_prior(params, y, vae):
   return out[: vae.latent_dim], out[vae.latent_dim :]
 
 
-@pytest.mark.parametrize("likelihood,prior", [("bernoulli", "standard"), ("l2", "learned")])
-def test_cvae_scores_equal_direct_importance_weighted_bound(key, likelihood, prior):
-  vae, fn, params = _cvae(key, num_samples=4, likelihood=likelihood, prior=prior)
+@pytest.mark.parametrize(
+  "likelihood,prior,decoder_features",
+  [("bernoulli", "standard", ()), ("l2", "learned", ()), ("l2", "learned", (3, 2))],
+)
+def test_cvae_scores_equal_direct_importance_weighted_bound(key, likelihood, prior,
+                                                            decoder_features):  # fmt: skip
+  vae, fn, params = _cvae(
+    key, num_samples=4, likelihood=likelihood, prior=prior, decoder_features=decoder_features
+  )
   x = _image(jax.random.fold_in(key, 2))
   logits = np.asarray(fn(params, x), np.float64)
   eye = np.eye(K, dtype=np.float32)
@@ -352,6 +358,31 @@ def test_cvae_conv_features_shapes(key):
     out = vae.apply(p, x, y, key)
     assert [a.shape for a in out] == [(2, 28, 28, 1)] + [(2, 3)] * 4
     assert p["params"]["dec_dense_1"]["kernel"].shape == (9, 11)
+
+
+@pytest.mark.parametrize("shape", [(28, 28, 1), (27, 30, 3)])
+def test_cvae_transposed_conv_decoder_shapes_and_parameter_count(key, shape):
+  """Li et al.'s decoder (conv_generator_mnist_B.py): Dense 500, Dense to a 4 x 4 x 64 map, then
+  5x5 stride-2 transposed convolutions 4 -> 7 -> 14 -> 28 (other sizes: halved, rounded up)."""
+  d, h = 64, 500
+  vae = genclf.ConditionalVAE(
+    image_shape=shape, num_classes=10, latent_dim=d, hidden=(5,), decoder_hidden=(h,),
+    decoder_features=(64, 64, 64), prior="standard",
+  )  # fmt: skip
+  x = jax.random.uniform(key, (2, *shape))
+  p = vae.init(key, x, jnp.eye(10)[:2], key)
+  z = jax.random.normal(key, (3, d))
+  assert vae.apply(p, z, jnp.eye(10)[:3], method="decode").shape == (3, *shape)
+  s = [-(-shape[0] // 8), -(-shape[1] // 8)]
+  dec = p["params"]
+  count = sum(a.size for n, v in dec.items() if n.startswith(("dec_", "pixel", "deconv"))
+              for a in jax.tree_util.tree_leaves(v))  # fmt: skip
+  c = shape[-1]
+  expected = (
+    (d + 10 + 1) * h + (h + 1) * s[0] * s[1] * 64 + 2 * (25 * 64 * 64 + 64) + 25 * 64 * c + c
+  )
+  assert count == expected
+  assert genclf._halvings((28, 28), 3) == [(4, 4), (7, 7), (14, 14)]
 
 
 def test_cvae_training_loss_is_likelihood_plus_closed_form_kl(key):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from fakedata import make_data_root
 
-from configs import study
+from configs import study, study_genclf
 from experiments import attacks as attacks_lib
 from experiments import run as run_lib
 from experiments import workdir as workdir_lib
@@ -356,3 +356,28 @@ def test_every_model_is_attacked_on_the_same_pairs_and_records_reproduce_each_ro
   with np.load(saved) as f:
     np.testing.assert_array_equal(f["index"], cnn_src)
     assert len(np.unique(f["index"])) == 6  # each source once: the test set allows it
+
+
+def test_lfw_generative_part_attacks_every_model_on_the_same_colour_pairs(data_root, tmp_path):
+  """configs/study_genclf.py's LFW part (issue 19, item 4), shrunk: colour faces, the CNN, the
+  matched CNN, the joint VAE and both generative classifiers attacked on the same pairs; the
+  latent-descent attack only on the generative classifiers, inside the box."""
+  part = study_genclf.get_config("quick").lfw_genclf28
+  config = tiny("lfw", data_root, attacks=("bim", "latent_descent"), config=part)
+  config.attacks.vae.enabled = ()
+  config.model.abs.update(n_samples=32, steps=2)
+  run_lib.run(config, str(tmp_path))
+  rows = read_rows(tmp_path)
+  assert {(r["model"], r["attack"]) for r in rows} == {
+    *((m, "bim") for m in config.models),
+    ("abs", "latent_descent"),
+    ("cvae", "latent_descent"),
+  }
+  pairs = set()
+  for r in rows:
+    with np.load(tmp_path / r["record"]) as f:
+      pairs.add((tuple(f["source_index"]), tuple(f["target"])))
+  assert len(pairs) == 1
+  for model in ("abs", "cvae"):
+    with np.load(tmp_path / "examples" / f"{model}_latent_descent.npz") as f:
+      assert f["x"].shape[-1] == 3 and f["x_adv"].min() >= 0 and f["x_adv"].max() <= 1

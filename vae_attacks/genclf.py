@@ -376,8 +376,12 @@ class ConditionalVAE(nn.Module):
   Dense heads (mean, logvar). Li et al.'s MNIST encoder (deepgenerativeclassifier/DeepBayes,
   models/conv_encoder_mnist.py) is features (64, 64, 64), feature_hidden (500,), hidden (500,).
   Decoder: [z, one-hot y] through Dense + ReLU layers (`decoder_hidden`, reversed `hidden` when
-  None) to the H*W*C pixel logits (Li et al.'s decoder, models/conv_generator_mnist_B.py,
-  continues its Dense 500 with transposed convolutions instead).
+  None), then either a Dense head to the H*W*C pixel logits (`decoder_features` empty) or, as Li
+  et al.'s decoder (models/conv_generator_mnist_B.py), a Dense + ReLU layer to an s x s x f_0
+  map and one 5x5 stride-2 transposed convolution per entry of `decoder_features` (ReLU between)
+  up to the image: the map sizes halve back from the image with rounding up (28 <- 14 <- 7 <- 4
+  for three entries), each transposed convolution's doubled output cropped to its size (their
+  TensorFlow conv2d_transpose is given the output size instead).
   Prior p(z | y): N(0, I) ("standard", Kingma et al. 2014's M2) or "learned", GFY's
   y -> Dense(`prior_hidden`) + ReLU -> (mean, logvar) (conv_generator_mnist_B.py, `pzy_params`).
   Likelihood of x: "bernoulli" (pixel logits) or "l2", Li et al.'s MNIST choice (vae_mnist.py
@@ -392,6 +396,8 @@ class ConditionalVAE(nn.Module):
     feature_hidden: Dense widths after the convolutions, before y joins.
     hidden: Dense widths of q(z | x, y) after y joins.
     decoder_hidden: Dense widths of p(x | z, y); None: reversed `hidden`.
+    decoder_features: channels of the decoder's feature maps before the image, coarsest first
+      (Li et al.: (64, 64, 64)); empty: a Dense pixel head.
     likelihood: "bernoulli" or "l2".
     prior: "standard" or "learned".
     prior_hidden: width of the learned prior's hidden layer.
@@ -404,6 +410,7 @@ class ConditionalVAE(nn.Module):
   feature_hidden: Sequence[int] = ()
   hidden: Sequence[int] = (500, 500)
   decoder_hidden: Sequence[int] | None = None
+  decoder_features: Sequence[int] = ()
   likelihood: str = "bernoulli"
   prior: str = "standard"
   prior_hidden: int = 500
@@ -420,7 +427,15 @@ class ConditionalVAE(nn.Module):
     self.logvar_head = nn.Dense(self.latent_dim)
     widths = reversed(self.hidden) if self.decoder_hidden is None else self.decoder_hidden
     self.dec_dense = [nn.Dense(h) for h in widths]
-    self.pixel_head = nn.Dense(math.prod(self.image_shape))
+    if self.decoder_features:
+      h, w, c = self.image_shape
+      self.map_sizes = _halvings((h, w), len(self.decoder_features))
+      s0 = self.map_sizes[0]
+      self.pixel_head = nn.Dense(s0[0] * s0[1] * self.decoder_features[0])
+      outs = (*self.decoder_features[1:], c)
+      self.deconvs = [nn.ConvTranspose(f, (5, 5), (2, 2), padding="SAME") for f in outs]
+    else:
+      self.pixel_head = nn.Dense(math.prod(self.image_shape))
     if self.prior == "learned":
       self.prior_layers = (nn.Dense(self.prior_hidden), nn.Dense(2 * self.latent_dim))
 
@@ -454,7 +469,16 @@ class ConditionalVAE(nn.Module):
     h = jnp.concatenate([z, y_onehot], -1)
     for layer in self.dec_dense:
       h = nn.relu(layer(h))
-    return self.pixel_head(h).reshape((z.shape[0], *self.image_shape))
+    if not self.decoder_features:
+      return self.pixel_head(h).reshape((z.shape[0], *self.image_shape))
+    (s0h, s0w), *rest = self.map_sizes
+    h = nn.relu(self.pixel_head(h)).reshape((z.shape[0], s0h, s0w, self.decoder_features[0]))
+    sizes = (*rest, tuple(self.image_shape[:2]))
+    for i, (deconv, (sh, sw)) in enumerate(zip(self.deconvs, sizes, strict=True)):
+      h = deconv(h)[:, :sh, :sw]
+      if i + 1 < len(self.deconvs):
+        h = nn.relu(h)
+    return h
 
   def __call__(self, x: Array, y_onehot: Array, key: PRNGKey) -> tuple[Array, ...]:
     """(pixel logits, mean, logvar, prior mean, prior logvar) for x [B, H, W, C], y [B, K]:
@@ -462,6 +486,14 @@ class ConditionalVAE(nn.Module):
     mean, logvar = self.encode_features(self.features_of(x), y_onehot)
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
     return (self.decode(z, y_onehot), mean, logvar, *self.prior_of(y_onehot))
+
+
+def _halvings(size: tuple[int, int], n: int) -> list[tuple[int, int]]:
+  """The n map sizes below `size`, coarsest first, each the next one halved and rounded up."""
+  sizes = [size]
+  for _ in range(n):
+    sizes.insert(0, tuple(-(-d // 2) for d in sizes[0]))
+  return sizes[:-1]
 
 
 def _log_normal(z: Array, mean: Array, logvar: Array) -> Array:
