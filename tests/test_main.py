@@ -8,12 +8,14 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from fakedata import make_data_root
 
 from configs import study, study_genclf
 from experiments import attacks as attacks_lib
+from experiments import load, store
 from experiments import run as run_lib
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
@@ -136,8 +138,16 @@ def test_rerun_of_a_finished_vae_run_attacks_nothing(data_root, tmp_path, monkey
   config = tiny("mnist_vae", data_root)
   config.attacks.vae.enabled = ("latent_fgsm", "reconstruction_fgsm", "latent_l2")
   config.attacks.vae.reconstruction_fgsm.eps = (0.1,)
+  monkeypatch.setattr(attacks_lib, "VAE_EXAMPLES", 3)  # of the 4 pairs
   run_lib.run(config, str(tmp_path))
   first = (tmp_path / "results.jsonl").read_text()
+  # A VAE sweep keeps the first VAE_EXAMPLES examples, each with the VAE's reconstruction.
+  vae = load.load_run(tmp_path).models["mlp_vae"]
+  for attack in config.attacks.vae.enabled:
+    f = store.load_examples(tmp_path / "examples" / f"mlp_vae_{attack}.npz")
+    assert f["x_adv"].shape[1] == f["rec_adv"].shape[1] == 3 and len(f["x"]) == 3
+    rec = jax.vmap(jax.vmap(lambda x: vae.vae.reconstruct(vae.params["vae"], x)))(f["x_adv"])
+    np.testing.assert_allclose(f["rec_adv"], rec, atol=1e-5)
   calls = []
   real = attacks_lib.runner.iter_attack_chunks
   monkeypatch.setattr(
