@@ -90,6 +90,8 @@ def lfw_part(size: int, quick: bool, attacks: tuple[str, ...]) -> ml_collections
   # The faces are few (~1,000 training images for 7 people): the generative classifiers train
   # for as many epochs as the joint VAE, with its shifts and flips (ABS's class VAEs without:
   # their training rows are per class, `train.train_abs`).
+  # ABS keeps Schott et al.'s MNIST settings (latent dim 8, logit scale 440: the scale sets the
+  # softmax's confidence, not the predicted class; not re-tuned for faces).
   joint = c.train.joint_vae
   for net in ("abs", "cvae"):
     c.train[net].update(epochs=joint.epochs)
