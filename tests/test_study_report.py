@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from experiments import report
 from experiments.report import study
@@ -406,3 +407,35 @@ def test_h0_with_sources_as_clusters_reports_a_verdict_that_rests_on_independent
     section
   )
   assert "**not significant** with sources as clusters" in section
+
+
+def test_generative_classifiers_are_h0s_second_family_primary_in_l2_not_the_registered_one(
+  tmp_path,
+):
+  """ABS needs a larger L2 perturbation than the CNN on every pair and a smaller L-inf one;
+  the class-conditional VAE the same as the CNN. The generative family's primary (L2, Holm
+  over 2): ABS supported, with Wilcoxon's p of the differences; the cvae not significant; the
+  L-inf sensitivity flips ABS and the section says so. The registered family is untouched."""
+  abs_rec = make_record(CNN_BUDGET * 0.5)
+  abs_rec["l2"] = (CNN_BUDGET * 5 + np.linspace(0.5, 1.0, P)).astype(np.float32)
+  abs_rec["linf"] = np.linspace(0.03, 0.06, P).astype(np.float32)  # the CNN's: 0.1
+  cells = {("cnn", "bim_min", "linf", 0.3): make_record(CNN_BUDGET),
+           ("conv_vae", "bim_min", "linf", 0.3): make_record(CNN_BUDGET * 0.5),
+           ("abs", "bim_min", "linf", 0.3): abs_rec,
+           ("cvae", "bim_min", "linf", 0.3): make_record(CNN_BUDGET)}  # fmt: skip
+  run = write_run(tmp_path / "mnist", "mnist", cells, dict(ACC, abs=0.97, cvae=0.98))
+  d = data_of(run)
+  tests = study.h0_generative(d)
+  assert {t["model"] for t in tests} == {"abs", "cvae"}
+  primary = {t["model"]: t for t in study.decide_family([t for t in tests if t["primary"]],
+                                                         "greater")}  # fmt: skip
+  assert {t["norm"] for t in primary.values()} == {"l2"}
+  assert primary["abs"]["verdict"] == "supported"
+  diff = abs_rec["l2"].astype(np.float64) - make_record(CNN_BUDGET)["l2"]
+  assert primary["abs"]["p"] == pytest.approx(scipy.stats.wilcoxon(diff).pvalue)
+  assert primary["cvae"]["verdict"] == "not significant"
+  assert {t["model"] for t in study.h0_primary(d)} == {"conv_vae"}  # the registered family
+  text = report.write_report(run, figures=False).read_text()
+  section = text[text.index("### H0 for the generative classifiers") :]
+  assert "**Primary** (Holm over 2): 1 supported, 0 rejected, 1 not significant of 2." in section
+  assert "- mnist `abs`, linf: **rejected** on its own norm's family vs the primary's " in section

@@ -57,6 +57,10 @@ def _family_lines(tests, direction, weak_pred, key_cells, extra_cells, header) -
   return table(head, lines), [t["verdict"] for t in every], [t["verdict"] for t in strong]
 
 
+def _all_models(data) -> set:
+  return {m for d in data for m in d.models()}
+
+
 def _registered(d, _model) -> bool:
   """The registered H0 family: the datasets' parts (MNIST, LFW); the resolution parts' VAE
   classifiers are a secondary family of their own (`_h0_resolution`)."""
@@ -180,6 +184,75 @@ def _h1_clustered(tests) -> list[str]:
     table(head, lines),
     "",
     *(flips or ["No H1 verdict changes when the pairs of a source are a cluster."]),
+    "",
+  ]
+
+
+def _h0_generative(data, weak) -> list[str]:
+  """H0 for the generative classifiers (`study.GENERATIVE_ENDPOINT`): the primary family (Holm
+  over the L2 tests), then every norm as a sensitivity analysis, and both with the pairs of
+  one source as a cluster."""
+  tests = study.h0_generative(data)
+  if not any(not t.get("skip") for t in tests):
+    return []
+  primary = study.decide_family([t for t in tests if t["primary"]], "greater")
+  primary_c = study.decide_family(study.clustered([t for t in tests if t["primary"]]), "greater")
+  every = study.decide_family(tests, "greater")
+  medians = {
+    (d.name, r["model"], r["norm"]): r["median"].median
+    for d in data
+    for r in study.minimal_perturbation_summaries(d)
+  }
+  accuracy = {(d.name, m): a for d in data for m, a in d.accuracy.items()}
+  cnn_attacks = {
+    (d.name, r["norm"]): r["attacks"]
+    for d in data
+    for r in study.minimal_perturbation_summaries(d)
+    if r["model"] == study.BASELINE
+  }
+
+  def line(t, c=None):
+    acc = f"{fmt(accuracy.get((t['dataset'], t['model'])))} / "
+    acc += fmt(accuracy.get((t["dataset"], study.BASELINE)))
+    cells = [t["dataset"], _model(t["model"], t["dataset"], weak), t["norm"], acc,
+             f"{t['n']} ({t['n_sources']})",
+             _attack_set(t["attacks"], cnn_attacks.get((t["dataset"], t["norm"]), [])),
+             fmt(medians.get((t["dataset"], study.BASELINE, t["norm"]))),
+             fmt(medians.get((t["dataset"], t["model"], t["norm"]))),
+             fmt_eci(t["effect"], t["lo"], t["hi"]), fmt(t["p"]), fmt(t["p_holm"]),
+             f"**{t['verdict']}**"]  # fmt: skip
+    return cells + ([fmt(c["p_holm"]), c["verdict"]] if c is not None else [])
+
+  head = ["dataset", "model", "norm", "clean accuracy model / CNN", "pairs (sources)",
+          "attacks", "CNN median", "model median", "HL model − CNN [95% CI]", "p", "Holm p",
+          "verdict"]  # fmt: skip
+  flips = [
+    f"- {t['dataset']} `{t['model']}`, {t['norm']}: **{t['verdict']}** on its own norm's "
+    f"family vs the primary's **{p['verdict']}**"
+    for t in every
+    for p in primary
+    if not t.get("skip") and (t["dataset"], t["model"]) == (p["dataset"], p["model"])
+    and t["norm"] != p["norm"] and t["verdict"] != p["verdict"]
+  ]  # fmt: skip
+  return [
+    "### H0 for the generative classifiers (ABS, class-conditional VAE)",
+    "",
+    f"{study.GENERATIVE_ENDPOINT} Their clean accuracy is below the CNN's (first column), so a "
+    "smaller perturbation may reflect a weaker classifier rather than a generative one.",
+    "",
+    f"**Primary** (Holm over {len([t for t in primary if not t.get('skip')])}): "
+    f"{_tally([t['verdict'] for t in primary])}.",
+    "",
+    table(
+      [*head, "Holm p, sources as clusters", "verdict, sources as clusters"],
+      [line(t, c) for t, c in zip(primary, primary_c, strict=True) if not t.get("skip")],
+    ),
+    "",
+    f"**Every norm** (sensitivity; Holm over all {len([t for t in every if not t.get('skip')])}):",
+    "",
+    table(head, [line(t) for t in every if not t.get("skip")]),
+    "",
+    *(flips or ["Every norm gives the primary endpoint's verdict."]),
     "",
   ]
 
@@ -568,6 +641,9 @@ def study_markdown(
     "",
     f"- {H0_ENDPOINT}",
     f"- {H1_ENDPOINT}",
+    *(
+      [f"- {study.GENERATIVE_ENDPOINT}"] if any(map(study.is_generative, _all_models(data))) else []
+    ),
     "",
     f"Weak models (clean accuracy below {floor:g} x the dataset's best; marked {WEAK_MARK} in "
     f"every table, verdicts given with and without them): {listed}.",
@@ -576,6 +652,7 @@ def study_markdown(
     *_h0_matched(data),
     *_h0_by_norm(data, study.decide_family(study.h0_primary(data, pick=_registered), "greater")),
     *_h0_clustered(data),
+    *_h0_generative(data, weak),
     *_h1_primary(data, weak),
     *_h1_resolution(data),
     *_h0_resolution(data, weak),
