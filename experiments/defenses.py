@@ -696,6 +696,18 @@ class _Judge:
     return (pred != labels) & ~rejected
 
 
+def _clean_rates(clean: tuple, y: np.ndarray, rejecting: bool) -> dict:
+  """The clean-input rates of a row: accuracy (correct and accepted); for a rejecting defence
+  also the false-rejection rate and the accuracy with the rejection set aside (the deployed
+  classifier's own, what Defense-GAN and Ghosh et al. call clean accuracy)."""
+  pred, rejected = clean
+  out = _rate("clean_accuracy", (pred == y) & ~rejected)
+  if rejecting:
+    out.update(_rate("false_rejection_rate", rejected))
+    out.update(_rate("clean_accuracy_without_rejection", pred == y))
+  return out
+
+
 def _rate(name: str, mask: np.ndarray) -> dict:
   rate, lo, hi = metrics.success_rate(mask)
   return {
@@ -733,7 +745,6 @@ def evaluate(
   )
   pred, rejected = judge(res.x_adv)
   seconds = time.perf_counter() - t0
-  clean_pred, clean_rejected = clean
   row = dict(
     adaptive=spec.adaptive,
     note=spec.note,
@@ -746,7 +757,7 @@ def evaluate(
     # change little (Carlini et al. 2019); for a rejecting defence, the defended rate.
     unbroken_by_restart=[float(np.mean(~b)) for b in res.broken_after],
   )
-  row.update(_rate("clean_accuracy", (clean_pred == y) & ~clean_rejected))
+  row.update(_clean_rates(clean, y, defended.reject is not None))
   robust = (pred == y) & ~rejected
   row.update(_rate("robust_accuracy", robust))
   # Which examples this attack broke: the report's per-example worst case over every attack
@@ -760,7 +771,6 @@ def evaluate(
     # Fooled: misclassified and accepted (what the attack aims for); the per-example worst
     # case of the defended rate is computed from these.
     row["broken_examples"] = np.flatnonzero((pred != y) & ~rejected).tolist()
-    row.update(_rate("false_rejection_rate", clean_rejected))
     row.update(_rate("detection_rate", rejected[pred != y]))
     row.update(_rate("defended_rate", (pred == y) | rejected))
   return row, res.x_adv
@@ -788,13 +798,12 @@ def _evaluate_ensemble(defended, spec, eps, x, y, *, key, clean, judge, runner_k
     seconds=time.perf_counter() - t0,
     broken_by={k: int(v.sum()) for k, v in flags.items()},  # first breakers (runs skip broken)
   )
-  row.update(_rate("clean_accuracy", clean_ok))
+  row.update(_clean_rates(clean, y, defended.reject is not None))
   robust = clean_ok & ~broken
   row.update(_rate("robust_accuracy", robust))
   row["not_robust_examples"] = np.flatnonzero(~robust).tolist()
   if defended.reject is not None:
     row["broken_examples"] = np.flatnonzero(broken).tolist()
-    row.update(_rate("false_rejection_rate", clean_rejected))
     row.update(_rate("defended_rate", ~broken))
   return row
 

@@ -80,8 +80,12 @@ def test_quick_defenses_run_writes_rows_report_and_resumes(data_root, tmp_path):
     if r["defense"] != "distillation":  # a rejecting defence reports its rejection rates
       assert 0.0 <= r["false_rejection_rate"] <= 1.0
       assert "detection_rate" in r or r["attack"] == "apgd"
+      # Correct and accepted <= correct, rejection aside; the gap is at most the rejections.
+      aside = r["clean_accuracy_without_rejection"]
+      assert r["clean_accuracy"] <= aside <= r["clean_accuracy"] + r["false_rejection_rate"]
     else:
       assert "false_rejection_rate" not in r
+      assert "clean_accuracy_without_rejection" not in r
   moved = [r for r in rows if r["kind"] == "transfer"]
   assert {(r["source"], r["target"]) for r in moved} == {
     (s, t) for s in ("distillation",) for t in per_defense

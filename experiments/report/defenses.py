@@ -90,11 +90,17 @@ def _worst_case_table(attacked: Sequence[Mapping]) -> str:
     ]
     if any_rejecting:
       line.append((_rate_ci(u, "defended_rate") if u else DASH) if w else no_adaptive)
+      # The rows of this (defence, eps) that have it (rows written before it was recorded
+      # do not); a dash for a defence that does not reject.
+      have = [r for r in attacked if (r.get("defense"), num(r.get("eps"))) == k
+              and num(r.get("clean_accuracy_without_rejection")) is not None]  # fmt: skip
+      line.append(_rate_ci(have[0], "clean_accuracy_without_rejection") if have else DASH)
     lines.append([*line, fmt_int((w or any_row).get("n"))])
   header = ["defence", "eps (L-inf)", "clean accuracy", "worst-case robust accuracy",
             "lowest single attack", "by attack"]  # fmt: skip
   if any_rejecting:
     header.append("worst-case defended (correct or rejected)")
+    header.append("clean accuracy, rejection aside")
   header.append("n")
   return table(header, lines)
 
