@@ -1,6 +1,7 @@
 """Runs the config's attacks on every trained model and appends one row per
 (model, attack, eps) to results.jsonl as soon as that sweep finishes."""
 
+import hashlib
 import pathlib
 import time
 from typing import NamedTuple
@@ -391,8 +392,10 @@ def _run_sweeps(
     name = w.spec.name
     job.start("attack", t.name, name)
     t0 = time.perf_counter()
-    measures, quality, nonfinite, examples = [], [], [], None
-    for _, res, m in runner.iter_measured_chunks(
+    partial = _Partial(out_dir, t, w, _row(config, base_row, w, w.eps[0])["settings"])
+    measures, quality, nonfinite, examples, before = partial.load(vae)
+    start = sum(a.shape[1] for a in (q.success for q in measures))
+    chunks = runner.iter_measured_chunks(
       w.spec.run,
       t.model_fn,
       t.params,
@@ -404,9 +407,11 @@ def _run_sweeps(
       measure_inputs=t.measure_inputs,
       batched=w.spec.batched,
       desc=f"{t.name} {name} {w.norm} x {len(w.eps)} {'C' if vae else 'eps'}",
+      start=start,
       **runner_kwargs,
       **w.knobs,
-    ):
+    ) if start < len(t.pairs.target) else ()  # fmt: skip
+    for _, res, m in chunks:
       if vae:
         m, q = m
         quality.append(q)
@@ -414,7 +419,8 @@ def _run_sweeps(
       nonfinite.append(_non_finite(res))
       if examples is None:
         examples = res.x_adv[:, :n_examples]
-    seconds = time.perf_counter() - t0
+      partial.save(measures, quality, nonfinite, examples, before + time.perf_counter() - t0)
+    seconds = before + time.perf_counter() - t0
     job.finish()
     measures = jax.tree.map(lambda *p: _cat(p), *measures)
     nonfinite = jax.tree.map(lambda *p: _cat(p), *nonfinite)
@@ -453,7 +459,65 @@ def _run_sweeps(
         row["n_pairs"],
         f", AUDDC {extra['auddc']:.3f}" if "auddc" in extra else "",
       )
+    partial.remove()
   return problems
+
+
+PARTIAL_DIR = "partial"  # <workdir>/partial/<model>/<attack>_<norm>_<settings>.npz
+
+
+class _Partial:
+  """The finished chunks of a sweep not yet in the log, on disk as they come (atomically), so
+  that a run stopped mid-sweep resumes at its next chunk instead of its first: an hour-long
+  sweep (HopSkipJump on ABS) loses at most one chunk. Its measures, non-finite flags, quality
+  points (VAE sweeps), examples and seconds so far, with a digest of what the pairs' results
+  depend on (the pairs, the eps grid, the model's parameters): a partial of other pairs or of a
+  retrained model is set aside, not mixed in. Removed once the sweep's rows are written. Single
+  process only (another process of a multi-process run could not see the file); a
+  multi-process run runs its sweeps whole.
+  """
+
+  def __init__(self, out_dir: pathlib.Path, t: _Target, w: _Sweep, settings: str):
+    self.path = out_dir / PARTIAL_DIR / t.name / f"{w.spec.name}_{w.norm}_{settings}.npz"
+    self.on = cluster.process_count() == 1
+    digest = hashlib.sha256()
+    for a in (t.pairs.index, t.pairs.target, np.asarray(w.eps, np.float64)):
+      digest.update(np.ascontiguousarray(a).tobytes())
+    if self.on:
+      for leaf in jax.tree.leaves(t.params):
+        digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+    self.digest = digest.hexdigest()
+
+  def load(self, vae: bool) -> tuple[list, list, list, np.ndarray | None, float]:
+    """(measures, quality, non-finite flags, examples, seconds) of the chunks done: one part
+    each (empty lists, None and 0 when there is no usable partial)."""
+    if not (self.on and self.path.exists()):
+      return [], [], [], None, 0.0
+    with np.load(self.path) as f:
+      if str(f["digest"]) != self.digest:
+        logging.warning("%s: of other pairs or parameters; starting the sweep over", self.path)
+        return [], [], [], None, 0.0
+      m = metrics.PairMeasures(**{k: f[f"m_{k}"] for k in metrics.PairMeasures._fields})
+      flags = {k[3:]: f[k] for k in f.files if k.startswith("nf_")}
+      quality = [(f["q_x"], f["q_y"])] if vae else []
+      done, seconds = m.success.shape[1], float(f["seconds"])
+      logging.info("%s: resuming after %d pairs (%.0f s)", self.path.name, done, seconds)
+      return [m], quality, [flags], f["examples"], seconds
+
+  def save(self, measures, quality, nonfinite, examples, seconds: float) -> None:
+    if not self.on:
+      return
+    m = jax.tree.map(lambda *p: _cat(p), *measures)
+    flags = jax.tree.map(lambda *p: _cat(p), *nonfinite)
+    q = {f"q_{k}": _cat([p[i] for p in quality]) for i, k in enumerate("xy")} if quality else {}
+    store.save_npz_atomic(
+      self.path, digest=self.digest, seconds=seconds, examples=examples,
+      **{f"m_{k}": v for k, v in m._asdict().items()}, **{f"nf_{k}": v for k, v in flags.items()},
+      **q,
+    )  # fmt: skip
+
+  def remove(self) -> None:
+    self.path.unlink(missing_ok=True)
 
 
 # The examples a VAE sweep keeps (each with its reconstruction at every C or eps): the report's

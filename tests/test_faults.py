@@ -231,6 +231,68 @@ def test_same_config_and_seed_give_identical_results_across_reruns_and_chunk_siz
   assert _without_timing(c) == _without_timing(a)
 
 
+class _Stopped(BaseException):
+  """A run stopped from the test (as by a kill) right after a partial sweep was saved."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "name, attack", [("mnist_cnn", "pgd_l2"), ("mnist_vae", "latent_l2")]
+)  # fmt: skip
+def test_a_sweep_stopped_after_a_chunk_resumes_at_the_next_chunk_with_identical_rows(
+  name, attack, data_root, tmp_path, monkeypatch
+):
+  """Chunks of 2 of 4 pairs; the run is stopped right after `attack`'s first chunk is on disk
+  (a classifier attack with a random start; a VAE attack, with its AUDDC curve points). The
+  rerun runs that sweep from pair 2 only, and its rows and per-pair records equal those of an
+  uninterrupted run; no partial is left."""
+  config = tiny(name, data_root, attacks=("fgsm", "pgd_l2"))
+  config.attacks.pgd_l2.steps = 2
+  config.attacks.pgd_l2.eps = (1.0, 2.0)
+  config.attacks.chunk_size = 2
+  config.output.figures = False
+  ref, resumed = tmp_path / "ref", tmp_path / "resumed"
+  run_lib.run(config, str(ref))
+  resumed.mkdir()
+  for part in ("config.json", "checkpoints"):  # the same trained models
+    (shutil.copytree if part == "checkpoints" else shutil.copy)(ref / part, resumed / part)
+
+  save = attacks_lib._Partial.save
+
+  def save_then_stop(self, measures, *args):
+    save(self, measures, *args)
+    if self.path.name.startswith(f"{attack}_"):
+      raise _Stopped
+
+  monkeypatch.setattr(attacks_lib._Partial, "save", save_then_stop)
+  with pytest.raises(_Stopped):
+    run_lib.run(config, str(resumed))
+  (partial,) = (resumed / attacks_lib.PARTIAL_DIR).rglob(f"{attack}_*.npz")
+  with np.load(partial) as f:
+    assert f["m_success"].shape[1] == 2  # one chunk of two pairs kept
+  assert attack not in {r["attack"] for r in _rows(resumed)}
+
+  monkeypatch.setattr(attacks_lib._Partial, "save", save)
+  starts = []
+  measured = attacks_lib.runner.iter_measured_chunks
+
+  def spy(*args, start=0, **kwargs):
+    starts.append(start)
+    return measured(*args, start=start, **kwargs)
+
+  monkeypatch.setattr(attacks_lib.runner, "iter_measured_chunks", spy)
+  run_lib.run(config, str(resumed))
+  assert 2 in starts  # the stopped sweep ran from its second chunk, not from its first
+  assert not list((resumed / attacks_lib.PARTIAL_DIR).rglob("*.npz"))
+  a, b = _rows(ref), _rows(resumed)
+  assert _by_key(_without_timing(b)) == _by_key(_without_timing(a))
+  for row in a:
+    with np.load(ref / row["record"]) as x, np.load(resumed / row["record"]) as y:
+      assert x.files == y.files
+      for k in x.files:
+        np.testing.assert_array_equal(x[k], y[k], err_msg=f"{row['record']}: {k}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Two writers, a full disk, rows of an older format, non-finite settings, a failed start.
 

@@ -307,6 +307,30 @@ def test_results_do_not_depend_on_chunking():
   assert_results_close(runs[0], joined, rtol=0, atol=1e-6)
 
 
+def test_a_sweep_started_at_a_pair_gives_the_whole_sweeps_results_from_that_pair():
+  """start=k (a stopped sweep resumed) runs pairs k.. only, and each of them, random start
+  included (the key is folded in by the pair's index in x), as the whole sweep did; a start
+  outside the pairs is an error at the call."""
+  params = linear_model()
+  x, target = data(10)
+  kw = dict(chunk_size=3, progress=False, key=KEY)
+  whole = runner.run_attack(tiny_attack, linear_logits, params, x, target, EPS_GRID, **kw)
+  for start in (3, 4, 9):
+    chunks = list(
+      runner.iter_attack_chunks(
+        tiny_attack, linear_logits, params, x, target, EPS_GRID, start=start, **kw
+      )
+    )
+    assert chunks[0][0].start == start and chunks[-1][0].stop == 10
+    tail = jax.tree.map(lambda *a: np.concatenate(a, 1), *[r for _, r in chunks])
+    assert_results_close(jax.tree.map(lambda a, s=start: a[:, s:], whole), tail, rtol=0, atol=0)
+  for bad in (-1, 10):
+    with pytest.raises(ValueError, match="start"):
+      runner.iter_attack_chunks(
+        tiny_attack, linear_logits, params, x, target, EPS_GRID, start=bad, **kw
+      )
+
+
 def test_batched_map_equals_a_loop_for_any_batch_size_and_pytrees():
   """One example at a time, or in padded batches of 1, 3, 4 or 64: the same values; pytree
   inputs and outputs keep their structure; an empty input is an error, not a crash."""

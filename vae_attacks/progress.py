@@ -27,20 +27,24 @@ class _Lines:
     self._stream.flush()
 
 
-def bar(total: int, *, desc: str, unit: str, disable: bool = False, leave: bool = True):
-  """A tqdm bar on stderr (a live bar on a terminal, plain lines otherwise)."""
+def bar(
+  total: int, *, desc: str, unit: str, disable: bool = False, leave: bool = True, initial: int = 0
+):
+  """A tqdm bar on stderr (a live bar on a terminal, plain lines otherwise), from `initial`."""
   stream = sys.stderr
   if disable or stream is None:
     return tqdm.tqdm(total=total, disable=True)
   if stream.isatty():
     return tqdm.tqdm(
-      total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=leave, delay=0 if leave else 1
-    )
+      total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=leave,
+      delay=0 if leave else 1, initial=initial,
+    )  # fmt: skip
   return tqdm.tqdm(
     total=total,
     desc=desc,
     unit=unit,
     file=_Lines(stream),
+    initial=initial,
     mininterval=LOG_INTERVAL_S,
     delay=LOG_INTERVAL_S,  # a stage shorter than that leaves no line
     ascii=True,

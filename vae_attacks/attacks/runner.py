@@ -452,6 +452,7 @@ def iter_attack_chunks(
   progress: bool = True,
   desc: str | None = None,
   batched: Callable | None = None,
+  start: int = 0,
   **attack_kwargs,
 ) -> Iterator[tuple[slice, AttackResult]]:
   """Runs `attack` over pairs x eps chunk by chunk, giving results as they are produced.
@@ -494,6 +495,9 @@ def iter_attack_chunks(
       pairs x eps problems at once, instead of the jitted vmap of `attack`. Same results up
       to float rounding; faster where the attack's loop is a solver with early stopping
       (benchmarks/attacks.py). Static knobs only.
+    start: the first pair to run (a stopped sweep resumed: pairs before it are not run). A
+      pair's result does not depend on it (keys are folded in by the index in x), and at a
+      multiple of the chunk size the chunks are those of the whole sweep.
     **attack_kwargs: the attack's knobs: hashable values are static, arrays traced and shared,
       `EpsScaled(f)` becomes f * eps, and `key` is split per pair as fold_in(key, index of the
       pair in x).
@@ -519,6 +523,8 @@ def iter_attack_chunks(
     raise ValueError("mesh must hold this process's devices only (see `pairs_mesh`)")
   if chunk_size is not None and chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size} must be positive")
+  if not 0 <= start < n_pairs:
+    raise ValueError(f"start={start} must be a pair index in [0, {n_pairs})")
 
   static, dyn_names, dyn_values, key = _split_knobs(attack_kwargs)
   has_key = key is not None
@@ -530,7 +536,7 @@ def iter_attack_chunks(
     return _host_loop_chunks(
       batched, logits_fn, params, x, target, eps_grid, dict((n, v) for n, _, v in static),
       chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes, mesh=mesh,
-      progress=progress, desc=desc,
+      progress=progress, desc=desc, start=start,
     )  # fmt: skip
   sweep = _sweep(attack, logits_fn, static, dyn_names, has_key, mesh)
   devices = list(mesh.devices.flat) if mesh is not None else [jax.local_devices()[0]]
@@ -584,7 +590,9 @@ def iter_attack_chunks(
 
   desc = desc or f"{getattr(attack, '__name__', 'attack')} x {eps_grid.shape[0]} eps"
   # Everything above runs now (errors and compilation at the call); the chunks run on iteration.
-  return _run_chunks(executable, args_for, n_pairs, chunk, desc=desc, progress=progress)
+  return _run_chunks(
+    executable, args_for, n_pairs, chunk, desc=desc, progress=progress, start=start
+  )
 
 
 # Bytes per problem of a host-loop solver, as a multiple of the problem's input bytes: the
@@ -596,7 +604,7 @@ _HOST_LOOP_BYTES_PER_INPUT = 32
 
 def _host_loop_chunks(
   batched, logits_fn, params, x, target, eps_grid, knobs, *, chunk_size, memory_budget_bytes,
-  mesh, progress, desc=None,
+  mesh, progress, desc=None, start=0,
 ):  # fmt: skip
   """`iter_attack_chunks` with the host-loop strategy: each chunk's pairs x eps problems are
   solved together by `batched`, with the problems sharded over the mesh."""
@@ -628,7 +636,9 @@ def _host_loop_chunks(
     return jax.tree.map(lambda a: a.reshape(n_eps, len(idx), *a.shape[1:]), res)
 
   desc = desc or f"{getattr(batched, '__name__', 'attack')} x {n_eps} eps"
-  return _run_chunks(solve, lambda idx: (idx,), n_pairs, chunk, desc=desc, progress=progress)
+  return _run_chunks(
+    solve, lambda idx: (idx,), n_pairs, chunk, desc=desc, progress=progress, start=start
+  )
 
 
 def _share_of_pairs(chunk: int, n_pairs: int, n_dev: int) -> int:
@@ -647,16 +657,21 @@ def _agreed_chunk(chunk: int, n_dev: int) -> int:
   return _round_up(int(sizes[:, 0].min()), math.lcm(*(int(d) for d in sizes[:, 1])))
 
 
-def _run_chunks(executable, args_for, n_pairs, chunk, *, desc, progress):
-  """Yields (slice, host result) per chunk, dispatching the next chunk before fetching one.
+def _run_chunks(executable, args_for, n_pairs, chunk, *, desc, progress, start=0):
+  """Yields (slice, host result) per chunk from pair `start` on, dispatching the next chunk
+  before fetching one.
 
   In a multi-process run, chunk k runs on process k mod n and each round of n chunks is
   gathered on every process; a process with no chunk left in the last round runs the last
   chunk again (its copy is dropped), so that every process takes part in every gather."""
   bar = progress_lib.bar(
-    n_pairs, desc=desc, unit="pair", disable=not progress or jax.process_index() != 0
+    n_pairs,
+    desc=desc,
+    unit="pair",
+    disable=not progress or jax.process_index() != 0,
+    initial=start,
   )
-  starts = list(range(0, n_pairs, chunk))
+  starts = list(range(start, n_pairs, chunk))
   n_proc, me = jax.process_count(), jax.process_index()
   rounds = [starts[r : r + n_proc] for r in range(0, len(starts), n_proc)]
 
