@@ -229,33 +229,33 @@ PAIRS_DIR = "pairs"  # <workdir>/pairs/<settings>.npz: the run's shared pairs
 def _shared_pairs(config, data, trained, root, out_dir: pathlib.Path):
   """The run's pairs, the same for every model: (Pairs, target image index per pair).
 
-  Sources: test examples that every model classifies correctly (with `attacks.only_correct`),
-  and, when the run has VAE attacks, whose reconstruction by every VAE the judge (the CNN)
-  also classifies correctly; each source once where the test set allows; targets drawn once.
-  As many pairs as the larger of attacks.num_pairs and attacks.vae.num_pairs; the classifier
-  and VAE attacks take prefixes of the list. Saved to pairs/<settings>.npz, and read back from
-  there on a rerun (the record of which pairs the rows were made on).
+  Sources: test examples that every model of `keys.pair_models` (default: every model)
+  classifies correctly (with `attacks.only_correct`), and, when the run has VAE attacks, whose
+  reconstruction by every such VAE the judge (the CNN) also classifies correctly; each source
+  once where the test set allows; targets drawn once. As many pairs as the larger of
+  attacks.num_pairs and attacks.vae.num_pairs; the classifier and VAE attacks take prefixes of
+  the list. Saved to pairs/<settings>.npz with every model's clean prediction of every test
+  example, and read back from there on a rerun (the record of which pairs the rows were made
+  on); a model added since (a control outside `pair_models`) has its predictions added.
   """
   acfg = config.attacks
   path = out_dir / PAIRS_DIR / f"{keys.pairs_settings(config)}.npz"
   if path.exists():
-    with np.load(path) as f:
-      pairs = runner.Pairs(f["index"], f["source_label"], f["target"])
-      return pairs, f["target_image"]
+    return _read_pairs(path, data, trained)
   y = np.asarray(data.y_test)
   eligible = np.ones(len(y), bool)
+  choosers = [trained[m] for m in keys.pair_models(config) if m in trained]
   vae_attacks_on = (
-    bool(acfg.vae.enabled) and "cnn" in trained and any(m.kind == "vae" for m in trained.values())
+    bool(acfg.vae.enabled) and "cnn" in trained and any(m.kind == "vae" for m in choosers)
   )
   # Each model's clean prediction of every test example, kept with the pairs: a comparison
   # across runs on the same pairs (the study's resolution sweep) keeps the pairs every model
   # classified correctly.
-  predictions = {}
-  for model in trained.values():
-    logits = runner.batched_logits(model.logits_fn, model.params, data.x_test)
-    predictions[f"prediction_{model.name}"] = np.argmax(logits, -1)
+  predictions = {
+    f"prediction_{model.name}": _predictions(model, data) for model in trained.values()
+  }
   if acfg.only_correct:
-    for model in trained.values():
+    for model in choosers:
       eligible &= predictions[f"prediction_{model.name}"] == y
       if model.kind == "vae" and vae_attacks_on:
         judge = trained["cnn"]
@@ -264,7 +264,7 @@ def _shared_pairs(config, data, trained, root, out_dir: pathlib.Path):
         eligible &= np.argmax(runner.batched_logits(fn, params, data.x_test), -1) == y
   pair_input = any(s.pair_input for s in registry.enabled(acfg))
   num_pairs = max(acfg.num_pairs, acfg.vae.num_pairs if vae_attacks_on else 0)
-  first = next(iter(trained.values()))  # least_likely targets: the first model's logits
+  first = choosers[0]  # least_likely targets: the first model's logits
   key = jax.random.fold_in(root, 999_983)
   try:
     pairs = runner.make_pairs(
@@ -294,6 +294,24 @@ def _shared_pairs(config, data, trained, root, out_dir: pathlib.Path):
     len(pairs.index), len(np.unique(pairs.index)), int(eligible.sum()), len(y),
   )  # fmt: skip
   return pairs, target_images
+
+
+def _predictions(model, data) -> np.ndarray:
+  """A model's clean class for every test example."""
+  return np.argmax(runner.batched_logits(model.logits_fn, model.params, data.x_test), -1)
+
+
+def _read_pairs(path: pathlib.Path, data, trained):
+  """The pairs saved at `path` and their target images; the clean predictions of a model the
+  file lacks are added to it (atomically; the pairs are unchanged)."""
+  with np.load(path) as f:
+    saved = {k: f[k] for k in f.files}
+  missing = [m for m in trained.values() if f"prediction_{m.name}" not in saved]
+  if missing:
+    saved.update({f"prediction_{m.name}": _predictions(m, data) for m in missing})
+    store.save_npz_atomic(path, **saved)
+  pairs = runner.Pairs(saved["index"], saved["source_label"], saved["target"])
+  return pairs, saved["target_image"]
 
 
 def _prefix(shared, n: int | None):

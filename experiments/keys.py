@@ -32,14 +32,21 @@ def config_hash(section) -> str:
 PAIR_FIELDS = ("num_pairs", "target_strategy", "fixed_targets", "only_correct", "shared_pairs")
 
 
+def pair_models(config: Mapping) -> tuple[str, ...]:
+  """The models every pair's source must be classified correctly by: `attacks.pair_models`
+  where a config sets it (a control added to a finished run is attacked on its pairs, which
+  it did not choose), else every model of the run."""
+  return tuple(config["attacks"].get("pair_models") or config["models"])
+
+
 def pairs_settings(config: Mapping) -> str:
-  """The hash of what decides a run's pairs and how every pair is measured: the models (every
-  one must classify a source correctly), the pair settings and the eval section."""
+  """The hash of what decides a run's pairs and how every pair is measured: the models that
+  choose them (`pair_models`), the pair settings and the eval section."""
   a = to_dict(config["attacks"])
   pairs = {k: a.get(k) for k in PAIR_FIELDS}
   pairs["vae_num_pairs"] = a["vae"]["num_pairs"]
   return config_hash(
-    {"models": list(config["models"]), "pairs": pairs, "eval": to_dict(config["eval"])}
+    {"models": list(pair_models(config)), "pairs": pairs, "eval": to_dict(config["eval"])}
   )
 
 

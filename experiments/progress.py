@@ -82,8 +82,10 @@ def plan(config, n_train: int, part: str = "", pixels: float = 1.0) -> list[Stag
       "generative classifier" if name in models_lib.GENERATIVE_CLASSIFIERS
       else "VAE + latent classifier"
     )  # fmt: skip
+    section = config.train[name] if name in config.train else {}
+    per_epoch = min(n_train, section.get("epoch_examples", 0) or n_train)
     stages.append(Stage("train", name, "", f"{pre}train {name} ({what}): {_n(e, 'epoch')} of "
-                        f"{n_train} examples", e * n_train, f"train:{name}", "train", part,
+                        f"{per_epoch} examples", e * per_epoch, f"train:{name}", "train", part,
                         "examples", pixels))  # fmt: skip
   acfg = config.attacks
   for k in range(registry.NUM_PASSES):

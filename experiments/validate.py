@@ -74,6 +74,8 @@ def _validate_fields(c: ml_collections.ConfigDict) -> None:
         f"train.{m}.match_to={match_to!r}; allowed: a model trained before it, one of "
         f"{tuple(c.models[:i])}"
       )
+  for m in c.attacks.get("pair_models", ()):
+    _one_of("attacks.pair_models[]", m, tuple(c.models))
   if "joint_vae" in c.models:
     if "joint_vae" not in c.train:
       raise ConfigError("models names 'joint_vae', which has no section train.joint_vae")
@@ -99,6 +101,7 @@ def _validate_fields(c: ml_collections.ConfigDict) -> None:
     _int_at_least(f"train.{name}.epochs", t.epochs, 1)
     _int_at_least(f"train.{name}.batch_size", t.batch_size, 1)
     _positive(f"train.{name}.learning_rate", t.learning_rate)
+    _int_at_least(f"train.{name}.epoch_examples", t.get("epoch_examples", 0), 0)
   a = c.attacks
   for family, where, names in (
     ("classifier", "attacks", a.enabled),

@@ -173,6 +173,7 @@ def claim_workdir(config, workdir: pathlib.Path, fixed=IMAGE_CLAIM_FIELDS) -> No
       # Where the data were read from is not part of a run's identity (experiments/identity.py).
       old_id, new_id = identity.without_location(old), identity.without_location(new)
       changed = keys.diff({k: old_id.get(k) for k in fixed}, {k: new_id.get(k) for k in fixed})
+      changed = _beyond_appended_models(old_id, new_id, changed)
       if changed and products:
         raise UserError(
           f"workdir {workdir} belongs to a different config (differs in: "
@@ -185,6 +186,23 @@ def claim_workdir(config, workdir: pathlib.Path, fixed=IMAGE_CLAIM_FIELDS) -> No
           ", ".join(changed),
         )
   store.write_json_atomic(path, new)
+
+
+def _beyond_appended_models(old: dict, new: dict, changed: list[str]) -> list[str]:
+  """`changed` less what appending models to a run changes: "models", when the old models are
+  the first of the new, and the new models' own model and train sections. The models before
+  are trained as they were (a model's key is fold_in(seed, its index in `models`)), and a
+  control can join a finished run (with `attacks.pair_models`, on its pairs)."""
+  before, after = list(old.get("models") or ()), list(new.get("models") or ())
+  added = set(after[len(before) :])
+  if not added or after[: len(before)] != before:
+    return changed
+
+  def appended_section(field: str) -> bool:
+    top, _, name = field.partition(".")
+    return top in ("model", "train") and name in added and name not in (old.get(top) or {})
+
+  return [f for f in changed if f != "models" and not appended_section(f)]
 
 
 def open_run(config, workdir: pathlib.Path) -> data_lib.Dataset:

@@ -46,6 +46,37 @@ def test_stop_at_accuracy_ends_at_the_first_epoch_reaching_it_and_a_rerun_reuses
   assert all(jax.tree.leaves(chex_equal))
 
 
+def test_epoch_examples_evaluates_and_stops_within_the_first_epoch(tmp_path):
+  """An epoch of 32 of the 96 training examples (2 steps): the accuracy is evaluated every 2
+  steps, so a target the whole first epoch (6 steps) passes stops the training at the first
+  2-step evaluation reaching it, after fewer examples; the schedule's length is in such epochs;
+  a checkpoint of whole epochs is not resumed as one of short epochs."""
+  cnn = models.CNN(3, features=(4,), dense=(16,))
+  assert _settings(1, epoch_examples=32).steps_per_epoch(96) == 2
+  assert _settings(1, epoch_examples=1000).steps_per_epoch(96) == 6  # at most the whole set
+  _, whole = train.train_classifier(cnn, DATA, key=jax.random.key(0), settings=_settings(1))
+  target = whole["history"][0]["test_accuracy"]
+  short = _settings(30, epoch_examples=32)
+  _, free = train.train_classifier(cnn, DATA, key=jax.random.key(0), settings=short)
+  accs = [h["test_accuracy"] for h in free["history"]]
+  assert len(accs) == 30
+  first = next(i for i, a in enumerate(accs) if a >= target) + 1
+  assert first * 32 < 96  # reached before one whole epoch's examples
+  ckpt = tmp_path / "ckpt"
+  _, m = train.train_classifier(
+    cnn, DATA, key=jax.random.key(0), checkpoint_dir=str(ckpt),
+    settings=short._replace(stop_at_accuracy=target),
+  )  # fmt: skip
+  assert m["epochs_trained"] == first  # the first short epoch reaching it, not a later one
+  assert [h["test_accuracy"] for h in m["history"]] == accs[:first]
+  assert m["test_accuracy"] >= target > max(accs[: first - 1], default=-1.0)
+  with pytest.raises(train.CheckpointError, match="epoch_examples"):
+    train.train_classifier(
+      cnn, DATA, key=jax.random.key(0), checkpoint_dir=str(ckpt),
+      settings=_settings(30, stop_at_accuracy=target),
+    )  # fmt: skip
+
+
 def test_joint_vae_learns_to_classify_and_to_reconstruct():
   vae = models.ConvVAE((8, 8, 1), 4, features=(4, 8))
   clf = models.LatentClassifier(3, hidden=(16,))

@@ -391,3 +391,52 @@ def test_lfw_generative_part_attacks_every_model_on_the_same_colour_pairs(data_r
   for model in ("abs", "cvae"):
     with np.load(tmp_path / "examples" / f"{model}_latent_descent.npz") as f:
       assert f["x"].shape[-1] == 3 and f["x_adv"].min() >= 0 and f["x_adv"].max() <= 1
+
+
+def test_a_control_outside_pair_models_joins_a_finished_run_on_its_pairs(data_root, tmp_path):
+  """A model added to a finished run with `attacks.pair_models` naming the run's models: the
+  pairs file is the same (its hash unchanged), gains the new model's clean predictions, and
+  keeps its pairs; the finished rows are kept as they were; the new model is attacked on
+  those pairs. Without pair_models the same addition is a new set of pairs."""
+  from configs import base  # noqa: PLC0415
+
+  c = tiny("mnist_cnn", data_root, attacks=("fgsm",))
+  c.output.figures = False
+  run_lib.run(c, str(tmp_path))
+  before = read_rows(tmp_path)
+  (pairs_path,) = (tmp_path / "pairs").glob("*.npz")
+  with np.load(pairs_path) as f:
+    pairs0 = {k: f[k] for k in f.files}
+  assert "prediction_cnn_matched" not in pairs0
+  c.attacks.pair_models = tuple(c.models)
+  c.models = (*c.models, "cnn_matched")
+  base.add_model_sections(c, c.models)
+  c.train.cnn_matched.match_to = "cnn"
+  run_lib.run(c, str(tmp_path))
+  rows = read_rows(tmp_path)
+  assert [r for r in rows if r["model"] == "cnn"] == before  # kept, not recomputed
+  assert list((tmp_path / "pairs").glob("*.npz")) == [pairs_path]
+  with np.load(pairs_path) as f:
+    for k, v in pairs0.items():
+      np.testing.assert_array_equal(f[k], v)
+    assert f["prediction_cnn_matched"].shape == pairs0["prediction_cnn"].shape
+  new = [r for r in rows if r["model"] == "cnn_matched"]
+  assert len(new) == len(before)
+  for a, b in zip(before, new, strict=True):
+    with np.load(tmp_path / a["record"]) as x, np.load(tmp_path / b["record"]) as y:
+      for k in ("source_index", "target"):
+        np.testing.assert_array_equal(x[k], y[k])
+  from experiments import keys  # noqa: PLC0415
+
+  c.attacks.pair_models = ()
+  assert keys.pairs_settings(c) != pairs_path.stem
+  # Appending is the one change of the models allowed: not a reordering, nor another training.
+  for change in ("order", "train"):
+    d = c.copy_and_resolve_references()
+    if change == "order":
+      d.models = ("cnn_matched", "cnn")
+      d.train.cnn_matched.match_to = ""
+    else:
+      d.train.cnn.learning_rate *= 2
+    with pytest.raises(UserError, match="belongs to a different config"):
+      run_lib.run(d, str(tmp_path))

@@ -231,6 +231,10 @@ class TrainSettings(NamedTuple):
     stop_at_accuracy: when > 0, training ends after the first epoch whose test accuracy
       reaches this value (the accuracy-matched control of the study: a CNN stopped where its
       clean accuracy meets a weaker model's; the learning-rate schedule still spans `epochs`).
+    epoch_examples: when > 0, an epoch is that many examples (the first of the epoch's
+      shuffle) instead of the whole training set: the test accuracy is then evaluated, and
+      `stop_at_accuracy` checked, that often (a control matched to an accuracy the whole
+      first epoch already passes, as on MNIST).
   """
 
   epochs: int
@@ -242,6 +246,7 @@ class TrainSettings(NamedTuple):
   augment_shift: int = 0
   eval_batch_size: int = 1000
   stop_at_accuracy: float = 0.0
+  epoch_examples: int = 0
 
   @classmethod
   def from_config(cls, section: Mapping, *, extra: Sequence[str] = ()) -> "TrainSettings":
@@ -261,8 +266,8 @@ class TrainSettings(NamedTuple):
     return cls(**{k: section[k] for k in cls._fields if k in section})
 
   def steps_per_epoch(self, n_train: int) -> int:
-    """Optimiser steps of one epoch over `n_train` examples."""
-    return n_train // self.batch_size
+    """Optimiser steps of one epoch over `n_train` examples (`epoch_examples` of them)."""
+    return min(n_train, self.epoch_examples or n_train) // self.batch_size
 
   def optimizer(self, n_train: int) -> optax.GradientTransformation:
     """`make_optimizer` for the whole run over `n_train` examples."""
@@ -293,6 +298,8 @@ class TrainSettings(NamedTuple):
     }
     if self.stop_at_accuracy:  # only when set: older checkpoints resume as before
       out["stop_at_accuracy"] = self.stop_at_accuracy
+    if self.epoch_examples:
+      out["epoch_examples"] = self.epoch_examples
     return out
 
   def stops_after(self, record: Mapping) -> bool:
