@@ -1,6 +1,7 @@
 """Runs the config's attacks on every trained model and appends one row per
 (model, attack, eps) to results.jsonl as soon as that sweep finishes."""
 
+import contextlib
 import hashlib
 import pathlib
 import time
@@ -536,6 +537,9 @@ class _Partial:
 
   def remove(self) -> None:
     self.path.unlink(missing_ok=True)
+    for folder in (self.path.parent, self.path.parent.parent):  # once empty
+      with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 # The examples a VAE sweep keeps (each with its reconstruction at every C or eps): the report's
