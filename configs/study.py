@@ -149,7 +149,7 @@ def get_config(arg=None):
   for part in (c.mnist_vae, c.lfw_vae):
     design(part)
     if quick:
-      _shrink(part)
+      shrink(part)
   for name, size, grey in RESOLUTIONS:
     c[name] = resolution_part(name, size, grey, quick)
   for name in c.runs:
@@ -157,7 +157,7 @@ def get_config(arg=None):
   return c
 
 
-def _shrink(c: ml_collections.ConfigDict) -> None:
+def shrink(c: ml_collections.ConfigDict) -> None:
   """The design at :quick size: a few pairs, steps and C values (a whole run in minutes)."""
   c.attacks.num_pairs = 16
   c.attacks.vae.num_pairs = 8

@@ -136,7 +136,7 @@ def lfw_part(size: int, quick: bool, attacks: tuple[str, ...]) -> ml_collections
   c.attacks.only_correct = True
   c.attacks.num_pairs = 200
   if quick:
-    study_cfg._shrink(c)
+    study_cfg.shrink(c)
     _quick_generative(c)
   return c
 
@@ -179,7 +179,7 @@ def get_config(arg=None):
   # the part's workdir): the same models the study attacked, on the same pairs.
   c.mnist_vae.import_params = ""
   if quick:
-    study_cfg._shrink(c.mnist_vae)
+    study_cfg.shrink(c.mnist_vae)
     _quick_generative(c.mnist_vae)
   size = 154 if gpu else LFW_GENCLF_SIZE
   lfw = lfw_part(size, quick, tuple(c.mnist_vae.attacks.enabled))
