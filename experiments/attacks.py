@@ -413,7 +413,7 @@ def _run_sweeps(
     t0 = time.perf_counter()
     partial = _Partial(out_dir, t, w, _row(config, base_row, w, w.eps[0])["settings"])
     measures, quality, nonfinite, examples, before = partial.load(vae)
-    start = sum(a.shape[1] for a in (q.success for q in measures))
+    start = sum(m.success.shape[1] for m in measures)  # pairs done
     chunks = runner.iter_measured_chunks(
       w.spec.run,
       t.model_fn,
