@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 from experiments import store
 from vae_attacks import models as models_lib
+from vae_attacks import train as train_lib
 from vae_attacks.attacks import registry
 
 TIMINGS_FILE = "timings.json"
@@ -83,7 +84,7 @@ def plan(config, n_train: int, part: str = "", pixels: float = 1.0) -> list[Stag
       else "VAE + latent classifier"
     )  # fmt: skip
     section = config.train[name] if name in config.train else {}
-    per_epoch = min(n_train, section.get("epoch_examples", 0) or n_train)
+    per_epoch = train_lib.examples_per_epoch(n_train, section.get("epoch_examples", 0))
     stages.append(Stage("train", name, "", f"{pre}train {name} ({what}): {_n(e, 'epoch')} of "
                         f"{per_epoch} examples", e * per_epoch, f"train:{name}", "train", part,
                         "examples", pixels))  # fmt: skip

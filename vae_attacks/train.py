@@ -212,6 +212,11 @@ def _checkpoint_manager(directory: str) -> ocp.CheckpointManager:
   )
 
 
+def examples_per_epoch(n_train: int, epoch_examples: int = 0) -> int:
+  """The examples one epoch trains on: `epoch_examples` of the `n_train` when set (> 0)."""
+  return min(n_train, epoch_examples or n_train)
+
+
 class TrainSettings(NamedTuple):
   """How a model is trained: the fields of a config's `train.<model>` section.
 
@@ -267,7 +272,7 @@ class TrainSettings(NamedTuple):
 
   def steps_per_epoch(self, n_train: int) -> int:
     """Optimiser steps of one epoch over `n_train` examples (`epoch_examples` of them)."""
-    return min(n_train, self.epoch_examples or n_train) // self.batch_size
+    return examples_per_epoch(n_train, self.epoch_examples) // self.batch_size
 
   def optimizer(self, n_train: int) -> optax.GradientTransformation:
     """`make_optimizer` for the whole run over `n_train` examples."""

@@ -256,22 +256,22 @@ def _h0_generative(data, weak) -> list[str]:
     "",
     *(flips or ["Every norm gives the primary endpoint's verdict."]),
     "",
-    *_h0_generative_matched(data, weak),
+    *_h0_generative_matched(data, weak, accuracy),
   ]
 
 
 GEN_NORM = study.GENERATIVE_PRIMARY_NORM.upper()
 
 
-def _h0_generative_matched(data, weak) -> list[str]:
+def _h0_generative_matched(data, weak, accuracy) -> list[str]:
   """The generative family against the accuracy-matched CNN (`study.h0_generative_matched`),
-  with its verdicts with the pairs of one source as a cluster."""
+  with its verdicts with the pairs of one source as a cluster; `accuracy`: {(dataset, model):
+  clean accuracy}."""
   tests = study.h0_generative_matched(data)
   if not tests:
     return []
   plain = study.decide_family(tests, "greater")
   alt = study.decide_family(study.clustered(tests), "greater")
-  accuracy = {(d.name, m): a for d in data for m, a in d.accuracy.items()}
   lines = []
   for t, c in zip(plain, alt, strict=True):
     mc, mm = t["median_control"], t["median_model"]
