@@ -219,6 +219,31 @@ def test_full_table_has_every_row_and_train_table_the_metrics(tmp_path):
   assert train["mlp_vae"]["params"] == "1,234"  # VAE + its latent classifier
 
 
+def test_time_per_stage_sums_each_sweeps_eps_rows_and_each_models_training(tmp_path):
+  rows = grid_rows()
+  for i, r in enumerate(rows):  # distinct times, so a wrong grouping shows in the sums
+    r["seconds"] = 1.0 + i
+  rows[0]["seconds"] = None  # a row without a time counts for nothing
+  wd = make_workdir(tmp_path / "run", "mnist", rows)
+  text = report.write_report(wd, figures=False).read_text()
+  body = table_after(text, "MNIST: time per stage")
+  wall = lambda line: float(line["wall s"].replace(",", ""))
+  got = {(line["stage"], line["model / sweep"]): wall(line) for line in body}
+  sweeps: dict = {}
+  for r in rows:
+    key = ("attack", f"{r['model']} {r['attack']} {r['norm']}")
+    sweeps[key] = sweeps.get(key, 0.0) + (r["seconds"] or 0.0)
+  want = {("train", "cnn"): 12.3456, ("train", "mlp_vae"): 20.5, **sweeps}
+  for key, s in want.items():
+    assert got[key] == pytest.approx(s, abs=0.5)  # printed to the second
+  total = sum(want.values())
+  assert got[("**total**", "")] == pytest.approx(total, abs=0.5)
+  assert got[("**all train**", "")] == pytest.approx(32.8456, abs=0.5)
+  walls = [got[k] for k in got if not k[0].startswith("**")]
+  assert walls == sorted(walls, reverse=True)  # longest first
+  assert f"{total / 3600:.2f} h" in text
+
+
 def test_only_current_settings_and_last_row_per_cell_and_torn_line():
   a = make_row("mnist", "cnn", "fgsm", "linf", 0.1, k=1, settings="old")
   b = make_row("mnist", "cnn", "fgsm", "linf", 0.1, k=2, settings="new")

@@ -27,6 +27,8 @@ from experiments.report.tables import (
   reference_line,
   rel,
   sort_rows,
+  stage_seconds,
+  stage_table,
   table,
   train_table,
   weak_model_warnings,
@@ -297,6 +299,16 @@ def _dataset_section(
   warnings = weak_model_warnings(v.train or {}, v.name, weak_floor)
   if warnings:
     parts += ["\n\n".join(warnings), ""]
+  stages = stage_seconds(v.train or {}, v.rows)
+  if stages:
+    total = sum(s for _, _, s in stages)
+    summary = f"{v.name.upper()}: time per stage ({len(stages)} stages, {total / 3600:.2f} h)"
+    note = (
+      "Wall seconds as recorded where each stage ran (a model's training where it was trained, "
+      "an attack's rows where they were made), on whatever machine and load that was: a "
+      "record built over several sessions mixes them."
+    )
+    parts += [details(summary, f"{note}\n\n{stage_table(stages)}"), ""]
   parts += _reference_tables(v.rows)
   auddc = auddc_lines(v.rows)
   if auddc:

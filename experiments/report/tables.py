@@ -260,3 +260,38 @@ def details(summary: str, body: str) -> str:
 def rel(path: pathlib.Path, start: pathlib.Path) -> str:
   """`path` relative to `start`, with forward slashes (a link inside summary.md)."""
   return pathlib.Path(os.path.relpath(path, start)).as_posix()
+
+
+def stage_seconds(train: Mapping, rows: Iterable[Mapping]) -> list[tuple[str, str, float]]:
+  """(kind, what, wall seconds) of each stage of a dataset's run: each model's training
+  (`train_seconds`, as recorded where it was trained, also for an imported model) and each
+  (model, attack, norm) sweep (its rows' `seconds`, one share per eps, summed back). Stages
+  without a recorded time are left out."""
+  out = [
+    ("train", model, num(m.get("train_seconds")))
+    for model, m in train.items()
+    if isinstance(m, dict) and num(m.get("train_seconds")) is not None
+  ]
+  sweeps: dict = {}
+  for r in sort_rows(rows):
+    if num(r.get("seconds")) is None:
+      continue
+    what = f"{r.get('model')} {r.get('attack')} {r.get('norm') or ''}".rstrip()
+    sweeps[what] = sweeps.get(what, 0.0) + num(r["seconds"])
+  return out + [("attack", what, s) for what, s in sweeps.items()]
+
+
+def stage_table(stages: Sequence[tuple[str, str, float]]) -> str:
+  """The stages, longest first, with their share of the total, and the totals per kind."""
+  total = sum(s for _, _, s in stages)
+  if not stages or total <= 0:
+    return "(no stage has a recorded time)"
+  lines = [
+    [kind, what, f"{s:,.0f}", f"{s / 60:.1f}", f"{s / total:.1%}"]
+    for kind, what, s in sorted(stages, key=lambda st: -st[2])
+  ]
+  for kind in ("train", "attack"):
+    s = sum(t for k, _, t in stages if k == kind)
+    lines.append([f"**all {kind}**", "", f"{s:,.0f}", f"{s / 60:.1f}", f"{s / total:.1%}"])
+  lines.append(["**total**", "", f"{total:,.0f}", f"{total / 60:.1f}", "100%"])
+  return table(("stage", "model / sweep", "wall s", "min", "share"), lines)
