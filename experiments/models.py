@@ -9,6 +9,7 @@ same functions (`train_cnn`, `train_vae`, `train_latent_classifier`).
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -451,7 +452,8 @@ def import_model(
       "incomplete (delete the parameters to train the model here)"
     )
   recorded = record[name]
-  params = serialization.msgpack_restore(path.read_bytes())
+  raw = path.read_bytes()
+  params = serialization.msgpack_restore(raw)
   template = _template(name, config, data)
   got = jax.tree.map(lambda a: tuple(a.shape), params)
   want = jax.tree.map(lambda a: tuple(a.shape), template)
@@ -474,8 +476,24 @@ def import_model(
     "%s: imported from %s, test accuracy %.4f (recorded %.4f)",
     name, path, here["test_accuracy"], there,
   )  # fmt: skip
-  metrics = dict(recorded, imported_from=str(path), test_accuracy_here=here["test_accuracy"])
+  metrics = dict(
+    recorded,
+    imported_from=_portable(path),
+    imported_sha256=hashlib.sha256(raw).hexdigest(),
+    test_accuracy_here=here["test_accuracy"],
+  )
   return model._replace(metrics=metrics)
+
+
+def _portable(path: pathlib.Path) -> str:
+  """`path` relative to the working directory (the repository root, where the runs start)
+  when it lies below it, else absolute: a committed record then names no machine's folders.
+  The file itself is identified by `imported_sha256`."""
+  path = pathlib.Path(path).resolve()
+  try:
+    return path.relative_to(pathlib.Path.cwd().resolve()).as_posix()
+  except ValueError:
+    return str(path)
 
 
 def _template(name, config, data) -> Params:

@@ -1,6 +1,7 @@
 """The LFW study's additions: the jointly trained VAE, the accuracy-matched stop, exported and
 imported parameters (checked against the record), and LFW in grey."""
 
+import hashlib
 import json
 import pathlib
 
@@ -126,7 +127,10 @@ def _write_metrics(workdir, trained):
   (workdir / "train_metrics.json").write_text(json.dumps(metrics, default=float))
 
 
-def test_exported_parameters_are_imported_checked_and_attack_the_same_functions(tmp_path):
+def test_exported_parameters_are_imported_checked_and_attack_the_same_functions(
+  tmp_path, monkeypatch
+):
+  monkeypatch.chdir(tmp_path)  # runs start at the repository root; the record lies below it
   c, data = _config(), _data()
   first = models_lib.train_all(c, data, tmp_path / "a")
   _write_metrics(tmp_path / "a", first)
@@ -149,7 +153,9 @@ def test_exported_parameters_are_imported_checked_and_attack_the_same_functions(
   assert not (record / "checkpoints").exists()  # nothing trained
   for name in ("cnn", "conv_vae"):
     a, b = first[name], second[name]
-    assert b.metrics["imported_from"].endswith(f"{name}.msgpack")
+    file = record / "params" / f"{name}.msgpack"
+    assert b.metrics["imported_sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert b.metrics["imported_from"] == f"b/params/{name}.msgpack"  # no machine's folders
     assert b.metrics["test_accuracy_here"] == a.metrics["test_accuracy"]
     x = np.asarray(data.x_test[:5])
     la = jax.vmap(a.logits_fn, in_axes=(None, 0))(a.params, x)
