@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.stats
 
 from vae_attacks import genclf, train
 from vae_attacks.attacks import decision, latent_descent, registry
@@ -96,7 +97,12 @@ def _np_prior(params, y, vae):
 
 @pytest.mark.parametrize(
   "likelihood,prior,decoder_features",
-  [("bernoulli", "standard", ()), ("l2", "learned", ()), ("l2", "learned", (3, 2))],
+  [
+    ("bernoulli", "standard", ()),
+    ("l2", "learned", ()),
+    ("l2", "learned", (3, 2)),
+    ("gaussian", "learned", ()),
+  ],
 )
 def test_cvae_scores_equal_direct_importance_weighted_bound(key, likelihood, prior,
                                                             decoder_features):  # fmt: skip
@@ -117,12 +123,13 @@ def test_cvae_scores_equal_direct_importance_weighted_bound(key, likelihood, pri
     for eps in np.asarray(params["noise"], np.float64):
       z = mean + np.exp(0.5 * logvar) * eps
       pl = np.asarray(vae.apply(params["vae"], z[None].astype(np.float32), y, method="decode"))
+      mean_x = 1.0 / (1.0 + np.exp(-pl[0].astype(np.float64)))
       if likelihood == "bernoulli":
         per_pixel = np.asarray(optax.sigmoid_binary_cross_entropy(pl[0], x))
+      elif likelihood == "gaussian":  # -log N(x; mean, pixel_sd^2), scipy's density
+        per_pixel = -scipy.stats.norm.logpdf(np.asarray(x, np.float64), mean_x, vae.pixel_sd)
       else:
-        per_pixel = (
-          np.asarray(x, np.float64) - 1.0 / (1.0 + np.exp(-pl[0].astype(np.float64)))
-        ) ** 2
+        per_pixel = (np.asarray(x, np.float64) - mean_x) ** 2
       loglik = -np.sum(per_pixel, dtype=np.float64)
       pm, plv = _np_prior(params["vae"], y, vae)
       log_prior = -0.5 * np.sum((z - pm) ** 2 * np.exp(-plv) + plv + np.log(2 * np.pi))
