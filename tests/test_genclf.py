@@ -20,8 +20,8 @@ SHAPE = (4, 4, 1)
 K = 3
 
 
-def _abs(key, *, steps=3, n_samples=32, gradient="envelope", radius=5.0):
-  vae = genclf.ABSVAE(image_shape=SHAPE, latent_dim=2, hidden=(8,))
+def _abs(key, *, steps=3, n_samples=32, gradient="envelope", radius=5.0, beta=1.0):
+  vae = genclf.ABSVAE(image_shape=SHAPE, latent_dim=2, hidden=(8,), beta=beta)
   x = jnp.zeros((1, *SHAPE))
   per_class = jax.vmap(lambda k: vae.init(k, x, k))(jax.random.split(key, K))
   params = genclf.abs_params(vae, per_class, jax.random.fold_in(key, 1), n_samples=n_samples)
@@ -40,27 +40,30 @@ def _image(key):
   return jax.random.uniform(key, SHAPE)
 
 
-def test_abs_scores_equal_direct_objective(key):
-  vae, fn, params = _abs(key)
+@pytest.mark.parametrize("beta", [1.0, 0.02])
+def test_abs_scores_equal_direct_objective(key, beta):
+  vae, fn, params = _abs(key, beta=beta)
   x = _image(jax.random.fold_in(key, 2))
   logits = fn(params, x)
   _, z = fn.inference(params, x)
   for k in range(K):
     pk = jax.tree.map(lambda a, k=k: a[k], params["vae"])
     rec = vae.apply(pk, z[k][None], method="decode")[0]
-    direct = np.sum((np.asarray(x) - np.asarray(rec)) ** 2) + 0.5 * np.sum(np.asarray(z[k]) ** 2)
+    sq = np.sum((np.asarray(x) - np.asarray(rec)) ** 2)
+    direct = sq + 0.5 * beta * np.sum(np.asarray(z[k]) ** 2)
     np.testing.assert_allclose(logits[k], -440.0 * direct / x.size, rtol=1e-5)
 
 
-def test_abs_bank_pick_is_the_best_sample_and_steps_improve_it(key):
-  _, fn0, params = _abs(key, steps=0)
-  _, fn20, _ = _abs(key, steps=20)
+@pytest.mark.parametrize("beta", [1.0, 0.02])
+def test_abs_bank_pick_is_the_best_sample_and_steps_improve_it(key, beta):
+  _, fn0, params = _abs(key, steps=0, beta=beta)
+  _, fn20, _ = _abs(key, steps=20, beta=beta)
   x = _image(jax.random.fold_in(key, 2))
   # steps=0: the bank's best sample, i.e. the max over the bank of the direct objective.
   flat = x.reshape(-1)
   direct = (
     np.sum((np.asarray(params["bank_x"]) - np.asarray(flat)) ** 2, -1)
-    + 0.5 * np.sum(np.asarray(params["bank_z"]) ** 2, -1)
+    + 0.5 * beta * np.sum(np.asarray(params["bank_z"]) ** 2, -1)
   ) / flat.size
   np.testing.assert_allclose(fn0(params, x), -440.0 * direct.min(-1), rtol=1e-5)
   # Adam from there lowers each class's objective (raises its score).
@@ -244,6 +247,19 @@ def test_registry_runs_the_new_attacks_through_their_knobs(key):
   spec = registry.ATTACKS["hop_skip_jump"]
   assert spec.family == "classifier" and spec.norms == ("l2",)
   assert registry.ATTACKS["latent_descent"].family == "classifier"
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.02])
+def test_abs_training_loss_is_squared_error_plus_beta_kl(key, beta):
+  vae = genclf.ABSVAE(image_shape=SHAPE, latent_dim=2, hidden=(8,), beta=beta)
+  x = jax.random.uniform(jax.random.fold_in(key, 2), (5, *SHAPE))
+  p = vae.init(key, x[:1], key)
+  k = jax.random.fold_in(key, 3)
+  rec, mean, logvar = (np.asarray(a, np.float64) for a in vae.apply(p, x, k))
+  sq = np.sum((np.asarray(x, np.float64) - rec) ** 2, axis=(1, 2, 3))
+  kl = 0.5 * np.sum(np.exp(logvar) + mean**2 - 1.0 - logvar, -1)  # KL(N(m, v) || N(0, I))
+  loss = float(genclf.abs_training_loss(vae, p, x, k))
+  np.testing.assert_allclose(loss, np.mean(sq + beta * kl), rtol=1e-5)
 
 
 def test_train_abs_learns_each_class(key):

@@ -96,6 +96,9 @@ class ABSVAE(nn.Module):
     hidden: widths of the "mlp" parts (the decoder uses them reversed).
     encoder: "conv" or "mlp".
     decoder: "conv" or "mlp".
+    beta: the weight of the latent's prior term (KL in training, 1/2 ||z||^2 in inference)
+      against the squared error: 1 in Schott et al.; 2 sd^2 for a Gaussian likelihood of pixel
+      standard deviation sd (their objective is that of sd^2 = 1/2).
   """
 
   image_shape: Sequence[int]
@@ -103,6 +106,7 @@ class ABSVAE(nn.Module):
   hidden: Sequence[int] = (512, 256)
   encoder: str = "mlp"
   decoder: str = "mlp"
+  beta: float = 1.0
 
   def setup(self):
     for part in ("encoder", "decoder"):
@@ -152,7 +156,7 @@ class ABSVAE(nn.Module):
 
 
 def abs_training_loss(vae: ABSVAE, params: Params, x: Array, key: PRNGKey) -> Array:
-  """Mean over the batch of the ABS VAE's training objective: squared error + KL (beta = 1).
+  """Mean over the batch of the ABS VAE's training objective: squared error + beta KL.
 
   Args:
     vae: one class's `ABSVAE`.
@@ -161,12 +165,13 @@ def abs_training_loss(vae: ABSVAE, params: Params, x: Array, key: PRNGKey) -> Ar
     key: the reparameterisation noise.
 
   Returns:
-    [] sum over pixels of (x - G(z))^2 plus KL(q(z | x) || N(0, I)), averaged over the batch.
+    [] sum over pixels of (x - G(z))^2 plus `vae.beta` KL(q(z | x) || N(0, I)), averaged over
+    the batch.
   """
   rec, mean, logvar = vae.apply(params, x, key)
   sq = jnp.sum(jnp.square(x - rec).reshape(x.shape[0], -1), -1)
   kl = 0.5 * jnp.sum(jnp.exp(logvar) + jnp.square(mean) - 1.0 - logvar, -1)
-  return jnp.mean(sq + kl)
+  return jnp.mean(sq + vae.beta * kl)
 
 
 def latent_bank(key: PRNGKey, n: int, dim: int, *, dismiss: float = 0.1) -> np.ndarray:
@@ -264,7 +269,8 @@ class ABSInference:
   def objective(self, vae_params: Params, z: Array, x: Array) -> Array:
     """l_k(x, z_k) [K] for codes z [K, D] and one flat image x [P]."""
     rec = self.decode_all(vae_params, z)
-    return (jnp.sum(jnp.square(x[None] - rec), -1) + 0.5 * jnp.sum(z * z, -1)) / x.shape[0]
+    prior = 0.5 * self.vae.beta * jnp.sum(z * z, -1)
+    return (jnp.sum(jnp.square(x[None] - rec), -1) + prior) / x.shape[0]
 
   def latents(self, params: Params, x: Array) -> Array:
     """The found latent of every class, z [K, D], for a flat image x [P]."""
@@ -273,7 +279,7 @@ class ABSInference:
     bank_x, bank_z = params["bank_x"], params["bank_z"]
     # ||x - b||^2 for every bank image, without forming x - b: [K, S].
     sq = jnp.sum(bank_x * bank_x, -1) - 2.0 * bank_x @ x + jnp.sum(x * x)
-    first = sq + 0.5 * jnp.sum(bank_z * bank_z, -1)[None]
+    first = sq + 0.5 * self.vae.beta * jnp.sum(bank_z * bank_z, -1)[None]
     z = bank_z[jnp.argmin(first, -1)]
     z = lax.stop_gradient(z)  # a discrete choice: no gradient flows through it
     if self.steps == 0:
