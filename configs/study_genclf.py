@@ -116,6 +116,21 @@ def add_matched_control(c: ml_collections.ConfigDict) -> None:
 LFW_GENCLF_SIZE = 28
 
 
+# The faces' recipe for the generative classifiers (issue 19, item 4), chosen on 2026-12-07 before
+# any attack row of these models, on a validation split of the 28x28 training faces (a seeded
+# 20%, 193 faces; trained on the other 773; the test faces, where the attack pairs come from,
+# unused). With the MNIST settings the class-conditional VAE classified 0.482 of them: its "l2"
+# likelihood (a Gaussian of variance 1/2) leaves the classes' bounds a median 1.1 nats apart.
+# A Gaussian likelihood of pixel sd 0.1: 0.772 (sd 0.05: 0.751; Bernoulli, measured on the test
+# faces before the split was made: 0.624). ABS (MNIST settings: 0.544): its latent prior
+# weighted as for a Gaussian of sd 0.05 (beta = 2 sd^2 = 0.005, 0.570; 0.02: 0.560) and latent
+# 32 (0.622; 16: 0.601). Wilson intervals on 193 faces are about +-0.07: the choices among the
+# sharper settings are within noise; the gain over the MNIST settings is not. The logit scale
+# (440) is kept: it sets the softmax's confidence, not the predicted class.
+FACE_CVAE = dict(likelihood="gaussian", pixel_sd=0.1)
+FACE_ABS = dict(beta=0.005, latent_dim=32)
+
+
 def lfw_part(size: int, quick: bool, attacks: tuple[str, ...]) -> ml_collections.ConfigDict:
   """The LFW part at size x size colour with the generative classifiers and `attacks`."""
   name = f"lfw_genclf{size}"
@@ -123,12 +138,12 @@ def lfw_part(size: int, quick: bool, attacks: tuple[str, ...]) -> ml_collections
   # The faces are few (~1,000 training images for 7 people): the generative classifiers train
   # for as many epochs as the joint VAE, with its shifts and flips (ABS's class VAEs without:
   # their training rows are per class, `train.train_abs`).
-  # ABS keeps Schott et al.'s MNIST settings (latent dim 8, logit scale 440: the scale sets the
-  # softmax's confidence, not the predicted class; not re-tuned for faces).
   joint = c.train.joint_vae
   for net in ("abs", "cvae"):
     c.train[net].update(epochs=joint.epochs)
   c.train.cvae.update(augment_shift=joint.augment_shift, augment_flip=joint.augment_flip)
+  c.model.cvae.update(FACE_CVAE)
+  c.model.abs.update(FACE_ABS)
   base.add_attacks(c, "latent_descent", "hop_skip_jump")
   c.attacks.enabled = attacks
   c.attacks.vae.enabled = ()  # the VAE attacks are the LFW part's (configs/study.py)
