@@ -15,6 +15,7 @@ import ml_collections
 from configs import base
 from experiments import defenses as defenses_lib  # the defences' table (imports jax)
 from vae_attacks import data as data_lib
+from vae_attacks import genclf
 from vae_attacks import models as base_models
 from vae_attacks.attacks import lbfgs, registry, runner
 
@@ -52,6 +53,18 @@ def _numeric_leaves(c: Mapping, prefix: str) -> Iterator[tuple[str, float]]:
       yield field, value
 
 
+def _generative_fields(section, name: str) -> None:
+  """The class-conditional VAE's likelihood (a name) and the Gaussian one's pixel sd (> 0: a
+  zero divides)."""
+  if section is None:
+    return
+  if "likelihood" in section:
+    _one_of(f"model.{name}.likelihood", section["likelihood"], genclf.CVAE_LIKELIHOODS)
+  sd = section.get("pixel_sd")
+  if _is_number(sd) and not sd > 0:
+    raise ConfigError(f"model.{name}.pixel_sd={sd!r}; allowed: a number > 0")
+
+
 def _is_number(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -74,6 +87,8 @@ def _validate_fields(c: ml_collections.ConfigDict) -> None:
         f"train.{m}.match_to={match_to!r}; allowed: a model trained before it, one of "
         f"{tuple(c.models[:i])}"
       )
+  for m in c.models:
+    _generative_fields(c.model.get(m) if "model" in c else None, m)
   for m in c.attacks.get("pair_models", ()):
     _one_of("attacks.pair_models[]", m, tuple(c.models))
   if "joint_vae" in c.models:

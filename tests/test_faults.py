@@ -534,6 +534,27 @@ def test_every_numeric_setting_rejects_nan_inf_and_negative(name):
 
 
 @pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("pixel_sd", 0.0, "model.cvae.pixel_sd=0.0; allowed: a number > 0"),
+    ("pixel_sd", float("nan"), "model.cvae.pixel_sd=nan; allowed: a number > 0"),
+    ("likelihood", "gauss", "model.cvae.likelihood='gauss' is not allowed; allowed: bernoulli"),
+  ],
+)
+def test_the_generative_likelihood_settings_are_checked_in_one_line(field, value, message):
+  from configs import study_genclf  # noqa: PLC0415
+  from experiments import validate  # noqa: PLC0415
+
+  part = study_genclf.get_config("quick").lfw_genclf28
+  validate.validate(part)  # the face recipe (gaussian, pixel sd 0.1) passes
+  part.model.cvae[field] = value
+  with pytest.raises(validate.ConfigError) as err:
+    validate.validate(part)
+  assert str(err.value).startswith(message)
+  assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
   "override, message",
   [
     ("--config.attacks.fgsm.eps=(1e999,)", "attacks.fgsm.eps contains inf; allowed: finite"),
