@@ -87,7 +87,6 @@ def _validate_fields(c: ml_collections.ConfigDict) -> None:
         f"train.{m}.match_to={match_to!r}; allowed: a model trained before it, one of "
         f"{tuple(c.models[:i])}"
       )
-  for m in c.models:
     _generative_fields(c.model.get(m) if "model" in c else None, m)
   for m in c.attacks.get("pair_models", ()):
     _one_of("attacks.pair_models[]", m, tuple(c.models))

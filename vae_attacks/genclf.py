@@ -511,9 +511,7 @@ def _log_normal(z: Array, mean: Array, logvar: Array) -> Array:
   return -0.5 * jnp.sum(jnp.square(z - mean) * jnp.exp(-logvar) + logvar + jnp.log(2 * jnp.pi), -1)
 
 
-def cvae_log_likelihood(
-  likelihood: str, pixel_logits: Array, x: Array, pixel_sd: float = 0.1
-) -> Array:
+def cvae_log_likelihood(likelihood: str, pixel_logits: Array, x: Array, pixel_sd: float) -> Array:
   """log p(x | z, y) summed over pixels: [B] for logits [B, ...] and x broadcastable to them.
 
   "bernoulli": sum x log sigmoid(l) + (1 - x) log sigmoid(-l); "l2": -sum (x - sigmoid(l))^2
