@@ -244,6 +244,33 @@ def test_time_per_stage_sums_each_sweeps_eps_rows_and_each_models_training(tmp_p
   assert f"{total / 3600:.2f} h" in text
 
 
+def test_time_per_stage_counts_defence_and_transfer_rows():
+  """A defences record's attack time is in its rows (kind "defense"), not in `model` rows:
+  each (defence, attack) sums its eps, a transfer row is named by source and target."""
+  from experiments.report import tables  # noqa: PLC0415
+
+  def row(defense, attack, eps, seconds, **extra):
+    return dict(kind="defense", defense=defense, attack=attack, eps=eps, seconds=seconds, **extra)
+
+  rows = [
+    row("projection", "apgd", 0.1, 100.0),
+    row("projection", "apgd", 0.3, 20.0),
+    row("projection", "pgd_bpda", 0.1, 7.0),
+    row("gmvae", "apgd", 0.1, 3.0),
+    row("none", "pgd", 0.1, 5.0, source="none", target="projection"),
+    row("none", "pgd", 0.3, 6.0, source="none", target="projection"),
+  ]
+  got = {what: s for kind, what, s in tables.stage_seconds({"gmvae": {"train_seconds": 9.0}},
+                                                           rows)}  # fmt: skip
+  assert got == {
+    "gmvae": 9.0,
+    "projection apgd": 120.0,
+    "projection pgd_bpda": 7.0,
+    "gmvae apgd": 3.0,
+    "none -> projection pgd": 11.0,
+  }
+
+
 def test_only_current_settings_and_last_row_per_cell_and_torn_line():
   a = make_row("mnist", "cnn", "fgsm", "linf", 0.1, k=1, settings="old")
   b = make_row("mnist", "cnn", "fgsm", "linf", 0.1, k=2, settings="new")

@@ -299,7 +299,7 @@ def _dataset_section(
   warnings = weak_model_warnings(v.train or {}, v.name, weak_floor)
   if warnings:
     parts += ["\n\n".join(warnings), ""]
-  stages = stage_seconds(v.train or {}, v.rows)
+  stages = stage_seconds(v.train or {}, [*v.rows, *(v.defense_rows or ())])
   if stages:
     total = sum(s for _, _, s in stages)
     summary = f"{v.name.upper()}: time per stage ({len(stages)} stages, {total / 3600:.2f} h)"

@@ -265,7 +265,8 @@ def rel(path: pathlib.Path, start: pathlib.Path) -> str:
 def stage_seconds(train: Mapping, rows: Iterable[Mapping]) -> list[tuple[str, str, float]]:
   """(kind, what, wall seconds) of each stage of a dataset's run: each model's training
   (`train_seconds`, as recorded where it was trained, also for an imported model) and each
-  (model, attack, norm) sweep (its rows' `seconds`, one share per eps, summed back). Stages
+  (model, attack, norm) sweep (its rows' `seconds`, one share per eps, summed back), a
+  defence's rows by (defence, attack), a transfer's by (source -> target, attack). Stages
   without a recorded time are left out."""
   out = [
     ("train", model, num(m.get("train_seconds")))
@@ -276,7 +277,10 @@ def stage_seconds(train: Mapping, rows: Iterable[Mapping]) -> list[tuple[str, st
   for r in sort_rows(rows):
     if num(r.get("seconds")) is None:
       continue
-    what = f"{r.get('model')} {r.get('attack')} {r.get('norm') or ''}".rstrip()
+    who = r.get("model") or r.get("defense")
+    if r.get("source") and r.get("target"):
+      who = f"{r['source']} -> {r['target']}"
+    what = f"{who} {r.get('attack')} {r.get('norm') or ''}".rstrip()
     sweeps[what] = sweeps.get(what, 0.0) + num(r["seconds"])
   return out + [("attack", what, s) for what, s in sweeps.items()]
 
