@@ -886,7 +886,12 @@ def run(config, workdir: str) -> dict:
       job.skip("attack", name)
     else:
       job.start("attack", name, detail=", ".join(spec.name for spec in defended.attacks))
-    for a_index, spec in enumerate(defended.attacks):
+    # The APGD ensemble's rows run last (AutoAttack's own order is cheap to costly): through a
+    # projection each of its steps is a whole projection, and a run stopped early keeps the
+    # cheaper attacks' rows, the defence-aware ones included. Keys stay by the attack's index
+    # in `defended.attacks`, so the order changes no number.
+    order = sorted(enumerate(defended.attacks), key=lambda t: t[1].fn is _apgd_ensemble)
+    for a_index, spec in order:
       for eps in all_eps:
         base = row_base(spec, eps)
         if log.has(base):

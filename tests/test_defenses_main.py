@@ -52,6 +52,9 @@ def test_quick_defenses_run_writes_rows_report_and_resumes(data_root, tmp_path):
   # APGD ensemble (`defenses.apgd`).
   per_defense = {"distillation": 3, "projection": 4, "gmvae": 3}
   assert len(attacked) == sum(per_defense.values()) * 2  # x 2 eps
+  for name in per_defense:  # the costly APGD ensemble after the defence's other attacks
+    kinds = [r["attack"] == "apgd" for r in attacked if r["defense"] == name]
+    assert kinds == sorted(kinds) and any(kinds)
   by = {(r["defense"], r["attack"], r["eps"]): r for r in attacked}
   assert len(by) == len(attacked)
   # Distillation and projection each have an attack that knows them and one that does not.
