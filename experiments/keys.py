@@ -70,10 +70,10 @@ def attack_settings(config: Mapping, attack: str | None = None) -> str:
 
 
 def transfer_settings(config: Mapping) -> str:
-  """The `settings` hash of a defence run's transfer rows (its defences and attacks)."""
-  return config_hash(
-    {"defenses": to_dict(config["defenses"]), "attacks": to_dict(config["attacks"])}
-  )
+  """The `settings` hash of a defence run's transfer rows (its defences and attacks; not
+  `only_attacks`, which picks the rows a run makes, not what they measure)."""
+  defenses = {k: v for k, v in to_dict(config["defenses"]).items() if k != "only_attacks"}
+  return config_hash({"defenses": defenses, "attacks": to_dict(config["attacks"])})
 
 
 def defense_settings(defenses, attacks, name: str) -> str:

@@ -178,6 +178,11 @@ def _defenses(c) -> None:
         if key not in c[section]:
           raise ConfigError(f"defence {name!r} needs {section}.{key}; the config has none")
   _int_at_least("defenses.num_examples", d.num_examples, 1)
+  only = d.get("only_attacks", ())
+  if not isinstance(only, tuple | list) or not all(isinstance(n, str) and n for n in only):
+    raise ConfigError(
+      f"defenses.only_attacks={only!r}; allowed: a tuple of attack names, () for all"
+    )
   if "distillation" in d.enabled:
     _positive("defenses.distillation.temperature", d.distillation.temperature)
   for name in ("adversarial", "trades"):  # the inner attack of robust training

@@ -120,6 +120,33 @@ def test_quick_defenses_run_writes_rows_report_and_resumes(data_root, tmp_path):
   assert reused["distillation"]["student"]["reused_checkpoint"]
 
 
+def test_only_attacks_runs_the_named_attack_alone_and_names_unknown_ones(data_root, tmp_path):
+  """`defenses.only_attacks` makes the named attack's rows and no others; the transfer rows'
+  settings do not depend on it; a name no defence runs is one line listing those that exist,
+  after the rows of the names that do exist are written."""
+  from experiments import keys  # noqa: PLC0415
+  from experiments.errors import UserError  # noqa: PLC0415
+
+  config = tiny(data_root)
+  config.defenses.enabled = ("projection",)
+  config.defenses.attacks.eps = (0.3,)
+  config.defenses.apgd.enabled = False
+  config.defenses.transfer.enabled = False
+  before = keys.transfer_settings(config)
+  config.defenses.only_attacks = ("pgd_bpda_reject",)
+  assert keys.transfer_settings(config) == before
+  run_lib.run(config, str(tmp_path))
+  rows = [r for r in read_rows(tmp_path) if r["kind"] == "defense"]
+  assert [(r["defense"], r["attack"], r["eps"]) for r in rows] == [
+    ("projection", "pgd_bpda_reject", 0.3)
+  ]
+  config.defenses.only_attacks = ("pgd_bpda", "nope")
+  with pytest.raises(UserError, match="only_attacks names nope, .*allowed: pgd, pgd_bpda, "):
+    run_lib.run(config, str(tmp_path))
+  attacks = sorted(r["attack"] for r in read_rows(tmp_path) if r["kind"] == "defense")
+  assert attacks == ["pgd_bpda", "pgd_bpda_reject"]  # the existing name's row was kept
+
+
 def _check_defense_figures(config, workdir, summary):
   """The figure arrays of the projection and the GMVAE, and their PNGs linked in the report."""
   import numpy as np  # noqa: PLC0415
@@ -184,6 +211,7 @@ def test_pca_2d_recovers_the_plane_of_planar_codes():
     ("defenses.attacks.restarts", 0, "defenses.attacks.restarts=0"),
     ("defenses.projection.false_rejection_rate", 1.0, "false_rejection_rate=1.0"),
     ("defenses.transfer.sources", ("projection",), "sources[]='projection' is not allowed"),
+    ("defenses.only_attacks", ("",), "defenses.only_attacks=.*; allowed: a tuple of attack names"),
   ],
 )
 def test_bad_defense_fields_are_named(field, value, message):
