@@ -69,11 +69,7 @@ def get_config(arg=None):
   # the transfer matrix; an idle CPU roughly halves these. 100 faces give 95% intervals of
   # about +-0.1 on a rate near 0.5.
   d.num_examples = 100  # the first N test faces, shared by every model and every attack
-  # Only these of a defence's attacks (by name, e.g. ('pgd_bpda_reject',)); () runs them all.
-  # Not part of the rows' settings: rerunning one attack stronger (more steps or restarts, the
-  # masking check of Carlini et al. 2019) in a workdir beside the full run keeps its rows apart
-  # by the defence section's settings, and skips the attacks already measured there.
-  d.only_attacks = ()
+  d.only_attacks = ()  # as configs/mnist_defenses.py: () runs every attack of each defence
   d.attacks = ml_collections.ConfigDict(
     dict(
       eps=EPS if not quick else tuple(c.attacks.bim.eps), fgsm=True, impersonation=True,

@@ -73,9 +73,9 @@ def get_config(arg=None):
   )  # fmt: skip
   d.num_examples = 1000  # the first N test images, shared by every defence and attack
   # Only these of a defence's attacks (by name, e.g. ('pgd_bpda_reject',)); () runs them all.
-  # Not part of the rows' settings: rerunning one attack stronger (more steps or restarts, the
-  # masking check of Carlini et al. 2019) in a workdir beside the full run keeps its rows apart
-  # by the defence section's settings, and skips the attacks already measured there.
+  # It picks which rows a run makes, not what they measure, so no row's settings hash has it:
+  # the masking check of Carlini et al. 2019 reruns one attack stronger (more steps or starts)
+  # in its own workdir without the others (README, "Defences").
   d.only_attacks = ()
   d.distillation = ml_collections.ConfigDict(dict(temperature=100.0))
   d.trades = ml_collections.ConfigDict(dict(eps=0.3, steps=10, step_size_rel=0.25, beta=6.0))
