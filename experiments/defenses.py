@@ -859,7 +859,8 @@ def run(config, workdir: str) -> dict:
   job.show_plan(f"{config.name} in {workdir}")
 
   built: dict[str, Defended] = {}
-  offered: set[str] = set()  # every enabled defence's attack names (`defenses.only_attacks`)
+  only = tuple(d.get("only_attacks", ()))  # () runs every attack of each defence
+  offered: set[str] = set()  # every enabled defence's attack names
   for name in d.enabled:
     defended = _build(name, ctx, job)
     built[name] = defended
@@ -883,21 +884,20 @@ def run(config, workdir: str) -> dict:
       )
 
     all_eps = [float(e) for e in d.attacks.eps]
-    only = tuple(d.get("only_attacks", ()))
     offered.update(spec.name for spec in defended.attacks)
-    wanted = [spec for spec in defended.attacks if not only or spec.name in only]
-    if all(log.has(row_base(spec, eps)) for spec in wanted for eps in all_eps):
+    # The wanted attacks (by index in `defended.attacks`, which keys their randomness), the
+    # APGD ensemble's last (AutoAttack's own order is cheap to costly): through a projection
+    # each of its steps is a whole projection, and a run stopped early keeps the cheaper
+    # attacks' rows, the defence-aware ones included. The order changes no number.
+    order = sorted(
+      ((i, spec) for i, spec in enumerate(defended.attacks) if not only or spec.name in only),
+      key=lambda t: t[1].fn is _apgd_ensemble,
+    )
+    if all(log.has(row_base(spec, eps)) for _, spec in order for eps in all_eps):
       job.skip("attack", name)
     else:
-      job.start("attack", name, detail=", ".join(spec.name for spec in wanted))
-    # The APGD ensemble's rows run last (AutoAttack's own order is cheap to costly): through a
-    # projection each of its steps is a whole projection, and a run stopped early keeps the
-    # cheaper attacks' rows, the defence-aware ones included. Keys stay by the attack's index
-    # in `defended.attacks`, so the order changes no number.
-    order = sorted(enumerate(defended.attacks), key=lambda t: t[1].fn is _apgd_ensemble)
+      job.start("attack", name, detail=", ".join(spec.name for _, spec in order))
     for a_index, spec in order:
-      if only and spec.name not in only:
-        continue
       for eps in all_eps:
         base = row_base(spec, eps)
         if log.has(base):
@@ -927,7 +927,7 @@ def run(config, workdir: str) -> dict:
       figure = defended.figure_data(xd, yd, adv)
       figure["figure_kind"] = np.asarray(DEFENSES[name].figure or "")
       store.save_npz_atomic(workdir / EXAMPLES_DIR / f"{name}.npz", **figure)
-  unknown = sorted(set(d.get("only_attacks", ())) - offered)
+  unknown = sorted(set(only) - offered)
   if unknown:  # after the rows of the names that exist: nothing computed is lost
     raise UserError(
       f"defenses.only_attacks names {', '.join(unknown)}, which no enabled defence runs; "
