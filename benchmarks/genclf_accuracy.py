@@ -56,7 +56,9 @@ def _settings() -> ml_collections.ConfigDict:
   study = study_genclf.get_config().mnist_vae
   c = ml_collections.ConfigDict()
   c.model_name = "cvae"
+  # batch_norm: genclf.ABSVAE's option (the study's config may leave it out: False)
   c.model = {name: dict(study.model[name]) for name in MODEL_NAMES}
+  c.model.abs.batch_norm = bool(study.model.abs.get("batch_norm", False))
   c.train = {name: dict(study.train[name]) for name in MODEL_NAMES}
   c.data = dict(study.data)
   c.validation = 5000

@@ -443,3 +443,80 @@ def test_per_class_loop_equals_vmap_for_conv_vae(key):
     rtol=1e-5,
     atol=1e-6,
   )
+
+
+@pytest.mark.parametrize("arch", ["conv", "mlp"])
+def test_abs_batch_norm_population_statistics_reproduce_the_training_batch(key, arch):
+  """With the population statistics of one batch (`population_statistics`, one batch of all
+  the images), the inference mode (stored statistics) gives exactly what training mode (the
+  batch's statistics) gives on that batch; before them (mean 0, var 1) it does not."""
+  shape = (28, 28, 1)
+  vae = genclf.ABSVAE(
+    image_shape=shape, latent_dim=4, hidden=(12, 6), encoder=arch, decoder=arch, batch_norm=True
+  )
+  x = jax.random.uniform(key, (6, *shape))
+  p = vae.init(key, x, key)
+  # the untrained BN's learned scale 1 and bias 0 are made generic so the check sees them
+  p = jax.tree_util.tree_map_with_path(
+    lambda path, a: a + 0.3 * jax.random.normal(jax.random.fold_in(key, len(str(path))), a.shape)
+    if "scale" in str(path) or "bias" in str(path) else a, p
+  )  # fmt: skip
+  stats_key = jax.random.fold_in(key, 7)
+  fitted = genclf.population_statistics(vae, p, np.asarray(x), stats_key, batch_size=6)
+  (batch_key,) = jax.random.split(stats_key, 1)
+  train_mode = vae.apply(p, x, batch_key, True)
+  eval_mode = vae.apply(fitted, x, batch_key, False)
+  for a, b in zip(train_mode, eval_mode, strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+  unfitted = vae.apply(p, x, batch_key, False)
+  assert float(jnp.max(jnp.abs(unfitted[0] - train_mode[0]))) > 1e-3
+  # the stored statistics are those of the first layer's pre-activations, by direct computation
+  if arch == "mlp":
+    first = x.reshape(6, -1) @ p["params"]["enc_layers_0"]["kernel"]
+    first = first + p["params"]["enc_layers_0"]["bias"][None]
+    bn = fitted["params"]["enc_norms_0"]
+    np.testing.assert_allclose(bn["mean"], np.mean(first, 0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bn["var"], np.var(first, 0), rtol=1e-3, atol=1e-6)
+
+
+def test_abs_batch_norm_statistics_are_untouched_by_training(key):
+  """The stored statistics get no gradient from the training objective (batch statistics)."""
+  shape = (28, 28, 1)
+  vae = genclf.ABSVAE(image_shape=shape, latent_dim=4, hidden=(8,), batch_norm=True)
+  x = jax.random.uniform(key, (5, *shape))
+  p = vae.init(key, x, key)
+  g = jax.grad(lambda q: genclf.abs_training_loss(vae, q, x, key))(p)["params"]
+  for layer in ("enc_norms_0", "dec_norms_0"):
+    assert float(jnp.max(jnp.abs(g[layer]["mean"]))) == 0.0
+    assert float(jnp.max(jnp.abs(g[layer]["var"]))) == 0.0
+    assert float(jnp.max(jnp.abs(g[layer]["scale"]))) > 0.0
+
+
+def test_pytorch_abs_decoder_conversion_matches_direct_evaluation(key):
+  """benchmarks/abs_reference.py: a PyTorch-layout ABS decoder (transposed convolutions with
+  BatchNorm in evaluation mode, Schott et al.'s shapes), converted to `ABSVAE` variables (BN
+  folded, kernels flipped), decodes as a direct NumPy evaluation of the PyTorch layers does."""
+  from benchmarks import abs_reference
+
+  rng = np.random.default_rng(0)
+  sd = {}
+  enc = [(32, 1, 5), (32, 32, 4), (64, 32, 3), (16, 64, 5)]  # [out, in, k] of Conv2d
+  dec = [(8, 32, 4), (32, 16, 5), (16, 16, 5), (16, 1, 4)]  # [in, out, k] of ConvTranspose2d
+  for part, layers in (("Encoder", enc), ("Decoder", dec)):
+    for i, (a, b, k) in enumerate(layers):
+      sd[f"{part}.conv_{i}.weight"] = rng.normal(0, 0.3, (a, b, k, k)).astype(np.float32)
+      out = a if part == "Encoder" else b
+      sd[f"{part}.conv_{i}.bias"] = rng.normal(0, 0.1, out).astype(np.float32)
+      if i < 3:
+        sd[f"{part}.bn_{i}.weight"] = rng.uniform(0.5, 1.5, out).astype(np.float32)
+        sd[f"{part}.bn_{i}.bias"] = rng.normal(0, 0.2, out).astype(np.float32)
+        sd[f"{part}.bn_{i}.running_mean"] = rng.normal(0, 0.5, out).astype(np.float32)
+        sd[f"{part}.bn_{i}.running_var"] = rng.uniform(0.5, 3.0, out).astype(np.float32)
+  vae = genclf.ABSVAE(image_shape=(28, 28, 1), latent_dim=8, encoder="conv", decoder="conv")
+  params = jax.tree.map(jnp.asarray, abs_reference.convert(sd))
+  for z in rng.normal(size=(3, 8)).astype(np.float32):
+    ours = np.asarray(vae.apply(params, jnp.asarray(z)[None], method="decode"))[0]
+    np.testing.assert_allclose(ours, abs_reference.reference_decode(sd, z), atol=1e-5)
+  # the converted encoder is a valid ABSVAE encoder of the right shapes (mean, logvar heads)
+  mean, logvar = vae.apply(params, jnp.zeros((1, 28, 28, 1)), method="encode")
+  assert mean.shape == logvar.shape == (1, 8)

@@ -90,6 +90,13 @@ class ABSVAE(nn.Module):
   architecture costs only training time; the decoder's sets the cost of every attack step.
   The conv shapes fit 28 x 28 inputs (MNIST) only.
 
+  `batch_norm` puts Schott et al.'s BatchNorm after every layer but the heads (conv -> BN ->
+  ELU, as their nets.py). Training (`__call__`, `train=True`) normalises with the batch's
+  statistics; `encode` and `decode` (the inference: the bank and the latent search decode
+  single codes) with population statistics that `population_statistics` stores in the
+  variables after training (the averaged batch statistics of "precise BN", Wu and Johnson
+  2021), so the classifier stays a pure function of its variables.
+
   Attributes:
     image_shape: (H, W, C).
     latent_dim: D (8 in the paper).
@@ -99,6 +106,7 @@ class ABSVAE(nn.Module):
     beta: the weight of the latent's prior term (KL in training, 1/2 ||z||^2 in inference)
       against the squared error: 1 in Schott et al.; 2 sd^2 for a Gaussian likelihood of pixel
       standard deviation sd (their objective is that of sd^2 = 1/2).
+    batch_norm: BatchNorm after each hidden layer (see above).
   """
 
   image_shape: Sequence[int]
@@ -107,6 +115,7 @@ class ABSVAE(nn.Module):
   encoder: str = "mlp"
   decoder: str = "mlp"
   beta: float = 1.0
+  batch_norm: bool = False
 
   def setup(self):
     for part in ("encoder", "decoder"):
@@ -132,30 +141,103 @@ class ABSVAE(nn.Module):
     else:
       self.dec_layers = [nn.Dense(h) for h in reversed(self.hidden)]
       self.pixels = nn.Dense(math.prod(self.image_shape))
+    if self.batch_norm:
+      self.enc_norms = [_BatchNorm() for _ in self.enc_layers]
+      self.dec_norms = [_BatchNorm() for _ in self.dec_layers]
 
-  def encode(self, x: Array) -> tuple[Array, Array]:
+  def _hidden(self, layers, norms, h: Array, train: bool) -> Array:
+    for i, layer in enumerate(layers):
+      h = layer(h)
+      if self.batch_norm:
+        h = norms[i](h, train)
+      h = nn.elu(h)
+    return h
+
+  def encode(self, x: Array, train: bool = False) -> tuple[Array, Array]:
     """(mean [B, D], logvar [B, D]) of q(z | x) for images x [B, H, W, C]."""
     h = x if self.encoder == "conv" else x.reshape((x.shape[0], -1))
-    for layer in self.enc_layers:
-      h = nn.elu(layer(h))
+    h = self._hidden(self.enc_layers, getattr(self, "enc_norms", None), h, train)
     h = self.head(h).reshape((x.shape[0], -1))  # conv: [B, 1, 1, 2D] -> [B, 2D]
     return h[:, : self.latent_dim], h[:, self.latent_dim :]
 
-  def decode(self, z: Array) -> Array:
+  def decode(self, z: Array, train: bool = False) -> Array:
     """Images [B, H, W, C] in (0, 1) (sigmoid of the pixel logits) for codes z [B, D]."""
     h = z[:, None, None, :] if self.decoder == "conv" else z
-    for layer in self.dec_layers:
-      h = nn.elu(layer(h))
+    h = self._hidden(self.dec_layers, getattr(self, "dec_norms", None), h, train)
     return jax.nn.sigmoid(self.pixels(h)).reshape((z.shape[0], *self.image_shape))
 
-  def __call__(self, x: Array, key: PRNGKey) -> tuple[Array, Array, Array]:
-    """(image [B, H, W, C], mean [B, D], logvar [B, D]), z sampled by reparameterisation."""
-    mean, logvar = self.encode(x)
+  def __call__(self, x: Array, key: PRNGKey, train: bool = True) -> tuple[Array, Array, Array]:
+    """(image [B, H, W, C], mean [B, D], logvar [B, D]), z sampled by reparameterisation.
+
+    `train`: BatchNorm (if any) with the batch's statistics (training), else the stored ones.
+    """
+    mean, logvar = self.encode(x, train)
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
-    return self.decode(z), mean, logvar
+    return self.decode(z, train), mean, logvar
 
 
-def abs_training_loss(vae: ABSVAE, params: Params, x: Array, key: PRNGKey) -> Array:
+class _BatchNorm(nn.Module):
+  """BatchNorm over every axis but the last, its statistics held as (untrained) variables.
+
+  With `train` it normalises with the batch's mean and variance and sows them (collection
+  "batch_stats", for `population_statistics`); otherwise with its "mean" and "var" variables,
+  which training never changes (their gradient is zero) and `population_statistics` sets.
+  """
+
+  eps: float = 1e-5  # PyTorch's default, as Schott et al.'s nets
+
+  @nn.compact
+  def __call__(self, h: Array, train: bool) -> Array:
+    c = h.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,))
+    bias = self.param("bias", nn.initializers.zeros, (c,))
+    mean = self.param("mean", nn.initializers.zeros, (c,))
+    var = self.param("var", nn.initializers.ones, (c,))
+    if train:
+      axes = tuple(range(h.ndim - 1))
+      mean, var = jnp.mean(h, axes), jnp.var(h, axes)
+      if not self.is_initializing():  # the variables hold "params" only
+        self.sow("batch_stats", "moments", (mean, var))
+    else:
+      mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
+    lead = (1,) * (h.ndim - 1)
+    factor = (scale * lax.rsqrt(var + self.eps)).reshape(lead + (c,))
+    return (h - mean.reshape(lead + (c,))) * factor + bias.reshape(lead + (c,))
+
+
+def population_statistics(
+  vae: ABSVAE, params: Params, x: np.ndarray, key: PRNGKey, *, batch_size: int = 500
+) -> Params:
+  """`params` of one class VAE with its BatchNorm statistics set from the images x [N, ...].
+
+  Each layer's mean and variance is the average over batches of `batch_size` of the batch's
+  statistics in training mode ("precise BN", Wu and Johnson 2021, "Rethinking 'Batch' in
+  BatchNorm"): the statistics the layers were trained with, so that the inference (which
+  decodes single codes) sees the network training optimised. Without BatchNorm: `params`.
+  """
+  if not vae.batch_norm:
+    return params
+  n = (len(x) // batch_size) * batch_size or len(x)
+  batches = np.asarray(x[:n]).reshape((-1, min(batch_size, n), *x.shape[1:]))
+
+  @jax.jit
+  def moments(xb, k):
+    _, state = vae.apply({"params": params["params"]}, xb, k, True, mutable=["batch_stats"])
+    return state["batch_stats"]
+
+  keys = jax.random.split(key, len(batches))
+  stats = [moments(jnp.asarray(b), k) for b, k in zip(batches, keys, strict=True)]
+  mean_stats = jax.tree.map(lambda *a: jnp.mean(jnp.stack(a), 0), *stats)
+  new = jax.tree.map(lambda a: a, params)  # a copy of the nesting
+  for layer, value in mean_stats.items():
+    ((m, v),) = value["moments"]
+    new["params"][layer] = dict(new["params"][layer], mean=m, var=v)
+  return new
+
+
+def abs_training_loss(
+  vae: ABSVAE, params: Params, x: Array, key: PRNGKey, train: bool = True
+) -> Array:
   """Mean over the batch of the ABS VAE's training objective: squared error + beta KL.
 
   Args:
@@ -163,12 +245,13 @@ def abs_training_loss(vae: ABSVAE, params: Params, x: Array, key: PRNGKey) -> Ar
     params: its variables.
     x: images [B, H, W, C] of that class.
     key: the reparameterisation noise.
+    train: BatchNorm (if any) with the batch's statistics, else with the stored ones.
 
   Returns:
     [] sum over pixels of (x - G(z))^2 plus `vae.beta` KL(q(z | x) || N(0, I)), averaged over
     the batch.
   """
-  rec, mean, logvar = vae.apply(params, x, key)
+  rec, mean, logvar = vae.apply(params, x, key, train)
   sq = jnp.sum(jnp.square(x - rec).reshape(x.shape[0], -1), -1)
   kl = 0.5 * jnp.sum(jnp.exp(logvar) + jnp.square(mean) - 1.0 - logvar, -1)
   return jnp.mean(sq + vae.beta * kl)
@@ -191,6 +274,21 @@ def latent_bank(key: PRNGKey, n: int, dim: int, *, dismiss: float = 0.1) -> np.n
   draws = np.asarray(jax.random.normal(key, (int(round(n / (1.0 - dismiss))), dim)))
   order = np.argsort(np.sum(draws**2, -1), kind="stable")
   return draws[order[:n]].astype(np.float32)
+
+
+def class_population_statistics(
+  vae: ABSVAE, class_params: Params, rows: np.ndarray, key: PRNGKey, *, batch_size: int = 500
+) -> Params:
+  """`population_statistics` of each class VAE (leading class axis K) from its column of
+  `per_class_rows` rows [M, K, ...]."""
+  if not vae.batch_norm:
+    return class_params
+  k = rows.shape[1]
+  pick = lambda i: jax.tree.map(lambda a: a[i], class_params)
+  keys = jax.random.split(key, k)
+  each = [population_statistics(vae, pick(i), rows[:, i], keys[i], batch_size=batch_size)
+          for i in range(k)]  # fmt: skip
+  return jax.tree.map(lambda *a: jnp.stack(a), *each)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -927,6 +927,7 @@ def train_abs(
   checkpoint_dir: str | None = None,
   eval_examples: int = 500,
   eval_bank: int = 1000,
+  stats_examples: int = 1000,
 ) -> tuple[Params, dict]:
   """Trains the K class VAEs of the ABS model together (Schott et al. 2019).
 
@@ -943,6 +944,9 @@ def train_abs(
     eval_examples: test images of the per-epoch accuracy.
     eval_bank: bank size of that accuracy (the bank's best sample, no Adam steps: a cheap
       lower bound on the full inference's accuracy, which `experiments.models` measures).
+    stats_examples: training images per class whose averaged batch statistics become a
+      BatchNorm VAE's population statistics (`genclf.population_statistics`; each evaluation
+      and the returned variables).
 
   Returns:
     (variables with a leading class axis K, metrics with test_accuracy_bank_only, test_loss
@@ -950,12 +954,13 @@ def train_abs(
   """
   k = len(data.class_names)
   init_key, sample_key, bank_key, run_key = jax.random.split(key, 4)
+  stats_key = jax.random.fold_in(bank_key, 1)  # a new stream: the older ones stay as they were
   rows = genclf.per_class_rows(data.x_train, data.y_train, k)
   test_rows = jnp.asarray(genclf.per_class_rows(data.x_test, data.y_test, k))
 
-  def loss_of(params, xb, key):
+  def loss_of(params, xb, key, train=True):
     keys = jax.random.split(key, k)
-    loss = lambda p, x, kk: genclf.abs_training_loss(vae, p, x, kk)
+    loss = lambda p, x, kk: genclf.abs_training_loss(vae, p, x, kk, train)
     per = genclf.per_class(vae, loss, params, jnp.swapaxes(xb, 0, 1), keys)
     return jnp.sum(per)
 
@@ -967,16 +972,19 @@ def train_abs(
     return jax.vmap(lambda kk: vae.init(kk, rows[:1, 0], sample_key))(jax.random.split(key, k))
 
   scorer = jax.jit(jax.vmap(genclf.abs_logits_fn(vae, steps=0), in_axes=(None, 0)))
-  test_loss = jax.jit(loss_of)
+  test_loss = jax.jit(functools.partial(loss_of, train=False))
   x_eval, y_eval = jnp.asarray(data.x_test[:eval_examples]), np.asarray(data.y_test[:eval_examples])
 
+  stats_rows = rows[:stats_examples]
+
   def evaluate(params):
+    params = genclf.class_population_statistics(vae, params, stats_rows, stats_key)
     bank = genclf.abs_params(vae, params, bank_key, n_samples=eval_bank)
     pred = np.argmax(np.asarray(scorer(bank, x_eval)), -1)
     loss = float(test_loss(params, test_rows, jax.random.key(0))) / k
     return {"test_accuracy_bank_only": float(np.mean(pred == y_eval)), "test_loss": loss}
 
-  return fit(
+  params, metrics = fit(
     batch_loss,
     rows,
     jnp.zeros(rows.shape[0], jnp.int32),
@@ -988,6 +996,7 @@ def train_abs(
     hparams={"model": repr(vae), "num_classes": k},
     checkpoint_dir=checkpoint_dir,
   )
+  return genclf.class_population_statistics(vae, params, stats_rows, stats_key), metrics
 
 
 def train_cvae(
