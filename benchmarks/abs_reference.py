@@ -20,8 +20,9 @@ the mean training objective of the test images under their class's VAE (the `tes
 Schott et al.'s base ABS (their `get_VAE(binary=False)`) has neither binarisation nor class
 scalars; it is the model converted here. Their weights are never stored in this repository.
 
-Measured (2026-12-07, twelfth session; the 2-core CPU shared with other runs): see README
-("Generative classifiers").
+Measured (2026-12-07, twelfth session; the 2-core CPU shared with other runs): decoder check
+5.79e-07; test objective 24.3686; accuracy 0.9845 [0.9781, 0.9891] on test images 0-1999
+(1,728 s), 0.990 on 0-199 (README, "Generative classifiers").
 """
 
 import pathlib

@@ -22,6 +22,13 @@ score with (one model). Data from `vae_attacks.data.load` ($VAE_ATTACKS_DATA_DIR
 Nothing is written.
 
 Measured:
+- 2026-12-07 (twelfth session; the CPU shared with one or two other runs), on the first 1,000
+  of the 5,000 held-out training images: ABS with MLP VAEs trained 300 epochs
+  (`--config.train.abs.epochs=300`) 0.983 (training 1,908 s); with Schott et al.'s
+  convolutional VAEs and their BatchNorm (`encoder=conv`, `decoder=conv`, `batch_norm=True`),
+  12 epochs, 0.974 (1,818 s; inference 603 s). Trained on all 60,000 (`--config.validation=0
+  --config.eval_examples=0`), the 300-epoch MLP ABS: 0.9862 on the 10,000 test images
+  (training 1,470 s, inference 106 s): the study's `abs_long`.
 - 2026-12-07 (eleventh session; the 2-core CPU shared with two or three other runs, so the
   seconds are long), on held-out training images: ABS with Schott et al.'s convolutional
   encoder and decoder (`encoder=conv`, `decoder=conv`), 20 epochs, 0.973 on 2,000 (training

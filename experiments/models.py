@@ -342,6 +342,7 @@ MODELS: dict[str, ModelSpec] = {
   "cnn_matched": ModelSpec("classifier", _cnn, _fit_classifier, _wrap_classifier),
   # The generative classifiers (vae_attacks.genclf), attacked through their logits.
   "abs": ModelSpec("classifier", lambda s, d: _abs_module(s, d)[0], _fit_abs, _wrap_abs),
+  "abs_long": ModelSpec("classifier", lambda s, d: _abs_module(s, d)[0], _fit_abs, _wrap_abs),
   "cvae": ModelSpec("classifier", lambda s, d: _cvae_module(s, d)[0], _fit_cvae, _wrap_cvae),
 }
 

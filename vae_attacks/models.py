@@ -29,7 +29,8 @@ from vae_attacks.types import Array, DecodeFn, EncodeFn, LogitsFn, Params, PRNGK
 # joint_vae: a ConvVAE trained together with its latent classifier; cnn_matched: a CNN stopped
 # at a weaker model's clean accuracy (the study's accuracy-matched control). The generative
 # classifiers (vae_attacks.genclf: "abs", Schott et al. 2019; "cvae", Li et al. 2019) are
-# attacked as classifiers through their logits, which is all the attacks need.
+# attacked as classifiers through their logits, which is all the attacks need; abs_long: ABS
+# with its class VAEs trained longer (configs/study_genclf.py, ABS_LONG_EPOCHS).
 MODEL_KINDS = {
   "cnn": "classifier",
   "mlp_vae": "vae",
@@ -37,11 +38,12 @@ MODEL_KINDS = {
   "joint_vae": "vae",
   "cnn_matched": "classifier",
   "abs": "classifier",
+  "abs_long": "classifier",
   "cvae": "classifier",
 }
 # The classifiers that offer `class_reconstructions` (vae_attacks.genclf): the attacks flagged
 # `generative_only` in the registry (ABS's latent descent) run on these alone.
-GENERATIVE_CLASSIFIERS = frozenset({"abs", "cvae"})
+GENERATIVE_CLASSIFIERS = frozenset({"abs", "abs_long", "cvae"})
 
 
 def _flatten(x: Array, n_batch: int) -> Array:
