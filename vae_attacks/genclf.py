@@ -219,15 +219,8 @@ def population_statistics(
     return params
   n = (len(x) // batch_size) * batch_size or len(x)
   batches = np.asarray(x[:n]).reshape((-1, min(batch_size, n), *x.shape[1:]))
-
-  @jax.jit
-  def moments(xb, k):
-    _, state = vae.apply({"params": params["params"]}, xb, k, True, mutable=["batch_stats"])
-    return state["batch_stats"]
-
   keys = jax.random.split(key, len(batches))
-  stats = [moments(jnp.asarray(b), k) for b, k in zip(batches, keys, strict=True)]
-  mean_stats = jax.tree.map(lambda *a: jnp.mean(jnp.stack(a), 0), *stats)
+  mean_stats = _mean_batch_moments(vae, {"params": params["params"]}, jnp.asarray(batches), keys)
   new = jax.tree.map(lambda a: a, params)  # a copy of the nesting
   for layer, value in mean_stats.items():
     ((m, v),) = value["moments"]
@@ -274,6 +267,19 @@ def latent_bank(key: PRNGKey, n: int, dim: int, *, dismiss: float = 0.1) -> np.n
   draws = np.asarray(jax.random.normal(key, (int(round(n / (1.0 - dismiss))), dim)))
   order = np.argsort(np.sum(draws**2, -1), kind="stable")
   return draws[order[:n]].astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _mean_batch_moments(vae: ABSVAE, params: Params, batches: Array, keys: Array) -> dict:
+  """The BatchNorm layers' batch moments in training mode, averaged over batches [B, N, ...]
+  (one compilation per module and shape; the batches run in a `lax.map`)."""
+
+  def moments(args):
+    xb, k = args
+    _, state = vae.apply(params, xb, k, True, mutable=["batch_stats"])
+    return state["batch_stats"]
+
+  return jax.tree.map(lambda a: jnp.mean(a, 0), lax.map(moments, (batches, keys)))
 
 
 def class_population_statistics(
