@@ -138,6 +138,10 @@ def get_config(*, dataset: str, models: tuple[str, ...], quick: bool) -> ml_coll
   # True: every model of the run is attacked on the same pairs (sources every model classifies
   # correctly, targets drawn once); False: each model draws its own pairs (before 2026-12-05).
   c.attacks.shared_pairs = True
+  # The models this invocation attacks, () for all: picks rows, changes no number (each
+  # model's key is its place in `models`), e.g. to run a cheap model's attacks before a costly
+  # one's; a later run without it makes the rest.
+  c.attacks.only_models = ()
   c.attacks.chunk_size = 0  # 0 = chosen from memory_budget_mb
   c.attacks.memory_budget_mb = 2048
   c.attacks.shard = True  # shard pairs over all local devices

@@ -194,6 +194,8 @@ def run_all(config, data, trained, log, job=None) -> None:
   }
   for k in range(registry.NUM_PASSES):
     for m_index, (model_name, model) in enumerate(trained.items()):
+      if not progress.attacked(acfg, model_name):
+        continue
       key = jax.random.fold_in(root, m_index)
       base_row = _row_base(config, model_name)
       if model.kind == "vae" and "cnn" in trained and acfg.vae.enabled:

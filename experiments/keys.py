@@ -30,6 +30,13 @@ def config_hash(section) -> str:
 
 # What decides a run's shared pairs besides the models: attacks fields (and attacks.vae.num_pairs).
 PAIR_FIELDS = ("num_pairs", "target_strategy", "fixed_targets", "only_correct", "shared_pairs")
+# attacks fields that pick which rows a run makes, not what a row measures: in no hash.
+SELECTION_FIELDS = ("only_models",)
+
+
+def _measured(attacks) -> dict:
+  """The attacks section less SELECTION_FIELDS (as plain dicts)."""
+  return {k: v for k, v in to_dict(attacks).items() if k not in SELECTION_FIELDS}
 
 
 def pair_models(config: Mapping) -> tuple[str, ...]:
@@ -59,7 +66,7 @@ def attack_settings(config: Mapping, attack: str | None = None) -> str:
   not in it). Configs from before (no `shared_pairs`), or `attack` None: one hash over the
   whole attacks and eval sections, as their rows were written.
   """
-  a = to_dict(config["attacks"])
+  a = _measured(config["attacks"])
   if attack is None or "shared_pairs" not in a or attack not in registry.ATTACKS:
     return config_hash({"attacks": a, "eval": to_dict(config["eval"])})
   spec = registry.ATTACKS[attack]
@@ -73,7 +80,7 @@ def transfer_settings(config: Mapping) -> str:
   """The `settings` hash of a defence run's transfer rows (its defences and attacks; not
   `only_attacks`, which picks the rows a run makes, not what they measure)."""
   defenses = {k: v for k, v in to_dict(config["defenses"]).items() if k != "only_attacks"}
-  return config_hash({"defenses": defenses, "attacks": to_dict(config["attacks"])})
+  return config_hash({"defenses": defenses, "attacks": _measured(config["attacks"])})
 
 
 def defense_settings(defenses, attacks, name: str) -> str:
@@ -92,7 +99,7 @@ def defense_settings(defenses, attacks, name: str) -> str:
       "apgd": defenses.get("apgd"),  # the APGD ensemble every defence also runs
       "num_examples": int(defenses["num_examples"]),
       "defense": own if isinstance(own, dict) else None,
-      "runner": to_dict(attacks),
+      "runner": _measured(attacks),
     }
   )
 

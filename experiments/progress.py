@@ -71,6 +71,12 @@ def applies(spec: registry.AttackSpec, model_name: str) -> bool:
   return not spec.generative_only or model_name in models_lib.GENERATIVE_CLASSIFIERS
 
 
+def attacked(acfg, model_name: str) -> bool:
+  """Whether this run attacks the model: every model, or those `attacks.only_models` names."""
+  only = tuple(acfg.get("only_models", ()))
+  return not only or model_name in only
+
+
 def plan(config, n_train: int, part: str = "", pixels: float = 1.0) -> list[Stage]:
   """The stages of an image run, in the order experiments.run runs them; `part` names the
   study part (a prefix of every label), `pixels` the size of one image (the cost scale that
@@ -90,7 +96,7 @@ def plan(config, n_train: int, part: str = "", pixels: float = 1.0) -> list[Stag
                         "examples", pixels))  # fmt: skip
   acfg = config.attacks
   for k in range(registry.NUM_PASSES):
-    for name in config.models:
+    for name in (m for m in config.models if attacked(acfg, m)):
       is_vae = models_lib.MODEL_KINDS.get(name) == "vae"
       families = ["vae", "classifier"] if is_vae and "cnn" in config.models else ["classifier"]
       for family in families:

@@ -90,6 +90,8 @@ def _validate_fields(c: ml_collections.ConfigDict) -> None:
     _generative_fields(c.model.get(m) if "model" in c else None, m)
   for m in c.attacks.get("pair_models", ()):
     _one_of("attacks.pair_models[]", m, tuple(c.models))
+  for m in c.attacks.get("only_models", ()):
+    _one_of("attacks.only_models[]", m, tuple(c.models))
   if "joint_vae" in c.models:
     if "joint_vae" not in c.train:
       raise ConfigError("models names 'joint_vae', which has no section train.joint_vae")

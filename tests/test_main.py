@@ -132,6 +132,26 @@ def test_solver_attacks_run_last_and_their_numbers_do_not_depend_on_it(data_root
   assert [drop(r) for r, s in zip(rows, solver, strict=True) if s] == expected
 
 
+def test_a_run_of_only_some_models_then_the_rest_equals_one_whole_run(data_root, tmp_path):
+  """`attacks.only_models` picks which models a run attacks: the models named first, the rest
+  by a later run without it, give the rows of one run of all (their keys and pairs come from
+  each model's place in `models`, not from which run attacks it)."""
+  config = tiny("mnist_vae", data_root, attacks=("fgsm",))
+  run_lib.run(config, str(tmp_path / "whole"))
+  config.attacks.only_models = ("conv_vae",)
+  run_lib.run(config, str(tmp_path / "split"))
+  first = read_rows(tmp_path / "split")
+  assert {r["model"] for r in first} == {"conv_vae"}
+  assert {r["attack"] for r in first} == {"fgsm", "latent_fgsm", "latent_l2"}
+  config.attacks.only_models = ()
+  run_lib.run(config, str(tmp_path / "split"))
+  drop = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "record")}
+  key = lambda r: (r["model"], r["attack"], r["eps"])
+  split = sorted(map(drop, read_rows(tmp_path / "split")), key=key)
+  assert split == sorted(map(drop, read_rows(tmp_path / "whole")), key=key)
+  assert len(split) > len(first)
+
+
 def test_rerun_of_a_finished_vae_run_attacks_nothing(data_root, tmp_path, monkeypatch):
   """Every sweep's rows are found on a rerun (the VAE FGSM variants' rows are L-inf ones), so
   no attack runs again."""
@@ -177,6 +197,7 @@ def test_workdir_of_another_config_is_refused(data_root, tmp_path):
     ("attacks.bim.eps", (0.1, -0.1), "attacks.bim.eps contains -0.1; allowed: finite numbers >= 0"),
     ("attacks.enabled", ("fgsm", "bimm"), "attacks.enabled[]='bimm' is not allowed; allowed: fgsm"),
     ("data.image_size", 32, "data.image_size=32: MNIST images are 28x28; allowed: 28"),
+    ("attacks.only_models", ("vae",), "attacks.only_models[]='vae' is not allowed; allowed: cnn"),
   ],
 )
 def test_bad_values_are_named_before_any_work(field, value, message, data_root, tmp_path):
