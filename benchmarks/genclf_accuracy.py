@@ -110,14 +110,14 @@ def main(argv) -> None:
   key, eval_key = jax.random.key(0), jax.random.key(1)
   t0 = time.perf_counter()
   if c.model_name == "abs":
-    vae, inference = run_models._abs_module(section, ds)
+    vae, inference = run_models.abs_module(section, ds)
     class_params, _ = train.train_abs(vae, ds, key=key, settings=settings)
     print(f"model {section}\ntrain {dict(c.train.abs)}: {time.perf_counter() - t0:.0f} s")
     params = genclf.abs_params(vae, class_params, eval_key, n_samples=inference.pop("n_samples"))
     acc, n, seconds = _accuracy(genclf.abs_logits_fn(vae, **inference), params, ds, c.eval_examples)
     print(f"accuracy on {n} of {where}: {acc:.4f} ({seconds:.0f} s)")
     return
-  vae, _ = run_models._cvae_module(section, ds)
+  vae, _ = run_models.cvae_module(section, ds)
   vae_params, _ = train.train_cvae(
     vae, ds, key=key, settings=settings, num_samples=int(min(c.samples))
   )

@@ -221,7 +221,7 @@ def _wrap_vae(name, config, data, params, metrics) -> Trained:
   return Trained(name, "vae", logits_fn, params, models.vae_fns(vae), metrics)
 
 
-def _abs_module(section, data) -> tuple:
+def abs_module(section, data) -> tuple:
   """ABS's class VAE module and its inference settings from a `config.model` section."""
   section = dict(section)
   inference = {k: section.pop(k) for k in ABS_INFERENCE}
@@ -229,7 +229,7 @@ def _abs_module(section, data) -> tuple:
 
 
 def _abs_parts(name, config, data) -> tuple:
-  return _abs_module(config.model[name], data)
+  return abs_module(config.model[name], data)
 
 
 def _fit_abs(name, config, data, key, checkpoint_dir: pathlib.Path | None, trained) -> tuple:
@@ -253,7 +253,7 @@ def _wrap_abs(name, config, data, params, metrics) -> Trained:
   return Trained(name, "classifier", logits_fn, params, None, metrics)
 
 
-def _cvae_module(section, data) -> tuple:
+def cvae_module(section, data) -> tuple:
   """The class-conditional VAE module and its importance samples from a `config.model` section."""
   section = dict(section)
   num_samples = section.pop("num_samples")
@@ -264,7 +264,7 @@ def _cvae_module(section, data) -> tuple:
 
 
 def _cvae_parts(name, config, data) -> tuple:
-  return _cvae_module(config.model[name], data)
+  return cvae_module(config.model[name], data)
 
 
 def _fit_cvae(name, config, data, key, checkpoint_dir: pathlib.Path | None, trained) -> tuple:
@@ -341,9 +341,9 @@ MODELS: dict[str, ModelSpec] = {
   # The accuracy-matched control: a CNN stopped at a weaker model's clean accuracy.
   "cnn_matched": ModelSpec("classifier", _cnn, _fit_classifier, _wrap_classifier),
   # The generative classifiers (vae_attacks.genclf), attacked through their logits.
-  "abs": ModelSpec("classifier", lambda s, d: _abs_module(s, d)[0], _fit_abs, _wrap_abs),
-  "abs_long": ModelSpec("classifier", lambda s, d: _abs_module(s, d)[0], _fit_abs, _wrap_abs),
-  "cvae": ModelSpec("classifier", lambda s, d: _cvae_module(s, d)[0], _fit_cvae, _wrap_cvae),
+  "abs": ModelSpec("classifier", lambda s, d: abs_module(s, d)[0], _fit_abs, _wrap_abs),
+  "abs_long": ModelSpec("classifier", lambda s, d: abs_module(s, d)[0], _fit_abs, _wrap_abs),
+  "cvae": ModelSpec("classifier", lambda s, d: cvae_module(s, d)[0], _fit_cvae, _wrap_cvae),
 }
 
 PARAMS_DIR = "params"  # <workdir>/params/<model>.msgpack: exported trained parameters
