@@ -1,5 +1,6 @@
 """Training: loss goes down on separable toy data, checkpoints resume exactly and are reused."""
 
+import functools
 import types
 
 import chex
@@ -138,6 +139,21 @@ def test_augment_image_is_a_flip_and_an_edge_padded_translation(key):
   for out in outs:
     assert any(np.array_equal(out, w) for w in windows)
   assert len({o.tobytes() for o in outs}) > 1
+
+
+def test_augment_batch_augments_each_image_of_any_leading_shape_with_its_own_key(key):
+  augment = functools.partial(train.augment_image, flip=True, max_shift=2)
+  x = jax.random.uniform(key, (3, 4, 5, 6, 2))  # per-class rows [B, K, H, W, C]
+  out = np.asarray(train.augment_batch(augment, key, x))
+  keys = jax.random.split(key, 12)
+  loop = [augment(keys[4 * b + k], x[b, k]) for b in range(3) for k in range(4)]
+  np.testing.assert_array_equal(out, np.stack(loop).reshape(x.shape))
+  # a plain batch is augmented as before: vmap over split(key, B)
+  flat = x.reshape(12, 5, 6, 2)
+  np.testing.assert_array_equal(
+    np.asarray(train.augment_batch(augment, key, flat)),
+    np.asarray(jax.vmap(augment)(keys, flat)),
+  )
 
 
 def test_make_optimizer_rejects_unknown_schedule():

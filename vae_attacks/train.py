@@ -99,6 +99,17 @@ def augment_image(key: PRNGKey, x: Array, *, flip: bool, max_shift: int) -> Arra
   return x
 
 
+def augment_batch(augment: Callable[[PRNGKey, Array], Array], key: PRNGKey, x: Array) -> Array:
+  """`augment` applied to every image of `x` [..., H, W, C], each with its own key.
+
+  The keys are `split(key, n)` over the n images in row-major order of the leading axes, so a
+  batch [B, H, W, C] is augmented as `vmap(augment)(split(key, B), x)`, and ABS's per-class rows
+  [B, K, H, W, C] (`train_abs`) image by image, each class's image independently.
+  """
+  flat = x.reshape((-1, *x.shape[-3:]))
+  return jax.vmap(augment)(jax.random.split(key, flat.shape[0]), flat).reshape(x.shape)
+
+
 class CheckpointError(ValueError):
   """A checkpoint directory this run cannot resume: another model's, or unreadable."""
 
@@ -444,7 +455,7 @@ def fit(
     xb, yb = x_all[idx], y_all[idx]
     aug_key, loss_key = jax.random.split(jax.random.fold_in(epoch_key, i))
     if augment is not None:
-      xb = jax.vmap(augment)(jax.random.split(aug_key, batch_size), xb)
+      xb = augment_batch(augment, aug_key, xb)
     if perturb is not None:  # after augmentation: the attack sees the images trained on
       step = epoch * steps + i
       xb = jax.lax.stop_gradient(
