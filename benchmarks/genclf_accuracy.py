@@ -66,7 +66,10 @@ def _settings() -> ml_collections.ConfigDict:
   # batch_norm: genclf.ABSVAE's option (the study's config may leave it out: False)
   c.model = {name: dict(study.model[name]) for name in MODEL_NAMES}
   c.model.abs.batch_norm = bool(study.model.abs.get("batch_norm", False))
-  c.train = {name: dict(study.train[name]) for name in MODEL_NAMES}
+  # augment_shift, augment_flip: train.TrainSettings' augmentation (off unless the study sets it)
+  c.train = {
+    name: {"augment_shift": 0, "augment_flip": False, **study.train[name]} for name in MODEL_NAMES
+  }
   c.data = dict(study.data)
   c.validation = 5000
   c.eval_examples = 0
