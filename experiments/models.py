@@ -342,9 +342,9 @@ MODELS: dict[str, ModelSpec] = {
   "cnn_matched": ModelSpec("classifier", _cnn, _fit_classifier, _wrap_classifier),
   # The generative classifiers (vae_attacks.genclf), attacked through their logits.
   "abs": ModelSpec("classifier", lambda s, d: abs_module(s, d)[0], _fit_abs, _wrap_abs),
-  "abs_long": ModelSpec("classifier", lambda s, d: abs_module(s, d)[0], _fit_abs, _wrap_abs),
   "cvae": ModelSpec("classifier", lambda s, d: cvae_module(s, d)[0], _fit_cvae, _wrap_cvae),
 }
+MODELS.update({v: MODELS[b] for v, b in models.MODEL_VARIANTS.items()})
 
 PARAMS_DIR = "params"  # <workdir>/params/<model>.msgpack: exported trained parameters
 

@@ -29,21 +29,27 @@ from vae_attacks.types import Array, DecodeFn, EncodeFn, LogitsFn, Params, PRNGK
 # joint_vae: a ConvVAE trained together with its latent classifier; cnn_matched: a CNN stopped
 # at a weaker model's clean accuracy (the study's accuracy-matched control). The generative
 # classifiers (vae_attacks.genclf: "abs", Schott et al. 2019; "cvae", Li et al. 2019) are
-# attacked as classifiers through their logits, which is all the attacks need; abs_long: ABS
-# with its class VAEs trained longer (configs/study_genclf.py, ABS_LONG_EPOCHS).
-MODEL_KINDS = {
+# attacked as classifiers through their logits, which is all the attacks need.
+_BASE_KINDS = {
   "cnn": "classifier",
   "mlp_vae": "vae",
   "conv_vae": "vae",
   "joint_vae": "vae",
   "cnn_matched": "classifier",
   "abs": "classifier",
-  "abs_long": "classifier",
   "cvae": "classifier",
 }
+# Variants: another name for a base model, with its own config sections (another recipe) and
+# everything else of the base (kind, module, training, wrapping): configs/study_genclf.py.
+# abs_long: ABS with its class VAEs trained longer; abs_aug: and on shifted digits; cvae_mlp:
+# the class-conditional VAE with an MLP encoder, trained longer.
+MODEL_VARIANTS = {"abs_long": "abs", "abs_aug": "abs", "cvae_mlp": "cvae"}
+MODEL_KINDS = {**_BASE_KINDS, **{v: _BASE_KINDS[b] for v, b in MODEL_VARIANTS.items()}}
 # The classifiers that offer `class_reconstructions` (vae_attacks.genclf): the attacks flagged
 # `generative_only` in the registry (ABS's latent descent) run on these alone.
-GENERATIVE_CLASSIFIERS = frozenset({"abs", "abs_long", "cvae"})
+GENERATIVE_CLASSIFIERS = frozenset(
+  {"abs", "cvae", *(v for v, b in MODEL_VARIANTS.items() if b in ("abs", "cvae"))}
+)
 
 
 def _flatten(x: Array, n_batch: int) -> Array:
