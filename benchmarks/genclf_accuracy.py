@@ -22,6 +22,16 @@ score with (one model). Data from `vae_attacks.data.load` ($VAE_ATTACKS_DATA_DIR
 Nothing is written.
 
 Measured:
+- 2026-12-07 (fourteenth session; one core each via taskset and one XLA thread, two runs at a
+  time), on the 5,000 held-out training images: ABS 300 epochs with one-pixel shifts
+  (`--config.train.abs.augment_shift=1 --config.eval_examples=5000`) 0.9916 (training 1,227 s)
+  -- on the test set, trained on all 60,000 in the study's workdir, 0.9869, level with the
+  unshifted 0.9864; ABS 1,000 epochs stopped at epoch 411, its held-out objective rising since
+  epoch ~150. The class-conditional VAE with an MLP encoder (`--config.model.cvae.features="()"
+  --config.train.cvae.epochs=100 --config.samples="(10,100)"`): 0.9872 / 0.9894 (S = 10 / 100;
+  861 s); with `--config.train.cvae.augment_shift=1` 0.9884 / 0.9904; 1,000 units wide
+  (`feature_hidden`, `hidden` (1000,), `decoder_hidden` (1000, 1000)) 0.9868 (S = 10; 1,303 s).
+  The MLP cvae on the test set (`--config.validation=0`): 0.9834 / 0.9859 (1,076 s).
 - 2026-12-07 (twelfth session; the CPU shared with one or two other runs), on the first 1,000
   of the 5,000 held-out training images: ABS with MLP VAEs trained 300 epochs
   (`--config.train.abs.epochs=300`) 0.983 (training 1,908 s); with Schott et al.'s

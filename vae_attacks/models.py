@@ -41,9 +41,8 @@ _BASE_KINDS = {
 }
 # Variants: another name for a base model, with its own config sections (another recipe) and
 # everything else of the base (kind, module, training, wrapping): configs/study_genclf.py.
-# abs_long: ABS with its class VAEs trained longer; abs_aug: and on shifted digits; cvae_mlp:
-# the class-conditional VAE with an MLP encoder, trained longer.
-MODEL_VARIANTS = {"abs_long": "abs", "abs_aug": "abs", "cvae_mlp": "cvae"}
+# abs_long: ABS with its class VAEs trained longer (configs/study_genclf.py, ABS_LONG_EPOCHS).
+MODEL_VARIANTS = {"abs_long": "abs"}
 MODEL_KINDS = {**_BASE_KINDS, **{v: _BASE_KINDS[b] for v, b in MODEL_VARIANTS.items()}}
 # The classifiers that offer `class_reconstructions` (vae_attacks.genclf): the attacks flagged
 # `generative_only` in the registry (ABS's latent descent) run on these alone.

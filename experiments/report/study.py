@@ -51,8 +51,7 @@ H1_ENDPOINT = (
 GENERATIVE_PRIMARY_NORM = "l2"
 GENERATIVE_ENDPOINT = (
   "H0 for the generative classifiers (abs, cvae; abs_long, ABS trained longer, joined on "
-  "2026-12-07 before its rows; abs_aug, abs_long on shifted digits, joined before its rows "
-  "in the fourteenth session): per dataset and model, the paired difference "
+  "2026-12-07 before its rows): per dataset and model, the paired difference "
   "model − CNN in the per-pair minimal L2 perturbation over every attack of the model (the "
   "smallest successful perturbation's L2 norm, +inf if no attack reached the target; the "
   "robustness measure of Schott et al. 2019, whose attacks on ABS are L2 ones: HopSkipJump, "
