@@ -40,14 +40,14 @@ _BASE_KINDS = {
   "cvae": "classifier",
 }
 # Variants: another name for a base model, with its own config sections (another recipe) and
-# everything else of the base (kind, module, training, wrapping): configs/study_genclf.py.
-# abs_long: ABS with its class VAEs trained longer (configs/study_genclf.py, ABS_LONG_EPOCHS).
+# everything else of the base (kind, module, training, wrapping). abs_long: ABS with its class
+# VAEs trained longer (configs/study_genclf.py, ABS_LONG_EPOCHS).
 MODEL_VARIANTS = {"abs_long": "abs"}
 MODEL_KINDS = {**_BASE_KINDS, **{v: _BASE_KINDS[b] for v, b in MODEL_VARIANTS.items()}}
 # The classifiers that offer `class_reconstructions` (vae_attacks.genclf): the attacks flagged
 # `generative_only` in the registry (ABS's latent descent) run on these alone.
 GENERATIVE_CLASSIFIERS = frozenset(
-  {"abs", "cvae", *(v for v, b in MODEL_VARIANTS.items() if b in ("abs", "cvae"))}
+  n for n in MODEL_KINDS if MODEL_VARIANTS.get(n, n) in ("abs", "cvae")
 )
 
 
