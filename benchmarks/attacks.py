@@ -284,8 +284,23 @@ def bench_lbfgs(args, logits_fn, params, x, target, mesh) -> dict:
     f"runner compiled while loop, {n_dev} devices": lambda: run_runner(None, mesh),
     "scipy L-BFGS-B per pair": scipy_all,
   }
+  # The gradient-bound ceiling: the batched value_and_grad of the same pairs alone (sharded as
+  # the runs shard them, and on one device), the cost a solve cannot go below per evaluation.
+  objective = lb._batched_szegedy(logits_fn, True)
+  per_pair = (x, target, jnp.full(target.shape, args.c, x.dtype))
+  rep, by_pair = NamedSharding(mesh, P()), NamedSharding(mesh, P(runner.PAIRS_AXIS))
+  vg = jax.vmap(jax.value_and_grad(objective), in_axes=(0, None, 0))
+  vg_one = jax.jit(vg)
+  vg_mesh = jax.jit(vg, in_shardings=(by_pair, rep, by_pair), out_shardings=by_pair)
+  x_mesh, pp_mesh = jax.device_put(x, by_pair), jax.device_put(per_pair, by_pair)
+  grad_variants = {
+    f"batched value_and_grad alone, {n_dev} devices": lambda: vg_mesh(x_mesh, params, pp_mesh),
+    "batched value_and_grad alone, 1 device": lambda: vg_one(x, params, per_pair),
+  }
   load_start = load()
   timed = rounds(variants, args.repeats)
+  # A call of a few milliseconds: more rounds than the solves, as the step section takes.
+  grads = rounds(grad_variants, max(3 * args.repeats, 10))
   scipy_out = timed["scipy L-BFGS-B per pair"][2]
   f_scipy = np.array([o[0] for o in scipy_out])
   rows = {}
@@ -303,7 +318,20 @@ def bench_lbfgs(args, logits_fn, params, x, target, mesh) -> dict:
       within_1e5=float(np.mean(gap <= 1e-5)),
       strictly_not_higher=float(np.mean(f <= f_scipy)), worst_gap=float(gap.max()),
     )  # fmt: skip
-  return dict(rows=rows, load=(load_start, load()))
+  grad_s = {k: best for k, (_, best, _) in grads.items()}
+  return dict(rows=rows, grad_s=grad_s, load=(load_start, load()))
+
+
+def lbfgs_ceiling(grad_s: float, solve_s: float, scipy_s: float, scipy_evals: float):
+  """Where the L-BFGS ratio to scipy is bounded, from same-run seconds: `grad_s` one batched
+  value_and_grad of the pairs, `solve_s` the runner's whole solve of them, `scipy_s` scipy's
+  solves of the same pairs one by one, `scipy_evals` its mean evaluations per pair.
+
+  Returns (the runner's solve in units of the batched gradient, the ratio to scipy of a solver
+  that spent exactly scipy's evaluations per pair at the batched gradient's cost and nothing
+  else). The runner's ratio is the second times scipy_evals / the first.
+  """
+  return solve_s / grad_s, scipy_s / (scipy_evals * grad_s)
 
 
 def print_lbfgs(args, r: dict) -> dict:
@@ -337,7 +365,21 @@ def print_lbfgs(args, r: dict) -> dict:
     f"the runs' path ({ours}) / scipy: {rows[ours]['ex_per_s'] / scipy_rate:.2f}x, "
     f"<= scipy on {rows[ours]['lower_or_equal']:.2f} of pairs; fastest runner variant: {fastest}"
   )
+  # The ceiling (lbfgs_ceiling): what bounds the ratio, from the same run's seconds.
+  scipy_s = args.lbfgs_n / scipy_rate
+  ceiling = {}
+  for gname, gs in r["grad_s"].items():
+    units, bound = lbfgs_ceiling(
+      gs, args.lbfgs_n / rows[ours]["ex_per_s"], scipy_s, scipy["evaluations"]
+    )
+    ceiling[gname] = dict(grad_ms=gs * 1e3, solve_in_grads=units, bound=bound)
+    print(
+      f"{gname}: {gs * 1e3:.1f} ms; the runs' path costs {units:.1f} of it against scipy's "
+      f"{scipy['evaluations']:.1f} evaluations a pair; a solver with scipy's evaluations at "
+      f"this cost and no other would be {bound:.2f}x scipy (the ceiling at equal evaluations)"
+    )
   return dict(
+    lbfgs_ceiling=ceiling,
     lbfgs_runs_path=ours,
     lbfgs_fastest_runner=fastest,
     lbfgs_ex_per_s={k: x["ex_per_s"] for k, x in rows.items()},
