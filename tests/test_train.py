@@ -1,6 +1,7 @@
 """Training: loss goes down on separable toy data, checkpoints resume exactly and are reused."""
 
 import functools
+import re
 import types
 
 import chex
@@ -227,3 +228,32 @@ def test_vae_checkpoints_written_without_weight_decay_or_augmentation_resume(key
     train.train_vae(
       VAE, DATA, key=key, settings=settings._replace(weight_decay=0.1), checkpoint_dir=ckpt
     )
+
+
+def test_a_checkpoint_from_before_a_module_gained_a_field_resumes_at_its_default(key, tmp_path):
+  # genclf.ABSVAE gained `batch_norm` (default False) after checkpoints were written with a
+  # repr that lacks it: at False the line equals its absence; at True it is another model.
+  from vae_attacks import genclf  # noqa: PLC0415
+
+  def run(model_repr, epochs=1):
+    loss = lambda params, x, y, k: (jnp.mean((x - params["w"][None]) ** 2), {})
+    return train.fit(
+      loss, DATA.x_train, DATA.y_train, name="toy", init=lambda: {"w": jnp.zeros((8, 8, 1))},
+      evaluate=lambda params: {}, key=key, settings=train.TrainSettings(epochs, 16),
+      hparams={"model": model_repr}, checkpoint_dir=str(tmp_path / "ckpt"),
+    )  # fmt: skip
+
+  now = repr(genclf.ABSVAE(image_shape=(8, 8, 1), latent_dim=2, hidden=(4,)))
+  assert "    batch_norm = False\n" in now
+  before = now.replace("    batch_norm = False\n", "")
+  first_params, _ = run(before)
+  params, metrics = run(now)
+  assert metrics["reused_checkpoint"] is True
+  chex.assert_trees_all_equal(params, first_params)
+  _, metrics = run(now, epochs=2)  # and a partial run resumes from it
+  assert metrics["resumed_from_epoch"] == 1
+  # Another model is refused, the error naming the lines that differ.
+  for field, value in (("batch_norm", "True"), ("latent_dim", "3")):
+    other = re.sub(rf"{field} = .*", f"{field} = {value}", now)
+    with pytest.raises(train.CheckpointError, match=f"differs in: model.*'{field} = {value}' here"):
+      run(other, epochs=2)

@@ -18,6 +18,7 @@ The data argument is anything with `x_train [N, H, W, C]`, `y_train [N]`, `x_tes
 import dataclasses
 import functools
 import os
+import re
 import time
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -197,6 +198,16 @@ def _short(value, limit: int = 120) -> str:
   return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _difference(key: str, there: Any, here: Any) -> str:
+  """One hyper-parameter's difference for an error line: for two module reprs (several lines
+  each) only the lines that differ, else both values cut short."""
+  if isinstance(there, str) and isinstance(here, str) and "\n" in there and "\n" in here:
+    a, b = there.split("\n"), here.split("\n")
+    only = lambda xs, ys: " | ".join(x.strip() for x in xs if x not in ys) or "-"
+    return f"{key}: {_short(only(a, b))} there, {_short(only(b, a))} here"
+  return f"{key}: {_short(there)} there, {_short(here)} here"
+
+
 def _format_seconds(s: float) -> str:
   m, s = divmod(int(round(s)), 60)
   return f"{m}m{s:02d}s"
@@ -328,9 +339,30 @@ class TrainSettings(NamedTuple):
 _HPARAM_DEFAULTS = {"weight_decay": 0.0, "augment_flip": False, "augment_shift": 0}
 
 
+# Module fields added after some checkpoints were written, at the value those checkpoints were
+# trained with (genclf.ABSVAE gained `batch_norm` after the face part's ABS was trained): a line
+# `name = value` of a model's repr at that value compares equal to its absence.
+_MODULE_FIELD_DEFAULTS = {"batch_norm": "False"}
+_REPR_FIELD = re.compile(r"\s+(\w+) = (.*)")
+
+
+def _without_added_fields(value: Any) -> Any:
+  """A module repr (flax: one `name = value` line per field) without the lines of
+  `_MODULE_FIELD_DEFAULTS` at their value; anything else unchanged."""
+  if not isinstance(value, str) or "\n" not in value:
+    return value
+  added = lambda m: m is not None and _MODULE_FIELD_DEFAULTS.get(m[1]) == m[2]
+  return "\n".join(x for x in value.split("\n") if not added(_REPR_FIELD.fullmatch(x)))
+
+
 def _comparable(hparams: dict) -> dict:
-  """hparams without the entries at their `_HPARAM_DEFAULTS` value."""
-  return {k: v for k, v in hparams.items() if k not in _HPARAM_DEFAULTS or v != _HPARAM_DEFAULTS[k]}
+  """hparams without the entries at their `_HPARAM_DEFAULTS` value, and the models' reprs
+  without the fields of `_MODULE_FIELD_DEFAULTS` at theirs."""
+  return {
+    k: _without_added_fields(v)
+    for k, v in hparams.items()
+    if k not in _HPARAM_DEFAULTS or v != _HPARAM_DEFAULTS[k]
+  }
 
 
 def _jsonable(hparams: dict) -> dict:
@@ -426,9 +458,7 @@ def fit(
     new = _comparable(hparams)
     if old != new:
       differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-      shown = "; ".join(
-        f"{k}: {_short(old.get(k))} there, {_short(new.get(k))} here" for k in differ
-      )
+      shown = "; ".join(_difference(k, old.get(k), new.get(k)) for k in differ)
       raise CheckpointError(
         f"{name}: checkpoint {checkpoint_dir} was made for another model or training "
         f"(differs in: {', '.join(differ)}; {shown}); delete it or use another --workdir"
