@@ -373,6 +373,29 @@ def test_host_loop_strategy_equals_the_compiled_sweep():
     )
 
 
+def test_a_chunk_reaches_the_caller_before_the_next_chunk_runs():
+  """The caller measures and saves chunk k before chunk k+1 is solved, so that a run stopped
+  during chunk k+1 keeps chunk k (the host loop's solves are Python calls, so they can be
+  counted)."""
+  params = linear_model()
+  x, target = data(6)
+  solved = []
+
+  def counting_batch(*args, **knobs):
+    solved.append(len(args[2]))
+    return lbfgs.lbfgs_batch(*args, **knobs)
+
+  chunks = runner.iter_attack_chunks(
+    lbfgs.lbfgs, linear_logits, params, x, target, (0.1,), progress=False, max_iters=5,
+    chunk_size=2, batched=counting_batch,
+  )  # fmt: skip
+  seen = 0
+  for seen, (sl, res) in enumerate(chunks, start=1):
+    assert solved == [2] * seen  # chunk `seen` solved, the next one not yet
+    assert (sl.start, sl.stop) == (2 * seen - 2, 2 * seen) and res.x_adv.shape[:2] == (1, 2)
+  assert seen == 3
+
+
 def test_measured_sweep_gives_the_library_measures_of_each_pair():
   """iter_measured_chunks' measures equal metrics.pair_measures applied pair by pair to the
   sweep's results, whatever the chunking."""

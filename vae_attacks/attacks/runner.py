@@ -658,8 +658,12 @@ def _agreed_chunk(chunk: int, n_dev: int) -> int:
 
 
 def _run_chunks(executable, args_for, n_pairs, chunk, *, desc, progress, start=0):
-  """Yields (slice, host result) per chunk from pair `start` on, dispatching the next chunk
-  before fetching one.
+  """Yields (slice, host result) per chunk from pair `start` on, each chunk before the next
+  is dispatched: the caller's measures and its save of a chunk run while nothing else is
+  queued. (Dispatching the next chunk first kept the device busy between chunks, but the
+  measures of a chunk then queued behind the whole next chunk, so a finished chunk was saved
+  only a chunk's time later, and a run stopped in between lost it: ABS's HopSkipJump on the
+  faces, ~17 minutes a chunk.)
 
   In a multi-process run, chunk k runs on process k mod n and each round of n chunks is
   gathered on every process; a process with no chunk left in the last round runs the last
@@ -685,15 +689,10 @@ def _run_chunks(executable, args_for, n_pairs, chunk, *, desc, progress, start=0
       yield slice(start, stop), jax.tree.map(lambda a, v=stop - start: a[:, :v], res)
 
   try:
-    pending = None
     for mine in rounds:
       start = mine[min(me, len(mine) - 1)]
       stop = min(start + chunk, n_pairs)
-      out = executable(*args_for(_padded_indices(start, stop, chunk)))  # dispatched async
-      if pending is not None:
-        yield from fetch(pending)
-      pending = (mine, out)
-    yield from fetch(pending)
+      yield from fetch((mine, executable(*args_for(_padded_indices(start, stop, chunk)))))
   finally:
     bar.close()
 
