@@ -23,6 +23,8 @@ run) are the result, not the absolute rates.
   scipy's L-BFGS-B per pair at its best (peers.scipy_lbfgs: jitted value_and_grad, the solver's
   stop rules) against the runner's host-loop path (the runs' path: registry `lbfgs.batched`)
   and its compiled `jit(vmap(while_loop))` path. The final objectives are compared pair by pair.
+  The batched value_and_grad of the same pairs alone is timed too, for the ceiling at equal
+  evaluations (`lbfgs_ceiling`): what bounds the ratio to scipy (docs/performance.md).
 - The L-BFGS loop step against the objective's value_and_grad (`--step_pairs` pairs): one
   compiled step of `lbfgs.minimise_box_batched` (trial point, value_and_grad, line-search
   bookkeeping, the direction from the [memory x pixels] curvature pairs) over the
