@@ -249,6 +249,12 @@ def print_bim(args, b: dict, mm: float) -> dict:
 # ------------------------------------------------------------------------------------- L-BFGS
 
 
+def szegedy_problems(logits_fn, x, target, c: float):
+  """The runs' one-pair Szegedy objective (as `lbfgs.lbfgs_batch` solves it) and its per-pair
+  arguments (images, targets, c) for a batch of pairs."""
+  return lb._batched_szegedy(logits_fn, True), (x, target, jnp.full(target.shape, c, x.dtype))
+
+
 def bench_lbfgs(args, logits_fn, params, x, target, mesh) -> dict:
   n = x.shape[0]
   spec = registry.ATTACKS["lbfgs"]
@@ -288,8 +294,7 @@ def bench_lbfgs(args, logits_fn, params, x, target, mesh) -> dict:
   }
   # The gradient-bound ceiling: the batched value_and_grad of the same pairs alone (sharded as
   # the runs shard them, and on one device), the cost a solve cannot go below per evaluation.
-  objective = lb._batched_szegedy(logits_fn, True)
-  per_pair = (x, target, jnp.full(target.shape, args.c, x.dtype))
+  objective, per_pair = szegedy_problems(logits_fn, x, target, args.c)
   rep, by_pair = NamedSharding(mesh, P()), NamedSharding(mesh, P(runner.PAIRS_AXIS))
   vg = jax.vmap(jax.value_and_grad(objective), in_axes=(0, None, 0))
   vg_one = jax.jit(vg)
@@ -399,8 +404,7 @@ def print_lbfgs(args, r: dict) -> dict:
 def bench_step(args, logits_fn, params, x, target) -> dict:
   """The host loop's compiled step over the value_and_grad of the same pairs (one device),
   for each L-BFGS direction (`lbfgs.DIRECTIONS`)."""
-  objective = lb._batched_szegedy(logits_fn, True)
-  per_pair = (x, target, jnp.full(target.shape, args.c, x.dtype))
+  objective, per_pair = szegedy_problems(logits_fn, x, target, args.c)
   grad = jax.jit(jax.vmap(jax.value_and_grad(objective), in_axes=(0, None, 0)))
   variants = {"value_and_grad": lambda: grad(x, params, per_pair)}
   for direction in lb.DIRECTIONS:
